@@ -1,0 +1,1 @@
+//! Confluent-compatible schema registry (work in progress).
