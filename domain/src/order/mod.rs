@@ -1,0 +1,555 @@
+//! The Order aggregate: from placement to completion, with the side exits a delivery platform
+//! needs (rejection by the store, cancellation, the accept-by deadline) and a rating once
+//! delivered. The lifecycle only moves forward: [`OrderStatus::rank`] never decreases.
+
+use chrono::{DateTime, Duration, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::services::{OrderServices, PricedLine, PricingError, RequestedLine};
+use crate::{CustomerId, Money, RegionCode, StoreId};
+
+/// Aggregate type name in the event store and on the topics. Never renamed.
+pub const AGGREGATE_TYPE: &str = "order";
+
+/// The most lines one order may carry.
+pub const MAX_LINES: usize = 50;
+/// The most of one item in one line.
+pub const MAX_QUANTITY: u32 = 99;
+
+/// Where the order goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryAddress {
+    pub line1: String,
+    pub line2: Option<String>,
+    pub city: String,
+    pub postcode: String,
+    pub latitude: f64,
+    pub longitude: f64,
+}
+
+/// Where an order stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum OrderStatus {
+    #[default]
+    New,
+    Placed,
+    Confirmed,
+    Accepted,
+    Preparing,
+    Ready,
+    OutForDelivery,
+    Delivered,
+    Completed,
+    Rejected,
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// Position in the lifecycle; side exits rank above every state they can leave from.
+    pub const fn rank(self) -> u8 {
+        match self {
+            Self::New => 0,
+            Self::Placed => 1,
+            Self::Confirmed => 2,
+            Self::Accepted => 3,
+            Self::Preparing => 4,
+            Self::Ready => 5,
+            Self::OutForDelivery => 6,
+            Self::Delivered => 7,
+            Self::Completed | Self::Rejected | Self::Cancelled => 8,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "New",
+            Self::Placed => "Placed",
+            Self::Confirmed => "Confirmed",
+            Self::Accepted => "Accepted",
+            Self::Preparing => "Preparing",
+            Self::Ready => "Ready",
+            Self::OutForDelivery => "OutForDelivery",
+            Self::Delivered => "Delivered",
+            Self::Completed => "Completed",
+            Self::Rejected => "Rejected",
+            Self::Cancelled => "Cancelled",
+        }
+    }
+}
+
+/// Why a store turned an order down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectionReason {
+    Busy,
+    ClosingEarly,
+    ItemUnavailable,
+    Other,
+}
+
+/// Who cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CancelledBy {
+    Customer,
+    Store,
+    System,
+}
+
+/// What a client may ask of an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OrderCommand {
+    PlaceOrder {
+        customer_id: CustomerId,
+        store_id: StoreId,
+        region: RegionCode,
+        lines: Vec<RequestedLine>,
+        delivery_address: DeliveryAddress,
+    },
+    ConfirmPayment {
+        payment_reference: String,
+    },
+    AcceptOrder {
+        estimated_preparation_minutes: u32,
+    },
+    RejectOrder {
+        reason: RejectionReason,
+    },
+    StartPreparation,
+    MarkReady,
+    HandToCourier,
+    MarkDelivered,
+    CompleteOrder,
+    CancelOrder {
+        by: CancelledBy,
+        reason: String,
+    },
+    /// The accept-by deadline passed; cancels only if the store has not accepted yet.
+    ExpireAcceptance,
+    RateOrder {
+        stars: u8,
+        comment: Option<String>,
+    },
+}
+
+/// What happened to an order. Names are past tense and never renamed: they are the event types
+/// in the store and the Avro record names on the topics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OrderEvent {
+    OrderPlaced {
+        customer_id: CustomerId,
+        store_id: StoreId,
+        region: RegionCode,
+        lines: Vec<PricedLine>,
+        subtotal: Money,
+        discount: Money,
+        tax: Money,
+        delivery_fee: Money,
+        total: Money,
+        delivery_address: DeliveryAddress,
+        accept_by: DateTime<Utc>,
+        rating_window_days: u32,
+        placed_at: DateTime<Utc>,
+    },
+    OrderConfirmed {
+        payment_reference: String,
+        confirmed_at: DateTime<Utc>,
+    },
+    OrderAccepted {
+        estimated_preparation_minutes: u32,
+        accepted_at: DateTime<Utc>,
+    },
+    OrderRejected {
+        reason: RejectionReason,
+        rejected_at: DateTime<Utc>,
+    },
+    PreparationStarted {
+        started_at: DateTime<Utc>,
+    },
+    OrderReady {
+        ready_at: DateTime<Utc>,
+    },
+    OrderOutForDelivery {
+        departed_at: DateTime<Utc>,
+    },
+    OrderDelivered {
+        delivered_at: DateTime<Utc>,
+    },
+    OrderCompleted {
+        completed_at: DateTime<Utc>,
+    },
+    OrderCancelled {
+        cancelled_by: CancelledBy,
+        reason: String,
+        cancelled_at: DateTime<Utc>,
+    },
+    OrderRated {
+        stars: u8,
+        comment: Option<String>,
+        rated_at: DateTime<Utc>,
+    },
+}
+
+impl OrderEvent {
+    /// Every event type, for catalogues and tests. Never reorder or rename.
+    pub const TYPES: [&'static str; 11] = [
+        "OrderPlaced",
+        "OrderConfirmed",
+        "OrderAccepted",
+        "OrderRejected",
+        "PreparationStarted",
+        "OrderReady",
+        "OrderOutForDelivery",
+        "OrderDelivered",
+        "OrderCompleted",
+        "OrderCancelled",
+        "OrderRated",
+    ];
+
+    /// The status an order is in after this event, if the event moves it.
+    pub const fn status_after(&self) -> Option<OrderStatus> {
+        Some(match self {
+            Self::OrderPlaced { .. } => OrderStatus::Placed,
+            Self::OrderConfirmed { .. } => OrderStatus::Confirmed,
+            Self::OrderAccepted { .. } => OrderStatus::Accepted,
+            Self::OrderRejected { .. } => OrderStatus::Rejected,
+            Self::PreparationStarted { .. } => OrderStatus::Preparing,
+            Self::OrderReady { .. } => OrderStatus::Ready,
+            Self::OrderOutForDelivery { .. } => OrderStatus::OutForDelivery,
+            Self::OrderDelivered { .. } => OrderStatus::Delivered,
+            Self::OrderCompleted { .. } => OrderStatus::Completed,
+            Self::OrderCancelled { .. } => OrderStatus::Cancelled,
+            Self::OrderRated { .. } => return None,
+        })
+    }
+
+    /// When it happened in the business's time.
+    pub const fn occurred_at(&self) -> DateTime<Utc> {
+        match self {
+            Self::OrderPlaced { placed_at: t, .. }
+            | Self::OrderConfirmed { confirmed_at: t, .. }
+            | Self::OrderAccepted { accepted_at: t, .. }
+            | Self::OrderRejected { rejected_at: t, .. }
+            | Self::PreparationStarted { started_at: t }
+            | Self::OrderReady { ready_at: t }
+            | Self::OrderOutForDelivery { departed_at: t }
+            | Self::OrderDelivered { delivered_at: t }
+            | Self::OrderCompleted { completed_at: t }
+            | Self::OrderCancelled { cancelled_at: t, .. }
+            | Self::OrderRated { rated_at: t, .. } => *t,
+        }
+    }
+}
+
+impl DomainEvent for OrderEvent {
+    fn event_type(&self) -> String {
+        let name = match self {
+            Self::OrderPlaced { .. } => "OrderPlaced",
+            Self::OrderConfirmed { .. } => "OrderConfirmed",
+            Self::OrderAccepted { .. } => "OrderAccepted",
+            Self::OrderRejected { .. } => "OrderRejected",
+            Self::PreparationStarted { .. } => "PreparationStarted",
+            Self::OrderReady { .. } => "OrderReady",
+            Self::OrderOutForDelivery { .. } => "OrderOutForDelivery",
+            Self::OrderDelivered { .. } => "OrderDelivered",
+            Self::OrderCompleted { .. } => "OrderCompleted",
+            Self::OrderCancelled { .. } => "OrderCancelled",
+            Self::OrderRated { .. } => "OrderRated",
+        };
+        name.to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        match self {
+            // 2.0 added `cancelled_by`; 1.0 events are upcast by `schemas::upcasters`.
+            Self::OrderCancelled { .. } => "2.0".to_owned(),
+            _ => "1.0".to_owned(),
+        }
+    }
+}
+
+/// A rule an order command broke. Each says what the client can do about it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OrderError {
+    #[error("the order already exists; place a new order with a new id")]
+    AlreadyPlaced,
+    #[error("the order does not exist; place it first")]
+    NotFound,
+    #[error("an order needs between 1 and {MAX_LINES} lines")]
+    InvalidLineCount,
+    #[error("quantities must be between 1 and {MAX_QUANTITY}")]
+    InvalidQuantity,
+    #[error("cannot price the order: {0}")]
+    Pricing(#[from] PricingError),
+    #[error("cannot {action} an order that is {status}")]
+    InvalidTransition {
+        action: &'static str,
+        status: &'static str,
+    },
+    #[error("a customer can cancel only before preparation starts; the order is {0}")]
+    TooLateToCancel(&'static str),
+    #[error("stars must be between 1 and 5")]
+    InvalidStars,
+    #[error("the order was already rated")]
+    AlreadyRated,
+    #[error("the rating window of {0} days after delivery has closed")]
+    RatingWindowClosed(u32),
+    #[error("{field} is too long (at most {max} characters)")]
+    TooLong { field: &'static str, max: usize },
+    #[error("the estimated preparation time must be between 1 and 240 minutes")]
+    InvalidPreparationTime,
+}
+
+impl OrderError {
+    /// True when the command conflicts with the order's current state (HTTP 409), false when
+    /// the command itself is invalid (HTTP 422).
+    pub const fn is_state_conflict(&self) -> bool {
+        matches!(
+            self,
+            Self::AlreadyPlaced
+                | Self::InvalidTransition { .. }
+                | Self::TooLateToCancel(_)
+                | Self::AlreadyRated
+                | Self::RatingWindowClosed(_)
+        )
+    }
+}
+
+/// The state an order's events add up to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Order {
+    pub status: OrderStatus,
+    pub customer_id: Option<CustomerId>,
+    pub store_id: Option<StoreId>,
+    pub total: Option<Money>,
+    pub accept_by: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub rating_window_days: u32,
+    pub rated: bool,
+}
+
+impl Order {
+    fn require(&self, allowed: &[OrderStatus], action: &'static str) -> Result<(), OrderError> {
+        if self.status == OrderStatus::New {
+            return Err(OrderError::NotFound);
+        }
+        if allowed.contains(&self.status) {
+            Ok(())
+        } else {
+            Err(OrderError::InvalidTransition {
+                action,
+                status: self.status.as_str(),
+            })
+        }
+    }
+
+    fn decide(
+        &self,
+        command: OrderCommand,
+        services: &OrderServices,
+    ) -> Result<Vec<OrderEvent>, OrderError> {
+        use OrderStatus as S;
+        let now = services.clock.now();
+        let event = match command {
+            OrderCommand::PlaceOrder {
+                customer_id,
+                store_id,
+                region,
+                lines,
+                delivery_address,
+            } => {
+                if self.status != S::New {
+                    return Err(OrderError::AlreadyPlaced);
+                }
+                if lines.is_empty() || lines.len() > MAX_LINES {
+                    return Err(OrderError::InvalidLineCount);
+                }
+                if lines
+                    .iter()
+                    .any(|l| l.quantity == 0 || l.quantity > MAX_QUANTITY)
+                {
+                    return Err(OrderError::InvalidQuantity);
+                }
+                let quote = services.pricing.quote(&region, &lines)?;
+                OrderEvent::OrderPlaced {
+                    customer_id,
+                    store_id,
+                    region,
+                    lines: quote.lines,
+                    subtotal: quote.subtotal,
+                    discount: quote.discount,
+                    tax: quote.tax,
+                    delivery_fee: quote.delivery_fee,
+                    total: quote.total,
+                    delivery_address,
+                    accept_by: now + Duration::minutes(i64::from(quote.accept_within_minutes)),
+                    rating_window_days: quote.rating_window_days,
+                    placed_at: now,
+                }
+            }
+            OrderCommand::ConfirmPayment { payment_reference } => {
+                self.require(&[S::Placed], "confirm payment for")?;
+                if payment_reference.len() > 128 {
+                    return Err(OrderError::TooLong {
+                        field: "payment_reference",
+                        max: 128,
+                    });
+                }
+                OrderEvent::OrderConfirmed {
+                    payment_reference,
+                    confirmed_at: now,
+                }
+            }
+            OrderCommand::AcceptOrder {
+                estimated_preparation_minutes,
+            } => {
+                self.require(&[S::Confirmed], "accept")?;
+                if !(1..=240).contains(&estimated_preparation_minutes) {
+                    return Err(OrderError::InvalidPreparationTime);
+                }
+                OrderEvent::OrderAccepted {
+                    estimated_preparation_minutes,
+                    accepted_at: now,
+                }
+            }
+            OrderCommand::RejectOrder { reason } => {
+                self.require(&[S::Placed, S::Confirmed], "reject")?;
+                OrderEvent::OrderRejected {
+                    reason,
+                    rejected_at: now,
+                }
+            }
+            OrderCommand::StartPreparation => {
+                self.require(&[S::Accepted], "start preparing")?;
+                OrderEvent::PreparationStarted { started_at: now }
+            }
+            OrderCommand::MarkReady => {
+                self.require(&[S::Preparing], "mark ready")?;
+                OrderEvent::OrderReady { ready_at: now }
+            }
+            OrderCommand::HandToCourier => {
+                self.require(&[S::Ready], "hand to a courier")?;
+                OrderEvent::OrderOutForDelivery { departed_at: now }
+            }
+            OrderCommand::MarkDelivered => {
+                self.require(&[S::OutForDelivery], "mark delivered")?;
+                OrderEvent::OrderDelivered { delivered_at: now }
+            }
+            OrderCommand::CompleteOrder => {
+                self.require(&[S::Delivered], "complete")?;
+                OrderEvent::OrderCompleted { completed_at: now }
+            }
+            OrderCommand::CancelOrder { by, reason } => {
+                if reason.chars().count() > 500 {
+                    return Err(OrderError::TooLong {
+                        field: "reason",
+                        max: 500,
+                    });
+                }
+                let allowed: &[S] = match by {
+                    CancelledBy::Customer => &[S::Placed, S::Confirmed, S::Accepted],
+                    CancelledBy::Store => &[S::Confirmed, S::Accepted, S::Preparing, S::Ready],
+                    CancelledBy::System => &[S::Placed, S::Confirmed],
+                };
+                if by == CancelledBy::Customer
+                    && matches!(self.status, S::Preparing | S::Ready | S::OutForDelivery)
+                {
+                    return Err(OrderError::TooLateToCancel(self.status.as_str()));
+                }
+                self.require(allowed, "cancel")?;
+                OrderEvent::OrderCancelled {
+                    cancelled_by: by,
+                    reason,
+                    cancelled_at: now,
+                }
+            }
+            OrderCommand::ExpireAcceptance => {
+                // A deadline that fires late, or twice, after the store acted, changes nothing.
+                let waiting = matches!(self.status, S::Placed | S::Confirmed);
+                match self.accept_by {
+                    Some(deadline) if waiting && now >= deadline => OrderEvent::OrderCancelled {
+                        cancelled_by: CancelledBy::System,
+                        reason: "not accepted by the store in time".to_owned(),
+                        cancelled_at: now,
+                    },
+                    _ if self.status == S::New => return Err(OrderError::NotFound),
+                    _ => return Ok(vec![]),
+                }
+            }
+            OrderCommand::RateOrder { stars, comment } => {
+                self.require(&[S::Delivered, S::Completed], "rate")?;
+                if !(1..=5).contains(&stars) {
+                    return Err(OrderError::InvalidStars);
+                }
+                if comment.as_ref().is_some_and(|c| c.chars().count() > 2000) {
+                    return Err(OrderError::TooLong {
+                        field: "comment",
+                        max: 2000,
+                    });
+                }
+                if self.rated {
+                    return Err(OrderError::AlreadyRated);
+                }
+                let window = Duration::days(i64::from(self.rating_window_days));
+                if self.delivered_at.is_some_and(|d| now > d + window) {
+                    return Err(OrderError::RatingWindowClosed(self.rating_window_days));
+                }
+                OrderEvent::OrderRated {
+                    stars,
+                    comment,
+                    rated_at: now,
+                }
+            }
+        };
+        Ok(vec![event])
+    }
+}
+
+impl Aggregate for Order {
+    const TYPE: &'static str = AGGREGATE_TYPE;
+    type Command = OrderCommand;
+    type Event = OrderEvent;
+    type Error = OrderError;
+    type Services = OrderServices;
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command, services)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        if let Some(status) = event.status_after() {
+            self.status = status;
+        }
+        match event {
+            OrderEvent::OrderPlaced {
+                customer_id,
+                store_id,
+                total,
+                accept_by,
+                rating_window_days,
+                ..
+            } => {
+                self.customer_id = Some(customer_id);
+                self.store_id = Some(store_id);
+                self.total = Some(total);
+                self.accept_by = Some(accept_by);
+                self.rating_window_days = rating_window_days;
+            }
+            OrderEvent::OrderDelivered { delivered_at } => self.delivered_at = Some(delivered_at),
+            OrderEvent::OrderRated { .. } => self.rated = true,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

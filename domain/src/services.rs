@@ -1,0 +1,215 @@
+//! What aggregates need from the world, as traits: the adapters provide the real thing, tests a
+//! fixed one. Also the catalogue (menu and region settings) that prices an order.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{Currency, MenuItemId, Money, MoneyError, RegionCode};
+
+/// The current time. Aggregates never call `Utc::now()` themselves, so tests can fix it.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that always says the same instant (tests).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedClock(pub DateTime<Utc>);
+
+impl Clock for FixedClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.0
+    }
+}
+
+/// Settings of one market.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionSettings {
+    pub currency: Currency,
+    /// Sales tax in basis points of the discounted subtotal (2000 = 20 %).
+    pub tax_basis_points: u32,
+    /// Delivery fee in minor units of `currency`.
+    pub delivery_fee_minor: i64,
+    /// Minutes a store has to accept an order before it is cancelled.
+    pub accept_within_minutes: u32,
+    /// Days after delivery during which an order can be rated.
+    pub rating_window_days: u32,
+}
+
+/// One option of a menu item (size, extra topping) with its surcharge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MenuOption {
+    pub name: String,
+    /// Surcharge in minor units, in every region's currency.
+    pub surcharge_minor: i64,
+}
+
+/// One item of the catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MenuItem {
+    pub name: String,
+    pub category: String,
+    /// Price in minor units per region; an item without a price in a region is not sold there.
+    pub prices: BTreeMap<RegionCode, i64>,
+    pub options: BTreeMap<String, MenuOption>,
+    pub available: bool,
+}
+
+/// Items and regions: what can be ordered where, and at what price.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalogue {
+    pub regions: BTreeMap<RegionCode, RegionSettings>,
+    pub items: BTreeMap<MenuItemId, MenuItem>,
+}
+
+/// A line as the customer asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestedLine {
+    pub item_id: MenuItemId,
+    pub quantity: u32,
+    pub options: Vec<String>,
+}
+
+/// A priced line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PricedLine {
+    pub item_id: MenuItemId,
+    pub name: String,
+    pub category: String,
+    pub quantity: u32,
+    pub options: Vec<String>,
+    pub unit_price: Money,
+    pub line_total: Money,
+}
+
+/// The full price of an order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quote {
+    pub lines: Vec<PricedLine>,
+    pub subtotal: Money,
+    pub discount: Money,
+    pub tax: Money,
+    pub delivery_fee: Money,
+    pub total: Money,
+    pub accept_within_minutes: u32,
+    pub rating_window_days: u32,
+}
+
+/// Why an order could not be priced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PricingError {
+    #[error("region `{0}` is not served")]
+    UnknownRegion(RegionCode),
+    #[error("menu item `{0}` does not exist")]
+    UnknownItem(MenuItemId),
+    #[error("menu item `{0}` is not sold in region `{1}`")]
+    NotSoldInRegion(MenuItemId, RegionCode),
+    #[error("menu item `{0}` is currently unavailable")]
+    Unavailable(MenuItemId),
+    #[error("menu item `{item}` has no option `{option}`")]
+    UnknownOption { item: MenuItemId, option: String },
+    #[error(transparent)]
+    Money(#[from] MoneyError),
+}
+
+/// Prices an order. The catalogue is the real implementation; the trait lets an adapter cache it.
+pub trait Pricing: Send + Sync {
+    fn quote(&self, region: &RegionCode, lines: &[RequestedLine]) -> Result<Quote, PricingError>;
+}
+
+impl Pricing for Catalogue {
+    fn quote(&self, region: &RegionCode, lines: &[RequestedLine]) -> Result<Quote, PricingError> {
+        let settings = self
+            .regions
+            .get(region)
+            .ok_or_else(|| PricingError::UnknownRegion(region.clone()))?;
+        let currency = settings.currency;
+        let mut priced = Vec::with_capacity(lines.len());
+        let mut subtotal = Money::zero(currency);
+        for line in lines {
+            let item = self
+                .items
+                .get(&line.item_id)
+                .ok_or_else(|| PricingError::UnknownItem(line.item_id.clone()))?;
+            if !item.available {
+                return Err(PricingError::Unavailable(line.item_id.clone()));
+            }
+            let base = *item.prices.get(region).ok_or_else(|| {
+                PricingError::NotSoldInRegion(line.item_id.clone(), region.clone())
+            })?;
+            let mut unit = Money::new(base, currency)?;
+            for option in &line.options {
+                let opt = item
+                    .options
+                    .get(option)
+                    .ok_or_else(|| PricingError::UnknownOption {
+                        item: line.item_id.clone(),
+                        option: option.clone(),
+                    })?;
+                unit = unit.checked_add(Money::new(opt.surcharge_minor, currency)?)?;
+            }
+            let line_total = unit.times(line.quantity)?;
+            subtotal = subtotal.checked_add(line_total)?;
+            priced.push(PricedLine {
+                item_id: line.item_id.clone(),
+                name: item.name.clone(),
+                category: item.category.clone(),
+                quantity: line.quantity,
+                options: line.options.clone(),
+                unit_price: unit,
+                line_total,
+            });
+        }
+        let discount = Money::zero(currency);
+        let taxable = subtotal.saturating_sub(discount)?;
+        let tax = taxable.apply_basis_points(settings.tax_basis_points)?;
+        let delivery_fee = Money::new(settings.delivery_fee_minor, currency)?;
+        let total = taxable.checked_add(tax)?.checked_add(delivery_fee)?;
+        Ok(Quote {
+            lines: priced,
+            subtotal,
+            discount,
+            tax,
+            delivery_fee,
+            total,
+            accept_within_minutes: settings.accept_within_minutes,
+            rating_window_days: settings.rating_window_days,
+        })
+    }
+}
+
+/// What the order aggregate needs from outside.
+#[derive(Clone)]
+pub struct OrderServices {
+    pub pricing: Arc<dyn Pricing>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl OrderServices {
+    pub fn new(pricing: Arc<dyn Pricing>, clock: Arc<dyn Clock>) -> Self {
+        Self { pricing, clock }
+    }
+}
+
+impl fmt::Debug for OrderServices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrderServices").finish_non_exhaustive()
+    }
+}
