@@ -1,1 +1,152 @@
-//! Confluent-compatible schema registry (work in progress).
+//! A Confluent-compatible schema registry, stored in PostgreSQL.
+//!
+//! Production points its clients at any Confluent-compatible registry by URL; development, the
+//! tests and the default run use this one. It implements the part of the Confluent REST API that
+//! serializers, deserializers and admin clients call (register, look up by id, by subject and
+//! version, latest, list subjects and versions, compatibility checks, config, soft and permanent
+//! deletes), with the same paths, bodies and `{"error_code", "message"}` errors, so that clients
+//! written by others (`schema_registry_converter`, `confluent-kafka`, the Java serializers) work
+//! against it unchanged. Only Avro schemas are accepted.
+//!
+//! Module map:
+//! - this file: configuration and the server process (`build`, `local_addr`, `run_until_stopped`);
+//! - [`api`]: the HTTP routes and handlers, which hold the rules of each endpoint;
+//! - `store`: the SQL, the migrations and the locks;
+//! - `schema`: parsing a submitted Avro schema and the form that decides its identity;
+//! - `compat`: compatibility levels and the Avro schema-resolution check;
+//! - `error`: the library error and the Confluent error replies.
+//!
+//! Ids are global (one per distinct schema across subjects) and stable across restarts; a
+//! registration runs in one transaction holding an advisory lock of the registry, so concurrent
+//! registrations of the same schema get one id and versions never collide.
+
+pub mod api;
+mod compat;
+mod error;
+mod schema;
+mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+pub use api::{router, AppState};
+pub use compat::CompatibilityLevel;
+pub use error::{ApiError, RegistryError};
+pub use schema::SchemaReference;
+
+/// Configuration of the registry process, read from the environment (prefix `REGISTRY_`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RegistryConfig {
+    /// `REGISTRY_DATABASE_URL`: PostgreSQL connection URL of the database that holds the
+    /// registry. Default `postgres://postgres@127.0.0.1:5432/postgres`. Never logged (it may
+    /// carry a password).
+    #[serde(default = "default_database_url")]
+    pub database_url: String,
+    /// `REGISTRY_DB_SCHEMA`: PostgreSQL schema (namespace) inside that database that holds the
+    /// registry's tables, created at start-up. Default `schema_registry`. Lower-case letters,
+    /// digits and `_`, starting with a letter or `_`, at most 63 characters.
+    #[serde(default = "default_db_schema")]
+    pub db_schema: String,
+    /// `REGISTRY_LISTEN`: address the HTTP API listens on. Default `127.0.0.1:8081` (the
+    /// Confluent port); port 0 picks a free port (see [`RegistryServer::local_addr`]).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_database_url() -> String {
+    "postgres://postgres@127.0.0.1:5432/postgres".to_owned()
+}
+
+fn default_db_schema() -> String {
+    "schema_registry".to_owned()
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            database_url: default_database_url(),
+            db_schema: default_db_schema(),
+            listen: default_listen(),
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// Reads the configuration from the `REGISTRY_*` environment variables and validates it, so a
+    /// wrong value stops the process at start-up rather than at the first request.
+    pub fn from_env() -> Result<Self, RegistryError> {
+        let config: Self = envy::prefixed("REGISTRY_").from_env()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that the type system does not.
+    pub fn validate(&self) -> Result<(), RegistryError> {
+        store::validate_schema_name(&self.db_schema)
+    }
+}
+
+/// The registry process: connected to PostgreSQL, migrated, and bound to its address.
+#[derive(Debug)]
+pub struct RegistryServer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: AppState,
+}
+
+impl RegistryServer {
+    /// Connects to the database, applies the migrations and binds the listener; the server does
+    /// not answer requests until [`RegistryServer::run_until_stopped`].
+    pub async fn build(config: RegistryConfig) -> Result<Self, RegistryError> {
+        config.validate()?;
+        let store = store::Store::connect(&config.database_url, &config.db_schema).await?;
+        store.migrate().await?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| RegistryError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| RegistryError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        tracing::info!(%local_addr, db_schema = %config.db_schema, "schema registry ready");
+        Ok(Self {
+            listener,
+            local_addr,
+            state: AppState::new(store),
+        })
+    }
+
+    /// The address the server is bound to (the real port when the configuration asked for 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves requests until `shutdown` completes, then stops accepting connections, lets the
+    /// requests in flight finish and closes the database pool.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RegistryError> {
+        let state = self.state.clone();
+        let app = router(self.state);
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        state.close().await;
+        tracing::info!(local_addr = %self.local_addr, "schema registry stopped");
+        served.map_err(RegistryError::Serve)
+    }
+}

@@ -1,0 +1,275 @@
+//! The command bus of one aggregate type: `CqrsFramework` plus metadata, retries and the
+//! committed position.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{SecondsFormat, Utc};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, AggregateError, CqrsFramework, DomainEvent, EventEnvelope, Query};
+use postgres_es::PostgresEventRepository;
+use rand::Rng;
+use uuid::Uuid;
+
+use crate::store::EventStoreDb;
+
+/// Metadata keys every event carries (in the `metadata` column and in Kafka headers).
+pub mod meta {
+    pub const CORRELATION_ID: &str = "correlation_id";
+    pub const CAUSATION_ID: &str = "causation_id";
+    pub const ACTOR: &str = "actor";
+    pub const COMMAND_ID: &str = "command_id";
+    pub const OCCURRED_AT: &str = "occurred_at";
+}
+
+/// Who asks, and why: carried into the metadata of every event the command produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandContext {
+    /// Identifies the command; the idempotency key of process managers derives from it.
+    pub command_id: Uuid,
+    /// Shared by everything one business transaction causes (one placed order and its effects).
+    pub correlation_id: Uuid,
+    /// The command or event that caused this command.
+    pub causation_id: Uuid,
+    /// Who issued it: `customer:<id>`, `store:<id>`, `system:<process>`.
+    pub actor: String,
+}
+
+impl CommandContext {
+    /// A context for a command that starts a new business transaction.
+    pub fn new(actor: impl Into<String>) -> Self {
+        let command_id = Uuid::new_v4();
+        Self {
+            command_id,
+            correlation_id: command_id,
+            causation_id: command_id,
+            actor: actor.into(),
+        }
+    }
+
+    /// Continues an existing business transaction (for example from an HTTP correlation header).
+    #[must_use]
+    pub fn with_correlation(mut self, correlation_id: Uuid) -> Self {
+        self.correlation_id = correlation_id;
+        self
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        HashMap::from([
+            (meta::COMMAND_ID.to_owned(), self.command_id.to_string()),
+            (meta::CORRELATION_ID.to_owned(), self.correlation_id.to_string()),
+            (meta::CAUSATION_ID.to_owned(), self.causation_id.to_string()),
+            (meta::ACTOR.to_owned(), self.actor.clone()),
+            (
+                meta::OCCURRED_AT.to_owned(),
+                Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
+            ),
+        ])
+    }
+}
+
+/// What a command committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub aggregate_id: String,
+    /// Sequence of the last event the command appended (the read-your-writes position), or the
+    /// aggregate's current sequence if the command appended nothing.
+    pub last_sequence: u64,
+    /// Event types appended, in order.
+    pub event_types: Vec<String>,
+}
+
+/// Why a command was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E: std::error::Error> {
+    /// The command broke a business rule.
+    #[error(transparent)]
+    Rejected(E),
+    /// Other writers kept changing the aggregate; the caller may retry.
+    #[error("the aggregate kept changing under {attempts} attempts; retry the request")]
+    Contended { attempts: u32 },
+    #[error("event store failure: {0}")]
+    Store(String),
+}
+
+/// Bounded retries of optimistic-concurrency conflicts, with full jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            base_delay: Duration::from_millis(2),
+            max_delay: Duration::from_millis(200),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .base_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_delay);
+        let micros = u64::try_from(exp.as_micros()).unwrap_or(u64::MAX).max(1);
+        Duration::from_micros(rand::rng().random_range(0..=micros))
+    }
+}
+
+tokio::task_local! {
+    /// The events the current command committed, handed over by [`CaptureCommitted`].
+    static COMMITTED: RefCell<Vec<(usize, String)>>;
+}
+
+/// Hands the committed envelopes of the running command back to [`CommandBus::execute`].
+/// `cqrs-es` dispatches queries inline, in the task that executes the command, right after
+/// the commit; this is only a return channel, never a path to read models.
+struct CaptureCommitted;
+
+#[async_trait]
+impl<A: Aggregate> Query<A> for CaptureCommitted {
+    async fn dispatch(&self, _aggregate_id: &str, events: &[EventEnvelope<A>]) {
+        // Outside `execute` there is no slot to fill, and nothing to report.
+        let _ = COMMITTED.try_with(|slot| {
+            slot.borrow_mut()
+                .extend(events.iter().map(|e| (e.sequence, e.payload.event_type())));
+        });
+    }
+}
+
+type Framework<A> = CqrsFramework<A, PersistedEventStore<PostgresEventRepository, A>>;
+
+/// Executes commands of aggregate type `A` against the event store.
+pub struct CommandBus<A: Aggregate> {
+    framework: Framework<A>,
+    store: EventStoreDb,
+    retry: RetryPolicy,
+}
+
+impl<A: Aggregate> fmt::Debug for CommandBus<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandBus")
+            .field("aggregate_type", &A::TYPE)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A> CommandBus<A>
+where
+    A: Aggregate + 'static,
+    A::Command: Clone,
+{
+    pub fn new(store: EventStoreDb, services: A::Services) -> Self {
+        let repo = PostgresEventRepository::new(store.pool().clone());
+        let event_store =
+            PersistedEventStore::new_event_store(repo).with_upcasters(schemas::upcasters());
+        let framework = CqrsFramework::new(event_store, vec![Box::new(CaptureCommitted)], services);
+        Self {
+            framework,
+            store,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Runs `command` against aggregate `aggregate_id`, retrying conflicts.
+    #[tracing::instrument(
+        skip(self, command, context),
+        fields(aggregate_type = A::TYPE, correlation_id = %context.correlation_id, actor = %context.actor)
+    )]
+    pub async fn execute(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        context: &CommandContext,
+    ) -> Result<Committed, CommandError<A::Error>> {
+        let started = std::time::Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = COMMITTED
+                .scope(RefCell::new(Vec::new()), async {
+                    let outcome = self
+                        .framework
+                        .execute_with_metadata(aggregate_id, command.clone(), context.metadata())
+                        .await;
+                    (outcome, COMMITTED.with(|c| c.take()))
+                })
+                .await;
+            match result {
+                (Ok(()), events) => {
+                    metrics::histogram!("command_duration_seconds", "aggregate_type" => A::TYPE)
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::counter!("commands_total", "aggregate_type" => A::TYPE, "outcome" => "committed")
+                        .increment(1);
+                    return self.committed(aggregate_id, events).await;
+                }
+                (Err(AggregateError::AggregateConflict), _) if attempt < self.retry.max_attempts => {
+                    metrics::counter!("command_conflicts_total", "aggregate_type" => A::TYPE)
+                        .increment(1);
+                    tokio::time::sleep(self.retry.delay(attempt)).await;
+                }
+                (Err(AggregateError::AggregateConflict), _) => {
+                    metrics::counter!("commands_total", "aggregate_type" => A::TYPE, "outcome" => "contended")
+                        .increment(1);
+                    return Err(CommandError::Contended { attempts: attempt });
+                }
+                (Err(AggregateError::UserError(e)), _) => {
+                    metrics::counter!("commands_total", "aggregate_type" => A::TYPE, "outcome" => "rejected")
+                        .increment(1);
+                    return Err(CommandError::Rejected(e));
+                }
+                (Err(other), _) => {
+                    metrics::counter!("commands_total", "aggregate_type" => A::TYPE, "outcome" => "failed")
+                        .increment(1);
+                    return Err(CommandError::Store(other.to_string()));
+                }
+            }
+        }
+    }
+
+    async fn committed(
+        &self,
+        aggregate_id: &str,
+        events: Vec<(usize, String)>,
+    ) -> Result<Committed, CommandError<A::Error>> {
+        let last_sequence = match events.last() {
+            Some((sequence, _)) => *sequence as u64,
+            None => self
+                .current_sequence(aggregate_id)
+                .await
+                .map_err(|e| CommandError::Store(e.to_string()))?,
+        };
+        Ok(Committed {
+            aggregate_id: aggregate_id.to_owned(),
+            last_sequence,
+            event_types: events.into_iter().map(|(_, t)| t).collect(),
+        })
+    }
+
+    /// The sequence of the last stored event of an aggregate (0 if it has none).
+    pub async fn current_sequence(&self, aggregate_id: &str) -> Result<u64, sqlx::Error> {
+        let sequence: Option<i64> = sqlx::query_scalar(
+            "SELECT max(sequence) FROM events WHERE aggregate_type = $1 AND aggregate_id = $2",
+        )
+        .bind(A::TYPE)
+        .bind(aggregate_id)
+        .fetch_one(self.store.pool())
+        .await?;
+        Ok(sequence.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+    }
+}

@@ -1,0 +1,198 @@
+//! Event records in the Confluent wire format: magic byte 0, the 4-byte schema id, the Avro body.
+//! Schemas are registered (and checked for compatibility by the registry) under
+//! TopicRecordNameStrategy subjects; see `schemas::contracts`.
+
+use apache_avro::types::Value as Avro;
+use rdkafka::message::Message;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+use schemas::{Contracts, EventContract, SchemaError};
+use serde::de::DeserializeOwned;
+use serde_json::Value as Json;
+
+use crate::config::RegistryConfig;
+use crate::headers::{EventMeta, HeaderError};
+
+/// Encodes event payloads for a topic, registering their contracts on first use.
+pub struct EventEncoder {
+    encoder: AvroEncoder,
+    contracts: &'static Contracts,
+}
+
+impl std::fmt::Debug for EventEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventEncoder").finish_non_exhaustive()
+    }
+}
+
+/// Why an event could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error(transparent)]
+    Contract(#[from] SchemaError),
+    #[error("schema registry: {0}")]
+    Registry(String),
+}
+
+impl EventEncoder {
+    pub fn new(registry: &RegistryConfig) -> Result<Self, EncodeError> {
+        Ok(Self {
+            encoder: AvroEncoder::new(registry.settings().map_err(EncodeError::Registry)?),
+            contracts: Contracts::global()?,
+        })
+    }
+
+    /// The contracts this encoder maps with.
+    pub fn contracts(&self) -> &'static Contracts {
+        self.contracts
+    }
+
+    /// Encodes a stored payload (already upcast to the current version) for `topic`.
+    pub async fn encode_payload(
+        &self,
+        topic: &str,
+        aggregate_type: &str,
+        payload: &Json,
+    ) -> Result<(&'static EventContract, Vec<u8>), EncodeError> {
+        let (contract, value) = self.contracts.payload_to_avro(aggregate_type, payload)?;
+        let bytes = self.encode_value(topic, contract, value).await?;
+        Ok((contract, bytes))
+    }
+
+    /// Encodes an Avro value of `contract` for `topic`.
+    pub async fn encode_value(
+        &self,
+        topic: &str,
+        contract: &EventContract,
+        value: Avro,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let strategy = strategy(topic, contract);
+        let result = self.encoder.encode_value(value, &strategy).await;
+        result.map_err(|e| {
+            // A registry that was down must not stay "down" in the encoder's cache.
+            self.encoder.remove_errors_from_cache();
+            EncodeError::Registry(e.to_string())
+        })
+    }
+}
+
+/// The subject strategy of an event contract on a topic.
+pub fn strategy(topic: &str, contract: &EventContract) -> SubjectNameStrategy {
+    SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
+        topic.to_owned(),
+        SuppliedSchema::new(
+            Some(contract.record_name.clone()),
+            SchemaType::Avro,
+            contract.schema_text.to_owned(),
+        ),
+    )
+}
+
+/// An event read from a topic: its metadata (headers) and its payload, resolved to the current
+/// contract.
+#[derive(Debug, Clone)]
+pub struct DecodedEvent {
+    pub meta: EventMeta,
+    pub contract: &'static EventContract,
+    /// The payload in the domain's JSON form (the body of the externally tagged enum).
+    pub payload: Json,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Broker timestamp of the record in milliseconds since the epoch, if any.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl DecodedEvent {
+    /// The domain event.
+    pub fn event<E: DeserializeOwned>(&self) -> Result<E, SchemaError> {
+        let mut tagged = serde_json::Map::with_capacity(1);
+        tagged.insert(self.contract.event_type.to_owned(), self.payload.clone());
+        serde_json::from_value(Json::Object(tagged)).map_err(|e| {
+            SchemaError::Mapping(format!(
+                "{} does not fit the domain event: {e}",
+                self.contract.event_type
+            ))
+        })
+    }
+}
+
+/// Why a record could not be decoded. `Retryable` errors (registry unreachable) are worth
+/// retrying; the others are poison: the same bytes will never decode.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record has no value")]
+    EmptyValue,
+    #[error("record headers: {0}")]
+    Headers(#[from] HeaderError),
+    #[error("Avro body: {0}")]
+    Avro(String),
+    #[error("schema registry unavailable: {0}")]
+    Retryable(String),
+    #[error(transparent)]
+    Contract(#[from] SchemaError),
+}
+
+impl DecodeError {
+    pub const fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable(_))
+    }
+}
+
+/// Decodes event records through the registry.
+pub struct EventDecoder {
+    decoder: AvroDecoder,
+    contracts: &'static Contracts,
+}
+
+impl std::fmt::Debug for EventDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventDecoder").finish_non_exhaustive()
+    }
+}
+
+impl EventDecoder {
+    pub fn new(registry: &RegistryConfig) -> Result<Self, DecodeError> {
+        Ok(Self {
+            decoder: AvroDecoder::new(registry.settings().map_err(DecodeError::Retryable)?),
+            contracts: Contracts::global()?,
+        })
+    }
+
+    /// Decodes one record.
+    pub async fn decode(&self, message: &impl Message) -> Result<DecodedEvent, DecodeError> {
+        let meta = EventMeta::from_headers(message.headers())?;
+        let payload = message.payload().ok_or(DecodeError::EmptyValue)?;
+        let decoded = self
+            .decoder
+            .decode(Some(payload))
+            .await
+            .map_err(|e| self.classify(&e))?;
+        let contract = match &decoded.name {
+            Some(name) => self.contracts.by_record_name(&name.fullname(None))?,
+            None => self.contracts.get(&meta.aggregate_type, &meta.event_type)?,
+        };
+        let payload = contract.from_avro(decoded.value)?;
+        Ok(DecodedEvent {
+            meta,
+            contract,
+            payload,
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+        })
+    }
+
+    fn classify(&self, error: &SRCError) -> DecodeError {
+        if error.retriable {
+            self.decoder.remove_errors_from_cache();
+            DecodeError::Retryable(error.to_string())
+        } else {
+            DecodeError::Avro(error.to_string())
+        }
+    }
+}

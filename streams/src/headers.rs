@@ -1,0 +1,155 @@
+//! The metadata of an event record, carried as Kafka headers (UTF-8 strings). Header names are
+//! contracts: consumers outside this project read them; never rename one.
+
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use uuid::Uuid;
+
+pub const EVENT_ID: &str = "event_id";
+pub const AGGREGATE_TYPE: &str = "aggregate_type";
+pub const AGGREGATE_ID: &str = "aggregate_id";
+pub const SEQUENCE: &str = "sequence";
+pub const EVENT_TYPE: &str = "event_type";
+pub const EVENT_VERSION: &str = "event_version";
+pub const OCCURRED_AT: &str = "occurred_at";
+pub const RECORDED_AT: &str = "recorded_at";
+pub const CORRELATION_ID: &str = "correlation_id";
+pub const CAUSATION_ID: &str = "causation_id";
+pub const ACTOR: &str = "actor";
+pub const COMMAND_ID: &str = "command_id";
+
+/// The metadata of one event, as stored and as sent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventMeta {
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: u64,
+    pub event_type: String,
+    pub event_version: String,
+    /// RFC 3339: when the command that caused it ran.
+    pub occurred_at: String,
+    /// RFC 3339: when the event store recorded it.
+    pub recorded_at: String,
+    pub correlation_id: String,
+    pub causation_id: String,
+    pub actor: String,
+    pub command_id: String,
+}
+
+/// Why headers could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("header `{0}` is missing")]
+    Missing(&'static str),
+    #[error("header `{0}` is not valid: {1}")]
+    Invalid(&'static str, String),
+}
+
+impl EventMeta {
+    /// As Kafka headers.
+    pub fn to_headers(&self) -> OwnedHeaders {
+        let sequence = self.sequence.to_string();
+        let event_id = self.event_id.to_string();
+        let pairs: [(&str, &str); 12] = [
+            (EVENT_ID, &event_id),
+            (AGGREGATE_TYPE, &self.aggregate_type),
+            (AGGREGATE_ID, &self.aggregate_id),
+            (SEQUENCE, &sequence),
+            (EVENT_TYPE, &self.event_type),
+            (EVENT_VERSION, &self.event_version),
+            (OCCURRED_AT, &self.occurred_at),
+            (RECORDED_AT, &self.recorded_at),
+            (CORRELATION_ID, &self.correlation_id),
+            (CAUSATION_ID, &self.causation_id),
+            (ACTOR, &self.actor),
+            (COMMAND_ID, &self.command_id),
+        ];
+        pairs
+            .into_iter()
+            .fold(OwnedHeaders::new_with_capacity(12), |headers, (key, value)| {
+                headers.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            })
+    }
+
+    /// From Kafka headers. Identity headers are required; descriptive ones default to empty.
+    pub fn from_headers(headers: Option<&impl Headers>) -> Result<Self, HeaderError> {
+        let mut meta = Self::default();
+        let mut event_id = None;
+        let mut sequence = None;
+        if let Some(headers) = headers {
+            for header in headers.iter() {
+                let Some(value) = header.value.and_then(|v| std::str::from_utf8(v).ok()) else {
+                    continue;
+                };
+                let value = value.to_owned();
+                match header.key {
+                    EVENT_ID => event_id = Some(value),
+                    AGGREGATE_TYPE => meta.aggregate_type = value,
+                    AGGREGATE_ID => meta.aggregate_id = value,
+                    SEQUENCE => sequence = Some(value),
+                    EVENT_TYPE => meta.event_type = value,
+                    EVENT_VERSION => meta.event_version = value,
+                    OCCURRED_AT => meta.occurred_at = value,
+                    RECORDED_AT => meta.recorded_at = value,
+                    CORRELATION_ID => meta.correlation_id = value,
+                    CAUSATION_ID => meta.causation_id = value,
+                    ACTOR => meta.actor = value,
+                    COMMAND_ID => meta.command_id = value,
+                    _ => {}
+                }
+            }
+        }
+        let event_id = event_id.ok_or(HeaderError::Missing(EVENT_ID))?;
+        meta.event_id =
+            Uuid::parse_str(&event_id).map_err(|e| HeaderError::Invalid(EVENT_ID, e.to_string()))?;
+        let sequence = sequence.ok_or(HeaderError::Missing(SEQUENCE))?;
+        meta.sequence = sequence
+            .parse()
+            .map_err(|_| HeaderError::Invalid(SEQUENCE, sequence.clone()))?;
+        if meta.aggregate_type.is_empty() {
+            return Err(HeaderError::Missing(AGGREGATE_TYPE));
+        }
+        if meta.aggregate_id.is_empty() {
+            return Err(HeaderError::Missing(AGGREGATE_ID));
+        }
+        Ok(meta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_round_trips_through_headers() {
+        let meta = EventMeta {
+            event_id: Uuid::new_v4(),
+            aggregate_type: "order".into(),
+            aggregate_id: "a1".into(),
+            sequence: 7,
+            event_type: "OrderPlaced".into(),
+            event_version: "1.0".into(),
+            occurred_at: "2026-11-21T18:00:00Z".into(),
+            recorded_at: "2026-11-21T18:00:00.000001Z".into(),
+            correlation_id: "c".into(),
+            causation_id: "d".into(),
+            actor: "customer:1".into(),
+            command_id: "e".into(),
+        };
+        let headers = meta.to_headers();
+        assert_eq!(EventMeta::from_headers(Some(&headers)), Ok(meta));
+    }
+
+    #[test]
+    fn records_without_identity_headers_are_refused() {
+        let headers = OwnedHeaders::new();
+        assert_eq!(
+            EventMeta::from_headers(Some(&headers)),
+            Err(HeaderError::Missing(EVENT_ID))
+        );
+        assert!(EventMeta::from_headers(None::<&OwnedHeaders>).is_err());
+    }
+}
