@@ -1,1 +1,234 @@
-//! api
+//! # api: the HTTP face of the backbone
+//!
+//! Commands in (`POST /orders`, `POST /orders/{id}/actions`), read models out
+//! (`GET /orders/{id}/tracking`), an OpenAPI document (`/openapi.json`), Prometheus metrics
+//! (`/metrics`) and health (`/health/live`, `/health/ready`). Every client mistake is answered
+//! with an `application/problem+json` document ([`error`]).
+//!
+//! Place in the flow: requests become domain commands here (parsed at the boundary with
+//! `TryFrom`), run through `commands`, and the views are read from the tables that
+//! `projections` keeps.
+
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod orders;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use commands::{CommandBus, EventStoreDb};
+use domain::order::Order;
+use domain::services::{Catalogue, OrderServices, SystemClock};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use sqlx::PgPool;
+use streams::{KafkaConfig, RegistryConfig};
+use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
+use utoipa::OpenApi;
+
+use crate::error::ApiError;
+
+/// API settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiConfig {
+    /// `API_LISTEN`: address to listen on (default `127.0.0.1:8080`).
+    #[serde(default = "default_listen")]
+    pub api_listen: SocketAddr,
+    /// `API_BODY_LIMIT_BYTES`: largest accepted request body (default 65536).
+    #[serde(default = "default_body_limit")]
+    pub api_body_limit_bytes: usize,
+    /// `API_REQUEST_TIMEOUT_MS`: requests taking longer are answered 408 (default 10000).
+    #[serde(default = "default_timeout")]
+    pub api_request_timeout_ms: u64,
+    /// `API_READ_YOUR_WRITES_WAIT_MS`: how long a query with `min_sequence` waits (default 3000).
+    #[serde(default = "default_ryw")]
+    pub api_read_your_writes_wait_ms: u64,
+    /// `CATALOGUE_PATH`: JSON catalogue of menu and regions (default: the built-in demo menu).
+    #[serde(default)]
+    pub catalogue_path: Option<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+const fn default_body_limit() -> usize {
+    64 * 1024
+}
+const fn default_timeout() -> u64 {
+    10_000
+}
+const fn default_ryw() -> u64 {
+    3_000
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            api_listen: default_listen(),
+            api_body_limit_bytes: default_body_limit(),
+            api_request_timeout_ms: default_timeout(),
+            api_read_your_writes_wait_ms: default_ryw(),
+            catalogue_path: None,
+        }
+    }
+}
+
+impl ApiConfig {
+    pub fn from_env() -> Result<Self, envy::Error> {
+        envy::from_env()
+    }
+
+    /// The catalogue that prices orders.
+    pub fn catalogue(&self) -> Result<Catalogue, String> {
+        let text = match &self.catalogue_path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read catalogue {path}: {e}"))?,
+            None => include_str!("../catalogue/demo.json").to_owned(),
+        };
+        serde_json::from_str(&text).map_err(|e| format!("invalid catalogue: {e}"))
+    }
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub orders: Arc<CommandBus<Order>>,
+    pub pool: PgPool,
+    pub health: Arc<health::Dependencies>,
+    pub read_your_writes_wait: Duration,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// The OpenAPI document.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Order backbone API",
+        description = "Commands and read models of the event-sourced order backbone."
+    ),
+    paths(
+        orders::place_order,
+        orders::act_on_order,
+        orders::tracking,
+        health::live,
+        health::ready
+    ),
+    components(schemas(error::Problem))
+)]
+pub struct ApiDoc;
+
+/// The process-wide Prometheus recorder (installed once, shared by every app in the process).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); then ours only renders.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+async fn metrics_endpoint() -> String {
+    prometheus().render()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint; see /openapi.json".to_owned())
+}
+
+async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+/// The router with every route and layer.
+pub fn router(state: AppState, config: &ApiConfig) -> Router {
+    Router::new()
+        .route("/orders", post(orders::place_order))
+        .route("/orders/{order_id}/actions", post(orders::act_on_order))
+        .route("/orders/{order_id}/tracking", get(orders::tracking))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics_endpoint))
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(config.api_body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_millis(config.api_request_timeout_ms),
+        ))
+        .with_state(state)
+}
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("event store: {0}")]
+    Store(#[from] commands::StoreError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot listen: {0}")]
+    Listen(#[from] std::io::Error),
+}
+
+/// A bound, ready-to-run API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl ApiServer {
+    /// Connects to the event store (applying its migrations) and binds the listener.
+    pub async fn build(
+        config: ApiConfig,
+        store: commands::EventStoreConfig,
+        kafka: KafkaConfig,
+        registry: RegistryConfig,
+    ) -> Result<Self, StartError> {
+        let db = EventStoreDb::connect(&store).await?;
+        let catalogue = config.catalogue().map_err(StartError::Config)?;
+        let services = OrderServices::new(Arc::new(catalogue), Arc::new(SystemClock));
+        let pool = db.pool().clone();
+        let state = AppState {
+            orders: Arc::new(CommandBus::new(db, services)),
+            health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),
+            pool,
+            read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
+        };
+        let _ = prometheus();
+        let listener = TcpListener::bind(config.api_listen).await?;
+        Ok(Self {
+            router: router(state, &config),
+            listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then drains in-flight requests.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}

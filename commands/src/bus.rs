@@ -60,7 +60,10 @@ impl CommandContext {
     fn metadata(&self) -> HashMap<String, String> {
         HashMap::from([
             (meta::COMMAND_ID.to_owned(), self.command_id.to_string()),
-            (meta::CORRELATION_ID.to_owned(), self.correlation_id.to_string()),
+            (
+                meta::CORRELATION_ID.to_owned(),
+                self.correlation_id.to_string(),
+            ),
             (meta::CAUSATION_ID.to_owned(), self.causation_id.to_string()),
             (meta::ACTOR.to_owned(), self.actor.clone()),
             (
@@ -218,7 +221,9 @@ where
                         .increment(1);
                     return self.committed(aggregate_id, events).await;
                 }
-                (Err(AggregateError::AggregateConflict), _) if attempt < self.retry.max_attempts => {
+                (Err(AggregateError::AggregateConflict), _)
+                    if attempt < self.retry.max_attempts =>
+                {
                     metrics::counter!("command_conflicts_total", "aggregate_type" => A::TYPE)
                         .increment(1);
                     tokio::time::sleep(self.retry.delay(attempt)).await;

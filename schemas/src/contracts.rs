@@ -42,7 +42,12 @@ pub struct EventContract {
 impl EventContract {
     /// The Avro value of an event payload (the JSON object inside the externally tagged enum).
     pub fn to_avro(&self, payload: &Json) -> Result<Avro, SchemaError> {
-        json_to_avro(payload, &self.schema, &Names::of(&self.schema), self.event_type)
+        json_to_avro(
+            payload,
+            &self.schema,
+            &Names::of(&self.schema),
+            self.event_type,
+        )
     }
 
     /// The payload JSON of an Avro value written with any compatible version of this contract.
@@ -104,10 +109,11 @@ impl Contracts {
     pub fn load() -> Result<Self, SchemaError> {
         let mut contracts = Vec::new();
         for source in ORDER.iter() {
-            let schema = Schema::parse_str(source.text).map_err(|e| SchemaError::InvalidSchema {
-                event_type: source.event_type.to_owned(),
-                reason: e.to_string(),
-            })?;
+            let schema =
+                Schema::parse_str(source.text).map_err(|e| SchemaError::InvalidSchema {
+                    event_type: source.event_type.to_owned(),
+                    reason: e.to_string(),
+                })?;
             let record_name = match &schema {
                 Schema::Record(r) => r.name.fullname(None),
                 _ => {
@@ -147,7 +153,10 @@ impl Contracts {
     /// so a failure here is a build defect, reported once at first use.
     pub fn global() -> Result<&'static Self, SchemaError> {
         static GLOBAL: OnceLock<Result<Contracts, SchemaError>> = OnceLock::new();
-        GLOBAL.get_or_init(Self::load).as_ref().map_err(Clone::clone)
+        GLOBAL
+            .get_or_init(Self::load)
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &EventContract> {
@@ -155,7 +164,11 @@ impl Contracts {
     }
 
     /// The contract of one event type.
-    pub fn get(&self, aggregate_type: &str, event_type: &str) -> Result<&EventContract, SchemaError> {
+    pub fn get(
+        &self,
+        aggregate_type: &str,
+        event_type: &str,
+    ) -> Result<&EventContract, SchemaError> {
         self.by_event
             .iter()
             .find(|((a, e), _)| *a == aggregate_type && *e == event_type)
@@ -192,7 +205,8 @@ impl Contracts {
         aggregate_type: &str,
         event: &E,
     ) -> Result<(&EventContract, Avro), SchemaError> {
-        let payload = serde_json::to_value(event).map_err(|e| SchemaError::Mapping(e.to_string()))?;
+        let payload =
+            serde_json::to_value(event).map_err(|e| SchemaError::Mapping(e.to_string()))?;
         self.payload_to_avro(aggregate_type, &payload)
     }
 
@@ -206,7 +220,10 @@ impl Contracts {
         let mut tagged = serde_json::Map::with_capacity(1);
         tagged.insert(contract.event_type.to_owned(), body);
         serde_json::from_value(Json::Object(tagged)).map_err(|e| {
-            SchemaError::Mapping(format!("{} does not fit the domain event: {e}", contract.event_type))
+            SchemaError::Mapping(format!(
+                "{} does not fit the domain event: {e}",
+                contract.event_type
+            ))
         })
     }
 }

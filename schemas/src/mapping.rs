@@ -90,9 +90,10 @@ pub(crate) fn json_to_avro(
                 .and_then(|v| i32::try_from(v).ok())
                 .ok_or_else(|| mismatch(path, "a 32-bit integer", json))?,
         ),
-        (Schema::Long, Json::Number(n)) => {
-            Avro::Long(n.as_i64().ok_or_else(|| mismatch(path, "a 64-bit integer", json))?)
-        }
+        (Schema::Long, Json::Number(n)) => Avro::Long(
+            n.as_i64()
+                .ok_or_else(|| mismatch(path, "a 64-bit integer", json))?,
+        ),
         (Schema::Float, Json::Number(n)) => {
             // Narrowing is what a `float` field means.
             #[allow(clippy::cast_possible_truncation)]
@@ -103,9 +104,9 @@ pub(crate) fn json_to_avro(
             Avro::Double(n.as_f64().ok_or_else(|| mismatch(path, "a number", json))?)
         }
         (Schema::String, Json::String(s)) => Avro::String(s.clone()),
-        (Schema::Uuid(_), Json::String(s)) => Avro::Uuid(
-            uuid::Uuid::parse_str(s).map_err(|_| mismatch(path, "a UUID", json))?,
-        ),
+        (Schema::Uuid(_), Json::String(s)) => {
+            Avro::Uuid(uuid::Uuid::parse_str(s).map_err(|_| mismatch(path, "a UUID", json))?)
+        }
         (Schema::TimestampMicros, Json::String(s)) => Avro::TimestampMicros(
             parse_instant(s)
                 .ok_or_else(|| mismatch(path, "an RFC 3339 instant", json))?
@@ -134,7 +135,12 @@ pub(crate) fn json_to_avro(
         (Schema::Map(m), Json::Object(entries)) => Avro::Map(
             entries
                 .iter()
-                .map(|(k, v)| Ok((k.clone(), json_to_avro(v, &m.types, names, &format!("{path}.{k}"))?)))
+                .map(|(k, v)| {
+                    Ok((
+                        k.clone(),
+                        json_to_avro(v, &m.types, names, &format!("{path}.{k}"))?,
+                    ))
+                })
                 .collect::<Result<_, SchemaError>>()?,
         ),
         (Schema::Union(u), _) => {
@@ -240,7 +246,9 @@ pub(crate) fn avro_to_json(value: &Avro) -> Result<Json, SchemaError> {
             instant(DateTime::from_timestamp_millis(*t), *t)?
         }
         Avro::Union(_, inner) => avro_to_json(inner)?,
-        Avro::Array(items) => Json::Array(items.iter().map(avro_to_json).collect::<Result<_, _>>()?),
+        Avro::Array(items) => {
+            Json::Array(items.iter().map(avro_to_json).collect::<Result<_, _>>()?)
+        }
         Avro::Map(entries) => Json::Object(
             entries
                 .iter()

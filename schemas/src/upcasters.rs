@@ -30,11 +30,7 @@ fn order_cancelled_v1_to_v2(mut payload: Value) -> Value {
 }
 
 /// Applies the upcasters to one stored event, as `cqrs-es` does when it loads an aggregate.
-pub fn upcast(
-    event_type: &str,
-    event_version: &str,
-    payload: Value,
-) -> (String, Value) {
+pub fn upcast(event_type: &str, event_version: &str, payload: Value) -> (String, Value) {
     let mut version = event_version.to_owned();
     let mut payload = payload;
     for upcaster in upcasters() {

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeSet;
 
-use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use chrono::{DateTime, TimeZone, Utc};
@@ -95,11 +95,17 @@ fn every_order_event_type_has_exactly_one_contract_and_a_sample() {
         .map(|c| c.event_type)
         .collect();
     let declared: BTreeSet<_> = OrderEvent::TYPES.into_iter().collect();
-    let sampled: BTreeSet<_> = order_samples().iter().map(DomainEvent::event_type).collect();
+    let sampled: BTreeSet<_> = order_samples()
+        .iter()
+        .map(DomainEvent::event_type)
+        .collect();
     assert_eq!(with_contract, declared);
     assert_eq!(
         sampled,
-        declared.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>()
+        declared
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect::<BTreeSet<_>>()
     );
     for event in order_samples() {
         let contract = contracts
@@ -139,7 +145,8 @@ fn every_order_event_round_trips_through_avro_bytes() {
 #[test]
 fn a_field_the_contract_does_not_know_is_refused_not_dropped() {
     let contracts = Contracts::load().expect("contracts parse");
-    let payload = serde_json::json!({"OrderReady": {"ready_at": "2026-11-21T18:00:00Z", "oven": 3}});
+    let payload =
+        serde_json::json!({"OrderReady": {"ready_at": "2026-11-21T18:00:00Z", "oven": 3}});
     let err = contracts
         .payload_to_avro("order", &payload)
         .expect_err("unknown field refused");
@@ -157,7 +164,10 @@ fn every_contract_can_read_every_released_version_of_itself() {
         let aggregate = aggregate.expect("entry");
         for file in std::fs::read_dir(aggregate.path()).expect("aggregate dir") {
             let path = file.expect("entry").path();
-            let name = path.file_name().and_then(|n| n.to_str()).expect("utf-8 name");
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("utf-8 name");
             let event_type = name.split('.').next().expect("Event.vN.avsc");
             let old = Schema::parse_str(&std::fs::read_to_string(&path).expect("readable"))
                 .expect("released schema parses");

@@ -15,7 +15,10 @@ pub enum AdminError {
     #[error("kafka admin client: {0}")]
     Client(#[from] KafkaError),
     #[error("cannot create topic {topic}: {code}")]
-    Create { topic: String, code: RDKafkaErrorCode },
+    Create {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
 }
 
 /// Creates `topics` with the configured partitions and replication; existing topics are left

@@ -168,7 +168,10 @@ impl fmt::Debug for RegistryConfig {
             .field("schema_registry_url", &self.schema_registry_url)
             .field(
                 "schema_registry_basic_auth",
-                &self.schema_registry_basic_auth.as_ref().map(|_| "<redacted>"),
+                &self
+                    .schema_registry_basic_auth
+                    .as_ref()
+                    .map(|_| "<redacted>"),
             )
             .finish()
     }

@@ -64,14 +64,15 @@ impl EventMeta {
             (ACTOR, &self.actor),
             (COMMAND_ID, &self.command_id),
         ];
-        pairs
-            .into_iter()
-            .fold(OwnedHeaders::new_with_capacity(12), |headers, (key, value)| {
+        pairs.into_iter().fold(
+            OwnedHeaders::new_with_capacity(12),
+            |headers, (key, value)| {
                 headers.insert(Header {
                     key,
                     value: Some(value),
                 })
-            })
+            },
+        )
     }
 
     /// From Kafka headers. Identity headers are required; descriptive ones default to empty.
@@ -103,8 +104,8 @@ impl EventMeta {
             }
         }
         let event_id = event_id.ok_or(HeaderError::Missing(EVENT_ID))?;
-        meta.event_id =
-            Uuid::parse_str(&event_id).map_err(|e| HeaderError::Invalid(EVENT_ID, e.to_string()))?;
+        meta.event_id = Uuid::parse_str(&event_id)
+            .map_err(|e| HeaderError::Invalid(EVENT_ID, e.to_string()))?;
         let sequence = sequence.ok_or(HeaderError::Missing(SEQUENCE))?;
         meta.sequence = sequence
             .parse()

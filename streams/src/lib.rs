@@ -14,6 +14,7 @@ pub mod admin;
 pub mod codec;
 pub mod config;
 pub mod headers;
+pub mod process;
 pub mod relay;
 
 pub use codec::{DecodeError, DecodedEvent, EventDecoder, EventEncoder};

@@ -180,7 +180,10 @@ impl Relay {
                 Ok(r) if r.failed == 0 => idle,
                 Ok(r) => {
                     failures += 1;
-                    tracing::warn!(failed = r.failed, "some events were not acknowledged; retrying");
+                    tracing::warn!(
+                        failed = r.failed,
+                        "some events were not acknowledged; retrying"
+                    );
                     backoff(failures)
                 }
                 Err(e) => {
@@ -279,10 +282,7 @@ impl Relay {
     }
 
     /// Encodes and enqueues one event; `Err(())` if it could not even be enqueued (logged).
-    async fn send(
-        &self,
-        row: &OutboxRow,
-    ) -> Result<rdkafka::producer::DeliveryFuture, ()> {
+    async fn send(&self, row: &OutboxRow) -> Result<rdkafka::producer::DeliveryFuture, ()> {
         let Some(topic) = self.topics.for_aggregate(&row.aggregate_type) else {
             tracing::error!(aggregate_type = %row.aggregate_type, "no topic for aggregate type");
             return Err(());

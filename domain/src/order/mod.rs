@@ -135,6 +135,8 @@ pub enum OrderCommand {
 
 /// What happened to an order. Names are past tense and never renamed: they are the event types
 /// in the store and the Avro record names on the topics.
+// `OrderPlaced` is large, but events are serialized one at a time, never held in bulk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OrderEvent {
     OrderPlaced {
@@ -228,7 +230,9 @@ impl OrderEvent {
     pub const fn occurred_at(&self) -> DateTime<Utc> {
         match self {
             Self::OrderPlaced { placed_at: t, .. }
-            | Self::OrderConfirmed { confirmed_at: t, .. }
+            | Self::OrderConfirmed {
+                confirmed_at: t, ..
+            }
             | Self::OrderAccepted { accepted_at: t, .. }
             | Self::OrderRejected { rejected_at: t, .. }
             | Self::PreparationStarted { started_at: t }
@@ -236,7 +240,9 @@ impl OrderEvent {
             | Self::OrderOutForDelivery { departed_at: t }
             | Self::OrderDelivered { delivered_at: t }
             | Self::OrderCompleted { completed_at: t }
-            | Self::OrderCancelled { cancelled_at: t, .. }
+            | Self::OrderCancelled {
+                cancelled_at: t, ..
+            }
             | Self::OrderRated { rated_at: t, .. } => *t,
         }
     }

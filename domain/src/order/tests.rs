@@ -223,7 +223,9 @@ fn placing_an_order_with_bad_lines_is_refused_with_the_reason() {
     at(t0())
         .given_no_previous_events()
         .when(place(vec![line("margherita", 1, &["anchovies"])]))
-        .then_expect_error_message("cannot price the order: menu item `margherita` has no option `anchovies`");
+        .then_expect_error_message(
+            "cannot price the order: menu item `margherita` has no option `anchovies`",
+        );
 }
 
 #[test]

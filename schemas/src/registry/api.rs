@@ -42,8 +42,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub(crate) fn new(store: Store) -> Self {
-        Self { store }
+    /// Connects to the database of `config` and applies the registry's migrations: what
+    /// [`router`] needs, for embedding the registry in another process.
+    pub async fn connect(config: &super::RegistryConfig) -> Result<Self, RegistryError> {
+        config.validate()?;
+        let store = Store::connect(&config.database_url, &config.db_schema).await?;
+        store.migrate().await?;
+        Ok(Self { store })
     }
 
     pub(crate) async fn close(&self) {

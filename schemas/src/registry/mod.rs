@@ -38,7 +38,8 @@ pub use error::{ApiError, RegistryError};
 pub use schema::SchemaReference;
 
 /// Configuration of the registry process, read from the environment (prefix `REGISTRY_`).
-#[derive(Debug, Clone, Deserialize)]
+/// Its `Debug` hides the password of the database URL.
+#[derive(Clone, Deserialize)]
 pub struct RegistryConfig {
     /// `REGISTRY_DATABASE_URL`: PostgreSQL connection URL of the database that holds the
     /// registry. Default `postgres://postgres@127.0.0.1:5432/postgres`. Never logged (it may
@@ -78,6 +79,30 @@ impl Default for RegistryConfig {
     }
 }
 
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("database_url", &redact_password(&self.database_url))
+            .field("db_schema", &self.db_schema)
+            .field("listen", &self.listen)
+            .finish()
+    }
+}
+
+/// `scheme://user:***@host/...`: the URL without its password, for logs.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((user_info, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match user_info.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 impl RegistryConfig {
     /// Reads the configuration from the `REGISTRY_*` environment variables and validates it, so a
     /// wrong value stops the process at start-up rather than at the first request.
@@ -105,9 +130,7 @@ impl RegistryServer {
     /// Connects to the database, applies the migrations and binds the listener; the server does
     /// not answer requests until [`RegistryServer::run_until_stopped`].
     pub async fn build(config: RegistryConfig) -> Result<Self, RegistryError> {
-        config.validate()?;
-        let store = store::Store::connect(&config.database_url, &config.db_schema).await?;
-        store.migrate().await?;
+        let state = AppState::connect(&config).await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -125,7 +148,7 @@ impl RegistryServer {
         Ok(Self {
             listener,
             local_addr,
-            state: AppState::new(store),
+            state,
         })
     }
 
@@ -148,5 +171,37 @@ impl RegistryServer {
         state.close().await;
         tracing::info!(local_addr = %self.local_addr, "schema registry stopped");
         served.map_err(RegistryError::Serve)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_debug_form_of_the_config_hides_the_database_password() {
+        let config = RegistryConfig {
+            database_url: "postgres://registry:s3cret@db:5432/app".to_owned(),
+            ..RegistryConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://registry:***@db:5432/app"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_config_comes_from_registry_variables_with_defaults() {
+        let config: RegistryConfig = envy::prefixed("REGISTRY_")
+            .from_iter([
+                ("REGISTRY_DB_SCHEMA".to_owned(), "reg".to_owned()),
+                ("REGISTRY_LISTEN".to_owned(), "0.0.0.0:9081".to_owned()),
+            ])
+            .expect("the variables deserialize");
+        assert_eq!(config.db_schema, "reg");
+        assert_eq!(config.listen, SocketAddr::from(([0, 0, 0, 0], 9081)));
+        assert_eq!(config.database_url, default_database_url());
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
-use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use super::error::RegistryError;
 use super::schema::SchemaReference;
@@ -88,6 +88,9 @@ impl Store {
         let options = options
             .options([("search_path", db_schema)])
             .application_name("schema-registry");
+        // One direct connection first: the pool retries until its timeout and then reports only
+        // that it timed out, while this reports why (refused, unknown database, bad password).
+        PgConnection::connect_with(&options).await?.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(10))

@@ -1,0 +1,118 @@
+//! The API's one error type. Policy: every client mistake is a 4xx `application/problem+json`
+//! (RFC 9457) whose `detail` says what was wrong and what to do; anything else is an opaque 500
+//! whose cause is logged, never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short summary of the kind of problem.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong in this request, and what to do about it.
+    pub detail: String,
+}
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The read model has not caught up with the requested position yet.
+    #[error("{0}")]
+    NotYet(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        Self::Internal(error.to_string())
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            Self::Conflict(_) => (
+                StatusCode::CONFLICT,
+                "conflict",
+                "Conflicts with the current state",
+            ),
+            Self::Unprocessable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-request",
+                "The request is not valid",
+            ),
+            Self::PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Request body too large",
+            ),
+            Self::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+            ),
+            Self::NotYet(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-yet-projected",
+                "The read model has not caught up yet",
+            ),
+            Self::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal server error",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, title) = self.parts();
+        let detail = match &self {
+            Self::Internal(cause) => {
+                tracing::error!(%cause, "request failed");
+                "The server could not complete the request; it has been logged. Retry later."
+                    .to_owned()
+            }
+            other => other.to_string(),
+        };
+        let problem = Problem {
+            kind: format!("https://backbone.example/problems/{kind}"),
+            title: title.to_owned(),
+            status: status.as_u16(),
+            detail,
+        };
+        let mut response = (status, axum::Json(problem)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if matches!(self, Self::NotYet(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,501 @@
+//! Order commands (write side) and the tracking view (read side).
+
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use chrono::{DateTime, Utc};
+use commands::{CommandContext, CommandError, Committed};
+use domain::order::{CancelledBy, DeliveryAddress, OrderCommand, OrderError, RejectionReason};
+use domain::services::RequestedLine;
+use domain::{CustomerId, MenuItemId, OrderId, RegionCode, StoreId};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::error::{ApiError, Problem};
+use crate::extract::{Body, PathParams, QueryParams};
+use crate::AppState;
+
+/// Header carrying the correlation id of a business transaction.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// A line of a new order.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LineRequest {
+    /// Menu item code, e.g. `margherita`.
+    #[schema(example = "margherita", max_length = 64)]
+    pub item_id: String,
+    /// 1 to 99.
+    #[schema(minimum = 1, maximum = 99)]
+    pub quantity: u32,
+    /// Option codes of the item, e.g. `extra-cheese`.
+    #[serde(default)]
+    #[schema(max_items = 10)]
+    pub options: Vec<String>,
+}
+
+/// Where to deliver.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddressRequest {
+    #[schema(max_length = 200)]
+    pub line1: String,
+    #[serde(default)]
+    #[schema(max_length = 200)]
+    pub line2: Option<String>,
+    #[schema(max_length = 100)]
+    pub city: String,
+    #[schema(max_length = 20)]
+    pub postcode: String,
+    #[schema(minimum = -90, maximum = 90)]
+    pub latitude: f64,
+    #[schema(minimum = -180, maximum = 180)]
+    pub longitude: f64,
+}
+
+/// A new order.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceOrderRequest {
+    pub customer_id: Uuid,
+    pub store_id: Uuid,
+    /// Region code, e.g. `uk`.
+    #[schema(example = "uk")]
+    pub region: String,
+    #[schema(min_items = 1, max_items = 50)]
+    pub items: Vec<LineRequest>,
+    pub delivery_address: AddressRequest,
+}
+
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.chars().count() > max {
+        return Err(ApiError::Unprocessable(format!(
+            "{field} is too long: at most {max} characters"
+        )));
+    }
+    Ok(())
+}
+
+impl TryFrom<PlaceOrderRequest> for OrderCommand {
+    type Error = ApiError;
+
+    fn try_from(r: PlaceOrderRequest) -> Result<Self, ApiError> {
+        let invalid = |e: domain::ids::IdError| ApiError::Unprocessable(e.to_string());
+        if r.items.is_empty() || r.items.len() > domain::order::MAX_LINES {
+            return Err(ApiError::Unprocessable(format!(
+                "items must hold between 1 and {} lines",
+                domain::order::MAX_LINES
+            )));
+        }
+        let mut lines = Vec::with_capacity(r.items.len());
+        for item in r.items {
+            if item.options.len() > 10 {
+                return Err(ApiError::Unprocessable(
+                    "at most 10 options per line".to_owned(),
+                ));
+            }
+            lines.push(RequestedLine {
+                item_id: MenuItemId::parse(item.item_id).map_err(invalid)?,
+                quantity: item.quantity,
+                options: item.options,
+            });
+        }
+        let a = r.delivery_address;
+        bounded("delivery_address.line1", &a.line1, 200)?;
+        bounded(
+            "delivery_address.line2",
+            a.line2.as_deref().unwrap_or(""),
+            200,
+        )?;
+        bounded("delivery_address.city", &a.city, 100)?;
+        bounded("delivery_address.postcode", &a.postcode, 20)?;
+        if a.line1.trim().is_empty() || a.city.trim().is_empty() || a.postcode.trim().is_empty() {
+            return Err(ApiError::Unprocessable(
+                "delivery_address needs line1, city and postcode".to_owned(),
+            ));
+        }
+        if !(-90.0..=90.0).contains(&a.latitude) || !(-180.0..=180.0).contains(&a.longitude) {
+            return Err(ApiError::Unprocessable(
+                "delivery_address coordinates are out of range".to_owned(),
+            ));
+        }
+        Ok(Self::PlaceOrder {
+            customer_id: CustomerId::from_uuid(r.customer_id),
+            store_id: StoreId::from_uuid(r.store_id),
+            region: RegionCode::parse(r.region).map_err(invalid)?,
+            lines,
+            delivery_address: DeliveryAddress {
+                line1: a.line1,
+                line2: a.line2,
+                city: a.city,
+                postcode: a.postcode,
+                latitude: a.latitude,
+                longitude: a.longitude,
+            },
+        })
+    }
+}
+
+/// Where a command left its aggregate: pass `sequence` as `min_sequence` to a query to read
+/// your own write.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Position {
+    pub aggregate_id: String,
+    pub sequence: u64,
+}
+
+/// The result of an order command.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderAccepted {
+    pub order_id: Uuid,
+    pub position: Position,
+    /// Events the command appended.
+    pub events: Vec<String>,
+}
+
+fn context(headers: &HeaderMap, actor: String) -> CommandContext {
+    let context = CommandContext::new(actor);
+    match headers
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Uuid::parse_str(v).ok())
+    {
+        Some(correlation) => context.with_correlation(correlation),
+        None => context,
+    }
+}
+
+fn order_error(error: CommandError<OrderError>) -> ApiError {
+    match error {
+        CommandError::Rejected(OrderError::NotFound) => {
+            ApiError::NotFound("no order with this id; place the order first".to_owned())
+        }
+        CommandError::Rejected(e) if e.is_state_conflict() => ApiError::Conflict(e.to_string()),
+        CommandError::Rejected(e) => ApiError::Unprocessable(e.to_string()),
+        e @ CommandError::Contended { .. } => ApiError::Conflict(e.to_string()),
+        CommandError::Store(e) => ApiError::internal(e),
+    }
+}
+
+fn accepted(order_id: OrderId, committed: Committed) -> OrderAccepted {
+    OrderAccepted {
+        order_id: order_id.as_uuid(),
+        position: Position {
+            aggregate_id: committed.aggregate_id,
+            sequence: committed.last_sequence,
+        },
+        events: committed.event_types,
+    }
+}
+
+/// Place an order.
+#[utoipa::path(
+    post, path = "/orders", tag = "orders",
+    request_body = PlaceOrderRequest,
+    responses(
+        (status = 201, description = "The order was placed", body = OrderAccepted),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid order", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn place_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Body(request): Body<PlaceOrderRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let actor = format!("customer:{}", request.customer_id);
+    let command = OrderCommand::try_from(request)?;
+    let order_id = OrderId::new();
+    let committed = state
+        .orders
+        .execute(&order_id.to_string(), command, &context(&headers, actor))
+        .await
+        .map_err(order_error)?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/orders/{order_id}/tracking"))],
+        axum::Json(accepted(order_id, committed)),
+    ))
+}
+
+fn parse_order_id(raw: &str) -> Result<OrderId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::BadRequest(format!("`{raw}` is not an order id (a UUID)")))
+}
+
+/// A step in an order's life, issued by the party that performs it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OrderAction {
+    /// The payment provider authorized the payment.
+    ConfirmPayment {
+        #[schema(max_length = 128)]
+        payment_reference: String,
+    },
+    /// The store accepts the order.
+    Accept {
+        #[schema(minimum = 1, maximum = 240)]
+        estimated_preparation_minutes: u32,
+    },
+    /// The store turns the order down.
+    Reject {
+        reason: RejectionReasonDto,
+    },
+    StartPreparation,
+    MarkReady,
+    HandToCourier,
+    MarkDelivered,
+    Complete,
+    /// Cancel the order.
+    Cancel {
+        by: CancelledByDto,
+        #[schema(max_length = 500)]
+        reason: String,
+    },
+    /// Rate a delivered order, once.
+    Rate {
+        #[schema(minimum = 1, maximum = 5)]
+        stars: u8,
+        #[serde(default)]
+        #[schema(max_length = 2000)]
+        comment: Option<String>,
+    },
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub enum RejectionReasonDto {
+    Busy,
+    ClosingEarly,
+    ItemUnavailable,
+    Other,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub enum CancelledByDto {
+    Customer,
+    Store,
+    System,
+}
+
+impl OrderAction {
+    fn into_command(self) -> (OrderCommand, &'static str) {
+        match self {
+            Self::ConfirmPayment { payment_reference } => (
+                OrderCommand::ConfirmPayment { payment_reference },
+                "payment-provider",
+            ),
+            Self::Accept {
+                estimated_preparation_minutes,
+            } => (
+                OrderCommand::AcceptOrder {
+                    estimated_preparation_minutes,
+                },
+                "store",
+            ),
+            Self::Reject { reason } => (
+                OrderCommand::RejectOrder {
+                    reason: match reason {
+                        RejectionReasonDto::Busy => RejectionReason::Busy,
+                        RejectionReasonDto::ClosingEarly => RejectionReason::ClosingEarly,
+                        RejectionReasonDto::ItemUnavailable => RejectionReason::ItemUnavailable,
+                        RejectionReasonDto::Other => RejectionReason::Other,
+                    },
+                },
+                "store",
+            ),
+            Self::StartPreparation => (OrderCommand::StartPreparation, "store"),
+            Self::MarkReady => (OrderCommand::MarkReady, "store"),
+            Self::HandToCourier => (OrderCommand::HandToCourier, "courier"),
+            Self::MarkDelivered => (OrderCommand::MarkDelivered, "courier"),
+            Self::Complete => (OrderCommand::CompleteOrder, "system"),
+            Self::Cancel { by, reason } => {
+                let (by, actor) = match by {
+                    CancelledByDto::Customer => (CancelledBy::Customer, "customer"),
+                    CancelledByDto::Store => (CancelledBy::Store, "store"),
+                    CancelledByDto::System => (CancelledBy::System, "system"),
+                };
+                (OrderCommand::CancelOrder { by, reason }, actor)
+            }
+            Self::Rate { stars, comment } => {
+                (OrderCommand::RateOrder { stars, comment }, "customer")
+            }
+        }
+    }
+}
+
+/// Move an order one step through its life.
+#[utoipa::path(
+    post, path = "/orders/{order_id}/actions", tag = "orders",
+    params(("order_id" = Uuid, Path, description = "The order")),
+    request_body = OrderAction,
+    responses(
+        (status = 200, description = "The step was recorded", body = OrderAccepted),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not possible in the order's current state", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn act_on_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParams(raw_id): PathParams<String>,
+    Body(action): Body<OrderAction>,
+) -> Result<axum::Json<OrderAccepted>, ApiError> {
+    let order_id = parse_order_id(&raw_id)?;
+    let (command, actor) = action.into_command();
+    let committed = state
+        .orders
+        .execute(
+            &order_id.to_string(),
+            command,
+            &context(&headers, actor.to_owned()),
+        )
+        .await
+        .map_err(order_error)?;
+    Ok(axum::Json(accepted(order_id, committed)))
+}
+
+/// Money in minor units.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MoneyView {
+    pub minor: i64,
+    pub currency: String,
+}
+
+/// One status change.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct TimelineEntry {
+    pub sequence: i64,
+    pub event_type: String,
+    pub status: String,
+    pub at: DateTime<Utc>,
+}
+
+/// What a customer's app shows about an order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrackingView {
+    pub order_id: String,
+    pub customer_id: Uuid,
+    pub store_id: Uuid,
+    pub region: String,
+    pub status: String,
+    #[schema(value_type = Object)]
+    pub items: serde_json::Value,
+    pub total: MoneyView,
+    pub placed_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The last event of the order that this view includes.
+    pub sequence: i64,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+#[derive(sqlx::FromRow)]
+struct TrackingRow {
+    order_id: String,
+    customer_id: Uuid,
+    store_id: Uuid,
+    region: String,
+    status: String,
+    items: serde_json::Value,
+    total_minor: i64,
+    currency: String,
+    placed_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_sequence: i64,
+}
+
+/// Read-your-writes.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TrackingQuery {
+    /// Wait (up to a few seconds) until the view includes this sequence of the order, as returned
+    /// in `position.sequence` by a command.
+    pub min_sequence: Option<u64>,
+}
+
+/// An order's tracking view.
+#[utoipa::path(
+    get, path = "/orders/{order_id}/tracking", tag = "orders",
+    params(("order_id" = Uuid, Path, description = "The order"), TrackingQuery,),
+    responses(
+        (status = 200, description = "The order as projected", body = TrackingView),
+        (status = 400, description = "Malformed id or query", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order in the read model", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The read model has not reached min_sequence yet; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn tracking(
+    State(state): State<AppState>,
+    PathParams(raw_id): PathParams<String>,
+    QueryParams(query): QueryParams<TrackingQuery>,
+) -> Result<axum::Json<TrackingView>, ApiError> {
+    let order_id = parse_order_id(&raw_id)?.to_string();
+    let deadline = Instant::now() + state.read_your_writes_wait;
+    let wanted = query
+        .min_sequence
+        .map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+    let row = loop {
+        let row: Option<TrackingRow> = sqlx::query_as(
+            "SELECT order_id, customer_id, store_id, region, status, items, total_minor, currency, \
+                    placed_at, updated_at, last_sequence \
+             FROM tracking.orders WHERE order_id = $1",
+        )
+        .bind(&order_id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
+        let reached = match (&row, wanted) {
+            (Some(r), Some(w)) => r.last_sequence >= w,
+            (Some(_), None) => true,
+            (None, None) => {
+                return Err(ApiError::NotFound(
+                    "no order with this id in the tracking view".to_owned(),
+                ))
+            }
+            (None, Some(_)) => false,
+        };
+        if reached {
+            break row;
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::NotYet(format!(
+                "the tracking view has not reached sequence {} of this order yet; retry shortly",
+                wanted.unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let Some(row) = row else {
+        return Err(ApiError::NotFound("no order with this id".to_owned()));
+    };
+    let timeline: Vec<TimelineEntry> = sqlx::query_as(
+        "SELECT sequence, event_type, status, at FROM tracking.timeline \
+         WHERE order_id = $1 ORDER BY sequence",
+    )
+    .bind(&order_id)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(axum::Json(TrackingView {
+        order_id: row.order_id,
+        customer_id: row.customer_id,
+        store_id: row.store_id,
+        region: row.region,
+        status: row.status,
+        items: row.items,
+        total: MoneyView {
+            minor: row.total_minor,
+            currency: row.currency,
+        },
+        placed_at: row.placed_at,
+        updated_at: row.updated_at,
+        sequence: row.last_sequence,
+        timeline,
+    }))
+}

@@ -1,0 +1,29 @@
+-- Tracking read model: one row per order, and its timeline of status changes.
+CREATE SCHEMA IF NOT EXISTS tracking;
+
+CREATE TABLE IF NOT EXISTS tracking.orders
+(
+    order_id      text PRIMARY KEY,
+    customer_id   uuid        NOT NULL,
+    store_id      uuid        NOT NULL,
+    region        text        NOT NULL,
+    status        text        NOT NULL,
+    items         jsonb       NOT NULL,
+    total_minor   bigint      NOT NULL,
+    currency      text        NOT NULL,
+    placed_at     timestamptz NOT NULL,
+    updated_at    timestamptz NOT NULL,
+    last_sequence bigint      NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS tracking_orders_customer ON tracking.orders (customer_id, placed_at DESC);
+
+CREATE TABLE IF NOT EXISTS tracking.timeline
+(
+    order_id   text        NOT NULL,
+    sequence   bigint      NOT NULL,
+    event_type text        NOT NULL,
+    status     text        NOT NULL,
+    at         timestamptz NOT NULL,
+    PRIMARY KEY (order_id, sequence)
+);

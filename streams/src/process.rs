@@ -1,0 +1,68 @@
+//! What every backbone process does the same way: logs, metrics endpoint, shutdown signal.
+
+use std::net::SocketAddr;
+
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); `LOG_FORMAT=json` for JSON lines.
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    // A subscriber set by an embedding process (tests) wins.
+    drop(result);
+}
+
+/// Serves Prometheus metrics on `METRICS_LISTEN` (for example `127.0.0.1:9101`), if set.
+pub fn serve_metrics_from_env() -> anyhow::Result<()> {
+    let Ok(listen) = std::env::var("METRICS_LISTEN") else {
+        return Ok(());
+    };
+    let addr: SocketAddr = listen.parse()?;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()?;
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(())
+}
+
+/// A token cancelled on SIGINT or SIGTERM: the one shutdown path of a process.
+pub fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        trigger.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
