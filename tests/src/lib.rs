@@ -1,1 +1,350 @@
-//! tests
+//! # backbone-tests: the end-to-end suite
+//!
+//! Tests in `tests/` run the real thing: a fresh PostgreSQL database per test, the real broker
+//! (`KAFKA_BOOTSTRAP_SERVERS`, started by the project's test command), the project's schema
+//! registry on an ephemeral port, and the relay, projectors and API either in-process or as
+//! child processes (for crash tests). This library holds the harness they share.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::{ApiConfig, ApiServer};
+use commands::{CommandBus, EventStoreConfig, EventStoreDb};
+use domain::order::Order;
+use domain::services::{Catalogue, OrderServices, SystemClock};
+use projections::{Projection, Projector, ProjectorConfig};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use schemas::registry::{RegistryConfig as RegistryServerConfig, RegistryServer};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use streams::{admin, DecodedEvent, EventDecoder, KafkaConfig, RegistryConfig, Relay, RelayConfig};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// PostgreSQL server the tests create their databases on.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The broker under test.
+pub fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// Logs for test debugging (`RUST_LOG=debug cargo test`).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `probe` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A task that stops when its token is cancelled.
+#[derive(Debug)]
+pub struct Running {
+    pub token: CancellationToken,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        self.handle.await?
+    }
+}
+
+/// One isolated backbone: its own database, topic prefix, consumer groups and registry.
+#[derive(Debug)]
+pub struct TestEnv {
+    pub name: String,
+    pub database_url: String,
+    pub store: EventStoreDb,
+    pub kafka: KafkaConfig,
+    pub registry: RegistryConfig,
+    pub group_prefix: String,
+    registry_server: Running,
+}
+
+impl TestEnv {
+    /// Creates the database, applies the event store migrations, starts a registry on an
+    /// ephemeral port and creates the topics.
+    pub async fn start(name: &str) -> Self {
+        init_logs();
+        let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let database = format!("bt_{name}_{tag}");
+        let mut admin = PgConnection::connect(&admin_url())
+            .await
+            .expect("the test PostgreSQL server is reachable");
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&mut admin)
+            .await
+            .expect("test database created");
+        let base = admin_url();
+        let database_url = match base.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{database}"),
+            None => panic!("TEST_DATABASE_ADMIN_URL must name a database"),
+        };
+        let store = EventStoreDb::connect(&EventStoreConfig {
+            database_url: database_url.clone(),
+            database_max_connections: 24,
+        })
+        .await
+        .expect("event store connects and migrates");
+
+        let registry_server = RegistryServer::build(RegistryServerConfig {
+            database_url: database_url.clone(),
+            db_schema: "schema_registry".to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        })
+        .await
+        .expect("registry starts");
+        let registry = RegistryConfig::local(format!("http://{}", registry_server.local_addr()));
+        let token = CancellationToken::new();
+        let stop = token.clone();
+        let handle = tokio::spawn(async move {
+            registry_server
+                .run_until_stopped(async move { stop.cancelled().await })
+                .await
+                .map_err(anyhow::Error::from)
+        });
+
+        let kafka = KafkaConfig::local(bootstrap(), format!("t{tag}."));
+        admin::ensure_topics(&kafka, &kafka.topics().all())
+            .await
+            .expect("topics created on the test broker");
+        Self {
+            name: name.to_owned(),
+            database_url,
+            store,
+            kafka,
+            registry,
+            group_prefix: format!("t{tag}-"),
+            registry_server: Running { token, handle },
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        self.store.pool()
+    }
+
+    /// The demo catalogue the API uses.
+    pub fn catalogue() -> Catalogue {
+        ApiConfig::default()
+            .catalogue()
+            .expect("the built-in catalogue parses")
+    }
+
+    /// A command bus for orders on this environment's store.
+    pub fn orders(&self) -> Arc<CommandBus<Order>> {
+        let services = OrderServices::new(Arc::new(Self::catalogue()), Arc::new(SystemClock));
+        Arc::new(CommandBus::new(self.store.clone(), services))
+    }
+
+    /// The API on an ephemeral port; returns its base URL.
+    pub async fn start_api(&self) -> (String, Running) {
+        let config = ApiConfig {
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..ApiConfig::default()
+        };
+        let server = ApiServer::build(
+            config,
+            EventStoreConfig {
+                database_url: self.database_url.clone(),
+                database_max_connections: 8,
+            },
+            self.kafka.clone(),
+            self.registry.clone(),
+        )
+        .await
+        .expect("API starts");
+        let url = format!("http://{}", server.local_addr().expect("bound"));
+        let token = CancellationToken::new();
+        let stop = token.clone();
+        let handle = tokio::spawn(async move {
+            server
+                .run_until_stopped(async move { stop.cancelled().await })
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        (url, Running { token, handle })
+    }
+
+    /// The relay, in this process.
+    pub async fn start_relay(&self) -> Running {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&self.database_url)
+            .await
+            .expect("relay connects");
+        let relay = Relay::new(pool, &self.kafka, &self.registry, RelayConfig::default())
+            .expect("relay builds");
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(relay.run_until_stopped(token.clone()));
+        Running {
+            token,
+            handle: tokio::spawn(async move { Ok(handle.await??) }),
+        }
+    }
+
+    /// A projector, in this process.
+    pub async fn start_projector(&self, projection: Arc<dyn Projection>) -> Running {
+        let projector = Projector::new(
+            projection,
+            self.pool().clone(),
+            &self.kafka,
+            &self.registry,
+            ProjectorConfig {
+                projector_group_prefix: self.group_prefix.clone(),
+                ..ProjectorConfig::default()
+            },
+        )
+        .await
+        .expect("projector starts");
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(projector.run_until_stopped(token.clone()));
+        Running {
+            token,
+            handle: tokio::spawn(async move { Ok(handle.await??) }),
+        }
+    }
+
+    /// One of the workspace's binaries as a child process, configured for this environment.
+    pub fn spawn_process(&self, binary: &str, extra_env: &[(&str, &str)]) -> Child {
+        let path = binary_path(binary);
+        let mut command = Command::new(&path);
+        command
+            .env("DATABASE_URL", &self.database_url)
+            .env(
+                "KAFKA_BOOTSTRAP_SERVERS",
+                &self.kafka.kafka_bootstrap_servers,
+            )
+            .env("KAFKA_TOPIC_PREFIX", &self.kafka.kafka_topic_prefix)
+            .env("KAFKA_FETCH_WAIT_MAX_MS", "20")
+            .env("SCHEMA_REGISTRY_URL", &self.registry.schema_registry_url)
+            .env("PROJECTOR_GROUP_PREFIX", &self.group_prefix)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e}; run `cargo build --bins` first",
+                path.display()
+            )
+        })
+    }
+
+    /// Every record of an aggregate type's topic, decoded, read from the beginning until
+    /// `done` says enough arrived.
+    pub async fn read_topic(
+        &self,
+        aggregate_type: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[DecodedEvent]) -> bool,
+    ) -> Vec<DecodedEvent> {
+        let topic = self
+            .kafka
+            .topics()
+            .for_aggregate(aggregate_type)
+            .expect("aggregate type has a topic");
+        let consumer: StreamConsumer = self
+            .kafka
+            .client_config()
+            .set(
+                "group.id",
+                format!("{}reader-{}", self.group_prefix, Uuid::new_v4()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "20")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..self.kafka.kafka_partitions {
+            assignment
+                .add_partition_offset(&topic, partition, Offset::Beginning)
+                .expect("partition");
+        }
+        consumer.assign(&assignment).expect("assign");
+        let decoder = EventDecoder::new(&self.registry).expect("decoder");
+        let deadline = Instant::now() + timeout;
+        let mut events = Vec::new();
+        while !done(&events) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out reading {topic}: {} records so far",
+                events.len()
+            );
+            if let Ok(message) =
+                tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await
+            {
+                let message = message.expect("record");
+                events.push(decoder.decode(&message).await.expect("record decodes"));
+            }
+        }
+        events
+    }
+
+    /// Stops the registry.
+    pub async fn stop(self) {
+        let _ = self.registry_server.stop().await;
+    }
+}
+
+/// Path of a workspace binary next to the running test executable.
+pub fn binary_path(binary: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    dir.join(binary)
+}
+
+/// A valid order request for the demo catalogue.
+pub fn order_request(customer: Uuid) -> serde_json::Value {
+    serde_json::json!({
+        "customer_id": customer,
+        "store_id": Uuid::from_u128(42),
+        "region": "uk",
+        "items": [
+            {"item_id": "margherita", "quantity": 2, "options": ["extra-cheese"]},
+            {"item_id": "cola", "quantity": 1}
+        ],
+        "delivery_address": {
+            "line1": "1 High Street", "city": "London", "postcode": "N1 1AA",
+            "latitude": 51.5, "longitude": -0.1
+        }
+    })
+}
