@@ -181,6 +181,8 @@ pub enum StartError {
     Store(#[from] commands::StoreError),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("read models: {0}")]
+    ReadModel(#[from] sqlx::Error),
     #[error("cannot listen: {0}")]
     Listen(#[from] std::io::Error),
 }
@@ -204,6 +206,7 @@ impl ApiServer {
         let catalogue = config.catalogue().map_err(StartError::Config)?;
         let services = OrderServices::new(Arc::new(catalogue), Arc::new(SystemClock));
         let pool = db.pool().clone();
+        projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
         let state = AppState {
             orders: Arc::new(CommandBus::new(db, services)),
             health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),

@@ -13,6 +13,7 @@ pub mod runtime;
 pub mod tracking;
 
 pub use runtime::{
-    FirstDelivery, Projection, ProjectionError, Projector, ProjectorConfig, ProjectorError,
+    ensure_schema, FirstDelivery, Projection, ProjectionError, Projector, ProjectorConfig,
+    ProjectorError,
 };
 pub use tracking::TrackingProjection;

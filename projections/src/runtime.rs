@@ -111,6 +111,25 @@ pub enum ProjectorError {
     Projection(#[from] ProjectionError),
 }
 
+/// Creates a projection's tables and the runtime's bookkeeping (idempotent). Readers of the read
+/// model (the API) call it too, so a query before the first projector start is a 404, not an
+/// error.
+pub async fn ensure_schema(projection: &dyn Projection, pool: &PgPool) -> Result<(), sqlx::Error> {
+    let schema = projection.name();
+    let mut tx = pool.begin().await?;
+    // Processes starting at once must not race on CREATE.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema)
+        .execute(&mut *tx)
+        .await?;
+    let runtime_sql = include_str!("../sql/runtime.sql").replace("{schema}", schema);
+    sqlx::raw_sql(&runtime_sql).execute(&mut *tx).await?;
+    sqlx::raw_sql(projection.schema_sql())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
 /// One projection's consumer loop.
 pub struct Projector {
     projection: Arc<dyn Projection>,
@@ -145,18 +164,7 @@ impl Projector {
         config: ProjectorConfig,
     ) -> Result<Self, ProjectorError> {
         let schema = projection.name();
-        let mut tx = pool.begin().await?;
-        // Two projector processes starting at once must not race on CREATE.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(schema)
-            .execute(&mut *tx)
-            .await?;
-        let runtime_sql = include_str!("../sql/runtime.sql").replace("{schema}", schema);
-        sqlx::raw_sql(&runtime_sql).execute(&mut *tx).await?;
-        sqlx::raw_sql(projection.schema_sql())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        ensure_schema(projection.as_ref(), &pool).await?;
 
         let topics = kafka.topics();
         let topic_names: Vec<String> = projection

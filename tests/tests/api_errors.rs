@@ -1,0 +1,241 @@
+//! Every client mistake gets a problem document with a status that says whose fault it is, and
+//! the operational endpoints answer.
+
+use backbone_tests::{order_request, TestEnv};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+async fn problem(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json", "status {status}");
+    let body: Value = response.json().await.expect("problem body is JSON");
+    assert_eq!(body["status"], status);
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mistakes_are_answered_with_problem_documents_never_500() {
+    let env = TestEnv::start("errors").await;
+    let (api, server) = env.start_api().await;
+    let client = reqwest::Client::new();
+    let post = |body: String| {
+        client
+            .post(format!("{api}/orders"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+
+    let (status, body) = problem(post("{not json".to_owned()).await.expect("sent")).await;
+    assert_eq!(status, 400, "{body}");
+
+    let mut unknown_field = order_request(Uuid::new_v4());
+    unknown_field["tip"] = json!(100);
+    let (status, body) = problem(post(unknown_field.to_string()).await.expect("sent")).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["detail"].as_str().expect("detail").contains("tip"),
+        "{body}"
+    );
+
+    let mut bad_quantity = order_request(Uuid::new_v4());
+    bad_quantity["items"][0]["quantity"] = json!(0);
+    let (status, body) = problem(post(bad_quantity.to_string()).await.expect("sent")).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("quantities"),
+        "{body}"
+    );
+
+    let mut unknown_item = order_request(Uuid::new_v4());
+    unknown_item["items"][0]["item_id"] = json!("calzone");
+    let (status, body) = problem(post(unknown_item.to_string()).await.expect("sent")).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["detail"].as_str().expect("detail").contains("calzone"),
+        "{body}"
+    );
+
+    let mut bad_region = order_request(Uuid::new_v4());
+    bad_region["region"] = json!("mars base");
+    let (status, _) = problem(post(bad_region.to_string()).await.expect("sent")).await;
+    assert_eq!(status, 422);
+
+    let mut negative = order_request(Uuid::new_v4());
+    negative["items"][0]["quantity"] = json!(-1);
+    let (status, _) = problem(post(negative.to_string()).await.expect("sent")).await;
+    assert_eq!(status, 422);
+
+    let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(200_000));
+    let (status, _) = problem(post(huge).await.expect("sent")).await;
+    assert_eq!(status, 413);
+
+    let response = client
+        .post(format!("{api}/orders"))
+        .body(order_request(Uuid::new_v4()).to_string())
+        .send()
+        .await
+        .expect("sent");
+    let (status, _) = problem(response).await;
+    assert_eq!(status, 415);
+
+    let response = client
+        .get(format!("{api}/orders/not-a-uuid/tracking"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 400);
+
+    let response = client
+        .get(format!("{api}/orders/{}/tracking", Uuid::new_v4()))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 404);
+
+    let response = client
+        .get(format!(
+            "{api}/orders/{}/tracking?min_sequence=abc",
+            Uuid::new_v4()
+        ))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 400);
+
+    let response = client
+        .post(format!("{api}/orders/{}/actions", Uuid::new_v4()))
+        .json(&json!({"action": "accept", "estimated_preparation_minutes": 10}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 404);
+
+    // An illegal transition on a real order is a conflict with the current state.
+    let placed: Value = client
+        .post(format!("{api}/orders"))
+        .json(&order_request(Uuid::new_v4()))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let order_id = placed["order_id"].as_str().expect("id");
+    let response = client
+        .post(format!("{api}/orders/{order_id}/actions"))
+        .json(&json!({"action": "mark_delivered"}))
+        .send()
+        .await
+        .expect("sent");
+    let (status, body) = problem(response).await;
+    assert_eq!(status, 409);
+    assert!(
+        body["detail"].as_str().expect("detail").contains("Placed"),
+        "{body}"
+    );
+
+    let response = client
+        .post(format!("{api}/orders/{order_id}/actions"))
+        .json(&json!({"action": "teleport"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 422);
+
+    // Nothing above appended an event except the one placement.
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(env.pool())
+        .await
+        .expect("count");
+    assert_eq!(events, 1);
+
+    let response = client
+        .get(format!("{api}/no/such/route"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 404);
+
+    server.stop().await.expect("api stops");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_its_openapi_document_metrics_and_health() {
+    let env = TestEnv::start("ops").await;
+    let (api, server) = env.start_api().await;
+    let client = reqwest::Client::new();
+
+    let doc: Value = client
+        .get(format!("{api}/openapi.json"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert!(doc["openapi"].as_str().expect("version").starts_with("3."));
+    for path in [
+        "/orders",
+        "/orders/{order_id}/actions",
+        "/orders/{order_id}/tracking",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} documented");
+    }
+
+    client
+        .post(format!("{api}/orders"))
+        .json(&order_request(Uuid::new_v4()))
+        .send()
+        .await
+        .expect("sent");
+    let metrics = client
+        .get(format!("{api}/metrics"))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("commands_total"), "{metrics}");
+
+    let live = client
+        .get(format!("{api}/health/live"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(live.status().as_u16(), 200);
+    let ready = client
+        .get(format!("{api}/health/ready"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ready.status().as_u16(), 200);
+    let body: Value = ready.json().await.expect("json");
+    assert_eq!(body["ready"], true, "{body}");
+    assert_eq!(body["broker"]["ok"], true);
+    assert_eq!(body["registry"]["ok"], true);
+
+    // With the registry gone, the API says it is not ready, and why.
+    env.stop().await;
+    let ready = client
+        .get(format!("{api}/health/ready"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ready.status().as_u16(), 503);
+    let body: Value = ready.json().await.expect("json");
+    assert_eq!(body["registry"]["ok"], false, "{body}");
+    server.stop().await.expect("api stops");
+}
