@@ -154,6 +154,8 @@ async fn raw_consumer(env: &TestEnv, count: usize) -> Duration {
     started.elapsed()
 }
 
+// A benchmark reports on stdout.
+#[allow(clippy::print_stdout)]
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let count: usize = std::env::var("BENCH_ORDERS")
@@ -169,23 +171,27 @@ async fn main() {
     let relay = env.start_relay().await;
     let started = Instant::now();
     wait_until("relay", async || {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-            .fetch_one(env.pool())
-            .await
-            .expect("outbox");
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(env.pool())
+                .await
+                .expect("outbox");
         left == 0
     })
     .await;
     let relay_time = started.elapsed();
     relay.stop().await.expect("relay stops");
 
-    let sample = env.read_topic("order", Duration::from_secs(30), |r| !r.is_empty()).await;
+    let sample = env
+        .read_topic("order", Duration::from_secs(30), |r| !r.is_empty())
+        .await;
     let wire_bytes = {
         let encoder = streams::EventEncoder::new(&env.registry).expect("encoder");
-        let stored: serde_json::Value = sqlx::query_scalar("SELECT payload::jsonb FROM events LIMIT 1")
-            .fetch_one(env.pool())
-            .await
-            .expect("event");
+        let stored: serde_json::Value =
+            sqlx::query_scalar("SELECT payload::jsonb FROM events LIMIT 1")
+                .fetch_one(env.pool())
+                .await
+                .expect("event");
         encoder
             .encode_payload(&sample[0].topic, "order", &stored)
             .await
@@ -209,14 +215,38 @@ async fn main() {
     projector.stop().await.expect("projector stops");
 
     let rows = [
-        ("append (CommandBus)", rate(count, append), "raw INSERT, 1 tx each", rate(count, raw_insert)),
-        ("relay (outbox → Kafka)", rate(count, relay_time), "raw idempotent producer", rate(count, raw_produce)),
-        ("projector (tracking)", rate(count, project), "raw consumer", rate(count, raw_consume)),
+        (
+            "append (CommandBus)",
+            rate(count, append),
+            "raw INSERT, 1 tx each",
+            rate(count, raw_insert),
+        ),
+        (
+            "relay (outbox → Kafka)",
+            rate(count, relay_time),
+            "raw idempotent producer",
+            rate(count, raw_produce),
+        ),
+        (
+            "projector (tracking)",
+            rate(count, project),
+            "raw consumer",
+            rate(count, raw_consume),
+        ),
     ];
-    println!("\nspine throughput, {count} orders ({} bytes per record on the wire), {WRITERS} writers", wire_bytes.len());
-    println!("{:<24} {:>12}   {:<26} {:>12}   {:>6}", "stage", "events/s", "baseline", "events/s", "ratio");
+    println!(
+        "\nspine throughput, {count} orders ({} bytes per record on the wire), {WRITERS} writers",
+        wire_bytes.len()
+    );
+    println!(
+        "{:<24} {:>12}   {:<26} {:>12}   {:>6}",
+        "stage", "events/s", "baseline", "events/s", "ratio"
+    );
     for (stage, ours, baseline, raw) in rows {
-        println!("{stage:<24} {ours:>12.0}   {baseline:<26} {raw:>12.0}   {:>5.0}%", 100.0 * ours / raw);
+        println!(
+            "{stage:<24} {ours:>12.0}   {baseline:<26} {raw:>12.0}   {:>5.0}%",
+            100.0 * ours / raw
+        );
     }
     env.stop().await;
 }
