@@ -17,7 +17,7 @@ use streams::{DecodeError, DecodedEvent, EventDecoder, KafkaConfig, RegistryConf
 /// An event the runtime has proven to be the next unapplied event of its aggregate, inside the
 /// transaction that will record it as applied. Handlers receive nothing else, so every handler
 /// is replay-safe by construction: it cannot see a redelivery.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct FirstDelivery<'e> {
     event: &'e DecodedEvent,
 }
@@ -53,6 +53,19 @@ pub trait Projection: Send + Sync + 'static {
         tx: &mut Transaction<'static, Postgres>,
         event: FirstDelivery<'_>,
     ) -> Result<(), ProjectionError>;
+
+    /// Applies a batch of events, in topic order, in the runtime's transaction. The default
+    /// applies them one by one; a read model can override it with set-based statements.
+    async fn apply_batch(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        events: &[FirstDelivery<'_>],
+    ) -> Result<(), ProjectionError> {
+        for event in events {
+            self.apply(tx, *event).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Projector settings.
@@ -323,6 +336,7 @@ impl Projector {
             self.load_sequences(&mut tx, decoded).await?;
         let mut checkpoints: HashMap<(&str, i32), i64> = HashMap::new();
         let (mut applied, mut duplicates) = (0u64, 0u64);
+        let mut deliveries = Vec::with_capacity(batch.len());
         let mut newest_recorded = None;
         for (message, event) in batch.iter().zip(decoded) {
             checkpoints.insert((message.topic(), message.partition()), message.offset() + 1);
@@ -358,15 +372,14 @@ impl Projector {
                     tracing::warn!(aggregate_id = %event.meta.aggregate_id, sequence, current, "sequence gap; waiting for redelivery");
                 }
                 Verdict::Apply => {
-                    self.projection
-                        .apply(&mut tx, FirstDelivery { event })
-                        .await?;
+                    deliveries.push(FirstDelivery { event });
                     last.insert(key, sequence);
                     applied += 1;
                     newest_recorded = Some(event.meta.recorded_at.clone());
                 }
             }
         }
+        self.projection.apply_batch(&mut tx, &deliveries).await?;
         self.store_sequences(&mut tx, &last).await?;
         for ((topic, partition), next_offset) in &checkpoints {
             sqlx::query(&format!(

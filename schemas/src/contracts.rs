@@ -37,17 +37,13 @@ pub struct EventContract {
     pub schema: Schema,
     /// Full name of the Avro record (`backbone.order.OrderPlaced`).
     pub record_name: String,
+    names: Names,
 }
 
 impl EventContract {
     /// The Avro value of an event payload (the JSON object inside the externally tagged enum).
     pub fn to_avro(&self, payload: &Json) -> Result<Avro, SchemaError> {
-        json_to_avro(
-            payload,
-            &self.schema,
-            &Names::of(&self.schema),
-            self.event_type,
-        )
+        json_to_avro(payload, &self.schema, &self.names, self.event_type)
     }
 
     /// The payload JSON of an Avro value written with any compatible version of this contract.
@@ -124,6 +120,7 @@ impl Contracts {
                 }
             };
             contracts.push(EventContract {
+                names: Names::of(&schema),
                 aggregate_type: source.aggregate_type,
                 event_type: source.event_type,
                 event_version: source.event_version,

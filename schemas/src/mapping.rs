@@ -18,30 +18,30 @@ use serde_json::{Map, Number, Value as Json};
 
 use crate::SchemaError;
 
-/// Named types of one schema, so that `Ref`s can be followed.
+/// Named types of one schema, so that `Ref`s can be followed (built once per contract).
 #[derive(Debug, Default)]
-pub(crate) struct Names<'s>(HashMap<String, &'s Schema>);
+pub(crate) struct Names(HashMap<String, Schema>);
 
-impl<'s> Names<'s> {
-    pub(crate) fn of(schema: &'s Schema) -> Self {
+impl Names {
+    pub(crate) fn of(schema: &Schema) -> Self {
         let mut names = Self::default();
         names.collect(schema);
         names
     }
 
-    fn collect(&mut self, schema: &'s Schema) {
+    fn collect(&mut self, schema: &Schema) {
         match schema {
             Schema::Record(r) => {
-                self.0.insert(fullname(&r.name), schema);
+                self.0.insert(fullname(&r.name), schema.clone());
                 for field in &r.fields {
                     self.collect(&field.schema);
                 }
             }
             Schema::Enum(e) => {
-                self.0.insert(fullname(&e.name), schema);
+                self.0.insert(fullname(&e.name), schema.clone());
             }
             Schema::Fixed(f) => {
-                self.0.insert(fullname(&f.name), schema);
+                self.0.insert(fullname(&f.name), schema.clone());
             }
             Schema::Array(a) => self.collect(&a.items),
             Schema::Map(m) => self.collect(&m.types),
@@ -54,12 +54,11 @@ impl<'s> Names<'s> {
         }
     }
 
-    fn resolve(&self, schema: &'s Schema) -> Result<&'s Schema, SchemaError> {
+    fn resolve<'a>(&'a self, schema: &'a Schema) -> Result<&'a Schema, SchemaError> {
         match schema {
             Schema::Ref { name } => self
                 .0
                 .get(&fullname(name))
-                .copied()
                 .ok_or_else(|| SchemaError::Mapping(format!("unknown named type {name:?}"))),
             other => Ok(other),
         }
@@ -78,7 +77,7 @@ fn mismatch(path: &str, expected: &str, got: &Json) -> SchemaError {
 pub(crate) fn json_to_avro(
     json: &Json,
     schema: &Schema,
-    names: &Names<'_>,
+    names: &Names,
     path: &str,
 ) -> Result<Avro, SchemaError> {
     let schema = names.resolve(schema)?;
@@ -166,7 +165,7 @@ pub(crate) fn json_to_avro(
 fn record_to_avro(
     object: &Map<String, Json>,
     record: &RecordSchema,
-    names: &Names<'_>,
+    names: &Names,
     path: &str,
 ) -> Result<Avro, SchemaError> {
     if let Some(unknown) = object.keys().find(|k| !record.lookup.contains_key(*k)) {
@@ -208,7 +207,7 @@ fn record_to_avro(
     Ok(Avro::Record(fields))
 }
 
-fn is_nullable(schema: &Schema, names: &Names<'_>) -> bool {
+fn is_nullable(schema: &Schema, names: &Names) -> bool {
     match names.resolve(schema) {
         Ok(Schema::Null) => true,
         Ok(Schema::Union(u)) => u.variants().iter().any(|v| matches!(v, Schema::Null)),

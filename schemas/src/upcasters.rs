@@ -31,9 +31,10 @@ fn order_cancelled_v1_to_v2(mut payload: Value) -> Value {
 
 /// Applies the upcasters to one stored event, as `cqrs-es` does when it loads an aggregate.
 pub fn upcast(event_type: &str, event_version: &str, payload: Value) -> (String, Value) {
+    static UPCASTERS: std::sync::OnceLock<Vec<Box<dyn EventUpcaster>>> = std::sync::OnceLock::new();
     let mut version = event_version.to_owned();
     let mut payload = payload;
-    for upcaster in upcasters() {
+    for upcaster in UPCASTERS.get_or_init(upcasters) {
         if upcaster.can_upcast(event_type, &version) {
             let serialized = cqrs_es::persist::SerializedEvent::new(
                 String::new(),

@@ -2,6 +2,9 @@
 //! Schemas are registered (and checked for compatibility by the registry) under
 //! TopicRecordNameStrategy subjects; see `schemas::contracts`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use apache_avro::types::Value as Avro;
 use rdkafka::message::Message;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
@@ -20,6 +23,8 @@ use crate::headers::{EventMeta, HeaderError};
 pub struct EventEncoder {
     encoder: AvroEncoder,
     contracts: &'static Contracts,
+    /// Subject strategies per (topic, record), built once: they carry the schema text.
+    strategies: RwLock<HashMap<(String, &'static str), Arc<SubjectNameStrategy>>>,
 }
 
 impl std::fmt::Debug for EventEncoder {
@@ -42,6 +47,7 @@ impl EventEncoder {
         Ok(Self {
             encoder: AvroEncoder::new(registry.settings().map_err(EncodeError::Registry)?),
             contracts: Contracts::global()?,
+            strategies: RwLock::new(HashMap::new()),
         })
     }
 
@@ -66,16 +72,35 @@ impl EventEncoder {
     pub async fn encode_value(
         &self,
         topic: &str,
-        contract: &EventContract,
+        contract: &'static EventContract,
         value: Avro,
     ) -> Result<Vec<u8>, EncodeError> {
-        let strategy = strategy(topic, contract);
+        let strategy = self.strategy(topic, contract);
         let result = self.encoder.encode_value(value, &strategy).await;
         result.map_err(|e| {
             // A registry that was down must not stay "down" in the encoder's cache.
             self.encoder.remove_errors_from_cache();
             EncodeError::Registry(e.to_string())
         })
+    }
+}
+
+impl EventEncoder {
+    fn strategy(&self, topic: &str, contract: &'static EventContract) -> Arc<SubjectNameStrategy> {
+        let key = (topic.to_owned(), contract.record_name.as_str());
+        if let Some(found) = self
+            .strategies
+            .read()
+            .ok()
+            .and_then(|m| m.get(&key).cloned())
+        {
+            return found;
+        }
+        let built = Arc::new(strategy(topic, contract));
+        if let Ok(mut map) = self.strategies.write() {
+            map.insert(key, built.clone());
+        }
+        built
     }
 }
 

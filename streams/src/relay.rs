@@ -7,6 +7,11 @@
 //! acknowledged — per aggregate, only up to its first failure, so a failed event and its
 //! successors are sent again together, in order. Consumers deduplicate by (aggregate, sequence).
 //!
+//! While one batch waits for its acknowledgements, the next is read and encoded (excluding the
+//! rows in flight); it is sent only once the previous batch is fully acknowledged and marked, and
+//! thrown away if anything in the previous batch failed, so batches reach the broker strictly in
+//! order and a failed event is always re-sent before its successors.
+//!
 //! Only one relay publishes at a time: the active one holds a PostgreSQL advisory lock, others
 //! wait as hot standbys.
 
@@ -96,6 +101,14 @@ struct OutboxRow {
     recorded_at: DateTime<Utc>,
 }
 
+/// An encoded event ready to send: `record` is `(topic, value)`, or `None` if it could not be
+/// encoded.
+struct Outgoing {
+    id: i64,
+    record: Option<(String, Vec<u8>)>,
+    meta: EventMeta,
+}
+
 /// Outcome of one round.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RoundReport {
@@ -162,8 +175,15 @@ impl Relay {
         let mut last_gauges = Instant::now() - Duration::from_secs(60);
         let mut last_prune = Instant::now();
         let mut failures: u32 = 0;
+        let mut prepared: Option<Vec<Outgoing>> = None;
         while !shutdown.is_cancelled() {
-            let report = self.publish_round().await;
+            let round = match prepared.take() {
+                Some(batch) => self.publish(batch).await,
+                None => match self.prepare(&[]).await {
+                    Ok(batch) => self.publish(batch).await,
+                    Err(e) => Err(e),
+                },
+            };
             if last_gauges.elapsed() >= Duration::from_secs(1) {
                 self.export_gauges().await?;
                 last_gauges = Instant::now();
@@ -172,16 +192,17 @@ impl Relay {
                 self.prune().await?;
                 last_prune = Instant::now();
             }
-            let pause = match report {
-                Ok(r) if r.failed == 0 && r.read > 0 => {
+            let pause = match round {
+                Ok((report, next)) if report.failed == 0 && report.read > 0 => {
                     failures = 0;
+                    prepared = next;
                     continue;
                 }
-                Ok(r) if r.failed == 0 => idle,
-                Ok(r) => {
+                Ok((report, _)) if report.failed == 0 => idle,
+                Ok((report, _)) => {
                     failures += 1;
                     tracing::warn!(
-                        failed = r.failed,
+                        failed = report.failed,
                         "some events were not acknowledged; retrying"
                     );
                     backoff(failures)
@@ -225,42 +246,128 @@ impl Relay {
         }
     }
 
-    /// One round: read, encode, produce, await acknowledgements, mark.
+    /// One round without pipelining: read, encode, produce, await acknowledgements, mark.
     pub async fn publish_round(&self) -> Result<RoundReport, RelayError> {
+        let batch = self.prepare(&[]).await?;
+        Ok(self.publish(batch).await?.0)
+    }
+
+    /// Reads the oldest unpublished rows (except `in_flight`) and encodes them.
+    async fn prepare(&self, in_flight: &[i64]) -> Result<Vec<Outgoing>, RelayError> {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT o.id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
                     e.event_version, e.payload, e.metadata, e.event_id, e.recorded_at \
              FROM outbox o \
              JOIN events e USING (aggregate_type, aggregate_id, sequence) \
-             WHERE o.published_at IS NULL \
+             WHERE o.published_at IS NULL AND o.id <> ALL($2) \
              ORDER BY o.id \
              LIMIT $1",
         )
         .bind(self.config.relay_batch_size)
+        .bind(in_flight)
         .fetch_all(&self.pool)
         .await?;
-        if rows.is_empty() {
-            return Ok(RoundReport::default());
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in rows {
+            batch.push(self.encode(row).await);
         }
-        let mut deliveries = Vec::with_capacity(rows.len());
-        for row in &rows {
-            deliveries.push(self.send(row).await);
-        }
-        let results = join_all(deliveries.into_iter().map(|d| async move {
-            match d {
-                Ok(future) => matches!(future.await, Ok(Ok(_))),
-                Err(()) => false,
+        Ok(batch)
+    }
+
+    /// Encodes one event; an event that cannot be encoded travels as `record: None` and counts
+    /// as a failure of its aggregate.
+    async fn encode(&self, row: OutboxRow) -> Outgoing {
+        let OutboxRow {
+            id,
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            event_type,
+            event_version,
+            payload,
+            metadata,
+            event_id,
+            recorded_at,
+        } = row;
+        let topic = self.topics.for_aggregate(&aggregate_type);
+        let (version, payload) = schemas::upcast(&event_type, &event_version, payload);
+        let bytes = match &topic {
+            Some(topic) => match self
+                .encoder
+                .encode_payload(topic, &aggregate_type, &payload)
+                .await
+            {
+                Ok((_, bytes)) => Some(bytes),
+                Err(e) => {
+                    tracing::error!(error = %e, %event_id, "cannot encode event");
+                    None
+                }
+            },
+            None => {
+                tracing::error!(%aggregate_type, "no topic for aggregate type");
+                None
             }
-        }))
-        .await;
+        };
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(Json::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let meta = EventMeta {
+            event_id,
+            aggregate_type,
+            aggregate_id,
+            sequence: u64::try_from(sequence).unwrap_or_default(),
+            event_type,
+            event_version: version,
+            occurred_at: text("occurred_at"),
+            recorded_at: recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            correlation_id: text("correlation_id"),
+            causation_id: text("causation_id"),
+            actor: text("actor"),
+            command_id: text("command_id"),
+        };
+        Outgoing {
+            id,
+            record: topic.zip(bytes),
+            meta,
+        }
+    }
+
+    /// Sends a batch, prepares the next one while the acknowledgements come in, marks the
+    /// acknowledged prefix of each aggregate. The next batch is returned only if this one fully
+    /// succeeded.
+    async fn publish(
+        &self,
+        batch: Vec<Outgoing>,
+    ) -> Result<(RoundReport, Option<Vec<Outgoing>>), RelayError> {
+        if batch.is_empty() {
+            return Ok((RoundReport::default(), None));
+        }
+        let started = Instant::now();
+        let deliveries: Vec<_> = batch.iter().map(|out| self.send(out)).collect();
+        let in_flight: Vec<i64> = batch.iter().map(|out| out.id).collect();
+        let acknowledged = join_all(deliveries.into_iter().map(|d| async move {
+            match d {
+                Some(future) => matches!(future.await, Ok(Ok(_))),
+                None => false,
+            }
+        }));
+        let (results, next) = tokio::join!(acknowledged, self.prepare(&in_flight));
+        let acked = started.elapsed();
 
         // Per aggregate, only the acknowledged prefix is marked.
         let mut blocked: HashSet<(&str, &str)> = HashSet::new();
-        let mut published = Vec::with_capacity(rows.len());
-        for (row, acked) in rows.iter().zip(&results) {
-            let key = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
-            if *acked && !blocked.contains(&key) {
-                published.push(row.id);
+        let mut published = Vec::with_capacity(batch.len());
+        for (out, ok) in batch.iter().zip(&results) {
+            let key = (
+                out.meta.aggregate_type.as_str(),
+                out.meta.aggregate_id.as_str(),
+            );
+            if *ok && !blocked.contains(&key) {
+                published.push(out.id);
             } else {
                 blocked.insert(key);
             }
@@ -269,46 +376,33 @@ impl Relay {
             .bind(&published)
             .execute(&self.pool)
             .await?;
+        tracing::debug!(rows = batch.len(), ?acked, marked = ?started.elapsed(), "relay round");
         metrics::counter!("relay_published_total").increment(published.len() as u64);
-        let failed = rows.len() - published.len();
+        let failed = batch.len() - published.len();
         if failed > 0 {
             metrics::counter!("relay_failed_total").increment(failed as u64);
         }
-        Ok(RoundReport {
-            read: rows.len(),
+        let report = RoundReport {
+            read: batch.len(),
             published: published.len(),
             failed,
-        })
+        };
+        // A failure means the pre-read batch may hold successors of a failed event: drop it.
+        let next = if failed == 0 { next.ok() } else { None };
+        Ok((report, next))
     }
 
-    /// Encodes and enqueues one event; `Err(())` if it could not even be enqueued (logged).
-    async fn send(&self, row: &OutboxRow) -> Result<rdkafka::producer::DeliveryFuture, ()> {
-        let Some(topic) = self.topics.for_aggregate(&row.aggregate_type) else {
-            tracing::error!(aggregate_type = %row.aggregate_type, "no topic for aggregate type");
-            return Err(());
-        };
-        let (version, payload) =
-            schemas::upcast(&row.event_type, &row.event_version, row.payload.clone());
-        let bytes = match self
-            .encoder
-            .encode_payload(&topic, &row.aggregate_type, &payload)
-            .await
-        {
-            Ok((_, bytes)) => bytes,
-            Err(e) => {
-                tracing::error!(error = %e, event_id = %row.event_id, "cannot encode event");
-                return Err(());
-            }
-        };
-        let meta = meta_of(row, version);
-        let headers = meta.to_headers();
-        let record = FutureRecord::to(&topic)
-            .key(row.aggregate_id.as_bytes())
-            .payload(&bytes)
-            .headers(headers);
-        self.producer.send_result(record).map_err(|(e, _)| {
-            tracing::warn!(error = %e, "producer queue refused an event");
-        })
+    /// Enqueues one record; `None` if it could not be encoded or enqueued (logged).
+    fn send(&self, out: &Outgoing) -> Option<rdkafka::producer::DeliveryFuture> {
+        let (topic, bytes) = out.record.as_ref()?;
+        let record = FutureRecord::to(topic)
+            .key(out.meta.aggregate_id.as_bytes())
+            .payload(bytes)
+            .headers(out.meta.to_headers());
+        self.producer
+            .send_result(record)
+            .map_err(|(e, _)| tracing::warn!(error = %e, "producer queue refused an event"))
+            .ok()
     }
 
     async fn export_gauges(&self) -> Result<(), RelayError> {
@@ -336,28 +430,4 @@ impl Relay {
 
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)))
-}
-
-fn meta_of(row: &OutboxRow, event_version: String) -> EventMeta {
-    let text = |key: &str| {
-        row.metadata
-            .get(key)
-            .and_then(Json::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    EventMeta {
-        event_id: row.event_id,
-        aggregate_type: row.aggregate_type.clone(),
-        aggregate_id: row.aggregate_id.clone(),
-        sequence: u64::try_from(row.sequence).unwrap_or_default(),
-        event_type: row.event_type.clone(),
-        event_version,
-        occurred_at: text("occurred_at"),
-        recorded_at: row.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-        correlation_id: text("correlation_id"),
-        causation_id: text("causation_id"),
-        actor: text("actor"),
-        command_id: text("command_id"),
-    }
 }
