@@ -84,6 +84,24 @@ pub enum RelayError {
     Encode(#[from] EncodeError),
 }
 
+/// The relay's producer settings: idempotent (`acks=all`, no duplicates or reordering on
+/// retries), batched and compressed. Public so that benchmarks measure the same producer.
+pub fn producer_config(kafka: &KafkaConfig) -> rdkafka::ClientConfig {
+    let mut config = kafka.client_config();
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        .set("compression.type", "lz4")
+        // Same partition for a key as Java clients choose (murmur2), so other producers of
+        // these topics agree on where an aggregate lives.
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", "30000");
+    config
+}
+
 /// Key of the advisory lock that elects the active relay.
 const RELAY_LOCK_KEY: i64 = 0x6f75_7462_6f78; // "outbox"
 
@@ -143,19 +161,7 @@ impl Relay {
         registry: &RegistryConfig,
         config: RelayConfig,
     ) -> Result<Self, RelayError> {
-        let producer: FutureProducer = kafka
-            .client_config()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "200000")
-            .set("compression.type", "lz4")
-            // Same partition for a key as Java clients choose (murmur2), so other producers of
-            // these topics agree on where an aggregate lives.
-            .set("partitioner", "murmur2_random")
-            .set("message.timeout.ms", "30000")
-            .create()?;
+        let producer: FutureProducer = producer_config(kafka).create()?;
         Ok(Self {
             pool,
             producer,

@@ -13,10 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backbone_tests::{order_request, TestEnv};
-use commands::CommandContext;
-use domain::order::OrderCommand;
-use domain::OrderId;
+use backbone_tests::{order_request, place_order, TestEnv};
 use projections::TrackingProjection;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -77,16 +74,7 @@ async fn appends(env: &TestEnv, count: usize) -> Duration {
         let (orders, next) = (orders.clone(), next.clone());
         tasks.spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < count {
-                let request: api::orders::PlaceOrderRequest =
-                    serde_json::from_value(order_request(Uuid::new_v4())).expect("request");
-                orders
-                    .execute(
-                        &OrderId::new().to_string(),
-                        OrderCommand::try_from(request).expect("valid"),
-                        &CommandContext::new("bench"),
-                    )
-                    .await
-                    .expect("placed");
+                place_order(&orders).await;
             }
         });
     }
@@ -94,20 +82,17 @@ async fn appends(env: &TestEnv, count: usize) -> Duration {
     started.elapsed()
 }
 
-async fn raw_producer(env: &TestEnv, count: usize, bytes: &[u8]) -> Duration {
+async fn raw_producer(
+    env: &TestEnv,
+    count: usize,
+    bytes: &[u8],
+    headers: &rdkafka::message::OwnedHeaders,
+) -> Duration {
     let topic = env.kafka.topics().named("raw-producer");
     streams::admin::ensure_topics(&env.kafka, std::slice::from_ref(&topic))
         .await
         .expect("topic");
-    let producer: FutureProducer = env
-        .kafka
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "200000")
-        .set("compression.type", "lz4")
+    let producer: FutureProducer = streams::relay::producer_config(&env.kafka)
         .create()
         .expect("producer");
     let keys: Vec<String> = (0..count).map(|_| Uuid::new_v4().to_string()).collect();
@@ -118,7 +103,12 @@ async fn raw_producer(env: &TestEnv, count: usize, bytes: &[u8]) -> Duration {
             .iter()
             .map(|key| {
                 producer
-                    .send_result(FutureRecord::to(&topic).key(key.as_bytes()).payload(bytes))
+                    .send_result(
+                        FutureRecord::to(&topic)
+                            .key(key.as_bytes())
+                            .payload(bytes)
+                            .headers(headers.clone()),
+                    )
                     .map_err(|(e, _)| e)
                     .expect("enqueued")
             })
@@ -198,7 +188,7 @@ async fn main() {
             .expect("encoded")
             .1
     };
-    let raw_produce = raw_producer(&env, count, &wire_bytes).await;
+    let raw_produce = raw_producer(&env, count, &wire_bytes, &sample[0].meta.to_headers()).await;
 
     let raw_consume = raw_consumer(&env, count).await;
     let projector = env.start_projector(Arc::new(TrackingProjection)).await;
@@ -224,7 +214,7 @@ async fn main() {
         (
             "relay (outbox → Kafka)",
             rate(count, relay_time),
-            "raw idempotent producer",
+            "raw producer, same records",
             rate(count, raw_produce),
         ),
         (

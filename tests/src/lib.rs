@@ -332,6 +332,19 @@ pub fn binary_path(binary: &str) -> PathBuf {
     dir.join(binary)
 }
 
+/// Places a demo order through the command bus; returns its id.
+pub async fn place_order(orders: &CommandBus<Order>) -> String {
+    let id = domain::OrderId::new().to_string();
+    let request: api::orders::PlaceOrderRequest =
+        serde_json::from_value(order_request(Uuid::new_v4())).expect("a valid request");
+    let command = domain::order::OrderCommand::try_from(request).expect("a valid command");
+    orders
+        .execute(&id, command, &commands::CommandContext::new("test"))
+        .await
+        .expect("order placed");
+    id
+}
+
 /// A valid order request for the demo catalogue.
 pub fn order_request(customer: Uuid) -> serde_json::Value {
     serde_json::json!({

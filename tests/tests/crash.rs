@@ -4,11 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backbone_tests::{eventually, order_request, TestEnv};
+use backbone_tests::{eventually, place_order, TestEnv};
 use commands::CommandContext;
 use domain::order::{OrderCommand, OrderEvent};
-use domain::OrderId;
-use uuid::Uuid;
 
 type View = BTreeMap<String, (String, i64, Vec<(i64, String)>)>;
 
@@ -77,18 +75,8 @@ async fn killing_the_relay_and_the_projector_mid_stream_loses_nothing() {
         let orders = orders.clone();
         tokio::spawn(async move {
             for i in 0..300 {
-                let id = OrderId::new().to_string();
-                let request: api::orders::PlaceOrderRequest =
-                    serde_json::from_value(order_request(Uuid::new_v4())).expect("request");
+                let id = place_order(&orders).await;
                 let context = CommandContext::new("test");
-                orders
-                    .execute(
-                        &id,
-                        OrderCommand::try_from(request).expect("valid"),
-                        &context,
-                    )
-                    .await
-                    .expect("placed");
                 if i % 2 == 0 {
                     let confirm = OrderCommand::ConfirmPayment {
                         payment_reference: format!("p{i}"),

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backbone_tests::{eventually, order_request, TestEnv};
+use backbone_tests::{eventually, order_request, place_order, TestEnv};
 use commands::CommandContext;
 use domain::order::{OrderCommand, OrderEvent};
 use domain::OrderId;
@@ -211,18 +211,7 @@ async fn concurrent_appends_reach_the_topic_in_order_without_gaps() {
 
     let mut ids = Vec::new();
     for _ in 0..200 {
-        let id = OrderId::new().to_string();
-        let request: api::orders::PlaceOrderRequest =
-            serde_json::from_value(order_request(Uuid::new_v4())).expect("request");
-        orders
-            .execute(
-                &id,
-                OrderCommand::try_from(request).expect("valid"),
-                &CommandContext::new("test"),
-            )
-            .await
-            .expect("placed");
-        ids.push(id);
+        ids.push(place_order(&orders).await);
     }
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..20 {
@@ -330,18 +319,7 @@ async fn an_event_whose_transaction_commits_late_is_still_published() {
     // Later writers commit and get published meanwhile.
     let mut later = Vec::new();
     for _ in 0..5 {
-        let id = OrderId::new().to_string();
-        let request: api::orders::PlaceOrderRequest =
-            serde_json::from_value(order_request(Uuid::new_v4())).expect("request");
-        orders
-            .execute(
-                &id,
-                OrderCommand::try_from(request).expect("valid"),
-                &CommandContext::new("test"),
-            )
-            .await
-            .expect("placed");
-        later.push(id);
+        later.push(place_order(&orders).await);
     }
     env.read_topic("order", WAIT, |records| {
         later
