@@ -80,7 +80,8 @@ start_broker() {
   if port_open "$port"; then log "broker already listening on 127.0.0.1:$port"; return 0; fi
   ensure_database "$db"
   log "starting the broker on 127.0.0.1:$port"
-  nisshi broker \
+  # Its own session: a Ctrl-C for the components must not stop the broker before they leave it.
+  setsid nisshi broker \
     --listener-url "tcp://127.0.0.1:$port" \
     --advertised-listener-url "tcp://127.0.0.1:$port" \
     --storage-engine "postgres://postgres@$PG_HOST:$PG_PORT/$db?sslmode=disable" \

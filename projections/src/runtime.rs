@@ -143,6 +143,20 @@ pub async fn ensure_schema(projection: &dyn Projection, pool: &PgPool) -> Result
     tx.commit().await
 }
 
+/// Closes a consumer (leaving its group) without waiting forever: librdkafka's close blocks
+/// until the broker answers, and a broker that is gone (stopped by the same Ctrl-C) never does.
+/// The checkpoint is in PostgreSQL, so nothing depends on the close succeeding.
+async fn leave_group(consumer: StreamConsumer) {
+    let (done, closed) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        drop(consumer);
+        let _ = done.send(());
+    });
+    if tokio::time::timeout(Duration::from_secs(10), closed).await.is_err() {
+        tracing::warn!("the broker did not confirm that the consumer left its group");
+    }
+}
+
 /// One projection's consumer loop.
 pub struct Projector {
     projection: Arc<dyn Projection>,
@@ -246,7 +260,9 @@ impl Projector {
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(error = %e, "nothing to commit on shutdown");
         }
-        tracing::info!(projection = self.projection.name(), "projector stopped");
+        let name = self.projection.name();
+        leave_group(self.consumer).await;
+        tracing::info!(projection = name, "projector stopped");
         Ok(())
     }
 
