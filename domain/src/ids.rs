@@ -78,6 +78,10 @@ uuid_id!(
     /// Identifies one store (restaurant) that prepares orders.
     StoreId
 );
+uuid_id!(
+    /// Identifies one courier.
+    CourierId
+);
 
 macro_rules! code_id {
     ($(#[$doc:meta])* $name:ident, $what:literal, $max:literal) => {
@@ -149,6 +153,12 @@ code_id!(
     /// A menu item's stable code, such as `margherita-30`.
     MenuItemId,
     "menu item id",
+    64
+);
+code_id!(
+    /// A charity that points can be donated to, such as `food-bank-uk`.
+    CharityCode,
+    "charity code",
     64
 );
 

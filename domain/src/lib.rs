@@ -9,10 +9,13 @@
 //! through `cqrs-es` against the PostgreSQL event store, and the events defined here travel to
 //! Kafka (in the Avro form that `schemas` defines) and into the read models of `projections`.
 
+pub mod delivery;
 pub mod ids;
 pub mod money;
 pub mod order;
+pub mod payment;
+pub mod rewards;
 pub mod services;
 
-pub use ids::{CustomerId, MenuItemId, OrderId, RegionCode, StoreId};
+pub use ids::{CharityCode, CourierId, CustomerId, MenuItemId, OrderId, RegionCode, StoreId};
 pub use money::{Currency, Money, MoneyError};

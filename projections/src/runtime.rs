@@ -74,7 +74,7 @@ pub struct ProjectorConfig {
     /// `PROJECTOR_GROUP_PREFIX`: consumer groups are `<prefix><projection>` (default `backbone-`).
     #[serde(default = "default_group_prefix")]
     pub projector_group_prefix: String,
-    /// `PROJECTOR_BATCH_SIZE`: records applied per transaction at most (default 500).
+    /// `PROJECTOR_BATCH_SIZE`: records applied per transaction at most (default 2000).
     #[serde(default = "default_batch")]
     pub projector_batch_size: usize,
     /// `PROJECTOR_MAX_ATTEMPTS`: attempts before an event that fails goes to the dead letters
@@ -87,7 +87,7 @@ fn default_group_prefix() -> String {
     "backbone-".to_owned()
 }
 const fn default_batch() -> usize {
-    500
+    2000
 }
 const fn default_attempts() -> u32 {
     3
@@ -152,7 +152,10 @@ async fn leave_group(consumer: StreamConsumer) {
         drop(consumer);
         let _ = done.send(());
     });
-    if tokio::time::timeout(Duration::from_secs(10), closed).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .is_err()
+    {
         tracing::warn!("the broker did not confirm that the consumer left its group");
     }
 }
@@ -174,6 +177,9 @@ impl std::fmt::Debug for Projector {
             .finish_non_exhaustive()
     }
 }
+
+/// Records and their decoding (a poison record decodes to its error).
+type DecodedBatch<'c> = (Vec<BorrowedMessage<'c>>, Vec<Result<DecodedEvent, String>>);
 
 enum Verdict {
     Apply,
@@ -238,23 +244,19 @@ impl Projector {
         shutdown: CancellationToken,
     ) -> Result<(), ProjectorError> {
         tracing::info!(projection = self.projection.name(), "projector started");
-        loop {
-            let first = tokio::select! {
-                () = shutdown.cancelled() => break,
-                message = self.consumer.recv() => message?,
-            };
-            let mut batch = vec![first];
-            while batch.len() < self.config.projector_batch_size {
-                match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
-                    Ok(Ok(message)) => batch.push(message),
-                    Ok(Err(e)) => return Err(e.into()),
-                    Err(_) => break,
+        // While one batch is applied in PostgreSQL, the next is fetched and decoded.
+        let mut pending = self.next_batch(&shutdown).await?;
+        while let Some((batch, decoded)) = pending {
+            let apply = async {
+                self.process(&batch, &decoded).await?;
+                for message in &batch {
+                    self.consumer.store_offset_from_message(message)?;
                 }
-            }
-            self.process(&batch).await?;
-            for message in &batch {
-                self.consumer.store_offset_from_message(message)?;
-            }
+                Ok::<(), ProjectorError>(())
+            };
+            let (applied, next) = tokio::join!(apply, self.next_batch(&shutdown));
+            applied?;
+            pending = next?;
         }
         // Hand the final positions to the group before leaving it.
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -266,15 +268,40 @@ impl Projector {
         Ok(())
     }
 
-    async fn process(&self, batch: &[BorrowedMessage<'_>]) -> Result<(), ProjectorError> {
+    /// The next batch of records, decoded: waits for the first, then takes what is already
+    /// there, up to the batch size. `None` once shutdown is requested.
+    async fn next_batch(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<DecodedBatch<'_>>, ProjectorError> {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            message = self.consumer.recv() => message?,
+        };
+        let mut batch = vec![first];
+        while batch.len() < self.config.projector_batch_size {
+            match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
+                Ok(Ok(message)) => batch.push(message),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => break,
+            }
+        }
         let mut decoded = Vec::with_capacity(batch.len());
-        for message in batch {
+        for message in &batch {
             decoded.push(self.decode_with_retry(message).await);
         }
+        Ok(Some((batch, decoded)))
+    }
+
+    async fn process(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        decoded: &[Result<DecodedEvent, String>],
+    ) -> Result<(), ProjectorError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.apply_batch(batch, &decoded, None).await {
+            match self.apply_batch(batch, decoded, None).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < self.config.projector_max_attempts => {
                     tracing::warn!(error = %e, attempt, "batch failed; retrying");
@@ -282,7 +309,7 @@ impl Projector {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "batch failed; isolating the failing events");
-                    return self.apply_one_by_one(batch, &decoded).await;
+                    return self.apply_one_by_one(batch, decoded).await;
                 }
             }
         }

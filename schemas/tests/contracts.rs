@@ -1,14 +1,11 @@
 //! Every event type round-trips through its Avro contract, the contracts stay BACKWARD
 //! compatible with their released history, and old stored shapes are upcast.
 
-use std::collections::BTreeSet;
+mod common;
 
-use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema_compatibility::SchemaCompatibility;
-use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use chrono::{DateTime, TimeZone, Utc};
-use cqrs_es::DomainEvent;
 use domain::order::{CancelledBy, DeliveryAddress, OrderEvent, RejectionReason};
 use domain::services::PricedLine;
 use domain::{Currency, CustomerId, MenuItemId, Money, RegionCode, StoreId};
@@ -88,58 +85,12 @@ fn order_samples() -> Vec<OrderEvent> {
 
 #[test]
 fn every_order_event_type_has_exactly_one_contract_and_a_sample() {
-    let contracts = Contracts::load().expect("contracts parse");
-    let with_contract: BTreeSet<_> = contracts
-        .iter()
-        .filter(|c| c.aggregate_type == "order")
-        .map(|c| c.event_type)
-        .collect();
-    let declared: BTreeSet<_> = OrderEvent::TYPES.into_iter().collect();
-    let sampled: BTreeSet<_> = order_samples()
-        .iter()
-        .map(DomainEvent::event_type)
-        .collect();
-    assert_eq!(with_contract, declared);
-    assert_eq!(
-        sampled,
-        declared
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect::<BTreeSet<_>>()
-    );
-    for event in order_samples() {
-        let contract = contracts
-            .get("order", &event.event_type())
-            .expect("contract exists");
-        assert_eq!(
-            contract.event_version,
-            event.event_version(),
-            "{}",
-            contract.event_type
-        );
-    }
+    common::assert_every_event_type_has_a_contract("order", &OrderEvent::TYPES, &order_samples());
 }
 
 #[test]
 fn every_order_event_round_trips_through_avro_bytes() {
-    let contracts = Contracts::load().expect("contracts parse");
-    for event in order_samples() {
-        let (contract, value) = contracts
-            .event_to_avro("order", &event)
-            .expect("event maps to its contract");
-        let bytes = GenericDatumWriter::builder(&contract.schema)
-            .build()
-            .and_then(|w| w.write_value_to_vec(value))
-            .expect("value fits the schema");
-        let decoded = GenericDatumReader::builder(&contract.schema)
-            .build()
-            .and_then(|r| r.read_value(&mut bytes.as_slice()))
-            .expect("bytes decode");
-        let back: OrderEvent = contracts
-            .avro_to_event(contract, decoded)
-            .expect("value maps back");
-        assert_eq!(back, event, "{}", contract.event_type);
-    }
+    common::assert_round_trips("order", order_samples());
 }
 
 #[test]

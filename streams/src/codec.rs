@@ -171,6 +171,7 @@ impl DecodeError {
 pub struct EventDecoder {
     decoder: AvroDecoder,
     contracts: &'static Contracts,
+    current: RwLock<HashMap<u32, bool>>,
 }
 
 impl std::fmt::Debug for EventDecoder {
@@ -184,6 +185,7 @@ impl EventDecoder {
         Ok(Self {
             decoder: AvroDecoder::new(registry.settings().map_err(DecodeError::Retryable)?),
             contracts: Contracts::global()?,
+            current: RwLock::new(HashMap::new()),
         })
     }
 
@@ -193,14 +195,19 @@ impl EventDecoder {
         let payload = message.payload().ok_or(DecodeError::EmptyValue)?;
         let decoded = self
             .decoder
-            .decode(Some(payload))
+            .decode_with_schema(Some(payload))
             .await
-            .map_err(|e| self.classify(&e))?;
+            .map_err(|e| self.classify(&e))?
+            .ok_or(DecodeError::EmptyValue)?;
         let contract = match &decoded.name {
             Some(name) => self.contracts.by_record_name(&name.fullname(None))?,
             None => self.contracts.get(&meta.aggregate_type, &meta.event_type)?,
         };
-        let payload = contract.from_avro(decoded.value)?;
+        let payload = if self.is_current(decoded.schema.id, &decoded.schema.parsed, contract) {
+            contract.from_avro_as_is(&decoded.value)?
+        } else {
+            contract.from_avro(decoded.value)?
+        };
         Ok(DecodedEvent {
             meta,
             contract,
@@ -210,6 +217,19 @@ impl EventDecoder {
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
         })
+    }
+
+    /// Whether the writer schema with this registry id is the current contract itself, so the
+    /// value needs no schema resolution (remembered per id: ids are immutable).
+    fn is_current(&self, id: u32, writer: &apache_avro::Schema, contract: &EventContract) -> bool {
+        if let Some(known) = self.current.read().ok().and_then(|m| m.get(&id).copied()) {
+            return known;
+        }
+        let same = contract.is_schema(writer);
+        if let Ok(mut map) = self.current.write() {
+            map.insert(id, same);
+        }
+        same
     }
 
     fn classify(&self, error: &SRCError) -> DecodeError {

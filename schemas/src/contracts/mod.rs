@@ -46,6 +46,23 @@ impl EventContract {
         json_to_avro(payload, &self.schema, &self.names, self.event_type)
     }
 
+    /// The payload JSON of an Avro value decoded with exactly this contract's schema (no
+    /// resolution needed).
+    pub fn from_avro_as_is(&self, value: &Avro) -> Result<Json, SchemaError> {
+        avro_to_json(value)
+    }
+
+    /// Whether `writer` is this contract's schema itself (so its values need no resolution).
+    pub fn is_schema(&self, writer: &Schema) -> bool {
+        match (
+            serde_json::to_value(writer),
+            serde_json::to_value(&self.schema),
+        ) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
+
     /// The payload JSON of an Avro value written with any compatible version of this contract.
     pub fn from_avro(&self, value: Avro) -> Result<Json, SchemaError> {
         let resolved = value
@@ -60,37 +77,39 @@ impl EventContract {
     }
 }
 
-struct Source {
-    aggregate_type: &'static str,
-    event_type: &'static str,
-    event_version: &'static str,
-    text: &'static str,
+/// One compiled-in `.avsc` and what it describes.
+pub(crate) struct Source {
+    pub(crate) aggregate_type: &'static str,
+    pub(crate) event_type: &'static str,
+    pub(crate) event_version: &'static str,
+    pub(crate) text: &'static str,
 }
 
+/// `sources!("order": "OrderPlaced" @ "1.0", ...)`: the contracts of one aggregate type, read
+/// from `avro/<aggregate>/<Event>.avsc`.
 macro_rules! sources {
     ($aggregate:literal: $($event:literal @ $version:literal),* $(,)?) => {
-        [$(Source {
+        &[$($crate::contracts::Source {
             aggregate_type: $aggregate,
             event_type: $event,
             event_version: $version,
-            text: include_str!(concat!("../avro/", $aggregate, "/", $event, ".avsc")),
+            text: include_str!(concat!("../../avro/", $aggregate, "/", $event, ".avsc")),
         }),*]
     };
 }
 
-const ORDER: [Source; 11] = sources!("order":
-    "OrderPlaced" @ "1.0",
-    "OrderConfirmed" @ "1.0",
-    "OrderAccepted" @ "1.0",
-    "OrderRejected" @ "1.0",
-    "PreparationStarted" @ "1.0",
-    "OrderReady" @ "1.0",
-    "OrderOutForDelivery" @ "1.0",
-    "OrderDelivered" @ "1.0",
-    "OrderCompleted" @ "1.0",
-    "OrderCancelled" @ "2.0",
-    "OrderRated" @ "1.0",
-);
+mod delivery;
+mod order;
+mod payment;
+mod rewards;
+
+/// Every aggregate type's contracts.
+const SOURCES: [&[Source]; 4] = [
+    order::SOURCES,
+    delivery::SOURCES,
+    payment::SOURCES,
+    rewards::SOURCES,
+];
 
 /// Every contract of the backbone.
 #[derive(Debug)]
@@ -104,7 +123,7 @@ impl Contracts {
     /// Parses the compiled-in schemas.
     pub fn load() -> Result<Self, SchemaError> {
         let mut contracts = Vec::new();
-        for source in ORDER.iter() {
+        for source in SOURCES.iter().flat_map(|sources| sources.iter()) {
             let schema =
                 Schema::parse_str(source.text).map_err(|e| SchemaError::InvalidSchema {
                     event_type: source.event_type.to_owned(),

@@ -1,0 +1,1 @@
+//! The rewards aggregate (being written).

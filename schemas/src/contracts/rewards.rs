@@ -1,0 +1,5 @@
+//! Contracts of the rewards aggregate (topic `rewards`).
+
+use super::Source;
+
+pub(super) const SOURCES: &[Source] = &[];
