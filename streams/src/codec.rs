@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use apache_avro::types::Value as Avro;
 use rdkafka::message::Message;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::{is_compatible_schema, SrSettings};
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
@@ -22,6 +23,7 @@ use crate::headers::{EventMeta, HeaderError};
 /// Encodes event payloads for a topic, registering their contracts on first use.
 pub struct EventEncoder {
     encoder: AvroEncoder,
+    settings: SrSettings,
     contracts: &'static Contracts,
     /// Subject strategies per (topic, record), built once: they carry the schema text.
     strategies: RwLock<HashMap<(String, &'static str), Arc<SubjectNameStrategy>>>,
@@ -40,12 +42,19 @@ pub enum EncodeError {
     Contract(#[from] SchemaError),
     #[error("schema registry: {0}")]
     Registry(String),
+    #[error(
+        "the contract of {subject} is not compatible with the versions registered under it; \
+         fix the .avsc (new fields need defaults) or evolve it as a new event type"
+    )]
+    Incompatible { subject: String },
 }
 
 impl EventEncoder {
     pub fn new(registry: &RegistryConfig) -> Result<Self, EncodeError> {
+        let settings = registry.settings().map_err(EncodeError::Registry)?;
         Ok(Self {
-            encoder: AvroEncoder::new(registry.settings().map_err(EncodeError::Registry)?),
+            encoder: AvroEncoder::new(settings.clone()),
+            settings,
             contracts: Contracts::global()?,
             strategies: RwLock::new(HashMap::new()),
         })
@@ -54,6 +63,33 @@ impl EventEncoder {
     /// The contracts this encoder maps with.
     pub fn contracts(&self) -> &'static Contracts {
         self.contracts
+    }
+
+    /// Checks every contract against what the registry holds for its subject on `topic`, before
+    /// anything is encoded with it: an incompatible change stops the relay at start-up instead
+    /// of failing event by event. A subject the registry does not know yet is new, hence fine.
+    pub async fn check_compatibility(
+        &self,
+        topic_of: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), EncodeError> {
+        for contract in self.contracts.iter() {
+            let Some(topic) = topic_of(contract.aggregate_type) else {
+                continue;
+            };
+            let subject = contract.subject(&topic);
+            let supplied = SuppliedSchema::new(
+                Some(contract.record_name.clone()),
+                SchemaType::Avro,
+                contract.schema_text.to_owned(),
+            );
+            match is_compatible_schema(&self.settings, subject.clone(), supplied).await {
+                Ok(true) => {}
+                Ok(false) => return Err(EncodeError::Incompatible { subject }),
+                Err(e) if e.to_string().contains("40401") => {}
+                Err(e) => return Err(EncodeError::Registry(e.to_string())),
+            }
+        }
+        Ok(())
     }
 
     /// Encodes a stored payload (already upcast to the current version) for `topic`.

@@ -173,6 +173,10 @@ impl Relay {
 
     /// Publishes until `shutdown` is cancelled; flushes what is in flight before returning.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        let topics = self.topics.clone();
+        self.encoder
+            .check_compatibility(|aggregate| topics.for_aggregate(aggregate))
+            .await?;
         let Some(_leadership) = self.acquire_leadership(&shutdown).await? else {
             return Ok(());
         };

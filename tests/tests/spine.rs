@@ -355,3 +355,36 @@ async fn an_event_whose_transaction_commits_late_is_still_published() {
     relay.stop().await.expect("relay stops");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_refuses_to_start_with_a_contract_the_registry_finds_incompatible() {
+    let env = TestEnv::start("incompatible").await;
+    let topic = env.kafka.topics().for_aggregate("order").expect("topic");
+    // What another producer registered earlier under the subject of OrderReady: our contract
+    // cannot read it (`ready_at` has no default).
+    let subject = format!("{topic}-backbone.order.OrderReady");
+    let earlier = r#"{"type":"record","name":"OrderReady","namespace":"backbone.order","fields":[{"name":"shelf","type":"string"}]}"#;
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/subjects/{subject}/versions",
+            env.registry.schema_registry_url
+        ))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .json(&serde_json::json!({ "schema": earlier }))
+        .send()
+        .await
+        .expect("registry");
+    assert!(response.status().is_success(), "{}", response.status());
+
+    let relay = env.start_relay().await;
+    let outcome = tokio::time::timeout(WAIT, relay.handle)
+        .await
+        .expect("the relay stops by itself")
+        .expect("task");
+    let error = outcome.expect_err("the relay refuses to start").to_string();
+    assert!(
+        error.contains("not compatible") && error.contains(&subject),
+        "{error}"
+    );
+    env.stop().await;
+}
