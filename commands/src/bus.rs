@@ -36,6 +36,10 @@ pub struct CommandContext {
     pub causation_id: Uuid,
     /// Who issued it: `customer:<id>`, `store:<id>`, `system:<process>`.
     pub actor: String,
+    /// The same command may arrive again (a process manager reacting to a redelivered event, a
+    /// client retrying with an idempotency key): the bus then answers a repeat with what the
+    /// first execution committed instead of running it again.
+    pub may_repeat: bool,
 }
 
 impl CommandContext {
@@ -47,7 +51,28 @@ impl CommandContext {
             correlation_id: command_id,
             causation_id: command_id,
             actor: actor.into(),
+            may_repeat: false,
         }
+    }
+
+    /// A command whose id is derived from what caused it (`key`, e.g. the causing event id and
+    /// the step), so that issuing it again is recognised as a repeat.
+    pub fn repeatable(actor: impl Into<String>, key: &str) -> Self {
+        let command_id = Uuid::new_v5(&COMMAND_NAMESPACE, key.as_bytes());
+        Self {
+            command_id,
+            correlation_id: command_id,
+            causation_id: command_id,
+            actor: actor.into(),
+            may_repeat: true,
+        }
+    }
+
+    /// Records what caused this command (an event id).
+    #[must_use]
+    pub fn caused_by(mut self, causation_id: Uuid) -> Self {
+        self.causation_id = causation_id;
+        self
     }
 
     /// Continues an existing business transaction (for example from an HTTP correlation header).
@@ -74,6 +99,9 @@ impl CommandContext {
     }
 }
 
+/// Namespace of command ids derived from their cause.
+const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6261_636b_626f_6e65_2d63_6d64_2d69_6473);
+
 /// What a command committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
@@ -83,6 +111,9 @@ pub struct Committed {
     pub last_sequence: u64,
     /// Event types appended, in order.
     pub event_types: Vec<String>,
+    /// True when this was a repeat of a command already committed: nothing new was appended,
+    /// and the fields above describe the first execution.
+    pub repeated: bool,
 }
 
 /// Why a command was not committed.
@@ -204,6 +235,9 @@ where
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if let Some(first) = self.earlier_execution(aggregate_id, context).await? {
+                return Ok(first);
+            }
             let result = COMMITTED
                 .scope(RefCell::new(Vec::new()), async {
                     let outcome = self
@@ -234,6 +268,10 @@ where
                     return Err(CommandError::Contended { attempts: attempt });
                 }
                 (Err(AggregateError::UserError(e)), _) => {
+                    // A repeat that lost the race to its twin sees the state the twin made.
+                    if let Some(first) = self.earlier_execution(aggregate_id, context).await? {
+                        return Ok(first);
+                    }
                     metrics::counter!("commands_total", "aggregate_type" => A::TYPE, "outcome" => "rejected")
                         .increment(1);
                     return Err(CommandError::Rejected(e));
@@ -263,7 +301,41 @@ where
             aggregate_id: aggregate_id.to_owned(),
             last_sequence,
             event_types: events.into_iter().map(|(_, t)| t).collect(),
+            repeated: false,
         })
+    }
+
+    /// What an earlier execution of the same repeatable command committed, if there was one.
+    async fn earlier_execution(
+        &self,
+        aggregate_id: &str,
+        context: &CommandContext,
+    ) -> Result<Option<Committed>, CommandError<A::Error>> {
+        if !context.may_repeat {
+            return Ok(None);
+        }
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT sequence, event_type FROM events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND metadata->>'command_id' = $3 \
+             ORDER BY sequence",
+        )
+        .bind(A::TYPE)
+        .bind(aggregate_id)
+        .bind(context.command_id.to_string())
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(|e| CommandError::Store(e.to_string()))?;
+        let Some((last, _)) = rows.last() else {
+            return Ok(None);
+        };
+        metrics::counter!("commands_total", "aggregate_type" => A::TYPE, "outcome" => "repeated")
+            .increment(1);
+        Ok(Some(Committed {
+            aggregate_id: aggregate_id.to_owned(),
+            last_sequence: u64::try_from(*last).unwrap_or_default(),
+            event_types: rows.into_iter().map(|(_, t)| t).collect(),
+            repeated: true,
+        }))
     }
 
     /// The sequence of the last stored event of an aggregate (0 if it has none).
