@@ -349,16 +349,33 @@ pub async fn act_on_order(
 ) -> Result<axum::Json<OrderAccepted>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
     let (command, actor) = action.into_command();
+    let mut context = context(&headers, actor.to_owned());
+    if headers.get(CORRELATION_HEADER).is_none() {
+        // Without a header, a step of an order continues the order's business transaction.
+        if let Some(correlation) = order_correlation(&state, order_id).await? {
+            context = context.with_correlation(correlation);
+        }
+    }
     let committed = state
         .orders
-        .execute(
-            &order_id.to_string(),
-            command,
-            &context(&headers, actor.to_owned()),
-        )
+        .execute(&order_id.to_string(), command, &context)
         .await
         .map_err(order_error)?;
     Ok(axum::Json(accepted(order_id, committed)))
+}
+
+/// The correlation id the order was placed with.
+async fn order_correlation(state: &AppState, order_id: OrderId) -> Result<Option<Uuid>, ApiError> {
+    let correlation: Option<String> = sqlx::query_scalar(
+        "SELECT metadata->>'correlation_id' FROM events \
+         WHERE aggregate_type = 'order' AND aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(order_id.to_string())
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(ApiError::internal)?
+    .flatten();
+    Ok(correlation.and_then(|c| Uuid::parse_str(&c).ok()))
 }
 
 /// Money in minor units.

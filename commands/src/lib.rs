@@ -11,6 +11,7 @@
 //! takes them to Kafka.
 
 pub mod bus;
+pub mod process;
 pub mod store;
 
 pub use bus::{CommandBus, CommandContext, CommandError, Committed, RetryPolicy};
