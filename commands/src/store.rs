@@ -67,6 +67,13 @@ impl EventStoreDb {
         Ok(db)
     }
 
+    /// Wraps an existing pool and applies the migrations.
+    pub async fn with_pool(pool: PgPool) -> Result<Self, StoreError> {
+        let db = Self { pool };
+        db.migrate().await?;
+        Ok(db)
+    }
+
     /// Applies the event store migrations.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations").run(&self.pool).await?;

@@ -2,6 +2,9 @@
 
 use std::net::SocketAddr;
 
+use anyhow::Context;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -31,6 +34,37 @@ pub fn serve_metrics_from_env() -> anyhow::Result<()> {
         .install()?;
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
     Ok(())
+}
+
+/// What a Kafka-side process connects to, read from the environment.
+#[derive(Debug)]
+pub struct Connections {
+    pub kafka: crate::KafkaConfig,
+    pub registry: crate::RegistryConfig,
+    pub pool: PgPool,
+}
+
+/// Reads `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/backbone`), `KAFKA_*`
+/// and `SCHEMA_REGISTRY_*`, connects a pool of `max_connections`, and creates the event topics
+/// if they are missing.
+pub async fn connect_from_env(max_connections: u32) -> anyhow::Result<Connections> {
+    let database_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/backbone".to_owned());
+    let kafka = crate::KafkaConfig::from_env().context("KAFKA_* settings")?;
+    let registry = crate::RegistryConfig::from_env().context("SCHEMA_REGISTRY_* settings")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect(&database_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    crate::admin::ensure_topics(&kafka, &kafka.topics().all())
+        .await
+        .context("creating topics")?;
+    Ok(Connections {
+        kafka,
+        registry,
+        pool,
+    })
 }
 
 /// A token cancelled on SIGINT or SIGTERM: the one shutdown path of a process.

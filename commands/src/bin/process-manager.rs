@@ -6,28 +6,28 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use commands::process::OrderPaymentFlow;
-use commands::{CommandBus, EventStoreConfig, EventStoreDb};
+use commands::{CommandBus, EventStoreDb};
 use domain::payment::PaymentServices;
 use domain::services::{Catalogue, OrderServices, SystemClock};
 use projections::{Projector, ProjectorConfig};
-use streams::process::{init_tracing, serve_metrics_from_env, shutdown_token};
-use streams::{admin, KafkaConfig, RegistryConfig};
+use streams::process::{connect_from_env, init_tracing, serve_metrics_from_env, shutdown_token};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     serve_metrics_from_env()?;
-    let store: EventStoreConfig = envy::from_env().context("DATABASE_* settings")?;
-    let kafka = KafkaConfig::from_env().context("KAFKA_* settings")?;
-    let registry = RegistryConfig::from_env().context("SCHEMA_REGISTRY_* settings")?;
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
-    let db = EventStoreDb::connect(&store).await?;
-    admin::ensure_topics(&kafka, &kafka.topics().all())
-        .await
-        .context("creating topics")?;
+    let connections = connect_from_env(8).await?;
+    let db = EventStoreDb::with_pool(connections.pool).await?;
     let flow = flow(&db);
-    let projector =
-        Projector::new(Arc::new(flow), db.pool().clone(), &kafka, &registry, config).await?;
+    let projector = Projector::new(
+        Arc::new(flow),
+        db.pool().clone(),
+        &connections.kafka,
+        &connections.registry,
+        config,
+    )
+    .await?;
     projector.run_until_stopped(shutdown_token()).await?;
     Ok(())
 }
