@@ -140,7 +140,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            max_attempts: 8,
+            max_attempts: 12,
             base_delay: Duration::from_millis(2),
             max_delay: Duration::from_millis(200),
         }
