@@ -87,12 +87,14 @@ impl ApiConfig {
 
     /// The catalogue that prices orders.
     pub fn catalogue(&self) -> Result<Catalogue, String> {
-        let text = match &self.catalogue_path {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read catalogue {path}: {e}"))?,
-            None => include_str!("../catalogue/demo.json").to_owned(),
+        let parsed = match &self.catalogue_path {
+            Some(path) => Catalogue::from_json(
+                &std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read catalogue {path}: {e}"))?,
+            ),
+            None => Catalogue::demo(),
         };
-        serde_json::from_str(&text).map_err(|e| format!("invalid catalogue: {e}"))
+        parsed.map_err(|e| format!("invalid catalogue: {e}"))
     }
 }
 

@@ -1,115 +1,310 @@
 //! Process managers: react to events on the topics by issuing commands to other aggregates.
 //!
 //! A process manager runs on the projector runtime (its own consumer group, per-aggregate
-//! dedup, checkpoints, dead letters), so it sees every event once per aggregate and in order.
-//! Its reactions are *repeatable* commands: the command id is derived from the causing event id
-//! and the step, so a redelivered event, or a crash between the command's commit and the
-//! checkpoint, issues nothing new (see [`CommandContext::repeatable`]). The correlation id of
-//! the causing event is carried into every command it causes.
+//! dedup, checkpoints, dead letters), so it sees every event once per aggregate and in order,
+//! and keeps its own state in the same transaction as its checkpoint. Its reactions are
+//! *repeatable* commands: the command id is derived from the causing event id and the step, so
+//! a redelivered event, or a crash between the command's commit and the checkpoint, issues
+//! nothing new (see [`CommandContext::repeatable`]). The correlation id of the causing event is
+//! carried into every command it causes.
 //!
-//! [`OrderPaymentFlow`] links orders and payments: an order placed is authorized with the
-//! payment provider, an authorized payment confirms the order, a delivered order is captured,
-//! a captured payment completes the order, and a rejected or cancelled order voids its payment.
+//! [`OrderFlow`] links orders, payments and rewards:
+//! - order placed → authorize the payment (built-in demo provider) and arm the accept-by
+//!   deadline; payment authorized → confirm the order;
+//! - accept-by deadline passed (durable, see [`OrderFlow::fire_due_deadlines`]) → expire the
+//!   order, which cancels it if the store has not accepted;
+//! - order rejected or cancelled → void the payment;
+//! - order delivered → capture the payment; payment captured → complete the order;
+//! - order completed → earn points at the region's rate.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use domain::order::{Order, OrderCommand, OrderEvent};
-use domain::payment::{Payment, PaymentCommand, PaymentEvent};
+use domain::payment::{Payment, PaymentCommand, PaymentEvent, PaymentServices};
+use domain::rewards::{RewardsCommand, RewardsLedger, RewardsServices};
+use domain::services::{Catalogue, OrderServices, SystemClock};
+use domain::{Currency, Money, OrderId, RegionCode};
 use projections::{FirstDelivery, Projection, ProjectionError};
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::bus::{CommandBus, CommandContext, CommandError};
+use crate::store::EventStoreDb;
+use crate::Committed;
 
 /// The payment provider the flow authorizes with. Development and tests use the built-in demo
 /// provider, which approves every authorization; a real provider adapter goes here.
 pub const DEMO_PROVIDER: &str = "demo";
 
-/// Orders ⇄ payments.
-pub struct OrderPaymentFlow {
-    orders: Arc<CommandBus<Order>>,
-    payments: Arc<CommandBus<Payment>>,
+/// Orders ⇄ payments ⇄ rewards.
+pub struct OrderFlow {
+    orders: CommandBus<Order>,
+    payments: CommandBus<Payment>,
+    rewards: CommandBus<RewardsLedger>,
+    catalogue: Arc<Catalogue>,
 }
 
-impl std::fmt::Debug for OrderPaymentFlow {
+impl std::fmt::Debug for OrderFlow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OrderPaymentFlow").finish_non_exhaustive()
+        f.debug_struct("OrderFlow").finish_non_exhaustive()
     }
 }
 
-/// One reaction: a command for one aggregate.
-enum Reaction {
-    Order(OrderCommand),
-    Payment(PaymentCommand),
+/// What the flow remembers of an order.
+#[derive(sqlx::FromRow)]
+struct OrderFacts {
+    customer_id: Uuid,
+    region: String,
+    total_minor: i64,
+    currency: String,
 }
 
-impl OrderPaymentFlow {
-    pub fn new(orders: Arc<CommandBus<Order>>, payments: Arc<CommandBus<Payment>>) -> Self {
-        Self { orders, payments }
+impl OrderFlow {
+    /// The flow over one event store; `catalogue` gives the regions' rewards rates.
+    pub fn new(store: EventStoreDb, catalogue: Arc<Catalogue>) -> Self {
+        let clock = Arc::new(SystemClock);
+        Self {
+            orders: CommandBus::new(
+                store.clone(),
+                OrderServices::new(catalogue.clone(), clock.clone()),
+            ),
+            payments: CommandBus::new(store.clone(), PaymentServices::new(clock.clone())),
+            rewards: CommandBus::new(store, RewardsServices::new(clock)),
+            catalogue,
+        }
     }
 
-    /// What the flow does about one event (pure: easy to read, easy to test).
-    fn react(
+    fn context(&self, event: &FirstDelivery<'_>, step: &str) -> CommandContext {
+        let key = format!("{}/{step}", event.meta.event_id);
+        let context = CommandContext::repeatable(format!("system:{}", self.name()), &key)
+            .caused_by(event.meta.event_id);
+        match Uuid::parse_str(&event.meta.correlation_id) {
+            Ok(correlation) => context.with_correlation(correlation),
+            Err(_) => context,
+        }
+    }
+
+    async fn on_order(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
         event: &FirstDelivery<'_>,
-    ) -> Result<Option<(&'static str, Reaction)>, ProjectionError> {
-        let parse = |e: schemas::SchemaError| ProjectionError::Event(e.to_string());
-        Ok(match event.meta.aggregate_type.as_str() {
-            "order" => match event.event::<OrderEvent>().map_err(parse)? {
-                OrderEvent::OrderPlaced {
-                    customer_id, total, ..
-                } => Some((
-                    "authorize-payment",
-                    Reaction::Payment(PaymentCommand::AuthorizePayment {
-                        order_id: order_id(event)?,
-                        customer_id,
-                        amount: total,
-                        provider: DEMO_PROVIDER.to_owned(),
-                        provider_reference: format!("{DEMO_PROVIDER}-{}", event.meta.aggregate_id),
-                    }),
-                )),
-                OrderEvent::OrderDelivered { .. } => Some((
-                    "capture-payment",
-                    Reaction::Payment(PaymentCommand::CapturePayment { amount: None }),
-                )),
-                OrderEvent::OrderRejected { .. } | OrderEvent::OrderCancelled { .. } => Some((
-                    "void-payment",
-                    Reaction::Payment(PaymentCommand::VoidPayment {
-                        reason: format!("order {}", event.meta.event_type),
-                    }),
-                )),
-                _ => None,
-            },
-            "payment" => match event.event::<PaymentEvent>().map_err(parse)? {
-                PaymentEvent::PaymentAuthorized {
-                    provider_reference, ..
-                } => Some((
-                    "confirm-order",
-                    Reaction::Order(OrderCommand::ConfirmPayment {
-                        payment_reference: provider_reference,
-                    }),
-                )),
-                PaymentEvent::PaymentCaptured { .. } => Some((
-                    "complete-order",
-                    Reaction::Order(OrderCommand::CompleteOrder),
-                )),
-                _ => None,
-            },
-            _ => None,
-        })
+    ) -> Result<(), ProjectionError> {
+        let order_id = event.meta.aggregate_id.as_str();
+        match event.event::<OrderEvent>().map_err(event_error)? {
+            OrderEvent::OrderPlaced {
+                customer_id,
+                region,
+                total,
+                accept_by,
+                ..
+            } => {
+                sqlx::query(
+                    "INSERT INTO order_flow.orders \
+                       (order_id, customer_id, region, total_minor, currency, correlation_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
+                )
+                .bind(order_id)
+                .bind(customer_id.as_uuid())
+                .bind(region.as_str())
+                .bind(total.minor())
+                .bind(total.currency().as_str())
+                .bind(&event.meta.correlation_id)
+                .execute(&mut **tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO order_flow.deadlines (key, order_id, due_at, correlation_id) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(format!("{order_id}/accept-by"))
+                .bind(order_id)
+                .bind(accept_by)
+                .bind(&event.meta.correlation_id)
+                .execute(&mut **tx)
+                .await?;
+                let command = PaymentCommand::AuthorizePayment {
+                    order_id: parse_order_id(order_id)?,
+                    customer_id,
+                    amount: total,
+                    provider: DEMO_PROVIDER.to_owned(),
+                    provider_reference: format!("{DEMO_PROVIDER}-{order_id}"),
+                };
+                let step = "authorize-payment";
+                let context = self.context(event, step);
+                settle(
+                    step,
+                    self.payments.execute(order_id, command, &context).await,
+                )
+            }
+            OrderEvent::OrderAccepted { .. } => disarm(tx, order_id).await,
+            OrderEvent::OrderRejected { .. } | OrderEvent::OrderCancelled { .. } => {
+                disarm(tx, order_id).await?;
+                let command = PaymentCommand::VoidPayment {
+                    reason: format!("order {}", event.meta.event_type),
+                };
+                let step = "void-payment";
+                let context = self.context(event, step);
+                settle(
+                    step,
+                    self.payments.execute(order_id, command, &context).await,
+                )
+            }
+            OrderEvent::OrderDelivered { .. } => {
+                let step = "capture-payment";
+                let command = PaymentCommand::CapturePayment { amount: None };
+                let context = self.context(event, step);
+                settle(
+                    step,
+                    self.payments.execute(order_id, command, &context).await,
+                )
+            }
+            OrderEvent::OrderCompleted { .. } => self.earn_points(tx, event).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn earn_points(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        event: &FirstDelivery<'_>,
+    ) -> Result<(), ProjectionError> {
+        let order_id = event.meta.aggregate_id.as_str();
+        let facts: Option<OrderFacts> = sqlx::query_as(
+            "SELECT customer_id, region, total_minor, currency FROM order_flow.orders \
+             WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(facts) = facts else {
+            return Err(ProjectionError::Event(format!(
+                "order {order_id} completed but its placement was never seen"
+            )));
+        };
+        let region = RegionCode::parse(facts.region).map_err(|e| event_error(e.to_string()))?;
+        let Some(settings) = self.catalogue.regions.get(&region) else {
+            tracing::warn!(%region, "no rewards rates for the region; no points earned");
+            return Ok(());
+        };
+        let currency = Currency::parse(&facts.currency).map_err(|e| event_error(e.to_string()))?;
+        let order_total =
+            Money::new(facts.total_minor, currency).map_err(|e| event_error(e.to_string()))?;
+        let step = "earn-points";
+        let context = self.context(event, step);
+        let command = RewardsCommand::EarnPoints {
+            order_id: parse_order_id(order_id)?,
+            order_total,
+            points_per_100_minor: settings.points_per_100_minor,
+            expires_in_days: settings.points_expire_in_days,
+            idempotency_key: context.command_id.to_string(),
+        };
+        let customer = facts.customer_id.to_string();
+        settle(
+            step,
+            self.rewards.execute(&customer, command, &context).await,
+        )
+    }
+
+    async fn on_payment(&self, event: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
+        let order_id = event.meta.aggregate_id.as_str();
+        let (step, command) = match event.event::<PaymentEvent>().map_err(event_error)? {
+            PaymentEvent::PaymentAuthorized {
+                provider_reference, ..
+            } => (
+                "confirm-order",
+                OrderCommand::ConfirmPayment {
+                    payment_reference: provider_reference,
+                },
+            ),
+            PaymentEvent::PaymentCaptured { .. } => ("complete-order", OrderCommand::CompleteOrder),
+            _ => return Ok(()),
+        };
+        let context = self.context(event, step);
+        settle(step, self.orders.execute(order_id, command, &context).await)
+    }
+
+    /// Fires the accept-by deadlines that are due: each expires its order (a no-op if the store
+    /// accepted meanwhile). Deadlines live in PostgreSQL, so they fire after a restart too; rows
+    /// are claimed with `SKIP LOCKED`, so several instances share the work.
+    pub async fn fire_due_deadlines(&self, pool: &PgPool) -> Result<usize, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let due: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT key, order_id, correlation_id FROM order_flow.deadlines \
+             WHERE fired_at IS NULL AND due_at <= now() ORDER BY due_at LIMIT 100 \
+             FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for (key, order_id, correlation) in &due {
+            let mut context = CommandContext::repeatable("system:deadlines", key);
+            if let Ok(correlation) = Uuid::parse_str(correlation) {
+                context = context.with_correlation(correlation);
+            }
+            let outcome = self
+                .orders
+                .execute(order_id, OrderCommand::ExpireAcceptance, &context)
+                .await;
+            if let Err(e) = settle("expire-acceptance", outcome) {
+                tracing::warn!(error = %e, %order_id, "deadline will be retried");
+                continue;
+            }
+            sqlx::query("UPDATE order_flow.deadlines SET fired_at = now() WHERE key = $1")
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(due.len())
+    }
+
+    /// Fires due deadlines every `every` until `shutdown`.
+    pub async fn run_deadlines_until_stopped(
+        &self,
+        pool: PgPool,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match self.fire_due_deadlines(&pool).await {
+                Ok(0) => {}
+                Ok(fired) => tracing::info!(fired, "deadlines fired"),
+                Err(e) => tracing::warn!(error = %e, "deadline scheduler round failed"),
+            }
+        }
     }
 }
 
-fn order_id(event: &FirstDelivery<'_>) -> Result<domain::OrderId, ProjectionError> {
-    event.meta.aggregate_id.parse().map_err(|_| {
-        ProjectionError::Event(format!("`{}` is not an order id", event.meta.aggregate_id))
-    })
+/// Drops an order's pending accept-by deadline (the store answered, or the order is over).
+async fn disarm(
+    tx: &mut Transaction<'static, Postgres>,
+    order_id: &str,
+) -> Result<(), ProjectionError> {
+    sqlx::query("DELETE FROM order_flow.deadlines WHERE order_id = $1 AND fired_at IS NULL")
+        .bind(order_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn event_error(error: impl std::fmt::Display) -> ProjectionError {
+    ProjectionError::Event(error.to_string())
+}
+
+fn parse_order_id(raw: &str) -> Result<OrderId, ProjectionError> {
+    raw.parse()
+        .map_err(|_| ProjectionError::Event(format!("`{raw}` is not an order id")))
 }
 
 /// A rule refused the command: a legitimate outcome (the order moved on meanwhile), not a fault.
 fn settle<E: std::error::Error>(
     step: &str,
-    result: Result<crate::Committed, CommandError<E>>,
+    result: Result<Committed, CommandError<E>>,
 ) -> Result<(), ProjectionError> {
     match result {
         Ok(_) => Ok(()),
@@ -124,9 +319,9 @@ fn settle<E: std::error::Error>(
 }
 
 #[async_trait]
-impl Projection for OrderPaymentFlow {
+impl Projection for OrderFlow {
     fn name(&self) -> &'static str {
-        "order_payment_flow"
+        "order_flow"
     }
 
     fn aggregate_types(&self) -> &'static [&'static str] {
@@ -134,33 +329,18 @@ impl Projection for OrderPaymentFlow {
     }
 
     fn schema_sql(&self) -> &'static str {
-        // Only the runtime's bookkeeping: the flow keeps no read model.
-        "SELECT 1"
+        include_str!("../sql/order_flow.sql")
     }
 
     async fn apply(
         &self,
-        _tx: &mut Transaction<'static, Postgres>,
+        tx: &mut Transaction<'static, Postgres>,
         event: FirstDelivery<'_>,
     ) -> Result<(), ProjectionError> {
-        let Some((step, reaction)) = Self::react(&event)? else {
-            return Ok(());
-        };
-        let key = format!("{}/{step}", event.meta.event_id);
-        let mut context = CommandContext::repeatable(format!("system:{}", self.name()), &key)
-            .caused_by(event.meta.event_id);
-        if let Ok(correlation) = Uuid::parse_str(&event.meta.correlation_id) {
-            context = context.with_correlation(correlation);
-        }
-        // Both aggregates are keyed by the order id.
-        let id = event.meta.aggregate_id.as_str();
-        match reaction {
-            Reaction::Order(command) => {
-                settle(step, self.orders.execute(id, command, &context).await)
-            }
-            Reaction::Payment(command) => {
-                settle(step, self.payments.execute(id, command, &context).await)
-            }
+        match event.meta.aggregate_type.as_str() {
+            "order" => self.on_order(tx, &event).await,
+            "payment" => self.on_payment(&event).await,
+            _ => Ok(()),
         }
     }
 }

@@ -49,6 +49,20 @@ pub struct RegionSettings {
     pub accept_within_minutes: u32,
     /// Days after delivery during which an order can be rated.
     pub rating_window_days: u32,
+    /// Rewards points earned per 100 minor units of a completed order's total (default 1).
+    #[serde(default = "default_points_rate")]
+    pub points_per_100_minor: u32,
+    /// Days until earned points expire (default 365).
+    #[serde(default = "default_points_expiry")]
+    pub points_expire_in_days: u32,
+}
+
+const fn default_points_rate() -> u32 {
+    1
+}
+
+const fn default_points_expiry() -> u32 {
+    365
 }
 
 /// One option of a menu item (size, extra topping) with its surcharge.
@@ -78,6 +92,18 @@ pub struct MenuItem {
 pub struct Catalogue {
     pub regions: BTreeMap<RegionCode, RegionSettings>,
     pub items: BTreeMap<MenuItemId, MenuItem>,
+}
+
+impl Catalogue {
+    /// Parses a catalogue from its JSON form (the shape of `domain/catalogue/demo.json`).
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The demo catalogue: three regions and a small pizza menu, for development and tests.
+    pub fn demo() -> Result<Self, serde_json::Error> {
+        Self::from_json(include_str!("../catalogue/demo.json"))
+    }
 }
 
 /// A line as the customer asks for it.

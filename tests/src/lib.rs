@@ -171,9 +171,24 @@ impl TestEnv {
 
     /// The API on an ephemeral port; returns its base URL.
     pub async fn start_api(&self) -> (String, Running) {
+        self.start_api_with(ApiConfig::default()).await
+    }
+
+    /// The API with the test catalogue (`tests/fixtures/catalogue.json`): the demo menu plus a
+    /// region `test-fast` whose stores must accept at once (an accept-by deadline due now).
+    pub async fn start_api_with_test_catalogue(&self) -> (String, Running) {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/catalogue.json");
+        self.start_api_with(ApiConfig {
+            catalogue_path: Some(path.to_owned()),
+            ..ApiConfig::default()
+        })
+        .await
+    }
+
+    async fn start_api_with(&self, config: ApiConfig) -> (String, Running) {
         let config = ApiConfig {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..ApiConfig::default()
+            ..config
         };
         let server = ApiServer::build(
             config,

@@ -1,27 +1,40 @@
-//! The order ⇄ payment process manager over the real pipeline: an order placed over HTTP gets
-//! its payment authorized and is confirmed, and once delivered its payment is captured with an
-//! invoice and the order completes, with no other calls than a store and a courier make.
+//! The order flow process manager over the real pipeline: an order placed over HTTP gets its
+//! payment authorized and is confirmed, and once delivered its payment is captured with an
+//! invoice, the order completes and the customer earns points, with no other calls than a store
+//! and a courier make. Cancelled at any stage, or not accepted in time, its payment is voided
+//! and no points move.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use backbone_tests::Running;
 use backbone_tests::{eventually, order_request, TestEnv};
-use commands::process::OrderPaymentFlow;
-use commands::CommandBus;
-use domain::payment::PaymentServices;
-use domain::services::SystemClock;
+use commands::process::OrderFlow;
+use domain::services::Catalogue;
 use projections::TrackingProjection;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn flow(env: &TestEnv) -> Arc<OrderPaymentFlow> {
-    let payments = CommandBus::new(
-        env.store.clone(),
-        PaymentServices::new(Arc::new(SystemClock)),
-    );
-    Arc::new(OrderPaymentFlow::new(env.orders(), Arc::new(payments)))
+fn flow(env: &TestEnv) -> Arc<OrderFlow> {
+    let catalogue = Catalogue::demo().expect("demo catalogue");
+    Arc::new(OrderFlow::new(env.store.clone(), Arc::new(catalogue)))
+}
+
+/// The process manager and its deadline scheduler, as the `process-manager` binary runs them.
+async fn start_flow(env: &TestEnv) -> (Running, Running) {
+    let flow = flow(env);
+    let manager = env.start_projector(flow.clone()).await;
+    let token = CancellationToken::new();
+    let (pool, stop) = (env.pool().clone(), token.clone());
+    let handle = tokio::spawn(async move {
+        flow.run_deadlines_until_stopped(pool, Duration::from_millis(100), stop)
+            .await;
+        Ok(())
+    });
+    (manager, Running { token, handle })
 }
 
 async fn status(client: &reqwest::Client, api: &str, order_id: &str) -> Option<String> {
@@ -75,15 +88,16 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
     let env = TestEnv::start("flow").await;
     let relay = env.start_relay().await;
     let tracking = env.start_projector(Arc::new(TrackingProjection)).await;
-    let manager = env.start_projector(flow(&env)).await;
+    let (manager, deadlines) = start_flow(&env).await;
     let (api, server) = env.start_api().await;
     let client = reqwest::Client::new();
 
     let correlation = Uuid::new_v4();
+    let customer = Uuid::new_v4();
     let placed: Value = client
         .post(format!("{api}/orders"))
         .header("x-correlation-id", correlation.to_string())
-        .json(&order_request(Uuid::new_v4()))
+        .json(&order_request(customer))
         .send()
         .await
         .expect("placed")
@@ -145,53 +159,162 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
         .expect("confirmed");
     assert_eq!(confirmed.2, authorized_id.to_string());
 
+    // The customer earned points at the region's rate (uk: 5 points per 100 minor units).
+    let total = placed_total(&env, &order_id).await;
+    let points = eventually(WAIT, "points to be earned", || async {
+        points_of(&env, &customer).await.0.filter(|p| *p > 0)
+    })
+    .await;
+    assert_eq!(points, total * 5 / 100);
+
     server.stop().await.expect("api stops");
+    deadlines.stop().await.expect("scheduler stops");
     manager.stop().await.expect("process manager stops");
     tracking.stop().await.expect("tracking stops");
     relay.stop().await.expect("relay stops");
     env.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_cancelled_order_has_its_payment_voided() {
-    let env = TestEnv::start("flowcancel").await;
-    let relay = env.start_relay().await;
-    let tracking = env.start_projector(Arc::new(TrackingProjection)).await;
-    let manager = env.start_projector(flow(&env)).await;
-    let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+/// (points earned, points redeemed) in a customer's rewards ledger; `None` if it has no events.
+async fn points_of(env: &TestEnv, customer: &Uuid) -> (Option<i64>, i64) {
+    let (events, earned): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum((payload->'PointsEarned'->>'points')::bigint), 0)::bigint \
+         FROM events WHERE aggregate_type = 'rewards' AND aggregate_id = $1",
+    )
+    .bind(customer.to_string())
+    .fetch_one(env.pool())
+    .await
+    .expect("ledger");
+    ((events > 0).then_some(earned), 0)
+}
 
+async fn placed_total(env: &TestEnv, order_id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (payload->'OrderPlaced'->'total'->>'minor')::bigint FROM events \
+         WHERE aggregate_type = 'order' AND aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(order_id)
+    .fetch_one(env.pool())
+    .await
+    .expect("placed")
+}
+
+async fn place(client: &reqwest::Client, api: &str, customer: Uuid) -> String {
     let placed: Value = client
         .post(format!("{api}/orders"))
-        .json(&order_request(Uuid::new_v4()))
+        .json(&order_request(customer))
         .send()
         .await
         .expect("placed")
         .json()
         .await
         .expect("json");
-    let order_id = placed["order_id"].as_str().expect("id").to_owned();
-    wait_for_status(&client, &api, &order_id, "Confirmed").await;
+    placed["order_id"].as_str().expect("id").to_owned()
+}
+
+async fn payment_ends_voided(env: &TestEnv, order_id: &str) {
+    let types = eventually(
+        WAIT,
+        &format!("the payment of {order_id} to be voided"),
+        || async {
+            let types: Vec<String> = history(env, "payment", order_id)
+                .await
+                .into_iter()
+                .map(|(t, ..)| t)
+                .collect();
+            (types.last().map(String::as_str) == Some("PaymentVoided")).then_some(types)
+        },
+    )
+    .await;
+    assert_eq!(types, ["PaymentAuthorized", "PaymentVoided"], "{order_id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_cancelled_at_any_stage_or_not_accepted_in_time_has_its_payment_voided() {
+    let env = TestEnv::start("flowcancel").await;
+    let relay = env.start_relay().await;
+    let tracking = env.start_projector(Arc::new(TrackingProjection)).await;
+    let (api, server) = env.start_api_with_test_catalogue().await;
+    let client = reqwest::Client::new();
+    let cancel = json!({"action": "cancel", "by": "Customer", "reason": "changed my mind"});
+
+    // Before payment: cancelled while the process manager is not even running.
+    let customers: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let before_payment = place(&client, &api, customers[0]).await;
+    act(&client, &api, &before_payment, cancel.clone()).await;
+    let (manager, deadlines) = start_flow(&env).await;
+
+    // After payment.
+    let after_payment = place(&client, &api, customers[1]).await;
+    wait_for_status(&client, &api, &after_payment, "Confirmed").await;
+    act(&client, &api, &after_payment, cancel.clone()).await;
+
+    // After the store accepted.
+    let after_acceptance = place(&client, &api, customers[2]).await;
+    wait_for_status(&client, &api, &after_acceptance, "Confirmed").await;
     act(
         &client,
         &api,
-        &order_id,
-        json!({"action": "cancel", "by": "Customer", "reason": "changed my mind"}),
+        &after_acceptance,
+        json!({"action": "accept", "estimated_preparation_minutes": 10}),
     )
     .await;
+    act(&client, &api, &after_acceptance, cancel).await;
 
-    let types = eventually(WAIT, "the payment to be voided", || async {
-        let types: Vec<String> = history(&env, "payment", &order_id)
-            .await
-            .into_iter()
-            .map(|(t, ..)| t)
-            .collect();
-        (types.last().map(String::as_str) == Some("PaymentVoided")).then_some(types)
-    })
-    .await;
-    assert_eq!(types, ["PaymentAuthorized", "PaymentVoided"]);
+    // Not accepted in time (region `test-fast`: due at once), with the deadline armed while
+    // no scheduler runs: it is durable and fires once a scheduler starts again.
+    deadlines.stop().await.expect("scheduler stops");
+    let mut request = order_request(customers[3]);
+    request["region"] = json!("test-fast");
+    let placed: Value = client
+        .post(format!("{api}/orders"))
+        .json(&request)
+        .send()
+        .await
+        .expect("placed")
+        .json()
+        .await
+        .expect("json");
+    let timed_out = placed["order_id"].as_str().expect("id").to_owned();
+    wait_for_status(&client, &api, &timed_out, "Confirmed").await;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM order_flow.deadlines \
+         WHERE order_id = $1 AND fired_at IS NULL AND due_at <= now()",
+    )
+    .bind(&timed_out)
+    .fetch_one(env.pool())
+    .await
+    .expect("deadline");
+    assert_eq!(pending, 1, "the accept-by deadline is armed and due");
+    let (restarted, deadlines) = start_flow(&env).await;
+    manager.stop().await.expect("first process manager stops");
+    let manager = restarted;
+
+    for order_id in [
+        &before_payment,
+        &after_payment,
+        &after_acceptance,
+        &timed_out,
+    ] {
+        wait_for_status(&client, &api, order_id, "Cancelled").await;
+        payment_ends_voided(&env, order_id).await;
+    }
+    let cancelled_by: String = sqlx::query_scalar(
+        "SELECT payload->'OrderCancelled'->>'cancelled_by' FROM events \
+         WHERE aggregate_type = 'order' AND aggregate_id = $1 AND event_type = 'OrderCancelled'",
+    )
+    .bind(&timed_out)
+    .fetch_one(env.pool())
+    .await
+    .expect("cancelled");
+    assert_eq!(cancelled_by, "System");
+    // No money was captured and no points moved for any of them.
+    for customer in &customers {
+        assert_eq!(points_of(&env, customer).await, (None, 0));
+    }
 
     server.stop().await.expect("api stops");
+    deadlines.stop().await.expect("scheduler stops");
     manager.stop().await.expect("process manager stops");
     tracking.stop().await.expect("tracking stops");
     relay.stop().await.expect("relay stops");

@@ -1,14 +1,15 @@
-//! The process manager process: links orders and payments. Configuration: `DATABASE_URL`,
-//! `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*` (it runs on the projector runtime, consumer
-//! group `<prefix>order_payment_flow`), `METRICS_LISTEN`.
+//! The process manager process: the order flow (orders ⇄ payments ⇄ rewards) and its deadline
+//! scheduler. Configuration: `DATABASE_URL`, `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*` (it
+//! runs on the projector runtime, consumer group `<prefix>order_flow`), `CATALOGUE_PATH`
+//! (regions' rewards rates; default: the built-in demo catalogue), `METRICS_LISTEN`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use commands::process::OrderPaymentFlow;
-use commands::{CommandBus, EventStoreDb};
-use domain::payment::PaymentServices;
-use domain::services::{Catalogue, OrderServices, SystemClock};
+use commands::process::OrderFlow;
+use commands::EventStoreDb;
+use domain::services::Catalogue;
 use projections::{Projector, ProjectorConfig};
 use streams::process::{connect_from_env, init_tracing, serve_metrics_from_env, shutdown_token};
 
@@ -17,29 +18,37 @@ async fn main() -> anyhow::Result<()> {
     init_tracing();
     serve_metrics_from_env()?;
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
+    let catalogue = catalogue()?;
     let connections = connect_from_env(8).await?;
     let db = EventStoreDb::with_pool(connections.pool).await?;
-    let flow = flow(&db);
+    let flow = Arc::new(OrderFlow::new(db.clone(), Arc::new(catalogue)));
     let projector = Projector::new(
-        Arc::new(flow),
+        flow.clone(),
         db.pool().clone(),
         &connections.kafka,
         &connections.registry,
         config,
     )
     .await?;
-    projector.run_until_stopped(shutdown_token()).await?;
+    let shutdown = shutdown_token();
+    let deadlines = {
+        let (flow, pool, shutdown) = (flow.clone(), db.pool().clone(), shutdown.clone());
+        tokio::spawn(async move {
+            flow.run_deadlines_until_stopped(pool, Duration::from_secs(1), shutdown)
+                .await;
+        })
+    };
+    projector.run_until_stopped(shutdown.clone()).await?;
+    shutdown.cancel();
+    deadlines.await?;
     Ok(())
 }
 
-/// The flow's command buses. The order bus never prices here (the flow does not place
-/// orders), so it gets an empty catalogue.
-fn flow(db: &EventStoreDb) -> OrderPaymentFlow {
-    let clock = Arc::new(SystemClock);
-    let orders = CommandBus::new(
-        db.clone(),
-        OrderServices::new(Arc::new(Catalogue::default()), clock.clone()),
-    );
-    let payments = CommandBus::new(db.clone(), PaymentServices::new(clock));
-    OrderPaymentFlow::new(Arc::new(orders), Arc::new(payments))
+fn catalogue() -> anyhow::Result<Catalogue> {
+    Ok(match std::env::var("CATALOGUE_PATH") {
+        Ok(path) => Catalogue::from_json(
+            &std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?,
+        )?,
+        Err(_) => Catalogue::demo()?,
+    })
 }

@@ -37,6 +37,8 @@ fn catalogue() -> Catalogue {
             delivery_fee_minor: 250,
             accept_within_minutes: 11,
             rating_window_days: 7,
+            points_per_100_minor: 5,
+            points_expire_in_days: 365,
         },
     );
     let mut items = BTreeMap::new();
