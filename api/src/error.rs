@@ -116,3 +116,42 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// A business-rule error of an aggregate, as the API needs to classify it.
+pub trait RuleViolation: std::error::Error {
+    /// The aggregate does not exist (404).
+    fn is_not_found(&self) -> bool;
+    /// The command conflicts with the aggregate's current state (409); otherwise it is invalid
+    /// in itself (422).
+    fn is_state_conflict(&self) -> bool;
+}
+
+impl RuleViolation for domain::order::OrderError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::NotFound)
+    }
+    fn is_state_conflict(&self) -> bool {
+        Self::is_state_conflict(self)
+    }
+}
+
+impl RuleViolation for domain::delivery::DeliveryError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::NotFound)
+    }
+    fn is_state_conflict(&self) -> bool {
+        Self::is_state_conflict(self)
+    }
+}
+
+/// The problem for a command that was not committed.
+pub fn command_error<E: RuleViolation>(error: commands::CommandError<E>) -> ApiError {
+    use commands::CommandError;
+    match error {
+        CommandError::Rejected(e) if e.is_not_found() => ApiError::NotFound(e.to_string()),
+        CommandError::Rejected(e) if e.is_state_conflict() => ApiError::Conflict(e.to_string()),
+        CommandError::Rejected(e) => ApiError::Unprocessable(e.to_string()),
+        e @ CommandError::Contended { .. } => ApiError::Conflict(e.to_string()),
+        CommandError::Store(e) => ApiError::internal(e),
+    }
+}

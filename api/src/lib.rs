@@ -1,7 +1,7 @@
 //! # api: the HTTP face of the backbone
 //!
 //! Commands in (`POST /orders`, `POST /orders/{id}/actions`), read models out
-//! (`GET /orders/{id}/tracking`), an OpenAPI document (`/openapi.json`), Prometheus metrics
+//! (`GET /orders/{id}/tracking`), delivery steps (`POST /deliveries/{order_id}/actions`), an OpenAPI document (`/openapi.json`), Prometheus metrics
 //! (`/metrics`) and health (`/health/live`, `/health/ready`). Every client mistake is answered
 //! with an `application/problem+json` document ([`error`]).
 //!
@@ -9,6 +9,7 @@
 //! `TryFrom`), run through `commands`, and the views are read from the tables that
 //! `projections` keeps.
 
+pub mod deliveries;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -23,6 +24,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use commands::{CommandBus, EventStoreDb};
+use domain::delivery::{Delivery, DeliveryServices};
 use domain::order::Order;
 use domain::services::{Catalogue, OrderServices, SystemClock};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -102,6 +104,7 @@ impl ApiConfig {
 #[derive(Clone)]
 pub struct AppState {
     pub orders: Arc<CommandBus<Order>>,
+    pub deliveries: Arc<CommandBus<Delivery>>,
     pub pool: PgPool,
     pub health: Arc<health::Dependencies>,
     pub read_your_writes_wait: Duration,
@@ -163,6 +166,10 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .route("/orders", post(orders::place_order))
         .route("/orders/{order_id}/actions", post(orders::act_on_order))
         .route("/orders/{order_id}/tracking", get(orders::tracking))
+        .route(
+            "/deliveries/{order_id}/actions",
+            post(deliveries::act_on_delivery),
+        )
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_endpoint))
         .route("/health/live", get(health::live))
@@ -206,11 +213,13 @@ impl ApiServer {
     ) -> Result<Self, StartError> {
         let db = EventStoreDb::connect(&store).await?;
         let catalogue = config.catalogue().map_err(StartError::Config)?;
-        let services = OrderServices::new(Arc::new(catalogue), Arc::new(SystemClock));
+        let clock = Arc::new(SystemClock);
+        let services = OrderServices::new(Arc::new(catalogue), clock.clone());
         let pool = db.pool().clone();
         projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
         let state = AppState {
-            orders: Arc::new(CommandBus::new(db, services)),
+            orders: Arc::new(CommandBus::new(db.clone(), services)),
+            deliveries: Arc::new(CommandBus::new(db, DeliveryServices::new(clock))),
             health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),
             pool,
             read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),

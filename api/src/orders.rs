@@ -6,15 +6,15 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
-use commands::{CommandContext, CommandError, Committed};
-use domain::order::{CancelledBy, DeliveryAddress, OrderCommand, OrderError, RejectionReason};
+use commands::{CommandContext, Committed};
+use domain::order::{CancelledBy, DeliveryAddress, OrderCommand, RejectionReason};
 use domain::services::RequestedLine;
 use domain::{CustomerId, MenuItemId, OrderId, RegionCode, StoreId};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::error::{ApiError, Problem};
+use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams, QueryParams};
 use crate::AppState;
 
@@ -156,7 +156,7 @@ pub struct OrderAccepted {
     pub events: Vec<String>,
 }
 
-fn context(headers: &HeaderMap, actor: String) -> CommandContext {
+pub(crate) fn context(headers: &HeaderMap, actor: String) -> CommandContext {
     let context = CommandContext::new(actor);
     match headers
         .get(CORRELATION_HEADER)
@@ -168,19 +168,7 @@ fn context(headers: &HeaderMap, actor: String) -> CommandContext {
     }
 }
 
-fn order_error(error: CommandError<OrderError>) -> ApiError {
-    match error {
-        CommandError::Rejected(OrderError::NotFound) => {
-            ApiError::NotFound("no order with this id; place the order first".to_owned())
-        }
-        CommandError::Rejected(e) if e.is_state_conflict() => ApiError::Conflict(e.to_string()),
-        CommandError::Rejected(e) => ApiError::Unprocessable(e.to_string()),
-        e @ CommandError::Contended { .. } => ApiError::Conflict(e.to_string()),
-        CommandError::Store(e) => ApiError::internal(e),
-    }
-}
-
-fn accepted(order_id: OrderId, committed: Committed) -> OrderAccepted {
+pub(crate) fn accepted(order_id: OrderId, committed: Committed) -> OrderAccepted {
     OrderAccepted {
         order_id: order_id.as_uuid(),
         position: Position {
@@ -215,7 +203,7 @@ pub async fn place_order(
         .orders
         .execute(&order_id.to_string(), command, &context(&headers, actor))
         .await
-        .map_err(order_error)?;
+        .map_err(command_error)?;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/orders/{order_id}/tracking"))],
@@ -223,7 +211,7 @@ pub async fn place_order(
     ))
 }
 
-fn parse_order_id(raw: &str) -> Result<OrderId, ApiError> {
+pub(crate) fn parse_order_id(raw: &str) -> Result<OrderId, ApiError> {
     raw.parse()
         .map_err(|_| ApiError::BadRequest(format!("`{raw}` is not an order id (a UUID)")))
 }
@@ -360,12 +348,15 @@ pub async fn act_on_order(
         .orders
         .execute(&order_id.to_string(), command, &context)
         .await
-        .map_err(order_error)?;
+        .map_err(command_error)?;
     Ok(axum::Json(accepted(order_id, committed)))
 }
 
 /// The correlation id the order was placed with.
-async fn order_correlation(state: &AppState, order_id: OrderId) -> Result<Option<Uuid>, ApiError> {
+pub(crate) async fn order_correlation(
+    state: &AppState,
+    order_id: OrderId,
+) -> Result<Option<Uuid>, ApiError> {
     let correlation: Option<String> = sqlx::query_scalar(
         "SELECT metadata->>'correlation_id' FROM events \
          WHERE aggregate_type = 'order' AND aggregate_id = $1 AND sequence = 1",

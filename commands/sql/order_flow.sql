@@ -22,4 +22,9 @@ CREATE TABLE IF NOT EXISTS order_flow.deadlines
     fired_at       timestamptz
 );
 
+-- Where the order is picked up and delivered (added after the first release of the table).
+ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS store_id uuid;
+ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS dropoff_latitude double precision;
+ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS dropoff_longitude double precision;
+
 CREATE INDEX IF NOT EXISTS deadlines_due ON order_flow.deadlines (due_at) WHERE fired_at IS NULL;

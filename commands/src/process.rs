@@ -14,6 +14,9 @@
 //! - accept-by deadline passed (durable, see [`OrderFlow::fire_due_deadlines`]) → expire the
 //!   order, which cancels it if the store has not accepted;
 //! - order rejected or cancelled → void the payment;
+//! - order accepted → request a delivery from the store to the customer, with the store's
+//!   preparation estimate and the region's courier speed (the delivery publishes its ETA);
+//! - delivery picked up → the order is out for delivery; delivered → the order is delivered;
 //! - order delivered → capture the payment; payment captured → complete the order;
 //! - order completed → earn points at the region's rate.
 
@@ -21,11 +24,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use domain::delivery::{Delivery, DeliveryCommand, DeliveryEvent, DeliveryServices, GeoPoint};
 use domain::order::{Order, OrderCommand, OrderEvent};
 use domain::payment::{Payment, PaymentCommand, PaymentEvent, PaymentServices};
 use domain::rewards::{RewardsCommand, RewardsLedger, RewardsServices};
 use domain::services::{Catalogue, OrderServices, SystemClock};
-use domain::{Currency, Money, OrderId, RegionCode};
+use domain::{Currency, Money, OrderId, RegionCode, StoreId};
 use projections::{FirstDelivery, Projection, ProjectionError};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
@@ -43,6 +47,7 @@ pub const DEMO_PROVIDER: &str = "demo";
 pub struct OrderFlow {
     orders: CommandBus<Order>,
     payments: CommandBus<Payment>,
+    deliveries: CommandBus<Delivery>,
     rewards: CommandBus<RewardsLedger>,
     catalogue: Arc<Catalogue>,
 }
@@ -60,6 +65,9 @@ struct OrderFacts {
     region: String,
     total_minor: i64,
     currency: String,
+    store_id: Option<Uuid>,
+    dropoff_latitude: Option<f64>,
+    dropoff_longitude: Option<f64>,
 }
 
 impl OrderFlow {
@@ -72,6 +80,7 @@ impl OrderFlow {
                 OrderServices::new(catalogue.clone(), clock.clone()),
             ),
             payments: CommandBus::new(store.clone(), PaymentServices::new(clock.clone())),
+            deliveries: CommandBus::new(store.clone(), DeliveryServices::new(clock.clone())),
             rewards: CommandBus::new(store, RewardsServices::new(clock)),
             catalogue,
         }
@@ -96,15 +105,18 @@ impl OrderFlow {
         match event.event::<OrderEvent>().map_err(event_error)? {
             OrderEvent::OrderPlaced {
                 customer_id,
+                store_id,
                 region,
                 total,
                 accept_by,
+                delivery_address,
                 ..
             } => {
                 sqlx::query(
                     "INSERT INTO order_flow.orders \
-                       (order_id, customer_id, region, total_minor, currency, correlation_id) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
+                       (order_id, customer_id, region, total_minor, currency, correlation_id, \
+                        store_id, dropoff_latitude, dropoff_longitude) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (order_id) DO NOTHING",
                 )
                 .bind(order_id)
                 .bind(customer_id.as_uuid())
@@ -112,6 +124,9 @@ impl OrderFlow {
                 .bind(total.minor())
                 .bind(total.currency().as_str())
                 .bind(&event.meta.correlation_id)
+                .bind(store_id.as_uuid())
+                .bind(delivery_address.latitude)
+                .bind(delivery_address.longitude)
                 .execute(&mut **tx)
                 .await?;
                 sqlx::query(
@@ -138,7 +153,15 @@ impl OrderFlow {
                     self.payments.execute(order_id, command, &context).await,
                 )
             }
-            OrderEvent::OrderAccepted { .. } => disarm(tx, order_id).await,
+            OrderEvent::OrderAccepted {
+                estimated_preparation_minutes,
+                accepted_at,
+            } => {
+                disarm(tx, order_id).await?;
+                let ready_at = accepted_at
+                    + chrono::Duration::minutes(i64::from(estimated_preparation_minutes));
+                self.request_delivery(tx, event, ready_at).await
+            }
             OrderEvent::OrderRejected { .. } | OrderEvent::OrderCancelled { .. } => {
                 disarm(tx, order_id).await?;
                 let command = PaymentCommand::VoidPayment {
@@ -165,24 +188,89 @@ impl OrderFlow {
         }
     }
 
+    async fn facts(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        order_id: &str,
+    ) -> Result<OrderFacts, ProjectionError> {
+        let facts: Option<OrderFacts> = sqlx::query_as(
+            "SELECT customer_id, region, total_minor, currency, store_id, dropoff_latitude, \
+                    dropoff_longitude \
+             FROM order_flow.orders WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        facts.ok_or_else(|| {
+            ProjectionError::Event(format!(
+                "order {order_id} moved on but its placement was never seen"
+            ))
+        })
+    }
+
+    async fn request_delivery(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        event: &FirstDelivery<'_>,
+        preparation_ready_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), ProjectionError> {
+        let order_id = event.meta.aggregate_id.as_str();
+        let facts = self.facts(tx, order_id).await?;
+        let region = RegionCode::parse(facts.region).map_err(event_error)?;
+        let store = facts.store_id.map(StoreId::from_uuid);
+        let (Some(store_id), Some(store), Some(settings)) = (
+            store,
+            store.and_then(|s| self.catalogue.stores.get(&s)),
+            self.catalogue.regions.get(&region),
+        ) else {
+            tracing::warn!(%order_id, "store or region not in the catalogue; no delivery requested");
+            return Ok(());
+        };
+        let pickup = GeoPoint::new(store.latitude, store.longitude).map_err(event_error)?;
+        let dropoff = GeoPoint::new(
+            facts.dropoff_latitude.unwrap_or_default(),
+            facts.dropoff_longitude.unwrap_or_default(),
+        )
+        .map_err(event_error)?;
+        let command = DeliveryCommand::RequestDelivery {
+            order_id: parse_order_id(order_id)?,
+            store_id,
+            region,
+            pickup,
+            dropoff,
+            preparation_ready_at,
+            average_speed_kmh: settings.courier_speed_kmh,
+        };
+        let step = "request-delivery";
+        let context = self.context(event, step);
+        settle(
+            step,
+            self.deliveries.execute(order_id, command, &context).await,
+        )
+    }
+
+    async fn on_delivery(&self, event: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
+        let order_id = event.meta.aggregate_id.as_str();
+        let (step, command) = match event.event::<DeliveryEvent>().map_err(event_error)? {
+            DeliveryEvent::PickedUpAtStore { .. } => {
+                ("hand-to-courier", OrderCommand::HandToCourier)
+            }
+            DeliveryEvent::DeliveredToCustomer { .. } => {
+                ("mark-delivered", OrderCommand::MarkDelivered)
+            }
+            _ => return Ok(()),
+        };
+        let context = self.context(event, step);
+        settle(step, self.orders.execute(order_id, command, &context).await)
+    }
+
     async fn earn_points(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         event: &FirstDelivery<'_>,
     ) -> Result<(), ProjectionError> {
         let order_id = event.meta.aggregate_id.as_str();
-        let facts: Option<OrderFacts> = sqlx::query_as(
-            "SELECT customer_id, region, total_minor, currency FROM order_flow.orders \
-             WHERE order_id = $1",
-        )
-        .bind(order_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-        let Some(facts) = facts else {
-            return Err(ProjectionError::Event(format!(
-                "order {order_id} completed but its placement was never seen"
-            )));
-        };
+        let facts = self.facts(tx, order_id).await?;
         let region = RegionCode::parse(facts.region).map_err(|e| event_error(e.to_string()))?;
         let Some(settings) = self.catalogue.regions.get(&region) else {
             tracing::warn!(%region, "no rewards rates for the region; no points earned");
@@ -325,7 +413,7 @@ impl Projection for OrderFlow {
     }
 
     fn aggregate_types(&self) -> &'static [&'static str] {
-        &["order", "payment"]
+        &["order", "payment", "delivery"]
     }
 
     fn schema_sql(&self) -> &'static str {
@@ -340,6 +428,7 @@ impl Projection for OrderFlow {
         match event.meta.aggregate_type.as_str() {
             "order" => self.on_order(tx, &event).await,
             "payment" => self.on_payment(&event).await,
+            "delivery" => self.on_delivery(&event).await,
             _ => Ok(()),
         }
     }

@@ -55,6 +55,13 @@ pub struct RegionSettings {
     /// Days until earned points expire (default 365).
     #[serde(default = "default_points_expiry")]
     pub points_expire_in_days: u32,
+    /// Average courier speed for delivery estimates, km/h (default 15).
+    #[serde(default = "default_courier_speed")]
+    pub courier_speed_kmh: u32,
+}
+
+const fn default_courier_speed() -> u32 {
+    15
 }
 
 const fn default_points_rate() -> u32 {
@@ -86,12 +93,25 @@ pub struct MenuItem {
     pub available: bool,
 }
 
-/// Items and regions: what can be ordered where, and at what price.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A store: where couriers pick its orders up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    pub name: String,
+    pub region: RegionCode,
+    /// WGS84 degrees.
+    pub latitude: f64,
+    pub longitude: f64,
+}
+
+/// Items, regions and stores: what can be ordered where, at what price, and picked up where.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Catalogue {
     pub regions: BTreeMap<RegionCode, RegionSettings>,
     pub items: BTreeMap<MenuItemId, MenuItem>,
+    #[serde(default)]
+    pub stores: BTreeMap<crate::StoreId, StoreSettings>,
 }
 
 impl Catalogue {

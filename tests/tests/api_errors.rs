@@ -153,6 +153,26 @@ async fn client_mistakes_are_answered_with_problem_documents_never_500() {
         .expect("sent");
     assert_eq!(problem(response).await.0, 422);
 
+    // Deliveries: none exists for an order until the store accepts it; bad coordinates are
+    // invalid values.
+    let response = client
+        .post(format!("{api}/deliveries/{order_id}/actions"))
+        .json(&json!({"action": "pick_up"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 404);
+    let response = client
+        .post(format!("{api}/deliveries/{order_id}/actions"))
+        .json(
+            &json!({"action": "update_location", "latitude": 91.0, "longitude": 0.0,
+                      "device_time": "2026-11-21T18:00:00Z"}),
+        )
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 422);
+
     // Nothing above appended an event except the one placement.
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(env.pool())

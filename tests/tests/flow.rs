@@ -66,6 +66,16 @@ async fn act(client: &reqwest::Client, api: &str, order_id: &str, action: Value)
     assert_eq!(response.status().as_u16(), 200, "{action}");
 }
 
+async fn deliver(client: &reqwest::Client, api: &str, order_id: &str, action: Value) {
+    let response = client
+        .post(format!("{api}/deliveries/{order_id}/actions"))
+        .json(&action)
+        .send()
+        .await
+        .expect("action sent");
+    assert_eq!(response.status().as_u16(), 200, "{action}");
+}
+
 /// (event type, correlation id, causation id, event id) of an aggregate's events, in order.
 async fn history(
     env: &TestEnv,
@@ -109,19 +119,76 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
     // The process manager authorizes the payment and confirms the order.
     wait_for_status(&client, &api, &order_id, "Confirmed").await;
 
-    // The store and the courier do their part.
+    // The store does its part; accepting makes the flow request a delivery.
     for action in [
         json!({"action": "accept", "estimated_preparation_minutes": 10}),
         json!({"action": "start_preparation"}),
         json!({"action": "mark_ready"}),
-        json!({"action": "hand_to_courier"}),
-        json!({"action": "mark_delivered"}),
     ] {
         act(&client, &api, &order_id, action).await;
+    }
+    // Dispatch assigns a courier as soon as the delivery exists; the courier picks up and
+    // hands over. The flow moves the order along.
+    let courier = Uuid::new_v4();
+    eventually(WAIT, "the delivery to be requested", || async {
+        let response = client
+            .post(format!("{api}/deliveries/{order_id}/actions"))
+            .json(&json!({"action": "assign_courier", "courier_id": courier}))
+            .send()
+            .await
+            .ok()?;
+        (response.status().as_u16() == 200).then_some(())
+    })
+    .await;
+    for action in [json!({"action": "pick_up"}), json!({"action": "deliver"})] {
+        deliver(&client, &api, &order_id, action).await;
     }
 
     // Delivered → payment captured → order completed.
     wait_for_status(&client, &api, &order_id, "Completed").await;
+    let delivery: Vec<String> = history(&env, "delivery", &order_id)
+        .await
+        .into_iter()
+        .map(|(t, ..)| t)
+        .collect();
+    for expected in [
+        "DeliveryRequested",
+        "EtaUpdated",
+        "CourierAssigned",
+        "PickedUpAtStore",
+        "DeliveredToCustomer",
+    ] {
+        assert!(
+            delivery.iter().any(|t| t == expected),
+            "{expected} in {delivery:?}"
+        );
+    }
+    let timeline: Vec<String> = client
+        .get(format!("{api}/orders/{order_id}/tracking"))
+        .send()
+        .await
+        .expect("tracking")
+        .json::<Value>()
+        .await
+        .expect("json")["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .map(|e| e["status"].as_str().expect("status").to_owned())
+        .collect();
+    assert_eq!(
+        timeline,
+        [
+            "Placed",
+            "Confirmed",
+            "Accepted",
+            "Preparing",
+            "Ready",
+            "OutForDelivery",
+            "Delivered",
+            "Completed"
+        ]
+    );
 
     let payment = history(&env, "payment", &order_id).await;
     let types: Vec<&str> = payment.iter().map(|(t, ..)| t.as_str()).collect();

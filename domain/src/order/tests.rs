@@ -39,6 +39,7 @@ fn catalogue() -> Catalogue {
             rating_window_days: 7,
             points_per_100_minor: 5,
             points_expire_in_days: 365,
+            courier_speed_kmh: 15,
         },
     );
     let mut items = BTreeMap::new();
@@ -70,7 +71,11 @@ fn catalogue() -> Catalogue {
             available: false,
         },
     );
-    Catalogue { regions, items }
+    Catalogue {
+        regions,
+        items,
+        stores: BTreeMap::new(),
+    }
 }
 
 fn services_at(now: DateTime<Utc>) -> OrderServices {
