@@ -144,6 +144,15 @@ impl RuleViolation for domain::delivery::DeliveryError {
     }
 }
 
+impl RuleViolation for domain::rewards::RewardsError {
+    fn is_not_found(&self) -> bool {
+        false
+    }
+    fn is_state_conflict(&self) -> bool {
+        Self::is_state_conflict(self)
+    }
+}
+
 /// The problem for a command that was not committed.
 pub fn command_error<E: RuleViolation>(error: commands::CommandError<E>) -> ApiError {
     use commands::CommandError;

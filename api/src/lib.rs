@@ -1,9 +1,10 @@
 //! # api: the HTTP face of the backbone
 //!
-//! Commands in (`POST /orders`, `POST /orders/{id}/actions`), read models out
-//! (`GET /orders/{id}/tracking`), delivery steps (`POST /deliveries/{order_id}/actions`), an OpenAPI document (`/openapi.json`), Prometheus metrics
-//! (`/metrics`) and health (`/health/live`, `/health/ready`). Every client mistake is answered
-//! with an `application/problem+json` document ([`error`]).
+//! Commands in (`POST /orders`, `POST /orders/{id}/actions`, delivery steps
+//! `POST /deliveries/{order_id}/actions`, rewards `POST /customers/{id}/rewards/actions`),
+//! read models out (`GET /orders/{id}/tracking`), an OpenAPI document (`/openapi.json`),
+//! Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`). Every client
+//! mistake is answered with an `application/problem+json` document ([`error`]).
 //!
 //! Place in the flow: requests become domain commands here (parsed at the boundary with
 //! `TryFrom`), run through `commands`, and the views are read from the tables that
@@ -14,6 +15,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod orders;
+pub mod rewards;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +28,7 @@ use axum::Router;
 use commands::{CommandBus, EventStoreDb};
 use domain::delivery::{Delivery, DeliveryServices};
 use domain::order::Order;
+use domain::rewards::{RewardsLedger, RewardsServices};
 use domain::services::{Catalogue, OrderServices, SystemClock};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
@@ -105,6 +108,8 @@ impl ApiConfig {
 pub struct AppState {
     pub orders: Arc<CommandBus<Order>>,
     pub deliveries: Arc<CommandBus<Delivery>>,
+    pub rewards: Arc<CommandBus<RewardsLedger>>,
+    pub catalogue: Arc<Catalogue>,
     pub pool: PgPool,
     pub health: Arc<health::Dependencies>,
     pub read_your_writes_wait: Duration,
@@ -127,6 +132,8 @@ impl std::fmt::Debug for AppState {
         orders::place_order,
         orders::act_on_order,
         orders::tracking,
+        deliveries::act_on_delivery,
+        rewards::act_on_rewards,
         health::live,
         health::ready
     ),
@@ -169,6 +176,10 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .route(
             "/deliveries/{order_id}/actions",
             post(deliveries::act_on_delivery),
+        )
+        .route(
+            "/customers/{customer_id}/rewards/actions",
+            post(rewards::act_on_rewards),
         )
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_endpoint))
@@ -214,12 +225,18 @@ impl ApiServer {
         let db = EventStoreDb::connect(&store).await?;
         let catalogue = config.catalogue().map_err(StartError::Config)?;
         let clock = Arc::new(SystemClock);
-        let services = OrderServices::new(Arc::new(catalogue), clock.clone());
+        let catalogue = Arc::new(catalogue);
+        let services = OrderServices::new(catalogue.clone(), clock.clone());
         let pool = db.pool().clone();
         projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
         let state = AppState {
             orders: Arc::new(CommandBus::new(db.clone(), services)),
-            deliveries: Arc::new(CommandBus::new(db, DeliveryServices::new(clock))),
+            deliveries: Arc::new(CommandBus::new(
+                db.clone(),
+                DeliveryServices::new(clock.clone()),
+            )),
+            rewards: Arc::new(CommandBus::new(db, RewardsServices::new(clock))),
+            catalogue,
             health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),
             pool,
             read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),

@@ -68,6 +68,12 @@ pub struct PlaceOrderRequest {
     #[schema(min_items = 1, max_items = 50)]
     pub items: Vec<LineRequest>,
     pub delivery_address: AddressRequest,
+    /// Rewards points to redeem as a discount (default 0). They are debited from the
+    /// customer's balance right after placement; if the balance does not cover them the order
+    /// is cancelled.
+    #[serde(default)]
+    #[schema(maximum = 1_000_000_000)]
+    pub redeem_points: u64,
 }
 
 fn bounded(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
@@ -122,7 +128,13 @@ impl TryFrom<PlaceOrderRequest> for OrderCommand {
                 "delivery_address coordinates are out of range".to_owned(),
             ));
         }
+        if r.redeem_points > 1_000_000_000 {
+            return Err(ApiError::Unprocessable(
+                "redeem_points is at most 1000000000".to_owned(),
+            ));
+        }
         Ok(Self::PlaceOrder {
+            redeem_points: r.redeem_points,
             customer_id: CustomerId::from_uuid(r.customer_id),
             store_id: StoreId::from_uuid(r.store_id),
             region: RegionCode::parse(r.region).map_err(invalid)?,

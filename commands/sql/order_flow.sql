@@ -26,5 +26,6 @@ CREATE TABLE IF NOT EXISTS order_flow.deadlines
 ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS store_id uuid;
 ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS dropoff_latitude double precision;
 ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS dropoff_longitude double precision;
+ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS points_redeemed bigint NOT NULL DEFAULT 0;
 
 CREATE INDEX IF NOT EXISTS deadlines_due ON order_flow.deadlines (due_at) WHERE fired_at IS NULL;

@@ -9,11 +9,12 @@
 //! carried into every command it causes.
 //!
 //! [`OrderFlow`] links orders, payments and rewards:
-//! - order placed → authorize the payment (built-in demo provider) and arm the accept-by
-//!   deadline; payment authorized → confirm the order;
+//! - order placed → debit the points it redeems (if that fails, cancel the order), authorize
+//!   the payment (built-in demo provider) and arm the accept-by deadline; payment authorized →
+//!   confirm the order;
 //! - accept-by deadline passed (durable, see [`OrderFlow::fire_due_deadlines`]) → expire the
 //!   order, which cancels it if the store has not accepted;
-//! - order rejected or cancelled → void the payment;
+//! - order rejected or cancelled → void the payment and give back the points it redeemed;
 //! - order accepted → request a delivery from the store to the customer, with the store's
 //!   preparation estimate and the region's courier speed (the delivery publishes its ETA);
 //! - delivery picked up → the order is out for delivery; delivered → the order is delivered;
@@ -68,6 +69,7 @@ struct OrderFacts {
     store_id: Option<Uuid>,
     dropoff_latitude: Option<f64>,
     dropoff_longitude: Option<f64>,
+    points_redeemed: i64,
 }
 
 impl OrderFlow {
@@ -110,13 +112,15 @@ impl OrderFlow {
                 total,
                 accept_by,
                 delivery_address,
+                points_redeemed,
                 ..
             } => {
                 sqlx::query(
                     "INSERT INTO order_flow.orders \
                        (order_id, customer_id, region, total_minor, currency, correlation_id, \
-                        store_id, dropoff_latitude, dropoff_longitude) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (order_id) DO NOTHING",
+                        store_id, dropoff_latitude, dropoff_longitude, points_redeemed) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (order_id) DO NOTHING",
                 )
                 .bind(order_id)
                 .bind(customer_id.as_uuid())
@@ -127,6 +131,7 @@ impl OrderFlow {
                 .bind(store_id.as_uuid())
                 .bind(delivery_address.latitude)
                 .bind(delivery_address.longitude)
+                .bind(i64::try_from(points_redeemed).unwrap_or(i64::MAX))
                 .execute(&mut **tx)
                 .await?;
                 sqlx::query(
@@ -139,6 +144,34 @@ impl OrderFlow {
                 .bind(&event.meta.correlation_id)
                 .execute(&mut **tx)
                 .await?;
+                if points_redeemed > 0 {
+                    let step = "redeem-points";
+                    let context = self.context(event, step);
+                    let command = RewardsCommand::RedeemPoints {
+                        order_id: parse_order_id(order_id)?,
+                        points: points_redeemed,
+                        idempotency_key: context.command_id.to_string(),
+                    };
+                    let customer = customer_id.to_string();
+                    match self.rewards.execute(&customer, command, &context).await {
+                        Ok(_) => {}
+                        Err(CommandError::Rejected(refusal)) => {
+                            // The discount cannot be paid for with points: the order cannot
+                            // stand as priced.
+                            let step = "cancel-unpaid-redemption";
+                            let context = self.context(event, step);
+                            let command = OrderCommand::CancelOrder {
+                                by: domain::order::CancelledBy::System,
+                                reason: format!("the points could not be redeemed: {refusal}"),
+                            };
+                            return settle(
+                                step,
+                                self.orders.execute(order_id, command, &context).await,
+                            );
+                        }
+                        Err(e) => return Err(ProjectionError::Event(format!("{step}: {e}"))),
+                    }
+                }
                 let command = PaymentCommand::AuthorizePayment {
                     order_id: parse_order_id(order_id)?,
                     customer_id,
@@ -164,6 +197,7 @@ impl OrderFlow {
             }
             OrderEvent::OrderRejected { .. } | OrderEvent::OrderCancelled { .. } => {
                 disarm(tx, order_id).await?;
+                self.restore_points(tx, event).await?;
                 let command = PaymentCommand::VoidPayment {
                     reason: format!("order {}", event.meta.event_type),
                 };
@@ -195,7 +229,7 @@ impl OrderFlow {
     ) -> Result<OrderFacts, ProjectionError> {
         let facts: Option<OrderFacts> = sqlx::query_as(
             "SELECT customer_id, region, total_minor, currency, store_id, dropoff_latitude, \
-                    dropoff_longitude \
+                    dropoff_longitude, points_redeemed \
              FROM order_flow.orders WHERE order_id = $1",
         )
         .bind(order_id)
@@ -246,6 +280,31 @@ impl OrderFlow {
         settle(
             step,
             self.deliveries.execute(order_id, command, &context).await,
+        )
+    }
+
+    /// Gives back the points a cancelled or rejected order redeemed (once: the ledger refuses a
+    /// second restore, and refuses when the redemption never happened).
+    async fn restore_points(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        event: &FirstDelivery<'_>,
+    ) -> Result<(), ProjectionError> {
+        let order_id = event.meta.aggregate_id.as_str();
+        let facts = self.facts(tx, order_id).await?;
+        if facts.points_redeemed == 0 {
+            return Ok(());
+        }
+        let step = "restore-points";
+        let context = self.context(event, step);
+        let command = RewardsCommand::RestoreRedemption {
+            order_id: parse_order_id(order_id)?,
+            idempotency_key: context.command_id.to_string(),
+        };
+        let customer = facts.customer_id.to_string();
+        settle(
+            step,
+            self.rewards.execute(&customer, command, &context).await,
         )
     }
 

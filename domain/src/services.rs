@@ -58,6 +58,21 @@ pub struct RegionSettings {
     /// Average courier speed for delivery estimates, km/h (default 15).
     #[serde(default = "default_courier_speed")]
     pub courier_speed_kmh: u32,
+    /// Discount, in minor units, that 100 redeemed points are worth (default 100: a point is
+    /// worth one minor unit).
+    #[serde(default = "default_redeem_rate")]
+    pub redeem_minor_per_100_points: u32,
+    /// Minor units a charity receives for 100 donated points (default 50).
+    #[serde(default = "default_donation_rate")]
+    pub donation_minor_per_100_points: u32,
+}
+
+const fn default_donation_rate() -> u32 {
+    50
+}
+
+const fn default_redeem_rate() -> u32 {
+    100
 }
 
 const fn default_courier_speed() -> u32 {
@@ -150,6 +165,8 @@ pub struct PricedLine {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quote {
     pub lines: Vec<PricedLine>,
+    /// Rewards points redeemed as the discount.
+    pub points_redeemed: u64,
     pub subtotal: Money,
     pub discount: Money,
     pub tax: Money,
@@ -172,17 +189,30 @@ pub enum PricingError {
     Unavailable(MenuItemId),
     #[error("menu item `{item}` has no option `{option}`")]
     UnknownOption { item: MenuItemId, option: String },
+    #[error("{requested} points are worth more than the items; redeem at most {max} points on this order")]
+    RedemptionTooLarge { requested: u64, max: u64 },
     #[error(transparent)]
     Money(#[from] MoneyError),
 }
 
 /// Prices an order. The catalogue is the real implementation; the trait lets an adapter cache it.
 pub trait Pricing: Send + Sync {
-    fn quote(&self, region: &RegionCode, lines: &[RequestedLine]) -> Result<Quote, PricingError>;
+    /// Prices `lines` in `region`, with `redeem_points` rewards points taken off as a discount.
+    fn quote(
+        &self,
+        region: &RegionCode,
+        lines: &[RequestedLine],
+        redeem_points: u64,
+    ) -> Result<Quote, PricingError>;
 }
 
 impl Pricing for Catalogue {
-    fn quote(&self, region: &RegionCode, lines: &[RequestedLine]) -> Result<Quote, PricingError> {
+    fn quote(
+        &self,
+        region: &RegionCode,
+        lines: &[RequestedLine],
+        redeem_points: u64,
+    ) -> Result<Quote, PricingError> {
         let settings = self
             .regions
             .get(region)
@@ -224,13 +254,29 @@ impl Pricing for Catalogue {
                 line_total,
             });
         }
-        let discount = Money::zero(currency);
+        let rate = u64::from(settings.redeem_minor_per_100_points.max(1));
+        let worth = u128::from(redeem_points) * u128::from(rate) / 100;
+        if worth > u128::try_from(subtotal.minor()).unwrap_or(0) {
+            let max = u64::try_from(subtotal.minor())
+                .unwrap_or(0)
+                .saturating_mul(100)
+                / rate;
+            return Err(PricingError::RedemptionTooLarge {
+                requested: redeem_points,
+                max,
+            });
+        }
+        let discount = Money::new(
+            i64::try_from(worth).map_err(|_| MoneyError::Overflow)?,
+            currency,
+        )?;
         let taxable = subtotal.saturating_sub(discount)?;
         let tax = taxable.apply_basis_points(settings.tax_basis_points)?;
         let delivery_fee = Money::new(settings.delivery_fee_minor, currency)?;
         let total = taxable.checked_add(tax)?.checked_add(delivery_fee)?;
         Ok(Quote {
             lines: priced,
+            points_redeemed: redeem_points,
             subtotal,
             discount,
             tax,

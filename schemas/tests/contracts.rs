@@ -51,6 +51,7 @@ fn order_samples() -> Vec<OrderEvent> {
             },
             accept_by: at(),
             rating_window_days: 7,
+            points_redeemed: 250,
             placed_at: at(),
         },
         OrderEvent::OrderConfirmed {

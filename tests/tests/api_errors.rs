@@ -210,6 +210,8 @@ async fn the_api_serves_its_openapi_document_metrics_and_health() {
         "/orders",
         "/orders/{order_id}/actions",
         "/orders/{order_id}/tracking",
+        "/deliveries/{order_id}/actions",
+        "/customers/{customer_id}/rewards/actions",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} documented");
     }

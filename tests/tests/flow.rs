@@ -387,3 +387,142 @@ async fn an_order_cancelled_at_any_stage_or_not_accepted_in_time_has_its_payment
     relay.stop().await.expect("relay stops");
     env.stop().await;
 }
+
+async fn ledger_events(env: &TestEnv, customer: &Uuid) -> Vec<String> {
+    history(env, "rewards", &customer.to_string())
+        .await
+        .into_iter()
+        .map(|(t, ..)| t)
+        .collect()
+}
+
+async fn rewards_action(
+    client: &reqwest::Client,
+    api: &str,
+    customer: &Uuid,
+    action: Value,
+) -> Value {
+    let response = client
+        .post(format!("{api}/customers/{customer}/rewards/actions"))
+        .json(&action)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 200, "{action}");
+    response.json().await.expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn points_redeemed_at_placement_are_debited_and_given_back_when_the_order_is_cancelled() {
+    let env = TestEnv::start("redeemflow").await;
+    let relay = env.start_relay().await;
+    let tracking = env.start_projector(Arc::new(TrackingProjection)).await;
+    let (manager, deadlines) = start_flow(&env).await;
+    let (api, server) = env.start_api().await;
+    let client = reqwest::Client::new();
+    let customer = Uuid::new_v4();
+
+    // An administrator grants 500 points; the same request again changes nothing.
+    let grant = json!({"action": "adjust", "points": 500, "reason": "welcome", "idempotency_key": "grant-1"});
+    let first = rewards_action(&client, &api, &customer, grant.clone()).await;
+    assert_eq!(first["events"], json!(["PointsAdjusted"]));
+    let again = rewards_action(&client, &api, &customer, grant).await;
+    assert_eq!(again["events"], json!([]));
+
+    // 300 points off an order: debited, then the order proceeds.
+    let mut request = order_request(customer);
+    request["redeem_points"] = json!(300);
+    let placed: Value = client
+        .post(format!("{api}/orders"))
+        .json(&request)
+        .send()
+        .await
+        .expect("placed")
+        .json()
+        .await
+        .expect("json");
+    let order_id = placed["order_id"].as_str().expect("id").to_owned();
+    wait_for_status(&client, &api, &order_id, "Confirmed").await;
+    assert_eq!(
+        ledger_events(&env, &customer).await,
+        ["PointsAdjusted", "PointsRedeemed"]
+    );
+
+    // Cancelled: the payment is voided and the points come back.
+    act(
+        &client,
+        &api,
+        &order_id,
+        json!({"action": "cancel", "by": "Customer", "reason": "changed my mind"}),
+    )
+    .await;
+    payment_ends_voided(&env, &order_id).await;
+    eventually(WAIT, "the points to be restored", || async {
+        (ledger_events(&env, &customer)
+            .await
+            .last()
+            .map(String::as_str)
+            == Some("RedemptionRestored"))
+        .then_some(())
+    })
+    .await;
+
+    // More points than the balance holds: the order is cancelled by the system, no payment.
+    let mut greedy = order_request(customer);
+    greedy["redeem_points"] = json!(1_000);
+    let placed: Value = client
+        .post(format!("{api}/orders"))
+        .json(&greedy)
+        .send()
+        .await
+        .expect("placed")
+        .json()
+        .await
+        .expect("json");
+    let greedy_id = placed["order_id"].as_str().expect("id").to_owned();
+    wait_for_status(&client, &api, &greedy_id, "Cancelled").await;
+    assert!(history(&env, "payment", &greedy_id).await.is_empty());
+    assert_eq!(
+        ledger_events(&env, &customer).await,
+        ["PointsAdjusted", "PointsRedeemed", "RedemptionRestored"]
+    );
+
+    // A donation at the region's rate (uk: 50 minor units per 100 points).
+    let donated = rewards_action(
+        &client,
+        &api,
+        &customer,
+        json!({"action": "donate", "charity": "food-bank-uk", "points": 200, "region": "uk", "idempotency_key": "donate-1"}),
+    )
+    .await;
+    assert_eq!(donated["events"], json!(["PointsDonated"]));
+    let amount: i64 = sqlx::query_scalar(
+        "SELECT (payload->'PointsDonated'->'amount'->>'minor')::bigint FROM events \
+         WHERE aggregate_type = 'rewards' AND aggregate_id = $1 AND event_type = 'PointsDonated'",
+    )
+    .bind(customer.to_string())
+    .fetch_one(env.pool())
+    .await
+    .expect("donation");
+    assert_eq!(amount, 100);
+    // A donation beyond the balance (500 - 200 left = 300) is a conflict that says what is left.
+    let response = client
+        .post(format!("{api}/customers/{customer}/rewards/actions"))
+        .json(&json!({"action": "donate", "charity": "food-bank-uk", "points": 301, "region": "uk", "idempotency_key": "donate-2"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 409);
+    let problem: Value = response.json().await.expect("problem");
+    assert!(
+        problem["detail"].as_str().expect("detail").contains("300"),
+        "{problem}"
+    );
+
+    server.stop().await.expect("api stops");
+    deadlines.stop().await.expect("scheduler stops");
+    manager.stop().await.expect("process manager stops");
+    tracking.stop().await.expect("tracking stops");
+    relay.stop().await.expect("relay stops");
+    env.stop().await;
+}

@@ -106,6 +106,8 @@ pub enum OrderCommand {
         region: RegionCode,
         lines: Vec<RequestedLine>,
         delivery_address: DeliveryAddress,
+        /// Rewards points to redeem as a discount (0 for none); debited by the order flow.
+        redeem_points: u64,
     },
     ConfirmPayment {
         payment_reference: String,
@@ -152,6 +154,10 @@ pub enum OrderEvent {
         delivery_address: DeliveryAddress,
         accept_by: DateTime<Utc>,
         rating_window_days: u32,
+        /// Rewards points redeemed as (part of) the discount; absent (0) in events stored
+        /// before redemption existed.
+        #[serde(default)]
+        points_redeemed: u64,
         placed_at: DateTime<Utc>,
     },
     OrderConfirmed {
@@ -364,6 +370,7 @@ impl Order {
                 region,
                 lines,
                 delivery_address,
+                redeem_points,
             } => {
                 if self.status != S::New {
                     return Err(OrderError::AlreadyPlaced);
@@ -377,7 +384,7 @@ impl Order {
                 {
                     return Err(OrderError::InvalidQuantity);
                 }
-                let quote = services.pricing.quote(&region, &lines)?;
+                let quote = services.pricing.quote(&region, &lines, redeem_points)?;
                 OrderEvent::OrderPlaced {
                     customer_id,
                     store_id,
@@ -391,6 +398,7 @@ impl Order {
                     delivery_address,
                     accept_by: now + Duration::minutes(i64::from(quote.accept_within_minutes)),
                     rating_window_days: quote.rating_window_days,
+                    points_redeemed: quote.points_redeemed,
                     placed_at: now,
                 }
             }

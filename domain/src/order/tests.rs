@@ -40,6 +40,8 @@ fn catalogue() -> Catalogue {
             points_per_100_minor: 5,
             points_expire_in_days: 365,
             courier_speed_kmh: 15,
+            redeem_minor_per_100_points: 100,
+            donation_minor_per_100_points: 50,
         },
     );
     let mut items = BTreeMap::new();
@@ -120,12 +122,13 @@ fn place(lines: Vec<RequestedLine>) -> OrderCommand {
         region: region(),
         lines,
         delivery_address: address(),
+        redeem_points: 0,
     }
 }
 
 fn placed() -> OrderEvent {
     let quote = catalogue()
-        .quote(&region(), &[line("margherita", 2, &["extra-cheese"])])
+        .quote(&region(), &[line("margherita", 2, &["extra-cheese"])], 0)
         .expect("priced");
     OrderEvent::OrderPlaced {
         customer_id: customer(),
@@ -140,6 +143,7 @@ fn placed() -> OrderEvent {
         delivery_address: address(),
         accept_by: t0() + Duration::minutes(11),
         rating_window_days: 7,
+        points_redeemed: 0,
         placed_at: t0(),
     }
 }
@@ -195,6 +199,46 @@ fn placing_an_order_prices_it_from_the_menu_with_tax_and_delivery_fee() {
     assert_eq!(*delivery_fee, gbp(250));
     assert_eq!(*total, gbp(3_010));
     assert_eq!(*accept_by, t0() + Duration::minutes(11));
+}
+
+#[test]
+fn redeemed_points_are_taken_off_before_tax_and_never_beyond_the_items() {
+    let mut command = place(vec![line("margherita", 2, &["extra-cheese"])]);
+    if let OrderCommand::PlaceOrder { redeem_points, .. } = &mut command {
+        *redeem_points = 300;
+    }
+    let events = at(t0())
+        .given_no_previous_events()
+        .when(command)
+        .inspect_result()
+        .expect("placed");
+    let [OrderEvent::OrderPlaced {
+        discount,
+        tax,
+        total,
+        points_redeemed,
+        ..
+    }] = events.as_slice()
+    else {
+        panic!("expected one OrderPlaced, got {events:?}");
+    };
+    // 2300 - 300 = 2000 taxable; 20 % tax = 400; + 250 fee.
+    assert_eq!(
+        (*discount, *tax, *total, *points_redeemed),
+        (gbp(300), gbp(400), gbp(2_650), 300)
+    );
+
+    let mut too_many = place(vec![line("margherita", 1, &[])]);
+    if let OrderCommand::PlaceOrder { redeem_points, .. } = &mut too_many {
+        *redeem_points = 1_001;
+    }
+    at(t0())
+        .given_no_previous_events()
+        .when(too_many)
+        .then_expect_error(OrderError::Pricing(PricingError::RedemptionTooLarge {
+            requested: 1_001,
+            max: 1_000,
+        }));
 }
 
 #[test]

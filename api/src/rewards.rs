@@ -1,0 +1,121 @@
+//! Rewards commands on a customer's ledger: donations by the customer, adjustments by an
+//! administrator. (Earning, redeeming and restoring are done by the order flow.) Every write
+//! carries an idempotency key: the same key again changes nothing.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use domain::rewards::RewardsCommand;
+use domain::{CharityCode, RegionCode};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::{command_error, ApiError, Problem};
+use crate::extract::{Body, PathParams};
+use crate::orders::context;
+use crate::AppState;
+
+/// A change to a customer's rewards ledger.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewardsAction {
+    /// Give points to a named charity at the region's donation rate.
+    Donate {
+        #[schema(example = "food-bank-uk", max_length = 64)]
+        charity: String,
+        #[schema(minimum = 1, maximum = 1_000_000_000)]
+        points: u64,
+        /// The region whose donation rate and currency apply.
+        #[schema(example = "uk")]
+        region: String,
+        #[schema(max_length = 128)]
+        idempotency_key: String,
+    },
+    /// An administrator's correction: positive adds a lot, negative deducts.
+    Adjust {
+        points: i64,
+        #[schema(max_length = 500)]
+        reason: String,
+        #[schema(max_length = 128)]
+        idempotency_key: String,
+    },
+}
+
+/// What a rewards command did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RewardsAccepted {
+    pub customer_id: Uuid,
+    /// Sequence of the ledger's last event (read-your-writes position).
+    pub sequence: u64,
+    /// Events appended; empty when the idempotency key was seen before.
+    pub events: Vec<String>,
+}
+
+/// Change a customer's rewards ledger.
+#[utoipa::path(
+    post, path = "/customers/{customer_id}/rewards/actions", tag = "rewards",
+    params(("customer_id" = Uuid, Path, description = "The customer")),
+    request_body = RewardsAction,
+    responses(
+        (status = 200, description = "Recorded (or already recorded under this key)", body = RewardsAccepted),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not possible with the ledger's balance", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn act_on_rewards(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParams(raw_id): PathParams<String>,
+    Body(action): Body<RewardsAction>,
+) -> Result<axum::Json<RewardsAccepted>, ApiError> {
+    let customer_id = Uuid::parse_str(&raw_id)
+        .map_err(|_| ApiError::BadRequest(format!("`{raw_id}` is not a customer id (a UUID)")))?;
+    let invalid = |e: domain::ids::IdError| ApiError::Unprocessable(e.to_string());
+    let (command, actor) = match action {
+        RewardsAction::Donate {
+            charity,
+            points,
+            region,
+            idempotency_key,
+        } => {
+            let region = RegionCode::parse(region).map_err(invalid)?;
+            let settings = state.catalogue.regions.get(&region).ok_or_else(|| {
+                ApiError::Unprocessable(format!("region `{region}` is not served"))
+            })?;
+            (
+                RewardsCommand::DonatePoints {
+                    charity: CharityCode::parse(charity).map_err(invalid)?,
+                    points,
+                    minor_per_100_points: settings.donation_minor_per_100_points,
+                    currency: settings.currency,
+                    idempotency_key,
+                },
+                format!("customer:{customer_id}"),
+            )
+        }
+        RewardsAction::Adjust {
+            points,
+            reason,
+            idempotency_key,
+        } => (
+            RewardsCommand::AdjustPoints {
+                points,
+                reason,
+                expires_in_days: 365,
+                idempotency_key,
+            },
+            "admin".to_owned(),
+        ),
+    };
+    let committed = state
+        .rewards
+        .execute(&customer_id.to_string(), command, &context(&headers, actor))
+        .await
+        .map_err(command_error)?;
+    Ok(axum::Json(RewardsAccepted {
+        customer_id,
+        sequence: committed.last_sequence,
+        events: committed.event_types,
+    }))
+}
