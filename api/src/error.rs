@@ -153,6 +153,15 @@ impl RuleViolation for domain::rewards::RewardsError {
     }
 }
 
+impl RuleViolation for domain::payment::PaymentError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::NotFound)
+    }
+    fn is_state_conflict(&self) -> bool {
+        Self::is_state_conflict(self)
+    }
+}
+
 /// The problem for a command that was not committed.
 pub fn command_error<E: RuleViolation>(error: commands::CommandError<E>) -> ApiError {
     use commands::CommandError;

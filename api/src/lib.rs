@@ -1,7 +1,8 @@
 //! # api: the HTTP face of the backbone
 //!
 //! Commands in (`POST /orders`, `POST /orders/{id}/actions`, delivery steps
-//! `POST /deliveries/{order_id}/actions`, rewards `POST /customers/{id}/rewards/actions`),
+//! `POST /deliveries/{order_id}/actions`, rewards `POST /customers/{id}/rewards/actions`,
+//! payment provider webhooks `POST /payments/{order_id}/webhooks`),
 //! read models out (`GET /orders/{id}/tracking`), an OpenAPI document (`/openapi.json`),
 //! Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`). Every client
 //! mistake is answered with an `application/problem+json` document ([`error`]).
@@ -15,6 +16,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod orders;
+pub mod payments;
 pub mod rewards;
 
 use std::future::Future;
@@ -28,6 +30,7 @@ use axum::Router;
 use commands::{CommandBus, EventStoreDb};
 use domain::delivery::{Delivery, DeliveryServices};
 use domain::order::Order;
+use domain::payment::{Payment, PaymentServices};
 use domain::rewards::{RewardsLedger, RewardsServices};
 use domain::services::{Catalogue, OrderServices, SystemClock};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -108,6 +111,7 @@ impl ApiConfig {
 pub struct AppState {
     pub orders: Arc<CommandBus<Order>>,
     pub deliveries: Arc<CommandBus<Delivery>>,
+    pub payments: Arc<CommandBus<Payment>>,
     pub rewards: Arc<CommandBus<RewardsLedger>>,
     pub catalogue: Arc<Catalogue>,
     pub pool: PgPool,
@@ -134,6 +138,7 @@ impl std::fmt::Debug for AppState {
         orders::tracking,
         deliveries::act_on_delivery,
         rewards::act_on_rewards,
+        payments::receive_webhook,
         health::live,
         health::ready
     ),
@@ -180,6 +185,10 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .route(
             "/customers/{customer_id}/rewards/actions",
             post(rewards::act_on_rewards),
+        )
+        .route(
+            "/payments/{order_id}/webhooks",
+            post(payments::receive_webhook),
         )
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_endpoint))
@@ -234,6 +243,10 @@ impl ApiServer {
             deliveries: Arc::new(CommandBus::new(
                 db.clone(),
                 DeliveryServices::new(clock.clone()),
+            )),
+            payments: Arc::new(CommandBus::new(
+                db.clone(),
+                PaymentServices::new(clock.clone()),
             )),
             rewards: Arc::new(CommandBus::new(db, RewardsServices::new(clock))),
             catalogue,

@@ -1,10 +1,10 @@
-//! Rewards commands on a customer's ledger: donations by the customer, adjustments by an
-//! administrator. (Earning, redeeming and restoring are done by the order flow.) Every write
+//! Rewards commands on a customer's ledger: donations and subscriptions for the customer,
+//! adjustments by an administrator. (Earning, redeeming and restoring are done by the order flow.) Every write
 //! carries an idempotency key: the same key again changes nothing.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
-use domain::rewards::RewardsCommand;
+use domain::rewards::{RewardsCommand, SubscriptionTier};
 use domain::{CharityCode, RegionCode};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -31,6 +31,26 @@ pub enum RewardsAction {
         #[schema(max_length = 128)]
         idempotency_key: String,
     },
+    /// Start a subscription (the billing system calls this once paid): Plus earns 1.5x points,
+    /// Premium 2x, both with free delivery; Standard 1.25x.
+    StartSubscription {
+        tier: TierDto,
+        /// Paid until.
+        until: chrono::DateTime<chrono::Utc>,
+        #[schema(max_length = 128)]
+        idempotency_key: String,
+    },
+    /// Extend a running subscription (also takes back a cancellation).
+    RenewSubscription {
+        until: chrono::DateTime<chrono::Utc>,
+        #[schema(max_length = 128)]
+        idempotency_key: String,
+    },
+    /// Stop renewing; benefits last until the paid period ends.
+    CancelSubscription {
+        #[schema(max_length = 128)]
+        idempotency_key: String,
+    },
     /// An administrator's correction: positive adds a lot, negative deducts.
     Adjust {
         points: i64,
@@ -39,6 +59,25 @@ pub enum RewardsAction {
         #[schema(max_length = 128)]
         idempotency_key: String,
     },
+}
+
+/// Subscription tiers.
+#[derive(Debug, Deserialize, ToSchema)]
+pub enum TierDto {
+    Standard,
+    Plus,
+    Premium,
+}
+
+impl TierDto {
+    /// (tier, points multiplier in basis points, free delivery)
+    const fn terms(&self) -> (SubscriptionTier, u32, bool) {
+        match self {
+            Self::Standard => (SubscriptionTier::Standard, 12_500, false),
+            Self::Plus => (SubscriptionTier::Plus, 15_000, true),
+            Self::Premium => (SubscriptionTier::Premium, 20_000, true),
+        }
+    }
 }
 
 /// What a rewards command did.
@@ -94,6 +133,37 @@ pub async fn act_on_rewards(
                 format!("customer:{customer_id}"),
             )
         }
+        RewardsAction::StartSubscription {
+            tier,
+            until,
+            idempotency_key,
+        } => {
+            let (tier, multiplier_bp, free_delivery) = tier.terms();
+            (
+                RewardsCommand::StartSubscription {
+                    tier,
+                    multiplier_bp,
+                    free_delivery,
+                    until,
+                    idempotency_key,
+                },
+                format!("billing:{customer_id}"),
+            )
+        }
+        RewardsAction::RenewSubscription {
+            until,
+            idempotency_key,
+        } => (
+            RewardsCommand::RenewSubscription {
+                until,
+                idempotency_key,
+            },
+            format!("billing:{customer_id}"),
+        ),
+        RewardsAction::CancelSubscription { idempotency_key } => (
+            RewardsCommand::CancelSubscription { idempotency_key },
+            format!("customer:{customer_id}"),
+        ),
         RewardsAction::Adjust {
             points,
             reason,

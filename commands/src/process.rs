@@ -14,7 +14,8 @@
 //!   confirm the order;
 //! - accept-by deadline passed (durable, see [`OrderFlow::fire_due_deadlines`]) → expire the
 //!   order, which cancels it if the store has not accepted;
-//! - order rejected or cancelled → void the payment and give back the points it redeemed;
+//! - order rejected or cancelled → cancel its delivery if one was requested, void the payment
+//!   and give back the points it redeemed;
 //! - order accepted → request a delivery from the store to the customer, with the store's
 //!   preparation estimate and the region's courier speed (the delivery publishes its ETA);
 //! - delivery picked up → the order is out for delivery; delivered → the order is delivered;
@@ -198,6 +199,16 @@ impl OrderFlow {
             OrderEvent::OrderRejected { .. } | OrderEvent::OrderCancelled { .. } => {
                 disarm(tx, order_id).await?;
                 self.restore_points(tx, event).await?;
+                // A delivery may have been requested (a store can cancel while preparing).
+                let step = "cancel-delivery";
+                let context = self.context(event, step);
+                let command = DeliveryCommand::CancelDelivery {
+                    reason: format!("order {}", event.meta.event_type),
+                };
+                settle(
+                    step,
+                    self.deliveries.execute(order_id, command, &context).await,
+                )?;
                 let command = PaymentCommand::VoidPayment {
                     reason: format!("order {}", event.meta.event_type),
                 };

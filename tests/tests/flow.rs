@@ -104,6 +104,15 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
 
     let correlation = Uuid::new_v4();
     let customer = Uuid::new_v4();
+    // A Plus subscriber earns 1.5x points.
+    rewards_action(
+        &client,
+        &api,
+        &customer,
+        json!({"action": "start_subscription", "tier": "Plus",
+               "until": "2099-01-01T00:00:00Z", "idempotency_key": "sub-1"}),
+    )
+    .await;
     let placed: Value = client
         .post(format!("{api}/orders"))
         .header("x-correlation-id", correlation.to_string())
@@ -118,6 +127,24 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
 
     // The process manager authorizes the payment and confirms the order.
     wait_for_status(&client, &api, &order_id, "Confirmed").await;
+
+    // The provider's webhook confirming the authorization arrives seven times: recorded once.
+    for attempt in 0..7 {
+        let response = client
+            .post(format!("{api}/payments/{order_id}/webhooks"))
+            .json(&json!({"provider_event_id": "evt-auth-1", "kind": "Authorized"}))
+            .send()
+            .await
+            .expect("webhook");
+        assert_eq!(response.status().as_u16(), 200);
+        let body: Value = response.json().await.expect("json");
+        let expected = if attempt == 0 {
+            json!(["ProviderWebhookRecorded"])
+        } else {
+            json!([])
+        };
+        assert_eq!(body["events"], expected, "attempt {attempt}");
+    }
 
     // The store does its part; accepting makes the flow request a delivery.
     for action in [
@@ -192,7 +219,14 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
 
     let payment = history(&env, "payment", &order_id).await;
     let types: Vec<&str> = payment.iter().map(|(t, ..)| t.as_str()).collect();
-    assert_eq!(types, ["PaymentAuthorized", "PaymentCaptured"]);
+    assert_eq!(
+        types,
+        [
+            "PaymentAuthorized",
+            "ProviderWebhookRecorded",
+            "PaymentCaptured"
+        ]
+    );
     let invoice: String = sqlx::query_scalar(
         "SELECT payload->'PaymentCaptured'->>'invoice_number' FROM events \
          WHERE aggregate_type = 'payment' AND aggregate_id = $1 AND event_type = 'PaymentCaptured'",
@@ -226,13 +260,14 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
         .expect("confirmed");
     assert_eq!(confirmed.2, authorized_id.to_string());
 
-    // The customer earned points at the region's rate (uk: 5 points per 100 minor units).
+    // The customer earned points at the region's rate (uk: 5 points per 100 minor units),
+    // times the Plus multiplier (1.5x), rounded down once.
     let total = placed_total(&env, &order_id).await;
     let points = eventually(WAIT, "points to be earned", || async {
-        points_of(&env, &customer).await.0.filter(|p| *p > 0)
+        points_of(&env, &customer).await.filter(|p| *p > 0)
     })
     .await;
-    assert_eq!(points, total * 5 / 100);
+    assert_eq!(points, total * 5 * 15_000 / 1_000_000);
 
     server.stop().await.expect("api stops");
     deadlines.stop().await.expect("scheduler stops");
@@ -242,8 +277,8 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
     env.stop().await;
 }
 
-/// (points earned, points redeemed) in a customer's rewards ledger; `None` if it has no events.
-async fn points_of(env: &TestEnv, customer: &Uuid) -> (Option<i64>, i64) {
+/// Points earned in a customer's rewards ledger; `None` if the ledger has no events at all.
+async fn points_of(env: &TestEnv, customer: &Uuid) -> Option<i64> {
     let (events, earned): (i64, i64) = sqlx::query_as(
         "SELECT count(*), coalesce(sum((payload->'PointsEarned'->>'points')::bigint), 0)::bigint \
          FROM events WHERE aggregate_type = 'rewards' AND aggregate_id = $1",
@@ -252,7 +287,7 @@ async fn points_of(env: &TestEnv, customer: &Uuid) -> (Option<i64>, i64) {
     .fetch_one(env.pool())
     .await
     .expect("ledger");
-    ((events > 0).then_some(earned), 0)
+    (events > 0).then_some(earned)
 }
 
 async fn placed_total(env: &TestEnv, order_id: &str) -> i64 {
@@ -366,6 +401,21 @@ async fn an_order_cancelled_at_any_stage_or_not_accepted_in_time_has_its_payment
         wait_for_status(&client, &api, order_id, "Cancelled").await;
         payment_ends_voided(&env, order_id).await;
     }
+    // The delivery requested when the store accepted is cancelled with the order.
+    let delivery: Vec<String> = history(&env, "delivery", &after_acceptance)
+        .await
+        .into_iter()
+        .map(|(t, ..)| t)
+        .collect();
+    assert_eq!(
+        delivery.first().map(String::as_str),
+        Some("DeliveryRequested")
+    );
+    assert_eq!(
+        delivery.last().map(String::as_str),
+        Some("DeliveryCancelled"),
+        "{delivery:?}"
+    );
     let cancelled_by: String = sqlx::query_scalar(
         "SELECT payload->'OrderCancelled'->>'cancelled_by' FROM events \
          WHERE aggregate_type = 'order' AND aggregate_id = $1 AND event_type = 'OrderCancelled'",
@@ -377,7 +427,7 @@ async fn an_order_cancelled_at_any_stage_or_not_accepted_in_time_has_its_payment
     assert_eq!(cancelled_by, "System");
     // No money was captured and no points moved for any of them.
     for customer in &customers {
-        assert_eq!(points_of(&env, customer).await, (None, 0));
+        assert_eq!(points_of(&env, customer).await, None);
     }
 
     server.stop().await.expect("api stops");
