@@ -85,30 +85,38 @@ fn bounded(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-impl TryFrom<PlaceOrderRequest> for OrderCommand {
-    type Error = ApiError;
-
-    fn try_from(r: PlaceOrderRequest) -> Result<Self, ApiError> {
-        let invalid = |e: domain::ids::IdError| ApiError::Unprocessable(e.to_string());
-        if r.items.is_empty() || r.items.len() > domain::order::MAX_LINES {
-            return Err(ApiError::Unprocessable(format!(
-                "items must hold between 1 and {} lines",
-                domain::order::MAX_LINES
-            )));
-        }
-        let mut lines = Vec::with_capacity(r.items.len());
-        for item in r.items {
+/// Order lines as the domain takes them; checks counts and codes.
+fn requested_lines(items: Vec<LineRequest>) -> Result<Vec<RequestedLine>, ApiError> {
+    if items.is_empty() || items.len() > domain::order::MAX_LINES {
+        return Err(ApiError::Unprocessable(format!(
+            "items must hold between 1 and {} lines",
+            domain::order::MAX_LINES
+        )));
+    }
+    items
+        .into_iter()
+        .map(|item| {
             if item.options.len() > 10 {
                 return Err(ApiError::Unprocessable(
                     "at most 10 options per line".to_owned(),
                 ));
             }
-            lines.push(RequestedLine {
-                item_id: MenuItemId::parse(item.item_id).map_err(invalid)?,
+            Ok(RequestedLine {
+                item_id: MenuItemId::parse(item.item_id)
+                    .map_err(|e| ApiError::Unprocessable(e.to_string()))?,
                 quantity: item.quantity,
                 options: item.options,
-            });
-        }
+            })
+        })
+        .collect()
+}
+
+impl TryFrom<PlaceOrderRequest> for OrderCommand {
+    type Error = ApiError;
+
+    fn try_from(r: PlaceOrderRequest) -> Result<Self, ApiError> {
+        let invalid = |e: domain::ids::IdError| ApiError::Unprocessable(e.to_string());
+        let lines = requested_lines(r.items)?;
         let a = r.delivery_address;
         bounded("delivery_address.line1", &a.line1, 200)?;
         bounded(
@@ -232,6 +240,11 @@ pub(crate) fn parse_order_id(raw: &str) -> Result<OrderId, ApiError> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OrderAction {
+    /// The customer changes the lines before the store accepts (the order is priced again).
+    Modify {
+        #[schema(min_items = 1, max_items = 50)]
+        items: Vec<LineRequest>,
+    },
     /// The payment provider authorized the payment.
     ConfirmPayment {
         #[schema(max_length = 128)]
@@ -283,8 +296,14 @@ pub enum CancelledByDto {
 }
 
 impl OrderAction {
-    fn into_command(self) -> (OrderCommand, &'static str) {
-        match self {
+    fn into_command(self) -> Result<(OrderCommand, &'static str), ApiError> {
+        Ok(match self {
+            Self::Modify { items } => (
+                OrderCommand::ModifyOrder {
+                    lines: requested_lines(items)?,
+                },
+                "customer",
+            ),
             Self::ConfirmPayment { payment_reference } => (
                 OrderCommand::ConfirmPayment { payment_reference },
                 "payment-provider",
@@ -324,7 +343,7 @@ impl OrderAction {
             Self::Rate { stars, comment } => {
                 (OrderCommand::RateOrder { stars, comment }, "customer")
             }
-        }
+        })
     }
 }
 
@@ -348,7 +367,7 @@ pub async fn act_on_order(
     Body(action): Body<OrderAction>,
 ) -> Result<axum::Json<OrderAccepted>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
-    let (command, actor) = action.into_command();
+    let (command, actor) = action.into_command()?;
     let mut context = context(&headers, actor.to_owned());
     if headers.get(CORRELATION_HEADER).is_none() {
         // Without a header, a step of an order continues the order's business transaction.

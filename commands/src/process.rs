@@ -219,9 +219,24 @@ impl OrderFlow {
                     self.payments.execute(order_id, command, &context).await,
                 )
             }
+            OrderEvent::OrderModified { total, .. } => {
+                sqlx::query("UPDATE order_flow.orders SET total_minor = $2 WHERE order_id = $1")
+                    .bind(order_id)
+                    .bind(total.minor())
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
             OrderEvent::OrderDelivered { .. } => {
+                // The order's current total: less than the authorization if it was modified
+                // down after confirmation (the rest of the authorization is released).
+                let facts = self.facts(tx, order_id).await?;
+                let currency = Currency::parse(&facts.currency).map_err(event_error)?;
+                let amount = Money::new(facts.total_minor, currency).map_err(event_error)?;
                 let step = "capture-payment";
-                let command = PaymentCommand::CapturePayment { amount: None };
+                let command = PaymentCommand::CapturePayment {
+                    amount: Some(amount),
+                };
                 let context = self.context(event, step);
                 settle(
                     step,

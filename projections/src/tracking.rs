@@ -37,6 +37,12 @@ struct Timeline {
     at: Vec<DateTime<Utc>>,
 }
 
+/// New lines and total of an order modified within a batch (the latest wins).
+struct Repriced {
+    items: serde_json::Value,
+    total_minor: i64,
+}
+
 /// The latest change of one order within a batch.
 struct Latest {
     status: Option<&'static str>,
@@ -74,6 +80,7 @@ impl Projection for TrackingProjection {
         let mut placed = Placed::default();
         let mut timeline = Timeline::default();
         let mut latest: HashMap<&str, Latest> = HashMap::new();
+        let mut repriced: HashMap<&str, Repriced> = HashMap::new();
         for delivery in events {
             let event: OrderEvent = delivery
                 .event()
@@ -105,6 +112,16 @@ impl Projection for TrackingProjection {
                 placed.placed_at.push(*placed_at);
                 placed.sequence.push(sequence);
             } else {
+                if let OrderEvent::OrderModified { lines, total, .. } = &event {
+                    repriced.insert(
+                        order_id,
+                        Repriced {
+                            items: serde_json::to_value(lines)
+                                .map_err(|e| ProjectionError::Event(e.to_string()))?,
+                            total_minor: total.minor(),
+                        },
+                    );
+                }
                 let entry = latest.entry(order_id).or_insert(Latest {
                     status: None,
                     at,
@@ -166,6 +183,24 @@ impl Projection for TrackingProjection {
             .bind(&statuses)
             .bind(&ats)
             .bind(&sequences)
+            .execute(&mut **tx)
+            .await?;
+        }
+        if !repriced.is_empty() {
+            let (mut ids, mut items, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+            for (id, change) in repriced {
+                ids.push(id);
+                items.push(change.items);
+                totals.push(change.total_minor);
+            }
+            sqlx::query(
+                "UPDATE tracking.orders o SET items = u.items, total_minor = u.total \
+                 FROM unnest($1::text[], $2::jsonb[], $3::bigint[]) AS u(order_id, items, total) \
+                 WHERE o.order_id = u.order_id",
+            )
+            .bind(&ids)
+            .bind(&items)
+            .bind(&totals)
             .execute(&mut **tx)
             .await?;
         }

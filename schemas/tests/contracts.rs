@@ -81,6 +81,23 @@ fn order_samples() -> Vec<OrderEvent> {
             comment: None,
             rated_at: at(),
         },
+        OrderEvent::OrderModified {
+            lines: vec![PricedLine {
+                item_id: MenuItemId::parse("margherita").expect("valid"),
+                name: "Margherita".to_owned(),
+                category: "pizza".to_owned(),
+                quantity: 1,
+                options: vec![],
+                unit_price: eur(1_050),
+                line_total: eur(1_050),
+            }],
+            subtotal: eur(1_050),
+            discount: eur(0),
+            tax: eur(200),
+            delivery_fee: eur(199),
+            total: eur(1_449),
+            modified_at: at(),
+        },
     ]
 }
 

@@ -146,6 +146,31 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
         assert_eq!(body["events"], expected, "attempt {attempt}");
     }
 
+    // Before the store accepts, the customer drops the cola: priced again, lower total.
+    let before = placed_total(&env, &order_id).await;
+    act(
+        &client,
+        &api,
+        &order_id,
+        json!({"action": "modify", "items": [{"item_id": "margherita", "quantity": 2, "options": ["extra-cheese"]}]}),
+    )
+    .await;
+    let modified_total = eventually(WAIT, "the tracking view to show the new total", || async {
+        let view: Value = client
+            .get(format!("{api}/orders/{order_id}/tracking"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let total = view["total"]["minor"].as_i64()?;
+        (total != before).then_some(total)
+    })
+    .await;
+    // 2 × 1149 = 2298; + 20 % tax (459.6 → 460) + 299 fee.
+    assert_eq!(modified_total, 2_298 + 460 + 299);
+
     // The store does its part; accepting makes the flow request a delivery.
     for action in [
         json!({"action": "accept", "estimated_preparation_minutes": 10}),
@@ -236,6 +261,18 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
     .await
     .expect("captured");
     assert!(invoice.starts_with("INV-"), "{invoice}");
+    let captured: i64 = sqlx::query_scalar(
+        "SELECT (payload->'PaymentCaptured'->'amount'->>'minor')::bigint FROM events \
+         WHERE aggregate_type = 'payment' AND aggregate_id = $1 AND event_type = 'PaymentCaptured'",
+    )
+    .bind(&order_id)
+    .fetch_one(env.pool())
+    .await
+    .expect("captured");
+    assert_eq!(
+        captured, modified_total,
+        "the modified total is captured, not the authorization"
+    );
 
     // One correlation id from the HTTP request through every event it caused, and each
     // reaction names the event that caused it.
@@ -262,7 +299,7 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
 
     // The customer earned points at the region's rate (uk: 5 points per 100 minor units),
     // times the Plus multiplier (1.5x), rounded down once.
-    let total = placed_total(&env, &order_id).await;
+    let total = modified_total;
     let points = eventually(WAIT, "points to be earned", || async {
         points_of(&env, &customer).await.filter(|p| *p > 0)
     })

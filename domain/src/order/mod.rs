@@ -109,6 +109,12 @@ pub enum OrderCommand {
         /// Rewards points to redeem as a discount (0 for none); debited by the order flow.
         redeem_points: u64,
     },
+    /// Change the lines before the store accepts; the order is priced again (with the points
+    /// it already redeems). Once the payment is confirmed the new total may not exceed the
+    /// confirmed one.
+    ModifyOrder {
+        lines: Vec<RequestedLine>,
+    },
     ConfirmPayment {
         payment_reference: String,
     },
@@ -197,11 +203,20 @@ pub enum OrderEvent {
         comment: Option<String>,
         rated_at: DateTime<Utc>,
     },
+    OrderModified {
+        lines: Vec<PricedLine>,
+        subtotal: Money,
+        discount: Money,
+        tax: Money,
+        delivery_fee: Money,
+        total: Money,
+        modified_at: DateTime<Utc>,
+    },
 }
 
 impl OrderEvent {
     /// Every event type, for catalogues and tests. Never reorder or rename.
-    pub const TYPES: [&'static str; 11] = [
+    pub const TYPES: [&'static str; 12] = [
         "OrderPlaced",
         "OrderConfirmed",
         "OrderAccepted",
@@ -213,6 +228,7 @@ impl OrderEvent {
         "OrderCompleted",
         "OrderCancelled",
         "OrderRated",
+        "OrderModified",
     ];
 
     /// The status an order is in after this event, if the event moves it.
@@ -228,7 +244,7 @@ impl OrderEvent {
             Self::OrderDelivered { .. } => OrderStatus::Delivered,
             Self::OrderCompleted { .. } => OrderStatus::Completed,
             Self::OrderCancelled { .. } => OrderStatus::Cancelled,
-            Self::OrderRated { .. } => return None,
+            Self::OrderRated { .. } | Self::OrderModified { .. } => return None,
         })
     }
 
@@ -249,7 +265,8 @@ impl OrderEvent {
             | Self::OrderCancelled {
                 cancelled_at: t, ..
             }
-            | Self::OrderRated { rated_at: t, .. } => *t,
+            | Self::OrderRated { rated_at: t, .. }
+            | Self::OrderModified { modified_at: t, .. } => *t,
         }
     }
 }
@@ -268,6 +285,7 @@ impl DomainEvent for OrderEvent {
             Self::OrderCompleted { .. } => "OrderCompleted",
             Self::OrderCancelled { .. } => "OrderCancelled",
             Self::OrderRated { .. } => "OrderRated",
+            Self::OrderModified { .. } => "OrderModified",
         };
         name.to_owned()
     }
@@ -311,6 +329,11 @@ pub enum OrderError {
     TooLong { field: &'static str, max: usize },
     #[error("the estimated preparation time must be between 1 and 240 minutes")]
     InvalidPreparationTime,
+    #[error(
+        "the modified order costs {requested} but {confirmed} was confirmed; \
+         remove items, or cancel and place a new order"
+    )]
+    ExceedsConfirmedTotal { requested: Money, confirmed: Money },
 }
 
 impl OrderError {
@@ -324,14 +347,30 @@ impl OrderError {
                 | Self::TooLateToCancel(_)
                 | Self::AlreadyRated
                 | Self::RatingWindowClosed(_)
+                | Self::ExceedsConfirmedTotal { .. }
         )
     }
+}
+
+fn validate_lines(lines: &[RequestedLine]) -> Result<(), OrderError> {
+    if lines.is_empty() || lines.len() > MAX_LINES {
+        return Err(OrderError::InvalidLineCount);
+    }
+    if lines
+        .iter()
+        .any(|l| l.quantity == 0 || l.quantity > MAX_QUANTITY)
+    {
+        return Err(OrderError::InvalidQuantity);
+    }
+    Ok(())
 }
 
 /// The state an order's events add up to.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Order {
     pub status: OrderStatus,
+    pub region: Option<RegionCode>,
+    pub points_redeemed: u64,
     pub customer_id: Option<CustomerId>,
     pub store_id: Option<StoreId>,
     pub total: Option<Money>,
@@ -375,15 +414,7 @@ impl Order {
                 if self.status != S::New {
                     return Err(OrderError::AlreadyPlaced);
                 }
-                if lines.is_empty() || lines.len() > MAX_LINES {
-                    return Err(OrderError::InvalidLineCount);
-                }
-                if lines
-                    .iter()
-                    .any(|l| l.quantity == 0 || l.quantity > MAX_QUANTITY)
-                {
-                    return Err(OrderError::InvalidQuantity);
-                }
+                validate_lines(&lines)?;
                 let quote = services.pricing.quote(&region, &lines, redeem_points)?;
                 OrderEvent::OrderPlaced {
                     customer_id,
@@ -400,6 +431,31 @@ impl Order {
                     rating_window_days: quote.rating_window_days,
                     points_redeemed: quote.points_redeemed,
                     placed_at: now,
+                }
+            }
+            OrderCommand::ModifyOrder { lines } => {
+                self.require(&[S::Placed, S::Confirmed], "modify")?;
+                validate_lines(&lines)?;
+                let region = self.region.clone().ok_or(OrderError::NotFound)?;
+                let quote = services
+                    .pricing
+                    .quote(&region, &lines, self.points_redeemed)?;
+                if let (S::Confirmed, Some(confirmed)) = (self.status, self.total) {
+                    if quote.total.minor() > confirmed.minor() {
+                        return Err(OrderError::ExceedsConfirmedTotal {
+                            requested: quote.total,
+                            confirmed,
+                        });
+                    }
+                }
+                OrderEvent::OrderModified {
+                    lines: quote.lines,
+                    subtotal: quote.subtotal,
+                    discount: quote.discount,
+                    tax: quote.tax,
+                    delivery_fee: quote.delivery_fee,
+                    total: quote.total,
+                    modified_at: now,
                 }
             }
             OrderCommand::ConfirmPayment { payment_reference } => {
@@ -547,11 +603,15 @@ impl Aggregate for Order {
             OrderEvent::OrderPlaced {
                 customer_id,
                 store_id,
+                region,
                 total,
                 accept_by,
                 rating_window_days,
+                points_redeemed,
                 ..
             } => {
+                self.region = Some(region);
+                self.points_redeemed = points_redeemed;
                 self.customer_id = Some(customer_id);
                 self.store_id = Some(store_id);
                 self.total = Some(total);
@@ -560,6 +620,7 @@ impl Aggregate for Order {
             }
             OrderEvent::OrderDelivered { delivered_at } => self.delivered_at = Some(delivered_at),
             OrderEvent::OrderRated { .. } => self.rated = true,
+            OrderEvent::OrderModified { total, .. } => self.total = Some(total),
             _ => {}
         }
     }

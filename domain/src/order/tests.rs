@@ -242,6 +242,64 @@ fn redeemed_points_are_taken_off_before_tax_and_never_beyond_the_items() {
 }
 
 #[test]
+fn an_order_modified_before_acceptance_is_priced_again() {
+    let events = at(t0())
+        .given(vec![placed()])
+        .when(OrderCommand::ModifyOrder {
+            lines: vec![line("margherita", 1, &[])],
+        })
+        .inspect_result()
+        .expect("modified");
+    let [OrderEvent::OrderModified {
+        subtotal, total, ..
+    }] = events.as_slice()
+    else {
+        panic!("expected one OrderModified, got {events:?}");
+    };
+    // 1000 + 20 % tax + 250 fee.
+    assert_eq!((*subtotal, *total), (gbp(1_000), gbp(1_450)));
+    at(t0())
+        .given(vec![placed(), confirmed(), accepted()])
+        .when(OrderCommand::ModifyOrder {
+            lines: vec![line("margherita", 1, &[])],
+        })
+        .then_expect_error(OrderError::InvalidTransition {
+            action: "modify",
+            status: "Accepted",
+        });
+}
+
+#[test]
+fn a_confirmed_order_cannot_be_modified_above_what_was_confirmed() {
+    at(t0())
+        .given(vec![placed(), confirmed()])
+        .when(OrderCommand::ModifyOrder {
+            lines: vec![line("margherita", 3, &["extra-cheese"])],
+        })
+        .then_expect_error(OrderError::ExceedsConfirmedTotal {
+            requested: gbp(3 * 1_150 + 690 + 250),
+            confirmed: gbp(3_010),
+        });
+    at(t0())
+        .given(vec![placed(), confirmed()])
+        .when(OrderCommand::ModifyOrder {
+            lines: vec![line("margherita", 1, &[])],
+        })
+        .then_expect_events(vec![OrderEvent::OrderModified {
+            lines: catalogue()
+                .quote(&region(), &[line("margherita", 1, &[])], 0)
+                .expect("priced")
+                .lines,
+            subtotal: gbp(1_000),
+            discount: gbp(0),
+            tax: gbp(200),
+            delivery_fee: gbp(250),
+            total: gbp(1_450),
+            modified_at: t0(),
+        }]);
+}
+
+#[test]
 fn placing_an_order_twice_is_refused() {
     at(t0())
         .given(vec![placed()])
@@ -472,6 +530,9 @@ fn any_command() -> impl Strategy<Value = OrderCommand> {
         Just(place(vec![line("margherita", 1, &[])])),
         Just(OrderCommand::ConfirmPayment {
             payment_reference: "p".to_owned()
+        }),
+        (1u32..4).prop_map(|q| OrderCommand::ModifyOrder {
+            lines: vec![line("margherita", q, &[])]
         }),
         Just(OrderCommand::AcceptOrder {
             estimated_preparation_minutes: 10

@@ -14,4 +14,5 @@ pub(super) const SOURCES: &[Source] = sources!("order":
     "OrderCompleted" @ "1.0",
     "OrderCancelled" @ "2.0",
     "OrderRated" @ "1.0",
+    "OrderModified" @ "1.0",
 );
