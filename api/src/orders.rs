@@ -74,6 +74,10 @@ pub struct PlaceOrderRequest {
     #[serde(default)]
     #[schema(maximum = 1_000_000_000)]
     pub redeem_points: u64,
+    /// A promotion code, e.g. `WELCOME10`.
+    #[serde(default)]
+    #[schema(max_length = 32)]
+    pub promotion_code: Option<String>,
 }
 
 fn bounded(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
@@ -143,6 +147,7 @@ impl TryFrom<PlaceOrderRequest> for OrderCommand {
         }
         Ok(Self::PlaceOrder {
             redeem_points: r.redeem_points,
+            promotion_code: r.promotion_code,
             customer_id: CustomerId::from_uuid(r.customer_id),
             store_id: StoreId::from_uuid(r.store_id),
             region: RegionCode::parse(r.region).map_err(invalid)?,

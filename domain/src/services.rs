@@ -127,9 +127,57 @@ pub struct Catalogue {
     pub items: BTreeMap<MenuItemId, MenuItem>,
     #[serde(default)]
     pub stores: BTreeMap<crate::StoreId, StoreSettings>,
+    /// Promotion codes customers can enter at placement.
+    #[serde(default)]
+    pub promotions: BTreeMap<String, Promotion>,
+}
+
+/// A promotion code: a share off the subtotal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Promotion {
+    /// Share of the subtotal taken off, in basis points (1000 = 10 %).
+    pub percent_off_bp: u32,
+    /// Smallest subtotal, in minor units, the code applies to.
+    #[serde(default)]
+    pub min_subtotal_minor: i64,
+    /// Regions where it applies; empty means everywhere.
+    #[serde(default)]
+    pub regions: Vec<RegionCode>,
+    /// Whether the code can be used now.
+    pub active: bool,
 }
 
 impl Catalogue {
+    fn promotion_discount(
+        &self,
+        code: &str,
+        region: &RegionCode,
+        subtotal: Money,
+    ) -> Result<Money, PricingError> {
+        let promotion = self
+            .promotions
+            .get(code)
+            .ok_or_else(|| PricingError::UnknownPromotion(code.to_owned()))?;
+        let refuse = |reason: String| PricingError::PromotionNotApplicable {
+            code: code.to_owned(),
+            reason,
+        };
+        if !promotion.active {
+            return Err(refuse("it has ended".to_owned()));
+        }
+        if !promotion.regions.is_empty() && !promotion.regions.contains(region) {
+            return Err(refuse(format!("it is not offered in region `{region}`")));
+        }
+        if subtotal.minor() < promotion.min_subtotal_minor {
+            return Err(refuse(format!(
+                "the items must come to at least {} minor units",
+                promotion.min_subtotal_minor
+            )));
+        }
+        Ok(subtotal.apply_basis_points(promotion.percent_off_bp.min(10_000))?)
+    }
+
     /// Parses a catalogue from its JSON form (the shape of `domain/catalogue/demo.json`).
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(text)
@@ -191,18 +239,24 @@ pub enum PricingError {
     UnknownOption { item: MenuItemId, option: String },
     #[error("{requested} points are worth more than the items; redeem at most {max} points on this order")]
     RedemptionTooLarge { requested: u64, max: u64 },
+    #[error("promotion code `{0}` does not exist; check the spelling")]
+    UnknownPromotion(String),
+    #[error("promotion code `{code}` does not apply: {reason}")]
+    PromotionNotApplicable { code: String, reason: String },
     #[error(transparent)]
     Money(#[from] MoneyError),
 }
 
 /// Prices an order. The catalogue is the real implementation; the trait lets an adapter cache it.
 pub trait Pricing: Send + Sync {
-    /// Prices `lines` in `region`, with `redeem_points` rewards points taken off as a discount.
+    /// Prices `lines` in `region`, with an optional promotion code and `redeem_points` rewards
+    /// points taken off as discounts (the promotion first, then the points).
     fn quote(
         &self,
         region: &RegionCode,
         lines: &[RequestedLine],
         redeem_points: u64,
+        promotion: Option<&str>,
     ) -> Result<Quote, PricingError>;
 }
 
@@ -212,6 +266,7 @@ impl Pricing for Catalogue {
         region: &RegionCode,
         lines: &[RequestedLine],
         redeem_points: u64,
+        promotion: Option<&str>,
     ) -> Result<Quote, PricingError> {
         let settings = self
             .regions
@@ -254,22 +309,25 @@ impl Pricing for Catalogue {
                 line_total,
             });
         }
+        let promotion_off = match promotion {
+            Some(code) => self.promotion_discount(code, region, subtotal)?,
+            None => Money::zero(currency),
+        };
+        let left = subtotal.saturating_sub(promotion_off)?;
         let rate = u64::from(settings.redeem_minor_per_100_points.max(1));
         let worth = u128::from(redeem_points) * u128::from(rate) / 100;
-        if worth > u128::try_from(subtotal.minor()).unwrap_or(0) {
-            let max = u64::try_from(subtotal.minor())
-                .unwrap_or(0)
-                .saturating_mul(100)
-                / rate;
+        if worth > u128::try_from(left.minor()).unwrap_or(0) {
+            let max = u64::try_from(left.minor()).unwrap_or(0).saturating_mul(100) / rate;
             return Err(PricingError::RedemptionTooLarge {
                 requested: redeem_points,
                 max,
             });
         }
-        let discount = Money::new(
+        let points_off = Money::new(
             i64::try_from(worth).map_err(|_| MoneyError::Overflow)?,
             currency,
         )?;
+        let discount = promotion_off.checked_add(points_off)?;
         let taxable = subtotal.saturating_sub(discount)?;
         let tax = taxable.apply_basis_points(settings.tax_basis_points)?;
         let delivery_fee = Money::new(settings.delivery_fee_minor, currency)?;

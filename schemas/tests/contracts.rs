@@ -52,6 +52,7 @@ fn order_samples() -> Vec<OrderEvent> {
             accept_by: at(),
             rating_window_days: 7,
             points_redeemed: 250,
+            promotion_code: Some("WELCOME10".to_owned()),
             placed_at: at(),
         },
         OrderEvent::OrderConfirmed {

@@ -66,6 +66,12 @@ async fn client_mistakes_are_answered_with_problem_documents_never_500() {
         "{body}"
     );
 
+    let mut unknown_code = order_request(Uuid::new_v4());
+    unknown_code["promotion_code"] = json!("FREEPIZZA");
+    let (status, body) = problem(post(unknown_code.to_string()).await.expect("sent")).await;
+    assert_eq!(status, 422);
+    assert!(body["detail"].as_str().expect("detail").contains("FREEPIZZA"), "{body}");
+
     let mut bad_region = order_request(Uuid::new_v4());
     bad_region["region"] = json!("mars base");
     let (status, _) = problem(post(bad_region.to_string()).await.expect("sent")).await;

@@ -108,6 +108,8 @@ pub enum OrderCommand {
         delivery_address: DeliveryAddress,
         /// Rewards points to redeem as a discount (0 for none); debited by the order flow.
         redeem_points: u64,
+        /// A promotion code from the catalogue, if any.
+        promotion_code: Option<String>,
     },
     /// Change the lines before the store accepts; the order is priced again (with the points
     /// it already redeems). Once the payment is confirmed the new total may not exceed the
@@ -164,6 +166,9 @@ pub enum OrderEvent {
         /// before redemption existed.
         #[serde(default)]
         points_redeemed: u64,
+        /// The promotion code applied, if any (absent in events stored before promotions).
+        #[serde(default)]
+        promotion_code: Option<String>,
         placed_at: DateTime<Utc>,
     },
     OrderConfirmed {
@@ -371,6 +376,7 @@ pub struct Order {
     pub status: OrderStatus,
     pub region: Option<RegionCode>,
     pub points_redeemed: u64,
+    pub promotion_code: Option<String>,
     pub customer_id: Option<CustomerId>,
     pub store_id: Option<StoreId>,
     pub total: Option<Money>,
@@ -410,12 +416,27 @@ impl Order {
                 lines,
                 delivery_address,
                 redeem_points,
+                promotion_code,
             } => {
                 if self.status != S::New {
                     return Err(OrderError::AlreadyPlaced);
                 }
                 validate_lines(&lines)?;
-                let quote = services.pricing.quote(&region, &lines, redeem_points)?;
+                if promotion_code
+                    .as_ref()
+                    .is_some_and(|c| c.chars().count() > 32)
+                {
+                    return Err(OrderError::TooLong {
+                        field: "promotion_code",
+                        max: 32,
+                    });
+                }
+                let quote = services.pricing.quote(
+                    &region,
+                    &lines,
+                    redeem_points,
+                    promotion_code.as_deref(),
+                )?;
                 OrderEvent::OrderPlaced {
                     customer_id,
                     store_id,
@@ -430,6 +451,7 @@ impl Order {
                     accept_by: now + Duration::minutes(i64::from(quote.accept_within_minutes)),
                     rating_window_days: quote.rating_window_days,
                     points_redeemed: quote.points_redeemed,
+                    promotion_code,
                     placed_at: now,
                 }
             }
@@ -437,9 +459,12 @@ impl Order {
                 self.require(&[S::Placed, S::Confirmed], "modify")?;
                 validate_lines(&lines)?;
                 let region = self.region.clone().ok_or(OrderError::NotFound)?;
-                let quote = services
-                    .pricing
-                    .quote(&region, &lines, self.points_redeemed)?;
+                let quote = services.pricing.quote(
+                    &region,
+                    &lines,
+                    self.points_redeemed,
+                    self.promotion_code.as_deref(),
+                )?;
                 if let (S::Confirmed, Some(confirmed)) = (self.status, self.total) {
                     if quote.total.minor() > confirmed.minor() {
                         return Err(OrderError::ExceedsConfirmedTotal {
@@ -608,10 +633,12 @@ impl Aggregate for Order {
                 accept_by,
                 rating_window_days,
                 points_redeemed,
+                promotion_code,
                 ..
             } => {
                 self.region = Some(region);
                 self.points_redeemed = points_redeemed;
+                self.promotion_code = promotion_code;
                 self.customer_id = Some(customer_id);
                 self.store_id = Some(store_id);
                 self.total = Some(total);

@@ -77,6 +77,15 @@ fn catalogue() -> Catalogue {
         regions,
         items,
         stores: BTreeMap::new(),
+        promotions: BTreeMap::from([(
+            "WELCOME10".to_owned(),
+            crate::services::Promotion {
+                percent_off_bp: 1_000,
+                min_subtotal_minor: 1_500,
+                regions: vec![],
+                active: true,
+            },
+        )]),
     }
 }
 
@@ -123,12 +132,18 @@ fn place(lines: Vec<RequestedLine>) -> OrderCommand {
         lines,
         delivery_address: address(),
         redeem_points: 0,
+        promotion_code: None,
     }
 }
 
 fn placed() -> OrderEvent {
     let quote = catalogue()
-        .quote(&region(), &[line("margherita", 2, &["extra-cheese"])], 0)
+        .quote(
+            &region(),
+            &[line("margherita", 2, &["extra-cheese"])],
+            0,
+            None,
+        )
         .expect("priced");
     OrderEvent::OrderPlaced {
         customer_id: customer(),
@@ -144,6 +159,7 @@ fn placed() -> OrderEvent {
         accept_by: t0() + Duration::minutes(11),
         rating_window_days: 7,
         points_redeemed: 0,
+        promotion_code: None,
         placed_at: t0(),
     }
 }
@@ -287,7 +303,7 @@ fn a_confirmed_order_cannot_be_modified_above_what_was_confirmed() {
         })
         .then_expect_events(vec![OrderEvent::OrderModified {
             lines: catalogue()
-                .quote(&region(), &[line("margherita", 1, &[])], 0)
+                .quote(&region(), &[line("margherita", 1, &[])], 0, None)
                 .expect("priced")
                 .lines,
             subtotal: gbp(1_000),
@@ -297,6 +313,54 @@ fn a_confirmed_order_cannot_be_modified_above_what_was_confirmed() {
             total: gbp(1_450),
             modified_at: t0(),
         }]);
+}
+
+#[test]
+fn a_promotion_code_takes_its_share_off_before_points_and_tax() {
+    let mut command = place(vec![line("margherita", 2, &["extra-cheese"])]);
+    if let OrderCommand::PlaceOrder {
+        promotion_code,
+        redeem_points,
+        ..
+    } = &mut command
+    {
+        *promotion_code = Some("WELCOME10".to_owned());
+        *redeem_points = 70;
+    }
+    let events = at(t0())
+        .given_no_previous_events()
+        .when(command)
+        .inspect_result()
+        .expect("placed");
+    let [OrderEvent::OrderPlaced {
+        discount, total, ..
+    }] = events.as_slice()
+    else {
+        panic!("expected one OrderPlaced, got {events:?}");
+    };
+    // 2300 - 230 (10 %) - 70 (points) = 2000; + 400 tax + 250 fee.
+    assert_eq!((*discount, *total), (gbp(300), gbp(2_650)));
+
+    let with_code = |code: &str, lines| {
+        let mut command = place(lines);
+        if let OrderCommand::PlaceOrder { promotion_code, .. } = &mut command {
+            *promotion_code = Some(code.to_owned());
+        }
+        command
+    };
+    at(t0())
+        .given_no_previous_events()
+        .when(with_code("NOPE", vec![line("margherita", 2, &[])]))
+        .then_expect_error(OrderError::Pricing(PricingError::UnknownPromotion(
+            "NOPE".to_owned(),
+        )));
+    at(t0())
+        .given_no_previous_events()
+        .when(with_code("WELCOME10", vec![line("margherita", 1, &[])]))
+        .then_expect_error(OrderError::Pricing(PricingError::PromotionNotApplicable {
+            code: "WELCOME10".to_owned(),
+            reason: "the items must come to at least 1500 minor units".to_owned(),
+        }));
 }
 
 #[test]
