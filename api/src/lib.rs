@@ -11,6 +11,7 @@
 //! `TryFrom`), run through `commands`, and the views are read from the tables that
 //! `projections` keeps.
 
+pub mod admin;
 pub mod deliveries;
 pub mod error;
 pub mod extract;
@@ -25,9 +26,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
-use commands::{CommandBus, EventStoreDb};
+use commands::{CatalogueStore, CommandBus, EventStoreDb};
 use domain::delivery::{Delivery, DeliveryServices};
 use domain::order::Order;
 use domain::payment::{Payment, PaymentServices};
@@ -38,6 +39,7 @@ use serde::Deserialize;
 use sqlx::PgPool;
 use streams::{KafkaConfig, RegistryConfig};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 
@@ -113,7 +115,7 @@ pub struct AppState {
     pub deliveries: Arc<CommandBus<Delivery>>,
     pub payments: Arc<CommandBus<Payment>>,
     pub rewards: Arc<CommandBus<RewardsLedger>>,
-    pub catalogue: Arc<Catalogue>,
+    pub catalogue: Arc<CatalogueStore>,
     pub pool: PgPool,
     pub health: Arc<health::Dependencies>,
     pub read_your_writes_wait: Duration,
@@ -139,6 +141,11 @@ impl std::fmt::Debug for AppState {
         deliveries::act_on_delivery,
         rewards::act_on_rewards,
         payments::receive_webhook,
+        admin::put_region,
+        admin::put_item,
+        admin::put_store,
+        admin::put_promotion,
+        admin::catalogue,
         health::live,
         health::ready
     ),
@@ -190,6 +197,11 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
             "/payments/{order_id}/webhooks",
             post(payments::receive_webhook),
         )
+        .route("/catalogue", get(admin::catalogue))
+        .route("/admin/regions/{code}", put(admin::put_region))
+        .route("/admin/menu/items/{item_id}", put(admin::put_item))
+        .route("/admin/stores/{store_id}", put(admin::put_store))
+        .route("/admin/promotions/{code}", put(admin::put_promotion))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_endpoint))
         .route("/health/live", get(health::live))
@@ -234,9 +246,22 @@ impl ApiServer {
         let db = EventStoreDb::connect(&store).await?;
         let catalogue = config.catalogue().map_err(StartError::Config)?;
         let clock = Arc::new(SystemClock);
-        let catalogue = Arc::new(catalogue);
-        let services = OrderServices::new(catalogue.clone(), clock.clone());
         let pool = db.pool().clone();
+        let catalogue = Arc::new(
+            CatalogueStore::load(pool.clone(), &catalogue)
+                .await
+                .map_err(|e| StartError::Config(e.to_string()))?,
+        );
+        {
+            // Other instances' admin changes arrive within this interval.
+            let catalogue = catalogue.clone();
+            tokio::spawn(async move {
+                catalogue
+                    .refresh_every(Duration::from_secs(5), CancellationToken::new())
+                    .await;
+            });
+        }
+        let services = OrderServices::new(catalogue.clone(), clock.clone());
         projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
         let state = AppState {
             orders: Arc::new(CommandBus::new(db.clone(), services)),

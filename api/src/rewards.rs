@@ -119,7 +119,8 @@ pub async fn act_on_rewards(
             idempotency_key,
         } => {
             let region = RegionCode::parse(region).map_err(invalid)?;
-            let settings = state.catalogue.regions.get(&region).ok_or_else(|| {
+            let catalogue = state.catalogue.current();
+            let settings = catalogue.regions.get(&region).ok_or_else(|| {
                 ApiError::Unprocessable(format!("region `{region}` is not served"))
             })?;
             (

@@ -11,8 +11,10 @@
 //! takes them to Kafka.
 
 pub mod bus;
+pub mod catalogue;
 pub mod process;
 pub mod store;
 
 pub use bus::{CommandBus, CommandContext, CommandError, Committed, RetryPolicy};
+pub use catalogue::{CatalogueError, CatalogueStore};
 pub use store::{EventStoreConfig, EventStoreDb, StoreError};

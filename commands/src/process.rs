@@ -30,7 +30,7 @@ use domain::delivery::{Delivery, DeliveryCommand, DeliveryEvent, DeliveryService
 use domain::order::{Order, OrderCommand, OrderEvent};
 use domain::payment::{Payment, PaymentCommand, PaymentEvent, PaymentServices};
 use domain::rewards::{RewardsCommand, RewardsLedger, RewardsServices};
-use domain::services::{Catalogue, OrderServices, SystemClock};
+use domain::services::{OrderServices, SystemClock};
 use domain::{Currency, Money, OrderId, RegionCode, StoreId};
 use projections::{FirstDelivery, Projection, ProjectionError};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::bus::{CommandBus, CommandContext, CommandError};
+use crate::catalogue::CatalogueStore;
 use crate::store::EventStoreDb;
 use crate::Committed;
 
@@ -51,7 +52,7 @@ pub struct OrderFlow {
     payments: CommandBus<Payment>,
     deliveries: CommandBus<Delivery>,
     rewards: CommandBus<RewardsLedger>,
-    catalogue: Arc<Catalogue>,
+    catalogue: Arc<CatalogueStore>,
 }
 
 impl std::fmt::Debug for OrderFlow {
@@ -74,8 +75,8 @@ struct OrderFacts {
 }
 
 impl OrderFlow {
-    /// The flow over one event store; `catalogue` gives the regions' rewards rates.
-    pub fn new(store: EventStoreDb, catalogue: Arc<Catalogue>) -> Self {
+    /// The flow over one event store; `catalogue` gives the regions' rates and the stores.
+    pub fn new(store: EventStoreDb, catalogue: Arc<CatalogueStore>) -> Self {
         let clock = Arc::new(SystemClock);
         Self {
             orders: CommandBus::new(
@@ -278,10 +279,11 @@ impl OrderFlow {
         let facts = self.facts(tx, order_id).await?;
         let region = RegionCode::parse(facts.region).map_err(event_error)?;
         let store = facts.store_id.map(StoreId::from_uuid);
+        let catalogue = self.catalogue.current();
         let (Some(store_id), Some(store), Some(settings)) = (
             store,
-            store.and_then(|s| self.catalogue.stores.get(&s)),
-            self.catalogue.regions.get(&region),
+            store.and_then(|s| catalogue.stores.get(&s)),
+            catalogue.regions.get(&region),
         ) else {
             tracing::warn!(%order_id, "store or region not in the catalogue; no delivery requested");
             return Ok(());
@@ -357,7 +359,8 @@ impl OrderFlow {
         let order_id = event.meta.aggregate_id.as_str();
         let facts = self.facts(tx, order_id).await?;
         let region = RegionCode::parse(facts.region).map_err(|e| event_error(e.to_string()))?;
-        let Some(settings) = self.catalogue.regions.get(&region) else {
+        let catalogue = self.catalogue.current();
+        let Some(settings) = catalogue.regions.get(&region) else {
             tracing::warn!(%region, "no rewards rates for the region; no points earned");
             return Ok(());
         };

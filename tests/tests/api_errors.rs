@@ -70,7 +70,13 @@ async fn client_mistakes_are_answered_with_problem_documents_never_500() {
     unknown_code["promotion_code"] = json!("FREEPIZZA");
     let (status, body) = problem(post(unknown_code.to_string()).await.expect("sent")).await;
     assert_eq!(status, 422);
-    assert!(body["detail"].as_str().expect("detail").contains("FREEPIZZA"), "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("FREEPIZZA"),
+        "{body}"
+    );
 
     let mut bad_region = order_request(Uuid::new_v4());
     bad_region["region"] = json!("mars base");
@@ -266,4 +272,125 @@ async fn the_api_serves_its_openapi_document_metrics_and_health() {
     let body: Value = ready.json().await.expect("json");
     assert_eq!(body["registry"]["ok"], false, "{body}");
     server.stop().await.expect("api stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_changes_the_menu_and_new_orders_are_priced_with_it() {
+    let env = TestEnv::start("admin").await;
+    let (api, server) = env.start_api().await;
+    let client = reqwest::Client::new();
+
+    let item = json!({
+        "name": "Margherita", "category": "pizza", "available": true,
+        "prices": {"uk": 1299}, "options": {}
+    });
+    let response = client
+        .put(format!("{api}/admin/menu/items/margherita"))
+        .header("x-actor", "alice")
+        .json(&item)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 204);
+    let catalogue: Value = client
+        .get(format!("{api}/catalogue"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        catalogue["catalogue"]["items"]["margherita"]["prices"]["uk"],
+        1299
+    );
+
+    let mut request = order_request(Uuid::new_v4());
+    request["items"] = json!([{"item_id": "margherita", "quantity": 1}]);
+    let placed = client
+        .post(format!("{api}/orders"))
+        .json(&request)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(placed.status().as_u16(), 201);
+    let order_id = placed.json::<Value>().await.expect("json")["order_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let subtotal: i64 = sqlx::query_scalar(
+        "SELECT (payload->'OrderPlaced'->'subtotal'->>'minor')::bigint FROM events \
+         WHERE aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(&order_id)
+    .fetch_one(env.pool())
+    .await
+    .expect("placed");
+    assert_eq!(subtotal, 1299);
+    let who: String = sqlx::query_scalar(
+        "SELECT updated_by FROM catalogue_entries WHERE kind = 'item' AND key = 'margherita'",
+    )
+    .fetch_one(env.pool())
+    .await
+    .expect("entry");
+    assert_eq!(who, "admin:alice");
+
+    // Making it unavailable refuses new orders with the reason.
+    let mut off = item.clone();
+    off["available"] = json!(false);
+    let response = client
+        .put(format!("{api}/admin/menu/items/margherita"))
+        .json(&off)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 204);
+    let response = client
+        .post(format!("{api}/orders"))
+        .json(&request)
+        .send()
+        .await
+        .expect("sent");
+    let (status, body) = problem(response).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("unavailable"),
+        "{body}"
+    );
+
+    // Bad input: a negative price, an unknown field, a bad region code.
+    let mut negative = item.clone();
+    negative["prices"]["uk"] = json!(-1);
+    let response = client
+        .put(format!("{api}/admin/menu/items/margherita"))
+        .json(&negative)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 422);
+    let mut unknown = item.clone();
+    unknown["colour"] = json!("red");
+    let response = client
+        .put(format!("{api}/admin/menu/items/margherita"))
+        .json(&unknown)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 422);
+    let response = client
+        .put(format!("{api}/admin/regions/not%20a%20code"))
+        .json(
+            &json!({"currency": "GBP", "tax_basis_points": 2000, "delivery_fee_minor": 0,
+                      "accept_within_minutes": 10, "rating_window_days": 7}),
+        )
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(problem(response).await.0, 422);
+
+    server.stop().await.expect("api stops");
+    env.stop().await;
 }

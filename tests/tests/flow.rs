@@ -10,6 +10,7 @@ use std::time::Duration;
 use backbone_tests::Running;
 use backbone_tests::{eventually, order_request, TestEnv};
 use commands::process::OrderFlow;
+use commands::CatalogueStore;
 use domain::services::Catalogue;
 use projections::TrackingProjection;
 use serde_json::{json, Value};
@@ -18,14 +19,17 @@ use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn flow(env: &TestEnv) -> Arc<OrderFlow> {
-    let catalogue = Catalogue::demo().expect("demo catalogue");
+async fn flow(env: &TestEnv) -> Arc<OrderFlow> {
+    let seed = Catalogue::demo().expect("demo catalogue");
+    let catalogue = CatalogueStore::load(env.pool().clone(), &seed)
+        .await
+        .expect("catalogue");
     Arc::new(OrderFlow::new(env.store.clone(), Arc::new(catalogue)))
 }
 
 /// The process manager and its deadline scheduler, as the `process-manager` binary runs them.
 async fn start_flow(env: &TestEnv) -> (Running, Running) {
-    let flow = flow(env);
+    let flow = flow(env).await;
     let manager = env.start_projector(flow.clone()).await;
     let token = CancellationToken::new();
     let (pool, stop) = (env.pool().clone(), token.clone());

@@ -1,14 +1,14 @@
 //! The process manager process: the order flow (orders ⇄ payments ⇄ rewards) and its deadline
 //! scheduler. Configuration: `DATABASE_URL`, `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*` (it
 //! runs on the projector runtime, consumer group `<prefix>order_flow`), `CATALOGUE_PATH`
-//! (regions' rewards rates; default: the built-in demo catalogue), `METRICS_LISTEN`.
+//! (seeds an empty catalogue table; default: the built-in demo catalogue), `METRICS_LISTEN`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use commands::process::OrderFlow;
-use commands::EventStoreDb;
+use commands::{CatalogueStore, EventStoreDb};
 use domain::services::Catalogue;
 use projections::{Projector, ProjectorConfig};
 use streams::process::{connect_from_env, init_tracing, serve_metrics_from_env, shutdown_token};
@@ -21,7 +21,8 @@ async fn main() -> anyhow::Result<()> {
     let catalogue = catalogue()?;
     let connections = connect_from_env(8).await?;
     let db = EventStoreDb::with_pool(connections.pool).await?;
-    let flow = Arc::new(OrderFlow::new(db.clone(), Arc::new(catalogue)));
+    let catalogue = Arc::new(CatalogueStore::load(db.pool().clone(), &catalogue).await?);
+    let flow = Arc::new(OrderFlow::new(db.clone(), catalogue.clone()));
     let projector = Projector::new(
         flow.clone(),
         db.pool().clone(),
@@ -31,6 +32,14 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let shutdown = shutdown_token();
+    let refresh = {
+        let (catalogue, shutdown) = (catalogue.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            catalogue
+                .refresh_every(Duration::from_secs(5), shutdown)
+                .await;
+        })
+    };
     let deadlines = {
         let (flow, pool, shutdown) = (flow.clone(), db.pool().clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -41,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
     projector.run_until_stopped(shutdown.clone()).await?;
     shutdown.cancel();
     deadlines.await?;
+    refresh.await?;
     Ok(())
 }
 

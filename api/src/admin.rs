@@ -1,0 +1,190 @@
+//! Administrators manage the catalogue: regions (currency, tax, fees, rates, deadlines), menu
+//! items (prices per region, options, availability), stores and promotion codes. Every change
+//! is recorded with who made it and priced into new orders at once on this instance (others
+//! within their refresh interval); orders already placed keep the prices they were placed at.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use domain::services::{Catalogue, MenuItem, Promotion, RegionSettings, StoreSettings};
+use domain::{MenuItemId, RegionCode, StoreId};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, Problem};
+use crate::extract::{Body, PathParams};
+use crate::AppState;
+
+/// Who made the change (`x-actor` header until authentication arrives).
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| "admin".to_owned(), |v| format!("admin:{v}"))
+}
+
+fn stored(result: Result<(), commands::CatalogueError>) -> Result<(), ApiError> {
+    result.map_err(|e| match e {
+        commands::CatalogueError::Invalid { .. } => ApiError::Unprocessable(e.to_string()),
+        commands::CatalogueError::Database(e) => ApiError::internal(e),
+    })
+}
+
+fn check(ok: bool, message: &str) -> Result<(), ApiError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::Unprocessable(message.to_owned()))
+    }
+}
+
+/// The catalogue as (region, item, store, promotion) entries (schema: see the domain docs).
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct CatalogueView {
+    #[schema(value_type = Object)]
+    pub catalogue: serde_json::Value,
+}
+
+/// The current catalogue: regions, menu, stores, promotions.
+#[utoipa::path(get, path = "/catalogue", tag = "catalogue", responses(
+    (status = 200, description = "The catalogue", body = CatalogueView),
+))]
+pub async fn catalogue(
+    State(state): State<AppState>,
+) -> Result<axum::Json<CatalogueView>, ApiError> {
+    let current: std::sync::Arc<Catalogue> = state.catalogue.current();
+    Ok(axum::Json(CatalogueView {
+        catalogue: serde_json::to_value(current.as_ref()).map_err(ApiError::internal)?,
+    }))
+}
+
+/// Create or replace a region's settings.
+#[utoipa::path(put, path = "/admin/regions/{code}", tag = "catalogue",
+    params(("code" = String, Path, description = "Region code, e.g. `uk`")),
+    request_body(content = Object, description = "RegionSettings: currency, tax_basis_points, delivery_fee_minor, accept_within_minutes, rating_window_days, points_per_100_minor, points_expire_in_days, courier_speed_kmh, redeem_minor_per_100_points, donation_minor_per_100_points"),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn put_region(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParams(code): PathParams<String>,
+    Body(settings): Body<RegionSettings>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let code = RegionCode::parse(code).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    check(
+        settings.delivery_fee_minor >= 0,
+        "delivery_fee_minor cannot be negative",
+    )?;
+    check(
+        settings.tax_basis_points <= 10_000,
+        "tax_basis_points is at most 10000 (100 %)",
+    )?;
+    check(
+        (1..=120).contains(&settings.courier_speed_kmh),
+        "courier_speed_kmh must be between 1 and 120",
+    )?;
+    stored(
+        state
+            .catalogue
+            .put_region(&code, &settings, &actor(&headers))
+            .await,
+    )?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Create or replace a menu item: prices per region, options, availability.
+#[utoipa::path(put, path = "/admin/menu/items/{item_id}", tag = "catalogue",
+    params(("item_id" = String, Path, description = "Menu item code")),
+    request_body(content = Object, description = "MenuItem: name, category, prices {region: minor}, options {code: {name, surcharge_minor}}, available"),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn put_item(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParams(item_id): PathParams<String>,
+    Body(item): Body<MenuItem>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let id = MenuItemId::parse(item_id).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    check(
+        !item.name.trim().is_empty() && item.name.len() <= 200,
+        "name must be 1 to 200 characters",
+    )?;
+    check(
+        item.prices.values().all(|p| *p >= 0),
+        "prices cannot be negative",
+    )?;
+    check(
+        item.options.values().all(|o| o.surcharge_minor >= 0),
+        "option surcharges cannot be negative",
+    )?;
+    stored(state.catalogue.put_item(&id, &item, &actor(&headers)).await)?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Create or replace a store.
+#[utoipa::path(put, path = "/admin/stores/{store_id}", tag = "catalogue",
+    params(("store_id" = uuid::Uuid, Path, description = "The store")),
+    request_body(content = Object, description = "StoreSettings: name, region, latitude, longitude"),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn put_store(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParams(store_id): PathParams<String>,
+    Body(store): Body<StoreSettings>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let id: StoreId = store_id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("`{store_id}` is not a store id (a UUID)")))?;
+    check(
+        (-90.0..=90.0).contains(&store.latitude) && (-180.0..=180.0).contains(&store.longitude),
+        "store coordinates are out of range",
+    )?;
+    stored(
+        state
+            .catalogue
+            .put_store(id, &store, &actor(&headers))
+            .await,
+    )?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Create or replace a promotion code.
+#[utoipa::path(put, path = "/admin/promotions/{code}", tag = "catalogue",
+    params(("code" = String, Path, description = "The code customers enter, e.g. `WELCOME10`")),
+    request_body(content = Object, description = "Promotion: percent_off_bp, min_subtotal_minor, regions, active"),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn put_promotion(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParams(code): PathParams<String>,
+    Body(promotion): Body<Promotion>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    check(
+        !code.is_empty() && code.len() <= 32 && code.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "a promotion code is 1 to 32 ASCII letters and digits",
+    )?;
+    check(
+        promotion.percent_off_bp <= 10_000,
+        "percent_off_bp is at most 10000 (100 %)",
+    )?;
+    stored(
+        state
+            .catalogue
+            .put_promotion(&code, &promotion, &actor(&headers))
+            .await,
+    )?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,226 @@
+//! The live catalogue: regions, menu items, stores and promotions, managed by administrators
+//! and read by pricing (the API) and the order flow (rates, store locations).
+//!
+//! Entries live in PostgreSQL (`catalogue_entries`, one JSON document each, with who changed it
+//! and when); every process keeps a snapshot and refreshes it after its own writes and
+//! periodically ([`CatalogueStore::refresh_every`]), so a change reaches every instance within
+//! the refresh interval. An empty table is seeded from a catalogue file at start.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use domain::services::{
+    Catalogue, MenuItem, Pricing, PricingError, Promotion, Quote, RegionSettings, RequestedLine,
+    StoreSettings,
+};
+use domain::{MenuItemId, RegionCode, StoreId};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Why the catalogue could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("catalogue entry {kind}/{key} is not valid: {reason}")]
+    Invalid {
+        kind: String,
+        key: String,
+        reason: String,
+    },
+}
+
+/// The catalogue in PostgreSQL, with this process's snapshot of it.
+#[derive(Debug)]
+pub struct CatalogueStore {
+    pool: PgPool,
+    snapshot: RwLock<Arc<Catalogue>>,
+}
+
+impl CatalogueStore {
+    /// Loads the catalogue, seeding an empty table with `seed`.
+    pub async fn load(pool: PgPool, seed: &Catalogue) -> Result<Self, CatalogueError> {
+        let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM catalogue_entries")
+            .fetch_one(&pool)
+            .await?;
+        let store = Self {
+            pool,
+            snapshot: RwLock::new(Arc::new(Catalogue::default())),
+        };
+        if entries == 0 {
+            store.seed(seed).await?;
+        }
+        store.refresh().await?;
+        Ok(store)
+    }
+
+    async fn seed(&self, seed: &Catalogue) -> Result<(), CatalogueError> {
+        for (code, settings) in &seed.regions {
+            self.write("region", code.as_str(), settings, "seed")
+                .await?;
+        }
+        for (id, item) in &seed.items {
+            self.write("item", id.as_str(), item, "seed").await?;
+        }
+        for (id, store) in &seed.stores {
+            self.write("store", &id.to_string(), store, "seed").await?;
+        }
+        for (code, promotion) in &seed.promotions {
+            self.write("promotion", code, promotion, "seed").await?;
+        }
+        Ok(())
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Arc<Catalogue> {
+        self.snapshot
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Reads every entry again.
+    pub async fn refresh(&self) -> Result<(), CatalogueError> {
+        let rows: Vec<(String, String, serde_json::Value)> =
+            sqlx::query_as("SELECT kind, key, value FROM catalogue_entries")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut catalogue = Catalogue::default();
+        for (kind, key, value) in rows {
+            let invalid = |reason: String| CatalogueError::Invalid {
+                kind: kind.clone(),
+                key: key.clone(),
+                reason,
+            };
+            let text = |e: &dyn std::fmt::Display| e.to_string();
+            match kind.as_str() {
+                "region" => {
+                    catalogue.regions.insert(
+                        RegionCode::parse(key.clone()).map_err(|e| invalid(text(&e)))?,
+                        serde_json::from_value(value).map_err(|e| invalid(text(&e)))?,
+                    );
+                }
+                "item" => {
+                    catalogue.items.insert(
+                        MenuItemId::parse(key.clone()).map_err(|e| invalid(text(&e)))?,
+                        serde_json::from_value(value).map_err(|e| invalid(text(&e)))?,
+                    );
+                }
+                "store" => {
+                    catalogue.stores.insert(
+                        key.parse::<StoreId>().map_err(|e| invalid(text(&e)))?,
+                        serde_json::from_value(value).map_err(|e| invalid(text(&e)))?,
+                    );
+                }
+                _ => {
+                    catalogue.promotions.insert(
+                        key.clone(),
+                        serde_json::from_value(value).map_err(|e| invalid(text(&e)))?,
+                    );
+                }
+            }
+        }
+        if let Ok(mut snapshot) = self.snapshot.write() {
+            *snapshot = Arc::new(catalogue);
+        }
+        Ok(())
+    }
+
+    /// Refreshes the snapshot every `every` until `shutdown`.
+    pub async fn refresh_every(&self, every: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "catalogue refresh failed; keeping the last snapshot");
+            }
+        }
+    }
+
+    async fn write<T: Serialize>(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &T,
+        actor: &str,
+    ) -> Result<(), CatalogueError> {
+        let value = serde_json::to_value(value).map_err(|e| CatalogueError::Invalid {
+            kind: kind.to_owned(),
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+        sqlx::query(
+            "INSERT INTO catalogue_entries (kind, key, value, updated_by) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (kind, key) DO UPDATE \
+             SET value = excluded.value, updated_by = excluded.updated_by, \
+                 updated_at = clock_timestamp()",
+        )
+        .bind(kind)
+        .bind(key)
+        .bind(value)
+        .bind(actor)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Creates or replaces a region's settings.
+    pub async fn put_region(
+        &self,
+        code: &RegionCode,
+        settings: &RegionSettings,
+        actor: &str,
+    ) -> Result<(), CatalogueError> {
+        self.write("region", code.as_str(), settings, actor).await?;
+        self.refresh().await
+    }
+
+    /// Creates or replaces a menu item (prices per region, options, availability).
+    pub async fn put_item(
+        &self,
+        id: &MenuItemId,
+        item: &MenuItem,
+        actor: &str,
+    ) -> Result<(), CatalogueError> {
+        self.write("item", id.as_str(), item, actor).await?;
+        self.refresh().await
+    }
+
+    /// Creates or replaces a store.
+    pub async fn put_store(
+        &self,
+        id: StoreId,
+        store: &StoreSettings,
+        actor: &str,
+    ) -> Result<(), CatalogueError> {
+        self.write("store", &id.to_string(), store, actor).await?;
+        self.refresh().await
+    }
+
+    /// Creates or replaces a promotion code.
+    pub async fn put_promotion(
+        &self,
+        code: &str,
+        promotion: &Promotion,
+        actor: &str,
+    ) -> Result<(), CatalogueError> {
+        self.write("promotion", code, promotion, actor).await?;
+        self.refresh().await
+    }
+}
+
+impl Pricing for CatalogueStore {
+    fn quote(
+        &self,
+        region: &RegionCode,
+        lines: &[RequestedLine],
+        redeem_points: u64,
+        promotion: Option<&str>,
+    ) -> Result<Quote, PricingError> {
+        self.current()
+            .quote(region, lines, redeem_points, promotion)
+    }
+}
