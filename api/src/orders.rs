@@ -148,6 +148,7 @@ impl TryFrom<PlaceOrderRequest> for OrderCommand {
         Ok(Self::PlaceOrder {
             redeem_points: r.redeem_points,
             promotion_code: r.promotion_code,
+            free_delivery: false,
             customer_id: CustomerId::from_uuid(r.customer_id),
             store_id: StoreId::from_uuid(r.store_id),
             region: RegionCode::parse(r.region).map_err(invalid)?,
@@ -222,7 +223,19 @@ pub async fn place_order(
     Body(request): Body<PlaceOrderRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let actor = format!("customer:{}", request.customer_id);
-    let command = OrderCommand::try_from(request)?;
+    let customer = request.customer_id.to_string();
+    let mut command = OrderCommand::try_from(request)?;
+    // A running subscription with free delivery waives the fee (read from the ledger now).
+    let subscriber = state
+        .rewards
+        .state(&customer, |ledger| {
+            ledger.free_delivery_at(chrono::Utc::now())
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if let OrderCommand::PlaceOrder { free_delivery, .. } = &mut command {
+        *free_delivery = subscriber;
+    }
     let order_id = OrderId::new();
     let committed = state
         .orders

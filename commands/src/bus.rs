@@ -338,6 +338,25 @@ where
         }))
     }
 
+    /// Reads an aggregate's current state (upcast and applied as for a command) through `read`.
+    /// For decisions at the boundary that need another aggregate's state, such as whether a
+    /// customer's subscription gives free delivery.
+    pub async fn state<R>(
+        &self,
+        aggregate_id: &str,
+        read: impl FnOnce(&A) -> R,
+    ) -> Result<R, CommandError<A::Error>> {
+        use cqrs_es::{AggregateContext, EventStore};
+        let repo = PostgresEventRepository::new(self.store.pool().clone());
+        let store: PersistedEventStore<_, A> =
+            PersistedEventStore::new_event_store(repo).with_upcasters(schemas::upcasters());
+        let mut context = store
+            .load_aggregate(aggregate_id)
+            .await
+            .map_err(|e| CommandError::Store(e.to_string()))?;
+        Ok(read(context.aggregate()))
+    }
+
     /// The sequence of the last stored event of an aggregate (0 if it has none).
     pub async fn current_sequence(&self, aggregate_id: &str) -> Result<u64, sqlx::Error> {
         let sequence: Option<i64> = sqlx::query_scalar(

@@ -53,6 +53,7 @@ fn order_samples() -> Vec<OrderEvent> {
             rating_window_days: 7,
             points_redeemed: 250,
             promotion_code: Some("WELCOME10".to_owned()),
+            free_delivery: true,
             placed_at: at(),
         },
         OrderEvent::OrderConfirmed {

@@ -108,7 +108,7 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
 
     let correlation = Uuid::new_v4();
     let customer = Uuid::new_v4();
-    // A Plus subscriber earns 1.5x points.
+    // A Plus subscriber earns 1.5x points and pays no delivery fee.
     rewards_action(
         &client,
         &api,
@@ -172,8 +172,8 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
         (total != before).then_some(total)
     })
     .await;
-    // 2 × 1149 = 2298; + 20 % tax (459.6 → 460) + 299 fee.
-    assert_eq!(modified_total, 2_298 + 460 + 299);
+    // 2 × 1149 = 2298; + 20 % tax (459.6 → 460); no delivery fee for a Plus subscriber.
+    assert_eq!(modified_total, 2_298 + 460);
 
     // The store does its part; accepting makes the flow request a delivery.
     for action in [

@@ -7,7 +7,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::services::{OrderServices, PricedLine, PricingError, RequestedLine};
+use crate::services::{OrderServices, PricedLine, PricingError, Quote, RequestedLine};
 use crate::{CustomerId, Money, RegionCode, StoreId};
 
 /// Aggregate type name in the event store and on the topics. Never renamed.
@@ -110,6 +110,9 @@ pub enum OrderCommand {
         redeem_points: u64,
         /// A promotion code from the catalogue, if any.
         promotion_code: Option<String>,
+        /// The customer's subscription waives the delivery fee (decided by the caller from the
+        /// rewards ledger at placement).
+        free_delivery: bool,
     },
     /// Change the lines before the store accepts; the order is priced again (with the points
     /// it already redeems). Once the payment is confirmed the new total may not exceed the
@@ -169,6 +172,9 @@ pub enum OrderEvent {
         /// The promotion code applied, if any (absent in events stored before promotions).
         #[serde(default)]
         promotion_code: Option<String>,
+        /// The delivery fee was waived for a subscriber.
+        #[serde(default)]
+        free_delivery: bool,
         placed_at: DateTime<Utc>,
     },
     OrderConfirmed {
@@ -357,6 +363,18 @@ impl OrderError {
     }
 }
 
+/// A subscriber's order: no delivery fee.
+fn waive_fee(mut quote: Quote, free_delivery: bool) -> Result<Quote, OrderError> {
+    if free_delivery {
+        quote.total = quote
+            .total
+            .saturating_sub(quote.delivery_fee)
+            .map_err(PricingError::from)?;
+        quote.delivery_fee = Money::zero(quote.delivery_fee.currency());
+    }
+    Ok(quote)
+}
+
 fn validate_lines(lines: &[RequestedLine]) -> Result<(), OrderError> {
     if lines.is_empty() || lines.len() > MAX_LINES {
         return Err(OrderError::InvalidLineCount);
@@ -377,6 +395,7 @@ pub struct Order {
     pub region: Option<RegionCode>,
     pub points_redeemed: u64,
     pub promotion_code: Option<String>,
+    pub free_delivery: bool,
     pub customer_id: Option<CustomerId>,
     pub store_id: Option<StoreId>,
     pub total: Option<Money>,
@@ -417,6 +436,7 @@ impl Order {
                 delivery_address,
                 redeem_points,
                 promotion_code,
+                free_delivery,
             } => {
                 if self.status != S::New {
                     return Err(OrderError::AlreadyPlaced);
@@ -431,11 +451,14 @@ impl Order {
                         max: 32,
                     });
                 }
-                let quote = services.pricing.quote(
-                    &region,
-                    &lines,
-                    redeem_points,
-                    promotion_code.as_deref(),
+                let quote = waive_fee(
+                    services.pricing.quote(
+                        &region,
+                        &lines,
+                        redeem_points,
+                        promotion_code.as_deref(),
+                    )?,
+                    free_delivery,
                 )?;
                 OrderEvent::OrderPlaced {
                     customer_id,
@@ -452,6 +475,7 @@ impl Order {
                     rating_window_days: quote.rating_window_days,
                     points_redeemed: quote.points_redeemed,
                     promotion_code,
+                    free_delivery,
                     placed_at: now,
                 }
             }
@@ -459,11 +483,14 @@ impl Order {
                 self.require(&[S::Placed, S::Confirmed], "modify")?;
                 validate_lines(&lines)?;
                 let region = self.region.clone().ok_or(OrderError::NotFound)?;
-                let quote = services.pricing.quote(
-                    &region,
-                    &lines,
-                    self.points_redeemed,
-                    self.promotion_code.as_deref(),
+                let quote = waive_fee(
+                    services.pricing.quote(
+                        &region,
+                        &lines,
+                        self.points_redeemed,
+                        self.promotion_code.as_deref(),
+                    )?,
+                    self.free_delivery,
                 )?;
                 if let (S::Confirmed, Some(confirmed)) = (self.status, self.total) {
                     if quote.total.minor() > confirmed.minor() {
@@ -634,8 +661,10 @@ impl Aggregate for Order {
                 rating_window_days,
                 points_redeemed,
                 promotion_code,
+                free_delivery,
                 ..
             } => {
+                self.free_delivery = free_delivery;
                 self.region = Some(region);
                 self.points_redeemed = points_redeemed;
                 self.promotion_code = promotion_code;

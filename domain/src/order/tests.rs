@@ -133,6 +133,7 @@ fn place(lines: Vec<RequestedLine>) -> OrderCommand {
         delivery_address: address(),
         redeem_points: 0,
         promotion_code: None,
+        free_delivery: false,
     }
 }
 
@@ -160,6 +161,7 @@ fn placed() -> OrderEvent {
         rating_window_days: 7,
         points_redeemed: 0,
         promotion_code: None,
+        free_delivery: false,
         placed_at: t0(),
     }
 }
@@ -361,6 +363,32 @@ fn a_promotion_code_takes_its_share_off_before_points_and_tax() {
             code: "WELCOME10".to_owned(),
             reason: "the items must come to at least 1500 minor units".to_owned(),
         }));
+}
+
+#[test]
+fn a_subscriber_pays_no_delivery_fee() {
+    let mut command = place(vec![line("margherita", 2, &["extra-cheese"])]);
+    if let OrderCommand::PlaceOrder { free_delivery, .. } = &mut command {
+        *free_delivery = true;
+    }
+    let events = at(t0())
+        .given_no_previous_events()
+        .when(command)
+        .inspect_result()
+        .expect("placed");
+    let [OrderEvent::OrderPlaced {
+        delivery_fee,
+        total,
+        free_delivery,
+        ..
+    }] = events.as_slice()
+    else {
+        panic!("expected one OrderPlaced, got {events:?}");
+    };
+    assert_eq!(
+        (*delivery_fee, *total, *free_delivery),
+        (gbp(0), gbp(2_760), true)
+    );
 }
 
 #[test]
