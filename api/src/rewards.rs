@@ -51,6 +51,17 @@ pub enum RewardsAction {
         #[schema(max_length = 128)]
         idempotency_key: String,
     },
+    /// Expire what is left of every lot due by now (oldest first); run by the operator's
+    /// scheduler per customer.
+    ExpirePoints {
+        #[schema(max_length = 128)]
+        idempotency_key: String,
+    },
+    /// Record that a subscription's paid period ended without renewal (a no-op before then).
+    LapseSubscription {
+        #[schema(max_length = 128)]
+        idempotency_key: String,
+    },
     /// An administrator's correction: positive adds a lot, negative deducts.
     Adjust {
         points: i64,
@@ -160,6 +171,17 @@ pub async fn act_on_rewards(
                 idempotency_key,
             },
             format!("billing:{customer_id}"),
+        ),
+        RewardsAction::ExpirePoints { idempotency_key } => (
+            RewardsCommand::ExpirePoints {
+                as_of: chrono::Utc::now(),
+                idempotency_key,
+            },
+            "system:expiry".to_owned(),
+        ),
+        RewardsAction::LapseSubscription { idempotency_key } => (
+            RewardsCommand::LapseSubscription { idempotency_key },
+            "system:billing".to_owned(),
         ),
         RewardsAction::CancelSubscription { idempotency_key } => (
             RewardsCommand::CancelSubscription { idempotency_key },

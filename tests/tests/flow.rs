@@ -610,6 +610,24 @@ async fn points_redeemed_at_placement_are_debited_and_given_back_when_the_order_
         "{problem}"
     );
 
+    // The operator's expiry run finds nothing due yet (lots last a year): nothing recorded.
+    let expired = rewards_action(
+        &client,
+        &api,
+        &customer,
+        json!({"action": "expire_points", "idempotency_key": "expire-1"}),
+    )
+    .await;
+    assert_eq!(expired["events"], json!([]));
+    // A lapse for a customer who never subscribed is refused with the reason.
+    let response = client
+        .post(format!("{api}/customers/{customer}/rewards/actions"))
+        .json(&json!({"action": "lapse_subscription", "idempotency_key": "lapse-1"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 409);
+
     server.stop().await.expect("api stops");
     deadlines.stop().await.expect("scheduler stops");
     manager.stop().await.expect("process manager stops");
