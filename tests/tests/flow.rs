@@ -343,9 +343,14 @@ async fn placed_total(env: &TestEnv, order_id: &str) -> i64 {
 }
 
 async fn place(client: &reqwest::Client, api: &str, customer: Uuid) -> String {
+    place_request(client, api, &order_request(customer)).await
+}
+
+/// Places `request` over HTTP; returns the order id.
+async fn place_request(client: &reqwest::Client, api: &str, request: &Value) -> String {
     let placed: Value = client
         .post(format!("{api}/orders"))
-        .json(&order_request(customer))
+        .json(request)
         .send()
         .await
         .expect("placed")
@@ -409,16 +414,7 @@ async fn an_order_cancelled_at_any_stage_or_not_accepted_in_time_has_its_payment
     deadlines.stop().await.expect("scheduler stops");
     let mut request = order_request(customers[3]);
     request["region"] = json!("test-fast");
-    let placed: Value = client
-        .post(format!("{api}/orders"))
-        .json(&request)
-        .send()
-        .await
-        .expect("placed")
-        .json()
-        .await
-        .expect("json");
-    let timed_out = placed["order_id"].as_str().expect("id").to_owned();
+    let timed_out = place_request(&client, &api, &request).await;
     wait_for_status(&client, &api, &timed_out, "Confirmed").await;
     let pending: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM order_flow.deadlines \
@@ -523,16 +519,7 @@ async fn points_redeemed_at_placement_are_debited_and_given_back_when_the_order_
     // 300 points off an order: debited, then the order proceeds.
     let mut request = order_request(customer);
     request["redeem_points"] = json!(300);
-    let placed: Value = client
-        .post(format!("{api}/orders"))
-        .json(&request)
-        .send()
-        .await
-        .expect("placed")
-        .json()
-        .await
-        .expect("json");
-    let order_id = placed["order_id"].as_str().expect("id").to_owned();
+    let order_id = place_request(&client, &api, &request).await;
     wait_for_status(&client, &api, &order_id, "Confirmed").await;
     assert_eq!(
         ledger_events(&env, &customer).await,
@@ -561,16 +548,7 @@ async fn points_redeemed_at_placement_are_debited_and_given_back_when_the_order_
     // More points than the balance holds: the order is cancelled by the system, no payment.
     let mut greedy = order_request(customer);
     greedy["redeem_points"] = json!(1_000);
-    let placed: Value = client
-        .post(format!("{api}/orders"))
-        .json(&greedy)
-        .send()
-        .await
-        .expect("placed")
-        .json()
-        .await
-        .expect("json");
-    let greedy_id = placed["order_id"].as_str().expect("id").to_owned();
+    let greedy_id = place_request(&client, &api, &greedy).await;
     wait_for_status(&client, &api, &greedy_id, "Cancelled").await;
     assert!(history(&env, "payment", &greedy_id).await.is_empty());
     assert_eq!(
