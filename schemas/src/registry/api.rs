@@ -11,7 +11,6 @@
 use std::collections::{HashMap, HashSet};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -209,6 +208,11 @@ impl Flags {
     }
 }
 
+/// The largest request body the registry accepts (as Confluent's default).
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// How much of a too-large body is read anyway, so that the 413 reaches the client.
+const DRAIN_BODY_BYTES: usize = 16 * 1024 * 1024;
+
 /// A JSON request body, whatever the content type.
 #[derive(Debug)]
 struct Body<T>(T);
@@ -216,11 +220,28 @@ struct Body<T>(T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = match Bytes::from_request(request, state).await {
-            Ok(bytes) => bytes,
-            Err(rejection) => return Err(body_rejection(&rejection)),
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        // Read (up to a bound) past the limit before refusing: a server that answers 413 and
+        // closes with unread bytes makes the kernel reset the connection, and the client never
+        // sees the answer.
+        let too_large = || {
+            ApiError::new(
+                413,
+                format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
         };
+        let bytes: Bytes = axum::body::to_bytes(request.into_body(), DRAIN_BODY_BYTES)
+            .await
+            .map_err(|error| {
+                if error.to_string().contains("length limit exceeded") {
+                    too_large()
+                } else {
+                    ApiError::new(400, format!("the request body could not be read: {error}"))
+                }
+            })?;
+        if bytes.len() > MAX_BODY_BYTES {
+            return Err(too_large());
+        }
         serde_json::from_slice(&bytes).map(Self).map_err(|error| {
             if error.is_data() {
                 ApiError::unprocessable(error)
@@ -229,14 +250,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
             }
         })
     }
-}
-
-/// A body that could not be read (too large, cut short) as a Confluent-style error.
-fn body_rejection(rejection: &BytesRejection) -> ApiError {
-    ApiError::new(
-        u32::from(rejection.status().as_u16()),
-        rejection.body_text(),
-    )
 }
 
 /// `latest` or a version number in `[1, 2^31-1]`.
