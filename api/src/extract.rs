@@ -8,6 +8,15 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
+/// The largest request body an endpoint accepts (an extension the router sets from the
+/// configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+impl BodyLimit {
+    pub const DEFAULT: usize = 64 * 1024;
+}
+
 /// A JSON body, strictly parsed (the request types deny unknown fields).
 #[derive(Debug)]
 pub struct Body<T>(pub T);
@@ -20,6 +29,31 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map_or(BodyLimit::DEFAULT, |l| l.0);
+        let (parts, body) = req.into_parts();
+        // Read (up to a bound) past the limit before refusing: answering 413 and closing with
+        // unread bytes makes the kernel reset the connection, and the client never sees why.
+        let too_large = || {
+            ApiError::PayloadTooLarge(format!(
+                "the body exceeds the size limit of this endpoint ({limit} bytes)"
+            ))
+        };
+        let bytes = axum::body::to_bytes(body, limit.saturating_mul(16))
+            .await
+            .map_err(|error| {
+                if error.to_string().contains("length limit exceeded") {
+                    too_large()
+                } else {
+                    ApiError::BadRequest(format!("the body could not be read: {error}"))
+                }
+            })?;
+        if bytes.len() > limit {
+            return Err(too_large());
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(json_problem(rejection)),

@@ -208,6 +208,9 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .route("/health/ready", get(health::ready))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(config.api_body_limit_bytes))
+        .layer(axum::Extension(extract::BodyLimit(
+            config.api_body_limit_bytes,
+        )))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(config.api_request_timeout_ms),
