@@ -18,6 +18,7 @@ pub mod extract;
 pub mod health;
 pub mod orders;
 pub mod payments;
+pub mod ratings;
 pub mod rewards;
 
 use std::future::Future;
@@ -146,6 +147,7 @@ impl std::fmt::Debug for AppState {
         admin::put_store,
         admin::put_promotion,
         admin::catalogue,
+        ratings::ratings,
         health::live,
         health::ready
     ),
@@ -198,6 +200,7 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
             post(payments::receive_webhook),
         )
         .route("/catalogue", get(admin::catalogue))
+        .route("/ratings/{kind}", get(ratings::ratings))
         .route("/admin/regions/{code}", put(admin::put_region))
         .route("/admin/menu/items/{item_id}", put(admin::put_item))
         .route("/admin/stores/{store_id}", put(admin::put_store))
@@ -266,6 +269,7 @@ impl ApiServer {
         }
         let services = OrderServices::new(catalogue.clone(), clock.clone());
         projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
+        projections::ensure_schema(&projections::RatingsProjection, &pool).await?;
         let state = AppState {
             orders: Arc::new(CommandBus::new(db.clone(), services)),
             deliveries: Arc::new(CommandBus::new(

@@ -9,9 +9,11 @@
 //! Place in the flow: the relay in `streams` publishes events; projectors here turn them into
 //! tables; `api` serves those tables.
 
+pub mod ratings;
 pub mod runtime;
 pub mod tracking;
 
+pub use ratings::RatingsProjection;
 pub use runtime::{
     ensure_schema, FirstDelivery, Projection, ProjectionError, Projector, ProjectorConfig,
     ProjectorError,

@@ -1,17 +1,18 @@
 //! Projector host process: runs the projections named in `PROJECTIONS` (comma-separated;
-//! default `tracking`), each with its own consumer group. Configuration: `DATABASE_URL`,
+//! default `tracking,ratings`), each with its own consumer group. Configuration: `DATABASE_URL`,
 //! `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*`, `METRICS_LISTEN`.
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use projections::{Projection, Projector, ProjectorConfig, TrackingProjection};
+use projections::{Projection, Projector, ProjectorConfig, RatingsProjection, TrackingProjection};
 use streams::process::{connect_from_env, init_tracing, serve_metrics_from_env, shutdown_token};
 
 fn projection(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
     match name {
         "tracking" => Ok(Arc::new(TrackingProjection)),
-        other => bail!("unknown projection `{other}`; known: tracking"),
+        "ratings" => Ok(Arc::new(RatingsProjection)),
+        other => bail!("unknown projection `{other}`; known: tracking, ratings"),
     }
 }
 
@@ -19,7 +20,7 @@ fn projection(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     serve_metrics_from_env()?;
-    let names = std::env::var("PROJECTIONS").unwrap_or_else(|_| "tracking".to_owned());
+    let names = std::env::var("PROJECTIONS").unwrap_or_else(|_| "tracking,ratings".to_owned());
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
     let connections = connect_from_env(8).await?;
     let (pool, kafka, registry) = (connections.pool, connections.kafka, connections.registry);
