@@ -12,8 +12,7 @@ use uuid::Uuid;
 
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
-use crate::orders::CORRELATION_HEADER;
-use crate::orders::{accepted, context, order_correlation, parse_order_id, OrderAccepted};
+use crate::orders::{accepted, parse_order_id, step_context, OrderAccepted};
 use crate::AppState;
 
 /// Why a courier could not hand the food over.
@@ -137,12 +136,7 @@ pub async fn act_on_delivery(
 ) -> Result<axum::Json<OrderAccepted>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
     let (command, actor) = <(DeliveryCommand, &'static str)>::try_from(action)?;
-    let mut context = context(&headers, actor.to_owned());
-    if headers.get(CORRELATION_HEADER).is_none() {
-        if let Some(correlation) = order_correlation(&state, order_id).await? {
-            context = context.with_correlation(correlation);
-        }
-    }
+    let context = step_context(&state, &headers, actor, order_id).await?;
     let committed = state
         .deliveries
         .execute(&order_id.to_string(), command, &context)

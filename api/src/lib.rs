@@ -98,14 +98,7 @@ impl ApiConfig {
 
     /// The catalogue that prices orders.
     pub fn catalogue(&self) -> Result<Catalogue, String> {
-        let parsed = match &self.catalogue_path {
-            Some(path) => Catalogue::from_json(
-                &std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read catalogue {path}: {e}"))?,
-            ),
-            None => Catalogue::demo(),
-        };
-        parsed.map_err(|e| format!("invalid catalogue: {e}"))
+        commands::catalogue::seed_catalogue(self.catalogue_path.as_deref())
     }
 }
 

@@ -386,13 +386,7 @@ pub async fn act_on_order(
 ) -> Result<axum::Json<OrderAccepted>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
     let (command, actor) = action.into_command()?;
-    let mut context = context(&headers, actor.to_owned());
-    if headers.get(CORRELATION_HEADER).is_none() {
-        // Without a header, a step of an order continues the order's business transaction.
-        if let Some(correlation) = order_correlation(&state, order_id).await? {
-            context = context.with_correlation(correlation);
-        }
-    }
+    let context = step_context(&state, &headers, actor, order_id).await?;
     let committed = state
         .orders
         .execute(&order_id.to_string(), command, &context)
@@ -401,11 +395,27 @@ pub async fn act_on_order(
     Ok(axum::Json(accepted(order_id, committed)))
 }
 
-/// The correlation id the order was placed with.
-pub(crate) async fn order_correlation(
+/// The context of a step on an existing order (or its delivery): without an
+/// `x-correlation-id` header it continues the order's business transaction, i.e. the
+/// correlation id the order was placed with.
+pub(crate) async fn step_context(
     state: &AppState,
+    headers: &HeaderMap,
+    actor: &str,
     order_id: OrderId,
-) -> Result<Option<Uuid>, ApiError> {
+) -> Result<CommandContext, ApiError> {
+    let context = context(headers, actor.to_owned());
+    if headers.get(CORRELATION_HEADER).is_some() {
+        return Ok(context);
+    }
+    Ok(match order_correlation(state, order_id).await? {
+        Some(correlation) => context.with_correlation(correlation),
+        None => context,
+    })
+}
+
+/// The correlation id the order was placed with.
+async fn order_correlation(state: &AppState, order_id: OrderId) -> Result<Option<Uuid>, ApiError> {
     let correlation: Option<String> = sqlx::query_scalar(
         "SELECT metadata->>'correlation_id' FROM events \
          WHERE aggregate_type = 'order' AND aggregate_id = $1 AND sequence = 1",

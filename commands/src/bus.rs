@@ -179,7 +179,14 @@ impl<A: Aggregate> Query<A> for CaptureCommitted {
     }
 }
 
-type Framework<A> = CqrsFramework<A, PersistedEventStore<PostgresEventRepository, A>>;
+type Store<A> = PersistedEventStore<PostgresEventRepository, A>;
+type Framework<A> = CqrsFramework<A, Store<A>>;
+
+/// The postgres-es event store of aggregate type `A`, reading old shapes through the upcasters.
+fn event_store<A: Aggregate>(store: &EventStoreDb) -> Store<A> {
+    let repo = PostgresEventRepository::new(store.pool().clone());
+    PersistedEventStore::new_event_store(repo).with_upcasters(schemas::upcasters())
+}
 
 /// Executes commands of aggregate type `A` against the event store.
 pub struct CommandBus<A: Aggregate> {
@@ -203,10 +210,11 @@ where
     A::Command: Clone,
 {
     pub fn new(store: EventStoreDb, services: A::Services) -> Self {
-        let repo = PostgresEventRepository::new(store.pool().clone());
-        let event_store =
-            PersistedEventStore::new_event_store(repo).with_upcasters(schemas::upcasters());
-        let framework = CqrsFramework::new(event_store, vec![Box::new(CaptureCommitted)], services);
+        let framework = CqrsFramework::new(
+            event_store(&store),
+            vec![Box::new(CaptureCommitted)],
+            services,
+        );
         Self {
             framework,
             store,
@@ -347,10 +355,7 @@ where
         read: impl FnOnce(&A) -> R,
     ) -> Result<R, CommandError<A::Error>> {
         use cqrs_es::{AggregateContext, EventStore};
-        let repo = PostgresEventRepository::new(self.store.pool().clone());
-        let store: PersistedEventStore<_, A> =
-            PersistedEventStore::new_event_store(repo).with_upcasters(schemas::upcasters());
-        let mut context = store
+        let mut context = event_store::<A>(&self.store)
             .load_aggregate(aggregate_id)
             .await
             .map_err(|e| CommandError::Store(e.to_string()))?;

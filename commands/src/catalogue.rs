@@ -18,6 +18,18 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// The catalogue that seeds an empty table: the JSON file at `path`, or the built-in demo one.
+pub fn seed_catalogue(path: Option<&str>) -> Result<Catalogue, String> {
+    let parsed = match path {
+        Some(path) => Catalogue::from_json(
+            &std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read catalogue {path}: {e}"))?,
+        ),
+        None => Catalogue::demo(),
+    };
+    parsed.map_err(|e| format!("invalid catalogue: {e}"))
+}
+
 /// Why the catalogue could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogueError {

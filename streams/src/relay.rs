@@ -256,12 +256,6 @@ impl Relay {
         }
     }
 
-    /// One round without pipelining: read, encode, produce, await acknowledgements, mark.
-    pub async fn publish_round(&self) -> Result<RoundReport, RelayError> {
-        let batch = self.prepare(&[]).await?;
-        Ok(self.publish(batch).await?.0)
-    }
-
     /// Reads the oldest unpublished rows (except `in_flight`) and encodes them.
     async fn prepare(&self, in_flight: &[i64]) -> Result<Vec<Outgoing>, RelayError> {
         let rows: Vec<OutboxRow> = sqlx::query_as(

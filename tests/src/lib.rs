@@ -360,6 +360,35 @@ pub async fn place_order(orders: &CommandBus<Order>) -> String {
     id
 }
 
+/// Places `request` over HTTP (`POST /orders`); returns the order id.
+pub async fn place_request(
+    client: &reqwest::Client,
+    api: &str,
+    request: &serde_json::Value,
+) -> String {
+    let placed: serde_json::Value = client
+        .post(format!("{api}/orders"))
+        .json(request)
+        .send()
+        .await
+        .expect("placed")
+        .json()
+        .await
+        .expect("json");
+    placed["order_id"].as_str().expect("an order id").to_owned()
+}
+
+/// Takes one step on an order over HTTP (`POST /orders/{id}/actions`) and expects it to succeed.
+pub async fn act(client: &reqwest::Client, api: &str, order_id: &str, action: serde_json::Value) {
+    let response = client
+        .post(format!("{api}/orders/{order_id}/actions"))
+        .json(&action)
+        .send()
+        .await
+        .expect("action sent");
+    assert_eq!(response.status().as_u16(), 200, "{action}");
+}
+
 /// A valid order request for the demo catalogue.
 pub fn order_request(customer: Uuid) -> serde_json::Value {
     serde_json::json!({

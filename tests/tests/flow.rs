@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backbone_tests::Running;
-use backbone_tests::{eventually, order_request, TestEnv};
+use backbone_tests::{act, eventually, order_request, place_request, TestEnv};
 use commands::process::OrderFlow;
 use commands::CatalogueStore;
 use domain::services::Catalogue;
@@ -58,16 +58,6 @@ async fn wait_for_status(client: &reqwest::Client, api: &str, order_id: &str, wa
         || async { (status(client, api, order_id).await.as_deref() == Some(wanted)).then_some(()) },
     )
     .await;
-}
-
-async fn act(client: &reqwest::Client, api: &str, order_id: &str, action: Value) {
-    let response = client
-        .post(format!("{api}/orders/{order_id}/actions"))
-        .json(&action)
-        .send()
-        .await
-        .expect("action sent");
-    assert_eq!(response.status().as_u16(), 200, "{action}");
 }
 
 async fn deliver(client: &reqwest::Client, api: &str, order_id: &str, action: Value) {
@@ -344,20 +334,6 @@ async fn placed_total(env: &TestEnv, order_id: &str) -> i64 {
 
 async fn place(client: &reqwest::Client, api: &str, customer: Uuid) -> String {
     place_request(client, api, &order_request(customer)).await
-}
-
-/// Places `request` over HTTP; returns the order id.
-async fn place_request(client: &reqwest::Client, api: &str, request: &Value) -> String {
-    let placed: Value = client
-        .post(format!("{api}/orders"))
-        .json(request)
-        .send()
-        .await
-        .expect("placed")
-        .json()
-        .await
-        .expect("json");
-    placed["order_id"].as_str().expect("id").to_owned()
 }
 
 async fn payment_ends_voided(env: &TestEnv, order_id: &str) {

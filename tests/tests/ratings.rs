@@ -5,20 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backbone_tests::{eventually, order_request, TestEnv};
+use backbone_tests::{act, eventually, order_request, place_request, TestEnv};
 use projections::RatingsProjection;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-async fn act(client: &reqwest::Client, api: &str, order_id: &str, action: Value) {
-    let response = client
-        .post(format!("{api}/orders/{order_id}/actions"))
-        .json(&action)
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(response.status().as_u16(), 200, "{action}");
-}
 
 /// Places an order with `items` at `store`, takes it to delivered and rates it.
 async fn rated_order(client: &reqwest::Client, api: &str, store: Uuid, items: &[&str], stars: u8) {
@@ -28,16 +18,7 @@ async fn rated_order(client: &reqwest::Client, api: &str, store: Uuid, items: &[
         .iter()
         .map(|i| json!({"item_id": i, "quantity": 1}))
         .collect::<Vec<_>>());
-    let placed: Value = client
-        .post(format!("{api}/orders"))
-        .json(&request)
-        .send()
-        .await
-        .expect("placed")
-        .json()
-        .await
-        .expect("json");
-    let order_id = placed["order_id"].as_str().expect("id").to_owned();
+    let order_id = place_request(client, api, &request).await;
     for action in [
         json!({"action": "confirm_payment", "payment_reference": "p"}),
         json!({"action": "accept", "estimated_preparation_minutes": 10}),

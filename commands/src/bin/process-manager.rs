@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use commands::catalogue::seed_catalogue;
 use commands::process::OrderFlow;
 use commands::{CatalogueStore, EventStoreDb};
 use domain::services::Catalogue;
@@ -55,10 +56,6 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn catalogue() -> anyhow::Result<Catalogue> {
-    Ok(match std::env::var("CATALOGUE_PATH") {
-        Ok(path) => Catalogue::from_json(
-            &std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?,
-        )?,
-        Err(_) => Catalogue::demo()?,
-    })
+    let path = std::env::var("CATALOGUE_PATH").ok();
+    seed_catalogue(path.as_deref()).map_err(anyhow::Error::msg)
 }
