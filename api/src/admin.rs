@@ -1,10 +1,12 @@
 //! Administrators manage the catalogue: regions (currency, tax, fees, rates, deadlines), menu
-//! items (prices per region, options, availability), stores and promotion codes. Every change
+//! items (prices per region, options, availability), stores, promotion codes and ad
+//! experiments. Every change
 //! is recorded with who made it and priced into new orders at once on this instance (others
 //! within their refresh interval); orders already placed keep the prices they were placed at.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
+use domain::ads::{Experiment, ExperimentId};
 use domain::services::{Catalogue, MenuItem, Promotion, RegionSettings, StoreSettings};
 use domain::{MenuItemId, RegionCode, StoreId};
 use utoipa::ToSchema;
@@ -184,6 +186,34 @@ pub async fn put_promotion(
         state
             .catalogue
             .put_promotion(&code, &promotion, &actor(&headers))
+            .await,
+    )?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Create or replace an ad experiment. Customers keep the variant they were first exposed to;
+/// the experiments of a layer own consecutive bucket ranges in id order, so changing one share
+/// moves the ranges of the experiments after it for customers not yet exposed.
+#[utoipa::path(put, path = "/admin/experiments/{experiment_id}", tag = "catalogue",
+    params(("experiment_id" = String, Path, description = "Experiment id, e.g. `welcome-offer` (1 to 64 letters, digits, '-', '_')")),
+    request_body(content = Object, description = "Experiment: layer, traffic_bp (0 to 10000; the experiments of a layer share at most 10000), variants [{name, weight (1 to 1000000), promotion_code (a catalogue promotion) or null}], attribution_window_hours (1 to 2160), active, regions (catalogue regions; empty = all)"),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "Malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values, unknown promotion or region, or the layer would exceed 100 % of traffic", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn put_experiment(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParams(experiment_id): PathParams<String>,
+    Body(experiment): Body<Experiment>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let id =
+        ExperimentId::parse(experiment_id).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    stored(
+        state
+            .catalogue
+            .put_experiment(&id, &experiment, &actor(&headers))
             .await,
     )?;
     Ok(axum::http::StatusCode::NO_CONTENT)

@@ -142,5 +142,5 @@ pub async fn act_on_delivery(
         .execute(&order_id.to_string(), command, &context)
         .await
         .map_err(command_error)?;
-    Ok(axum::Json(accepted(order_id, committed)))
+    Ok(axum::Json(accepted(order_id, "delivery", committed)))
 }

@@ -12,14 +12,21 @@
 //! `projections` keeps.
 
 pub mod admin;
+pub mod ads;
+pub mod analytics;
 pub mod deliveries;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod live;
+pub mod notifications;
 pub mod orders;
 pub mod payments;
+pub mod positions;
 pub mod ratings;
+pub mod read_models;
 pub mod rewards;
+pub mod tracking;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,6 +37,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use axum::Router;
 use commands::{CatalogueStore, CommandBus, EventStoreDb};
+use domain::ads::{AdAudience, AdsServices};
 use domain::delivery::{Delivery, DeliveryServices};
 use domain::order::Order;
 use domain::payment::{Payment, PaymentServices};
@@ -109,10 +117,12 @@ pub struct AppState {
     pub deliveries: Arc<CommandBus<Delivery>>,
     pub payments: Arc<CommandBus<Payment>>,
     pub rewards: Arc<CommandBus<RewardsLedger>>,
+    pub ads: Arc<CommandBus<AdAudience>>,
     pub catalogue: Arc<CatalogueStore>,
     pub pool: PgPool,
     pub health: Arc<health::Dependencies>,
     pub read_your_writes_wait: Duration,
+    pub live: Arc<live::LiveHub>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -131,16 +141,34 @@ impl std::fmt::Debug for AppState {
     paths(
         orders::place_order,
         orders::act_on_order,
-        orders::tracking,
+        tracking::tracking,
+        tracking::stream,
         deliveries::act_on_delivery,
         rewards::act_on_rewards,
+        ads::record_exposure,
+        ads::profile,
+        ads::promotion,
+        ads::results,
         payments::receive_webhook,
         admin::put_region,
         admin::put_item,
         admin::put_store,
         admin::put_promotion,
+        admin::put_experiment,
         admin::catalogue,
         ratings::ratings,
+        analytics::summary,
+        analytics::cancellations,
+        analytics::top_items,
+        analytics::rewards,
+        notifications::list,
+        notifications::stream,
+        notifications::webhook_failures,
+        read_models::list,
+        read_models::show,
+        read_models::dead_letters,
+        read_models::redrive,
+        read_models::redrive_all,
         health::live,
         health::ready
     ),
@@ -179,7 +207,8 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
     Router::new()
         .route("/orders", post(orders::place_order))
         .route("/orders/{order_id}/actions", post(orders::act_on_order))
-        .route("/orders/{order_id}/tracking", get(orders::tracking))
+        .route("/orders/{order_id}/tracking", get(tracking::tracking))
+        .route("/orders/{order_id}/tracking/stream", get(tracking::stream))
         .route(
             "/deliveries/{order_id}/actions",
             post(deliveries::act_on_delivery),
@@ -189,15 +218,62 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
             post(rewards::act_on_rewards),
         )
         .route(
+            "/customers/{customer_id}/ads/exposures",
+            post(ads::record_exposure),
+        )
+        .route("/customers/{customer_id}/ads/profile", get(ads::profile))
+        .route(
+            "/customers/{customer_id}/ads/promotion",
+            get(ads::promotion),
+        )
+        .route(
+            "/ads/experiments/{experiment_id}/results",
+            get(ads::results),
+        )
+        .route(
             "/payments/{order_id}/webhooks",
             post(payments::receive_webhook),
         )
         .route("/catalogue", get(admin::catalogue))
         .route("/ratings/{kind}", get(ratings::ratings))
+        .route("/analytics/summary", get(analytics::summary))
+        .route("/analytics/cancellations", get(analytics::cancellations))
+        .route("/analytics/top-items", get(analytics::top_items))
+        .route("/analytics/rewards", get(analytics::rewards))
+        .route(
+            "/customers/{customer_id}/notifications",
+            get(notifications::list),
+        )
+        .route(
+            "/customers/{customer_id}/notifications/stream",
+            get(notifications::stream),
+        )
+        .route(
+            "/admin/notifications/webhook-failures",
+            get(notifications::webhook_failures),
+        )
+        .route("/projections", get(read_models::list))
+        .route("/projections/{name}", get(read_models::show))
+        .route(
+            "/projections/{name}/dead-letters",
+            get(read_models::dead_letters),
+        )
+        .route(
+            "/projections/{name}/dead-letters/redrive",
+            post(read_models::redrive_all),
+        )
+        .route(
+            "/projections/{name}/dead-letters/{id}/redrive",
+            post(read_models::redrive),
+        )
         .route("/admin/regions/{code}", put(admin::put_region))
         .route("/admin/menu/items/{item_id}", put(admin::put_item))
         .route("/admin/stores/{store_id}", put(admin::put_store))
         .route("/admin/promotions/{code}", put(admin::put_promotion))
+        .route(
+            "/admin/experiments/{experiment_id}",
+            put(admin::put_experiment),
+        )
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_endpoint))
         .route("/health/live", get(health::live))
@@ -232,6 +308,7 @@ pub enum StartError {
 pub struct ApiServer {
     listener: TcpListener,
     router: Router,
+    live: Arc<live::LiveHub>,
 }
 
 impl ApiServer {
@@ -263,6 +340,10 @@ impl ApiServer {
         let services = OrderServices::new(catalogue.clone(), clock.clone());
         projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
         projections::ensure_schema(&projections::RatingsProjection, &pool).await?;
+        projections::ensure_schema(&projections::AnalyticsProjection, &pool).await?;
+        projections::ensure_schema(&projections::NotificationsProjection, &pool).await?;
+        projections::ensure_schema(&projections::AdsProjection, &pool).await?;
+        let live = Arc::new(live::LiveHub::start(&pool).await?);
         let state = AppState {
             orders: Arc::new(CommandBus::new(db.clone(), services)),
             deliveries: Arc::new(CommandBus::new(
@@ -273,15 +354,21 @@ impl ApiServer {
                 db.clone(),
                 PaymentServices::new(clock.clone()),
             )),
+            ads: Arc::new(CommandBus::new(
+                db.clone(),
+                AdsServices::new(catalogue.clone(), clock.clone()),
+            )),
             rewards: Arc::new(CommandBus::new(db, RewardsServices::new(clock))),
             catalogue,
             health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),
             pool,
             read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
+            live,
         };
         let _ = prometheus();
         let listener = TcpListener::bind(config.api_listen).await?;
         Ok(Self {
+            live: state.live.clone(),
             router: router(state, &config),
             listener,
         })
@@ -296,8 +383,13 @@ impl ApiServer {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let live = self.live;
         axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                // Open event streams end, so the drain does not wait for them forever.
+                live.close();
+            })
             .await
     }
 }

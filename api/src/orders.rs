@@ -1,21 +1,19 @@
 //! Order commands (write side) and the tracking view (read side).
 
-use std::time::{Duration, Instant};
-
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use chrono::{DateTime, Utc};
 use commands::{CommandContext, Committed};
 use domain::order::{CancelledBy, DeliveryAddress, OrderCommand, RejectionReason};
 use domain::services::RequestedLine;
 use domain::{CustomerId, MenuItemId, OrderId, RegionCode, StoreId};
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::error::{command_error, ApiError, Problem};
-use crate::extract::{Body, PathParams, QueryParams};
+use crate::extract::{Body, PathParams};
+pub use crate::positions::Position;
 use crate::AppState;
 
 /// Header carrying the correlation id of a business transaction.
@@ -165,14 +163,6 @@ impl TryFrom<PlaceOrderRequest> for OrderCommand {
     }
 }
 
-/// Where a command left its aggregate: pass `sequence` as `min_sequence` to a query to read
-/// your own write.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Position {
-    pub aggregate_id: String,
-    pub sequence: u64,
-}
-
 /// The result of an order command.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OrderAccepted {
@@ -194,13 +184,18 @@ pub(crate) fn context(headers: &HeaderMap, actor: String) -> CommandContext {
     }
 }
 
-pub(crate) fn accepted(order_id: OrderId, committed: Committed) -> OrderAccepted {
+pub(crate) fn accepted(
+    order_id: OrderId,
+    aggregate_type: &str,
+    committed: Committed,
+) -> OrderAccepted {
     OrderAccepted {
         order_id: order_id.as_uuid(),
-        position: Position {
-            aggregate_id: committed.aggregate_id,
-            sequence: committed.last_sequence,
-        },
+        position: Position::new(
+            aggregate_type,
+            &committed.aggregate_id,
+            committed.last_sequence,
+        ),
         events: committed.event_types,
     }
 }
@@ -245,7 +240,7 @@ pub async fn place_order(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/orders/{order_id}/tracking"))],
-        axum::Json(accepted(order_id, committed)),
+        axum::Json(accepted(order_id, "order", committed)),
     ))
 }
 
@@ -392,7 +387,7 @@ pub async fn act_on_order(
         .execute(&order_id.to_string(), command, &context)
         .await
         .map_err(command_error)?;
-    Ok(axum::Json(accepted(order_id, committed)))
+    Ok(axum::Json(accepted(order_id, "order", committed)))
 }
 
 /// The context of a step on an existing order (or its delivery): without an
@@ -426,143 +421,4 @@ async fn order_correlation(state: &AppState, order_id: OrderId) -> Result<Option
     .map_err(ApiError::internal)?
     .flatten();
     Ok(correlation.and_then(|c| Uuid::parse_str(&c).ok()))
-}
-
-/// Money in minor units.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct MoneyView {
-    pub minor: i64,
-    pub currency: String,
-}
-
-/// One status change.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
-pub struct TimelineEntry {
-    pub sequence: i64,
-    pub event_type: String,
-    pub status: String,
-    pub at: DateTime<Utc>,
-}
-
-/// What a customer's app shows about an order.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TrackingView {
-    pub order_id: String,
-    pub customer_id: Uuid,
-    pub store_id: Uuid,
-    pub region: String,
-    pub status: String,
-    #[schema(value_type = Object)]
-    pub items: serde_json::Value,
-    pub total: MoneyView,
-    pub placed_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    /// The last event of the order that this view includes.
-    pub sequence: i64,
-    pub timeline: Vec<TimelineEntry>,
-}
-
-#[derive(sqlx::FromRow)]
-struct TrackingRow {
-    order_id: String,
-    customer_id: Uuid,
-    store_id: Uuid,
-    region: String,
-    status: String,
-    items: serde_json::Value,
-    total_minor: i64,
-    currency: String,
-    placed_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    last_sequence: i64,
-}
-
-/// Read-your-writes.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct TrackingQuery {
-    /// Wait (up to a few seconds) until the view includes this sequence of the order, as returned
-    /// in `position.sequence` by a command.
-    pub min_sequence: Option<u64>,
-}
-
-/// An order's tracking view.
-#[utoipa::path(
-    get, path = "/orders/{order_id}/tracking", tag = "orders",
-    params(("order_id" = Uuid, Path, description = "The order"), TrackingQuery,),
-    responses(
-        (status = 200, description = "The order as projected", body = TrackingView),
-        (status = 400, description = "Malformed id or query", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such order in the read model", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The read model has not reached min_sequence yet; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
-    )
-)]
-pub async fn tracking(
-    State(state): State<AppState>,
-    PathParams(raw_id): PathParams<String>,
-    QueryParams(query): QueryParams<TrackingQuery>,
-) -> Result<axum::Json<TrackingView>, ApiError> {
-    let order_id = parse_order_id(&raw_id)?.to_string();
-    let deadline = Instant::now() + state.read_your_writes_wait;
-    let wanted = query
-        .min_sequence
-        .map(|s| i64::try_from(s).unwrap_or(i64::MAX));
-    let row = loop {
-        let row: Option<TrackingRow> = sqlx::query_as(
-            "SELECT order_id, customer_id, store_id, region, status, items, total_minor, currency, \
-                    placed_at, updated_at, last_sequence \
-             FROM tracking.orders WHERE order_id = $1",
-        )
-        .bind(&order_id)
-        .fetch_optional(&state.pool)
-        .await
-        .map_err(ApiError::internal)?;
-        let reached = match (&row, wanted) {
-            (Some(r), Some(w)) => r.last_sequence >= w,
-            (Some(_), None) => true,
-            (None, None) => {
-                return Err(ApiError::NotFound(
-                    "no order with this id in the tracking view".to_owned(),
-                ))
-            }
-            (None, Some(_)) => false,
-        };
-        if reached {
-            break row;
-        }
-        if Instant::now() >= deadline {
-            return Err(ApiError::NotYet(format!(
-                "the tracking view has not reached sequence {} of this order yet; retry shortly",
-                wanted.unwrap_or_default()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
-    let Some(row) = row else {
-        return Err(ApiError::NotFound("no order with this id".to_owned()));
-    };
-    let timeline: Vec<TimelineEntry> = sqlx::query_as(
-        "SELECT sequence, event_type, status, at FROM tracking.timeline \
-         WHERE order_id = $1 ORDER BY sequence",
-    )
-    .bind(&order_id)
-    .fetch_all(&state.pool)
-    .await
-    .map_err(ApiError::internal)?;
-    Ok(axum::Json(TrackingView {
-        order_id: row.order_id,
-        customer_id: row.customer_id,
-        store_id: row.store_id,
-        region: row.region,
-        status: row.status,
-        items: row.items,
-        total: MoneyView {
-            minor: row.total_minor,
-            currency: row.currency,
-        },
-        placed_at: row.placed_at,
-        updated_at: row.updated_at,
-        sequence: row.last_sequence,
-        timeline,
-    }))
 }

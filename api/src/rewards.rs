@@ -95,8 +95,10 @@ impl TierDto {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RewardsAccepted {
     pub customer_id: Uuid,
-    /// Sequence of the ledger's last event (read-your-writes position).
+    /// Sequence of the ledger's last event.
     pub sequence: u64,
+    /// Read-your-writes: pass `position.token` as `position` to a query.
+    pub position: crate::positions::Position,
     /// Events appended; empty when the idempotency key was seen before.
     pub events: Vec<String>,
 }
@@ -209,6 +211,11 @@ pub async fn act_on_rewards(
     Ok(axum::Json(RewardsAccepted {
         customer_id,
         sequence: committed.last_sequence,
+        position: crate::positions::Position::new(
+            "rewards",
+            &committed.aggregate_id,
+            committed.last_sequence,
+        ),
         events: committed.event_types,
     }))
 }

@@ -1,5 +1,6 @@
-//! The live catalogue: regions, menu items, stores and promotions, managed by administrators
-//! and read by pricing (the API) and the order flow (rates, store locations).
+//! The live catalogue: regions, menu items, stores, promotions and ad experiments, managed by
+//! administrators and read by pricing (the API), the order flow (rates, store locations) and
+//! ad exposures (experiment configuration).
 //!
 //! Entries live in PostgreSQL (`catalogue_entries`, one JSON document each, with who changed it
 //! and when); every process keeps a snapshot and refreshes it after its own writes and
@@ -9,6 +10,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use domain::ads::{Experiment, ExperimentId, Experiments};
 use domain::services::{
     Catalogue, MenuItem, Pricing, PricingError, Promotion, Quote, RegionSettings, RequestedLine,
     StoreSettings,
@@ -81,6 +83,10 @@ impl CatalogueStore {
         for (code, promotion) in &seed.promotions {
             self.write("promotion", code, promotion, "seed").await?;
         }
+        for (id, experiment) in &seed.experiments {
+            self.write("experiment", id.as_str(), experiment, "seed")
+                .await?;
+        }
         Ok(())
     }
 
@@ -122,6 +128,12 @@ impl CatalogueStore {
                 "store" => {
                     catalogue.stores.insert(
                         key.parse::<StoreId>().map_err(|e| invalid(text(&e)))?,
+                        serde_json::from_value(value).map_err(|e| invalid(text(&e)))?,
+                    );
+                }
+                "experiment" => {
+                    catalogue.experiments.insert(
+                        ExperimentId::parse(key.clone()).map_err(|e| invalid(text(&e)))?,
                         serde_json::from_value(value).map_err(|e| invalid(text(&e)))?,
                     );
                 }
@@ -221,6 +233,68 @@ impl CatalogueStore {
     ) -> Result<(), CatalogueError> {
         self.write("promotion", code, promotion, actor).await?;
         self.refresh().await
+    }
+}
+
+impl CatalogueStore {
+    /// Creates or replaces an ad experiment. It is checked against the catalogue as stored (its
+    /// promotions and regions exist, its layer keeps at most 100 % of traffic) under a lock, so
+    /// two administrators writing to one layer at once cannot overbook it together.
+    pub async fn put_experiment(
+        &self,
+        id: &ExperimentId,
+        experiment: &Experiment,
+        actor: &str,
+    ) -> Result<(), CatalogueError> {
+        let invalid = |reason: String| CatalogueError::Invalid {
+            kind: "experiment".to_owned(),
+            key: id.to_string(),
+            reason,
+        };
+        let value = serde_json::to_value(experiment).map_err(|e| invalid(e.to_string()))?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('catalogue_entries:experiment'))")
+            .execute(&mut *tx)
+            .await?;
+        let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
+            "SELECT key, value FROM catalogue_entries WHERE kind = 'experiment' AND key <> $1",
+        )
+        .bind(id.as_str())
+        .fetch_all(&mut *tx)
+        .await?;
+        // The rest of the catalogue (promotions, regions) from the snapshot, refreshed first so
+        // that an entry just written by another instance counts.
+        self.refresh().await?;
+        let mut catalogue = (*self.current()).clone();
+        catalogue.experiments.clear();
+        for (key, value) in rows {
+            let other = ExperimentId::parse(key).map_err(|e| invalid(e.to_string()))?;
+            let other_experiment: Experiment =
+                serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+            catalogue.experiments.insert(other, other_experiment);
+        }
+        domain::ads::check_experiment(&catalogue, id, experiment)
+            .map_err(|e| invalid(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO catalogue_entries (kind, key, value, updated_by) \
+             VALUES ('experiment', $1, $2, $3) \
+             ON CONFLICT (kind, key) DO UPDATE \
+             SET value = excluded.value, updated_by = excluded.updated_by, \
+                 updated_at = clock_timestamp()",
+        )
+        .bind(id.as_str())
+        .bind(value)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.refresh().await
+    }
+}
+
+impl Experiments for CatalogueStore {
+    fn current_experiments(&self) -> std::collections::BTreeMap<ExperimentId, Experiment> {
+        self.current().experiments.clone()
     }
 }
 

@@ -9,6 +9,7 @@
 //! through `cqrs-es` against the PostgreSQL event store, and the events defined here travel to
 //! Kafka (in the Avro form that `schemas` defines) and into the read models of `projections`.
 
+pub mod ads;
 pub mod delivery;
 pub mod ids;
 pub mod money;

@@ -130,6 +130,10 @@ pub struct Catalogue {
     /// Promotion codes customers can enter at placement.
     #[serde(default)]
     pub promotions: BTreeMap<String, Promotion>,
+    /// Ad experiments: layer, traffic share, variants (with the promotion each shows),
+    /// attribution window, audience (see [`crate::ads`]).
+    #[serde(default)]
+    pub experiments: BTreeMap<crate::ads::ExperimentId, crate::ads::Experiment>,
 }
 
 /// A promotion code: a share off the subtotal.

@@ -27,3 +27,23 @@ CREATE TABLE IF NOT EXISTS tracking.timeline
     at         timestamptz NOT NULL,
     PRIMARY KEY (order_id, sequence)
 );
+
+-- The delivery of an order, as the customer's app shows it: kept apart from `orders` because
+-- the deliveries topic is consumed independently of the orders topic (a delivery event may be
+-- applied before its order's), and joined when read.
+CREATE TABLE IF NOT EXISTS tracking.deliveries
+(
+    order_id         text PRIMARY KEY,
+    status           text        NOT NULL,
+    courier_id       uuid,
+    latitude         double precision,
+    longitude        double precision,
+    position_at      timestamptz,
+    eta_expected_at  timestamptz,
+    eta_earliest_at  timestamptz,
+    eta_latest_at    timestamptz,
+    remaining_meters integer,
+    eta_estimated_at timestamptz,
+    updated_at       timestamptz NOT NULL,
+    last_sequence    bigint      NOT NULL
+);

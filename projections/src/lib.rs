@@ -9,10 +9,19 @@
 //! Place in the flow: the relay in `streams` publishes events; projectors here turn them into
 //! tables; `api` serves those tables.
 
+pub mod ads;
+pub mod analytics;
+pub mod live;
+pub mod notifications;
+pub mod notifier;
+pub mod operations;
 pub mod ratings;
 pub mod runtime;
 pub mod tracking;
 
+pub use ads::AdsProjection;
+pub use analytics::AnalyticsProjection;
+pub use notifications::NotificationsProjection;
 pub use ratings::RatingsProjection;
 pub use runtime::{
     ensure_schema, FirstDelivery, Projection, ProjectionError, Projector, ProjectorConfig,

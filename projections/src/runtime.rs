@@ -5,14 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
-use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Timestamp};
 use serde::Deserialize;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use streams::{DecodeError, DecodedEvent, EventDecoder, KafkaConfig, RegistryConfig};
+use streams::{DecodeError, DecodedEvent, EventDecoder, EventMeta, KafkaConfig, RegistryConfig};
 
 /// An event the runtime has proven to be the next unapplied event of its aggregate, inside the
 /// transaction that will record it as applied. Handlers receive nothing else, so every handler
@@ -122,7 +123,13 @@ pub enum ProjectorError {
     Config(String),
     #[error("projection: {0}")]
     Projection(#[from] ProjectionError),
+    #[error("topics: {0}")]
+    Topics(#[from] streams::admin::AdminError),
 }
+
+/// The topic (without the configured prefix) that receives a copy of every dead-lettered
+/// record, with the projection and the error in `dead-letter-*` headers.
+pub const DEAD_LETTER_TOPIC: &str = "dead-letters";
 
 /// Creates a projection's tables and the runtime's bookkeeping (idempotent). Readers of the read
 /// model (the API) call it too, so a query before the first projector start is a 404, not an
@@ -166,6 +173,10 @@ pub struct Projector {
     pool: PgPool,
     consumer: StreamConsumer,
     decoder: EventDecoder,
+    producer: FutureProducer,
+    dead_letter_topic: String,
+    /// Asks the broker for partitions' high watermarks (blocking calls, off the runtime).
+    watermarks: Arc<BaseConsumer>,
     config: ProjectorConfig,
     schema: &'static str,
 }
@@ -185,6 +196,33 @@ enum Verdict {
     Apply,
     Duplicate,
     Gap,
+}
+
+/// Who an event is: from the decoded event, or from the headers of a record whose value does not
+/// decode.
+type Identity = (String, String, i64);
+
+fn identity(
+    message: &BorrowedMessage<'_>,
+    event: &Result<DecodedEvent, String>,
+) -> Option<Identity> {
+    let meta = match event {
+        Ok(event) => std::borrow::Cow::Borrowed(&event.meta),
+        Err(_) => std::borrow::Cow::Owned(EventMeta::from_headers(message.headers()).ok()?),
+    };
+    Some((
+        meta.aggregate_type.clone(),
+        meta.aggregate_id.clone(),
+        i64::try_from(meta.sequence).unwrap_or(i64::MAX),
+    ))
+}
+
+/// A record to dead-letter in the batch's transaction.
+struct DeadLetter<'m> {
+    message: &'m BorrowedMessage<'m>,
+    identity: Option<Identity>,
+    event_type: Option<String>,
+    error: String,
 }
 
 impl Projector {
@@ -228,11 +266,24 @@ impl Projector {
             .create()?;
         let refs: Vec<&str> = topic_names.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
+        let dead_letter_topic = topics.named(DEAD_LETTER_TOPIC);
+        streams::admin::ensure_topics(kafka, std::slice::from_ref(&dead_letter_topic)).await?;
+        let producer: FutureProducer = streams::relay::producer_config(kafka).create()?;
+        let watermarks: BaseConsumer = kafka
+            .client_config()
+            .set(
+                "group.id",
+                format!("{}{}-lag", config.projector_group_prefix, schema),
+            )
+            .create()?;
         Ok(Self {
+            watermarks: Arc::new(watermarks),
             projection,
             pool,
             consumer,
             decoder: EventDecoder::new(registry)?,
+            producer,
+            dead_letter_topic,
             config,
             schema,
         })
@@ -244,20 +295,50 @@ impl Projector {
         shutdown: CancellationToken,
     ) -> Result<(), ProjectorError> {
         tracing::info!(projection = self.projection.name(), "projector started");
-        // While one batch is applied in PostgreSQL, the next is fetched and decoded.
-        let mut pending = self.next_batch(&shutdown).await?;
-        while let Some((batch, decoded)) = pending {
-            let apply = async {
-                self.process(&batch, &decoded).await?;
-                for message in &batch {
-                    self.consumer.store_offset_from_message(message)?;
+        let consume = async {
+            // While one batch is applied in PostgreSQL, the next is fetched and decoded.
+            let mut pending = self.next_batch(&shutdown).await?;
+            while let Some((batch, decoded)) = pending {
+                let apply = async {
+                    self.process(&batch, &decoded).await?;
+                    for message in &batch {
+                        self.consumer.store_offset_from_message(message)?;
+                    }
+                    Ok::<(), ProjectorError>(())
+                };
+                let (applied, next) = tokio::join!(apply, self.next_batch(&shutdown));
+                applied?;
+                pending = next?;
+            }
+            Ok::<(), ProjectorError>(())
+        };
+        let side_work = async {
+            // Lag is measured and re-drives are served beside the consumer loop.
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
                 }
-                Ok::<(), ProjectorError>(())
-            };
-            let (applied, next) = tokio::join!(apply, self.next_batch(&shutdown));
-            applied?;
-            pending = next?;
-        }
+                if let Err(e) = self.measure_lag().await {
+                    tracing::warn!(error = %e, "could not measure lag");
+                }
+                if let Err(e) = self.redrive_requested().await {
+                    tracing::warn!(error = %e, "re-drive failed; will retry");
+                }
+            }
+        };
+        let (consumed, ()) = tokio::join!(
+            async {
+                let result = consume.await;
+                // The consumer loop ending (error or shutdown) ends the side work too.
+                shutdown.cancel();
+                result
+            },
+            side_work
+        );
+        consumed?;
         // Hand the final positions to the group before leaving it.
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(error = %e, "nothing to commit on shutdown");
@@ -375,79 +456,123 @@ impl Projector {
     ) -> Result<(), ProjectionError> {
         let schema = self.schema;
         let mut tx = self.pool.begin().await?;
+        let identities: Vec<Option<Identity>> = batch
+            .iter()
+            .zip(decoded)
+            .map(|(message, event)| identity(message, event))
+            .collect();
         let mut last: HashMap<(String, String), i64> =
-            self.load_sequences(&mut tx, decoded).await?;
+            self.load_sequences(&mut tx, &identities).await?;
         let mut checkpoints: HashMap<(&str, i32), i64> = HashMap::new();
         let (mut applied, mut duplicates) = (0u64, 0u64);
         let mut deliveries = Vec::with_capacity(batch.len());
-        let mut newest_recorded = None;
-        for (message, event) in batch.iter().zip(decoded) {
+        let mut dead = Vec::new();
+        let mut recorded_ats = Vec::with_capacity(batch.len());
+        let mut recorded: HashMap<(&str, i32), &str> = HashMap::new();
+        for ((message, event), who) in batch.iter().zip(decoded).zip(identities) {
             checkpoints.insert((message.topic(), message.partition()), message.offset() + 1);
-            let error = match (event, &dead_letter) {
-                (Err(e), _) => Some(e.clone()),
-                (Ok(_), Some(e)) => Some(e.clone()),
-                (Ok(_), None) => None,
-            };
-            if let Some(error) = error {
-                self.record_dead_letter(&mut tx, message, event.as_ref().ok(), &error)
-                    .await?;
-                continue;
-            }
-            let Ok(event) = event else { continue };
-            let key = (
-                event.meta.aggregate_type.clone(),
-                event.meta.aggregate_id.clone(),
-            );
-            let current = last.get(&key).copied().unwrap_or(0);
-            let sequence = i64::try_from(event.meta.sequence).unwrap_or(i64::MAX);
-            let verdict = match sequence {
-                s if s <= current => Verdict::Duplicate,
-                s if s == current + 1 => Verdict::Apply,
-                _ => Verdict::Gap,
+            let verdict = match &who {
+                Some((aggregate_type, aggregate_id, sequence)) => {
+                    let current = last
+                        .get(&(aggregate_type.clone(), aggregate_id.clone()))
+                        .copied()
+                        .unwrap_or(0);
+                    match *sequence {
+                        s if s <= current => Verdict::Duplicate,
+                        s if s == current + 1 => Verdict::Apply,
+                        _ => Verdict::Gap,
+                    }
+                }
+                // Not ours to order (no readable headers): dead-lettered below.
+                None => Verdict::Apply,
             };
             match verdict {
-                Verdict::Duplicate => duplicates += 1,
+                Verdict::Duplicate => {
+                    duplicates += 1;
+                    continue;
+                }
                 Verdict::Gap => {
                     // The relay re-sends an aggregate's events from the first unacknowledged
                     // one, so the missing events and this one arrive again, in order.
                     metrics::counter!("projector_sequence_gaps_total", "projection" => schema)
                         .increment(1);
-                    tracing::warn!(aggregate_id = %event.meta.aggregate_id, sequence, current, "sequence gap; waiting for redelivery");
+                    tracing::warn!(?who, "sequence gap; waiting for redelivery");
+                    continue;
                 }
-                Verdict::Apply => {
-                    deliveries.push(FirstDelivery { event });
-                    last.insert(key, sequence);
-                    applied += 1;
-                    newest_recorded = Some(event.meta.recorded_at.clone());
-                }
+                Verdict::Apply => {}
             }
+            if let Some((aggregate_type, aggregate_id, sequence)) = &who {
+                // Applied or dead-lettered, this event is done with: the aggregate's next
+                // events go on (a re-drive applies a dead letter later, once).
+                last.insert((aggregate_type.clone(), aggregate_id.clone()), *sequence);
+            }
+            let error = match (event, &dead_letter) {
+                (Err(e), _) | (Ok(_), Some(e)) => Some(e.clone()),
+                (Ok(_), None) => None,
+            };
+            if let Some(error) = error {
+                dead.push(DeadLetter {
+                    message,
+                    identity: who,
+                    event_type: event.as_ref().ok().map(|e| e.meta.event_type.clone()),
+                    error,
+                });
+                continue;
+            }
+            let Ok(event) = event else { continue };
+            deliveries.push(FirstDelivery { event });
+            applied += 1;
+            recorded_ats.push(event.meta.recorded_at.as_str());
+            recorded.insert(
+                (message.topic(), message.partition()),
+                event.meta.recorded_at.as_str(),
+            );
         }
         self.projection.apply_batch(&mut tx, &deliveries).await?;
+        for letter in &dead {
+            self.record_dead_letter(&mut tx, letter).await?;
+        }
         self.store_sequences(&mut tx, &last).await?;
         for ((topic, partition), next_offset) in &checkpoints {
+            let recorded_at = recorded
+                .get(&(*topic, *partition))
+                .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok());
             sqlx::query(&format!(
-                "INSERT INTO {schema}.checkpoints (topic, partition, next_offset) VALUES ($1, $2, $3) \
+                "INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
+                 VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (topic, partition) DO UPDATE \
                  SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
+                     last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
                      updated_at = clock_timestamp()"
             ))
             .bind(topic)
             .bind(partition)
             .bind(next_offset)
+            .bind(recorded_at)
             .execute(&mut *tx)
             .await?;
+        }
+        // The copy on the dead-letter topic is acknowledged before the transaction commits: a
+        // failure here retries the batch, so the topic misses nothing the table has.
+        for letter in &dead {
+            self.publish_dead_letter(letter).await?;
         }
         tx.commit().await?;
         metrics::counter!("projector_applied_total", "projection" => schema).increment(applied);
         metrics::counter!("projector_duplicates_total", "projection" => schema)
             .increment(duplicates);
-        if let Some(recorded) = newest_recorded
-            .as_deref()
-            .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok())
-        {
-            let lag = chrono::Utc::now().signed_duration_since(recorded);
-            metrics::gauge!("projector_lag_seconds", "projection" => schema)
-                .set(lag.num_microseconds().unwrap_or(0) as f64 / 1e6);
+        // End-to-end delay of each applied event: recorded in the store → applied here.
+        let now = chrono::Utc::now();
+        let delay = metrics::histogram!("projector_event_delay_seconds", "projection" => schema);
+        for recorded in recorded_ats {
+            if let Ok(recorded) = chrono::DateTime::parse_from_rfc3339(recorded) {
+                delay.record(
+                    now.signed_duration_since(recorded)
+                        .num_microseconds()
+                        .unwrap_or(0) as f64
+                        / 1e6,
+                );
+            }
         }
         Ok(())
     }
@@ -455,12 +580,12 @@ impl Projector {
     async fn load_sequences(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        decoded: &[Result<DecodedEvent, String>],
+        identities: &[Option<Identity>],
     ) -> Result<HashMap<(String, String), i64>, ProjectionError> {
-        let (types, ids): (Vec<&str>, Vec<&str>) = decoded
+        let (types, ids): (Vec<&str>, Vec<&str>) = identities
             .iter()
-            .filter_map(|d| d.as_ref().ok())
-            .map(|e| (e.meta.aggregate_type.as_str(), e.meta.aggregate_id.as_str()))
+            .flatten()
+            .map(|(t, i, _)| (t.as_str(), i.as_str()))
             .unzip();
         let rows: Vec<(String, String, i64)> = sqlx::query_as(&format!(
             "SELECT a.aggregate_type, a.aggregate_id, a.last_sequence \
@@ -508,25 +633,257 @@ impl Projector {
     async fn record_dead_letter(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        message: &BorrowedMessage<'_>,
-        event: Option<&DecodedEvent>,
-        error: &str,
+        letter: &DeadLetter<'_>,
     ) -> Result<(), ProjectionError> {
-        tracing::error!(topic = message.topic(), partition = message.partition(), offset = message.offset(), %error, "dead-lettering a record");
+        let message = letter.message;
+        tracing::error!(topic = message.topic(), partition = message.partition(), offset = message.offset(), error = %letter.error, "dead-lettering a record");
         metrics::counter!("projector_dead_letters_total", "projection" => self.schema).increment(1);
+        let (mut names, mut values) = (Vec::new(), Vec::new());
+        if let Some(headers) = message.headers() {
+            for header in headers.iter() {
+                names.push(header.key.to_owned());
+                values.push(header.value.unwrap_or_default().to_vec());
+            }
+        }
+        let event_id = EventMeta::from_headers(message.headers())
+            .ok()
+            .map(|m| m.event_id.to_string());
+        let (aggregate_type, aggregate_id, sequence) = match &letter.identity {
+            Some((t, i, s)) => (Some(t.as_str()), Some(i.as_str()), Some(*s)),
+            None => (None, None, None),
+        };
         sqlx::query(&format!(
-            "INSERT INTO {}.dead_letters (topic, partition, \"offset\", event_id, aggregate_id, error) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
+            "INSERT INTO {}.dead_letters (topic, partition, \"offset\", event_id, aggregate_type, \
+               aggregate_id, sequence, event_type, error, record_key, payload, header_names, \
+               header_values, timestamp_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
             self.schema
         ))
         .bind(message.topic())
         .bind(message.partition())
         .bind(message.offset())
-        .bind(event.map(|e| e.meta.event_id.to_string()))
-        .bind(event.map(|e| e.meta.aggregate_id.clone()))
-        .bind(error)
+        .bind(event_id)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(sequence)
+        .bind(&letter.event_type)
+        .bind(&letter.error)
+        .bind(message.key())
+        .bind(message.payload())
+        .bind(&names)
+        .bind(&values)
+        .bind(message.timestamp().to_millis())
         .execute(&mut **tx)
         .await?;
         Ok(())
+    }
+
+    /// Copies a dead-lettered record to the dead-letter topic, with where it came from and why.
+    async fn publish_dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), ProjectionError> {
+        let message = letter.message;
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                headers = headers.insert(header);
+            }
+        }
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        for (key, value) in [
+            ("dead-letter-projection", self.schema),
+            ("dead-letter-topic", message.topic()),
+            ("dead-letter-partition", partition.as_str()),
+            ("dead-letter-offset", offset.as_str()),
+            ("dead-letter-error", letter.error.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.dead_letter_topic).headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| ProjectionError::Event(format!("dead-letter topic: {e}")))?;
+        Ok(())
+    }
+
+    /// Measures each owned partition's lag (records not yet applied, from the broker's high
+    /// watermark known to the consumer) and its age, exports them and records them for the API.
+    async fn measure_lag(&self) -> Result<(), ProjectorError> {
+        let assignment = self.consumer.assignment()?;
+        let schema = self.schema;
+        let positions: Vec<(String, i32, i64, Option<chrono::DateTime<chrono::Utc>>)> =
+            sqlx::query_as(&format!(
+                "SELECT topic, partition, next_offset, last_recorded_at FROM {schema}.checkpoints"
+            ))
+            .fetch_all(&self.pool)
+            .await?;
+        let owned: Vec<(String, i32)> = assignment
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let probe = self.watermarks.clone();
+        let marks = tokio::task::spawn_blocking(move || {
+            owned
+                .into_iter()
+                .filter_map(|(topic, partition)| {
+                    let (low, high) = probe
+                        .fetch_watermarks(&topic, partition, Duration::from_secs(2))
+                        .ok()?;
+                    Some((topic, partition, low, high))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| ProjectorError::Config(format!("lag probe: {e}")))?;
+        let now = chrono::Utc::now();
+        let (mut topics, mut partitions, mut highs, mut nexts, mut lags, mut ages) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut total, mut oldest) = (0i64, 0f64);
+        for (topic, partition, low, high) in marks {
+            let known = positions
+                .iter()
+                .find(|(t, p, _, _)| *t == topic && *p == partition);
+            let next = known.map_or(low.max(0), |k| k.2);
+            let lag = (high - next).max(0);
+            let age = match known.and_then(|k| k.3) {
+                Some(recorded) if lag > 0 => {
+                    now.signed_duration_since(recorded).num_milliseconds() as f64 / 1e3
+                }
+                _ => 0.0,
+            };
+            total += lag;
+            oldest = oldest.max(age);
+            topics.push(topic);
+            partitions.push(partition);
+            highs.push(high);
+            nexts.push(next);
+            lags.push(lag);
+            ages.push(age);
+        }
+        metrics::gauge!("projector_lag_events", "projection" => schema).set(total as f64);
+        metrics::gauge!("projector_lag_seconds", "projection" => schema).set(oldest);
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.lag (topic, partition, high_watermark, next_offset, lag_events, lag_seconds) \
+             SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::float8[]) \
+             ON CONFLICT (topic, partition) DO UPDATE SET high_watermark = excluded.high_watermark, \
+               next_offset = excluded.next_offset, lag_events = excluded.lag_events, \
+               lag_seconds = excluded.lag_seconds, measured_at = clock_timestamp()"
+        ))
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&highs)
+        .bind(&nexts)
+        .bind(&lags)
+        .bind(&ages)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Applies the dead letters an operator asked to re-drive (API or CLI), each once: the dead
+    /// letter's row, locked in the same transaction, moves to `redriven` with the read-model
+    /// change, or back to `dead` with the new error.
+    async fn redrive_requested(&self) -> Result<(), ProjectorError> {
+        let schema = self.schema;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let row: Option<StoredRecord> = sqlx::query_as(&format!(
+                "SELECT id, topic, partition, \"offset\", record_key, payload, header_names, \
+                        header_values, timestamp_ms \
+                 FROM {schema}.dead_letters WHERE status = 'redrive_requested' \
+                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+            ))
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                return Ok(());
+            };
+            let id = row.id;
+            let outcome = match self.decoder.decode(&row.into_message()).await {
+                Err(e) if e.is_retryable() => return Err(e.into()),
+                Err(e) => Err(e.to_string()),
+                Ok(event) => self
+                    .projection
+                    .apply_batch(&mut tx, &[FirstDelivery { event: &event }])
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match outcome {
+                Ok(()) => {
+                    sqlx::query(&format!(
+                        "UPDATE {schema}.dead_letters SET status = 'redriven', resolved_at = clock_timestamp() \
+                         WHERE id = $1"
+                    ))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    metrics::counter!("projector_redriven_total", "projection" => schema)
+                        .increment(1);
+                    tracing::info!(id, "dead letter re-driven");
+                }
+                Err(error) => {
+                    tx.rollback().await?;
+                    tracing::warn!(id, %error, "re-drive failed; the record stays dead");
+                    sqlx::query(&format!(
+                        "UPDATE {schema}.dead_letters SET status = 'dead', attempts = attempts + 1, \
+                           error = $2, redrive_requested_at = NULL, failed_at = clock_timestamp() \
+                         WHERE id = $1 AND status = 'redrive_requested'"
+                    ))
+                    .bind(id)
+                    .bind(error)
+                    .execute(&self.pool)
+                    .await?;
+                }
+            }
+        }
+    }
+}
+
+/// A dead letter's record, as stored.
+#[derive(sqlx::FromRow)]
+struct StoredRecord {
+    id: i64,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    record_key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    header_names: Vec<String>,
+    header_values: Vec<Vec<u8>>,
+    timestamp_ms: Option<i64>,
+}
+
+impl StoredRecord {
+    fn into_message(self) -> OwnedMessage {
+        let mut headers = OwnedHeaders::new();
+        for (key, value) in self.header_names.iter().zip(&self.header_values) {
+            headers = headers.insert(Header {
+                key: key.as_str(),
+                value: Some(value.as_slice()),
+            });
+        }
+        OwnedMessage::new(
+            self.payload,
+            self.record_key,
+            self.topic,
+            self.timestamp_ms
+                .map_or(Timestamp::NotAvailable, Timestamp::CreateTime),
+            self.partition,
+            self.offset,
+            Some(headers),
+        )
     }
 }

@@ -1,10 +1,13 @@
-//! The tracking read model: per order, its status, items and total, and the timeline of status
-//! changes. Applied set-wise: a batch costs three statements whatever its size.
+//! The tracking read model: per order, its status, items and total, the timeline of status
+//! changes, and its delivery: courier, last position and ETA with its uncertainty. Applied
+//! set-wise: a batch costs a handful of statements whatever its size. Every changed order is
+//! signalled on the live channel `tracking` for the API's event streams.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use domain::delivery::DeliveryEvent;
 use domain::order::OrderEvent;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
@@ -57,7 +60,7 @@ impl Projection for TrackingProjection {
     }
 
     fn aggregate_types(&self) -> &'static [&'static str] {
-        &["order"]
+        &["order", "delivery"]
     }
 
     fn schema_sql(&self) -> &'static str {
@@ -81,7 +84,19 @@ impl Projection for TrackingProjection {
         let mut timeline = Timeline::default();
         let mut latest: HashMap<&str, Latest> = HashMap::new();
         let mut repriced: HashMap<&str, Repriced> = HashMap::new();
+        let mut deliveries: HashMap<&str, DeliveryChange> = HashMap::new();
         for delivery in events {
+            if delivery.meta.aggregate_type == "delivery" {
+                let event: DeliveryEvent = delivery
+                    .event()
+                    .map_err(|e| ProjectionError::Event(e.to_string()))?;
+                let sequence = i64::try_from(delivery.meta.sequence).unwrap_or(i64::MAX);
+                deliveries
+                    .entry(delivery.meta.aggregate_id.as_str())
+                    .or_default()
+                    .absorb(&event, sequence);
+                continue;
+            }
             let event: OrderEvent = delivery
                 .event()
                 .map_err(|e| ProjectionError::Event(e.to_string()))?;
@@ -204,6 +219,7 @@ impl Projection for TrackingProjection {
             .execute(&mut **tx)
             .await?;
         }
+        upsert_deliveries(tx, &deliveries).await?;
         if !timeline.order_id.is_empty() {
             sqlx::query(
                 "INSERT INTO tracking.timeline (order_id, sequence, event_type, status, at) \
@@ -218,6 +234,148 @@ impl Projection for TrackingProjection {
             .execute(&mut **tx)
             .await?;
         }
+        let changed: std::collections::BTreeSet<String> =
+            events.iter().map(|e| e.meta.aggregate_id.clone()).collect();
+        crate::live::notify(tx, "tracking", &changed.into_iter().collect::<Vec<_>>()).await?;
         Ok(())
     }
+}
+
+/// What a batch changed in one delivery; `None` keeps the stored value.
+#[derive(Default)]
+struct DeliveryChange {
+    status: Option<&'static str>,
+    courier_id: Option<Uuid>,
+    position: Option<(f64, f64, DateTime<Utc>)>,
+    eta: Option<Eta>,
+    updated_at: Option<DateTime<Utc>>,
+    sequence: i64,
+}
+
+#[derive(Clone, Copy)]
+struct Eta {
+    expected_at: DateTime<Utc>,
+    earliest_at: DateTime<Utc>,
+    latest_at: DateTime<Utc>,
+    remaining_meters: i32,
+    estimated_at: DateTime<Utc>,
+}
+
+impl DeliveryChange {
+    fn absorb(&mut self, event: &DeliveryEvent, sequence: i64) {
+        match event {
+            DeliveryEvent::CourierAssigned { courier_id, .. } => {
+                self.courier_id = Some(courier_id.as_uuid());
+            }
+            DeliveryEvent::CourierLocationUpdated {
+                position,
+                device_time,
+                ..
+            } => self.position = Some((position.latitude, position.longitude, *device_time)),
+            DeliveryEvent::EtaUpdated {
+                expected_at,
+                earliest_at,
+                latest_at,
+                remaining_meters,
+                estimated_at,
+            } => {
+                self.eta = Some(Eta {
+                    expected_at: *expected_at,
+                    earliest_at: *earliest_at,
+                    latest_at: *latest_at,
+                    remaining_meters: i32::try_from(*remaining_meters).unwrap_or(i32::MAX),
+                    estimated_at: *estimated_at,
+                });
+            }
+            _ => {}
+        }
+        if let Some(status) = event.status_after() {
+            self.status = Some(status.as_str());
+        }
+        self.updated_at = Some(event.occurred_at());
+        self.sequence = sequence;
+    }
+}
+
+async fn upsert_deliveries(
+    tx: &mut Transaction<'static, Postgres>,
+    changes: &HashMap<&str, DeliveryChange>,
+) -> Result<(), ProjectionError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let n = changes.len();
+    let (mut ids, mut statuses, mut couriers) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut lats, mut lons, mut position_ats) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut expected, mut earliest, mut latest, mut remaining, mut estimated) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut updated, mut sequences) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for (id, change) in changes {
+        ids.push(*id);
+        statuses.push(change.status);
+        couriers.push(change.courier_id);
+        lats.push(change.position.map(|p| p.0));
+        lons.push(change.position.map(|p| p.1));
+        position_ats.push(change.position.map(|p| p.2));
+        expected.push(change.eta.map(|e| e.expected_at));
+        earliest.push(change.eta.map(|e| e.earliest_at));
+        latest.push(change.eta.map(|e| e.latest_at));
+        remaining.push(change.eta.map(|e| e.remaining_meters));
+        estimated.push(change.eta.map(|e| e.estimated_at));
+        updated.push(change.updated_at);
+        sequences.push(change.sequence);
+    }
+    // A new row's status is `Requested` at the least (its first event is DeliveryRequested).
+    sqlx::query(
+        "INSERT INTO tracking.deliveries AS d (order_id, status, courier_id, latitude, longitude, \
+           position_at, eta_expected_at, eta_earliest_at, eta_latest_at, remaining_meters, \
+           eta_estimated_at, updated_at, last_sequence) \
+         SELECT o, coalesce(s, 'Requested'), c, la, lo, pa, ex, ea, lt, rm, es, coalesce(u, now()), q \
+         FROM unnest($1::text[], $2::text[], $3::uuid[], $4::float8[], $5::float8[], \
+                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
+                     $10::int[], $11::timestamptz[], $12::timestamptz[], $13::bigint[]) \
+           AS x(o, s, c, la, lo, pa, ex, ea, lt, rm, es, u, q) \
+         ON CONFLICT (order_id) DO UPDATE SET \
+           status = coalesce($2[array_position($1, d.order_id)], d.status), \
+           courier_id = coalesce(excluded.courier_id, d.courier_id), \
+           latitude = coalesce(excluded.latitude, d.latitude), \
+           longitude = coalesce(excluded.longitude, d.longitude), \
+           position_at = coalesce(excluded.position_at, d.position_at), \
+           eta_expected_at = coalesce(excluded.eta_expected_at, d.eta_expected_at), \
+           eta_earliest_at = coalesce(excluded.eta_earliest_at, d.eta_earliest_at), \
+           eta_latest_at = coalesce(excluded.eta_latest_at, d.eta_latest_at), \
+           remaining_meters = coalesce(excluded.remaining_meters, d.remaining_meters), \
+           eta_estimated_at = coalesce(excluded.eta_estimated_at, d.eta_estimated_at), \
+           updated_at = excluded.updated_at, \
+           last_sequence = excluded.last_sequence",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&couriers)
+    .bind(&lats)
+    .bind(&lons)
+    .bind(&position_ats)
+    .bind(&expected)
+    .bind(&earliest)
+    .bind(&latest)
+    .bind(&remaining)
+    .bind(&estimated)
+    .bind(&updated)
+    .bind(&sequences)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }

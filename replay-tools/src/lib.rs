@@ -1,8 +1,11 @@
-//! # replay-tools: for analysts and auditors
+//! # replay-tools: for operators, analysts and auditors
 //!
-//! Reads the event history without issuing commands: rebuilding read models from the topics or
-//! the event store, materialising state as of an instant, exporting events (JSONL, CSV,
-//! Parquet), verifying the hash chain of the event log and reconciling store, topics and read
-//! models. Place in the flow: beside the pipeline, reading the `events` table and the topics.
+//! Reads the event history and the read models' bookkeeping without issuing commands. Today:
+//! the read models' lag and dead letters (list, re-drive), the command-line twin of the API's
+//! `/projections` endpoints. To come (issue #6): rebuilding read models from the topics or the
+//! event store, materialising state as of an instant, exporting events (JSONL, CSV, Parquet),
+//! verifying the hash chain of the event log and reconciling store, topics and read models.
 //!
-//! Not built yet: this crate reserves its place in the workspace.
+//! Place in the flow: beside the pipeline, reading the database the projectors write.
+
+pub mod cli;

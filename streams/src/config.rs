@@ -10,11 +10,12 @@ use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use serde::Deserialize;
 
 /// Aggregate types and their topics. The names are contracts: never renamed.
-pub const AGGREGATE_TOPICS: [(&str, &str); 4] = [
+pub const AGGREGATE_TOPICS: [(&str, &str); 5] = [
     ("order", "orders"),
     ("delivery", "deliveries"),
     ("payment", "payments"),
     ("rewards", "rewards"),
+    ("ads", "ads"),
 ];
 
 /// Connection to the Kafka cluster.

@@ -86,6 +86,7 @@ fn catalogue() -> Catalogue {
                 active: true,
             },
         )]),
+        experiments: BTreeMap::new(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Projector host process: runs the projections named in `PROJECTIONS` (comma-separated;
 //! default `tracking,ratings`), each with its own consumer group. Configuration: `DATABASE_URL`,
-//! `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*`, `METRICS_LISTEN`.
+//! `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*`, `METRICS_LISTEN`; with `notifications`,
+//! `NOTIFICATIONS_WEBHOOK_*` (see `projections::notifier`).
 
 use std::sync::Arc;
 
@@ -12,7 +13,12 @@ fn projection(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
     match name {
         "tracking" => Ok(Arc::new(TrackingProjection)),
         "ratings" => Ok(Arc::new(RatingsProjection)),
-        other => bail!("unknown projection `{other}`; known: tracking, ratings"),
+        "notifications" => Ok(Arc::new(projections::NotificationsProjection)),
+        "analytics" => Ok(Arc::new(projections::AnalyticsProjection)),
+        "ads" => Ok(Arc::new(projections::AdsProjection)),
+        other => bail!(
+            "unknown projection `{other}`; known: tracking, ratings, notifications, analytics, ads"
+        ),
     }
 }
 
@@ -37,6 +43,22 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("starting projection {name}"))?;
         tasks.spawn(projector.run_until_stopped(shutdown.clone()));
+        if name == projections::notifications::NAME {
+            // The webhook worker runs beside the notifications projection when a URL is set.
+            let webhook = projections::notifier::WebhookConfig::from_env()
+                .context("NOTIFICATIONS_WEBHOOK_* settings")?;
+            if webhook.enabled() {
+                let notifier = projections::notifier::Notifier::new(pool.clone(), &webhook)
+                    .await
+                    .context("starting the notification webhook worker")?;
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    notifier.run_until_stopped(stop).await.map_err(|e| {
+                        projections::ProjectorError::Config(format!("webhook worker: {e}"))
+                    })
+                });
+            }
+        }
     }
     while let Some(result) = tasks.join_next().await {
         if let Err(e) = result? {

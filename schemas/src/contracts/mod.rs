@@ -98,17 +98,19 @@ macro_rules! sources {
     };
 }
 
+mod ads;
 mod delivery;
 mod order;
 mod payment;
 mod rewards;
 
 /// Every aggregate type's contracts.
-const SOURCES: [&[Source]; 4] = [
+const SOURCES: [&[Source]; 5] = [
     order::SOURCES,
     delivery::SOURCES,
     payment::SOURCES,
     rewards::SOURCES,
+    ads::SOURCES,
 ];
 
 /// Every contract of the backbone.

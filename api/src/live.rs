@@ -1,0 +1,108 @@
+//! Live updates for Server-Sent Events: one `LISTEN` connection per API process fans the read
+//! models' change signals ([`projections::live`]) out to every open stream.
+//!
+//! A signal only says "this key of this read model changed"; each stream then re-reads the read
+//! model after its own cursor, so a missed signal (a lagging receiver, a reconnect) can delay
+//! an update but cannot lose or reorder one. Streams also re-read on a timer as a fallback.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// A change signal: `key` of `channel` changed. `channel == "*"` means "anything may have
+/// changed" (sent after the listener reconnected).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub channel: String,
+    pub key: String,
+}
+
+impl Change {
+    /// Whether this signal may concern `key` of `channel`.
+    pub fn concerns(&self, channel: &str, key: &str) -> bool {
+        self.channel == "*" || (self.channel == channel && self.key == key)
+    }
+}
+
+/// The process's fan-out of change signals.
+#[derive(Debug)]
+pub struct LiveHub {
+    /// `None` once closed: every subscriber then sees `RecvError::Closed` and its stream ends.
+    sender: std::sync::Mutex<Option<broadcast::Sender<Change>>>,
+    stop: CancellationToken,
+}
+
+impl Drop for LiveHub {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl LiveHub {
+    /// Starts listening on the read models' channel.
+    pub async fn start(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(projections::live::CHANNEL).await?;
+        let (sender, _) = broadcast::channel(1024);
+        let stop = CancellationToken::new();
+        tokio::spawn(forward(listener, sender.clone(), stop.clone()));
+        Ok(Self {
+            sender: std::sync::Mutex::new(Some(sender)),
+            stop,
+        })
+    }
+
+    /// Signals from now on (a closed hub gives a receiver that is closed at once).
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        let sender = self.sender.lock().ok().and_then(|s| s.clone());
+        sender.map_or_else(|| broadcast::channel(1).1, |s| s.subscribe())
+    }
+
+    /// Ends every open stream (on shutdown: a graceful shutdown waits for open connections, and
+    /// an event stream would otherwise never end).
+    pub fn close(&self) {
+        self.stop.cancel();
+        if let Ok(mut sender) = self.sender.lock() {
+            sender.take();
+        }
+    }
+}
+
+async fn forward(
+    mut listener: PgListener,
+    sender: broadcast::Sender<Change>,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            () = stop.cancelled() => return,
+            next = listener.try_recv() => next,
+        };
+        match next {
+            Ok(Some(notification)) => {
+                if let Some((channel, key)) = notification.payload().split_once(':') {
+                    // No receivers is fine: nobody is streaming right now.
+                    let _ = sender.send(Change {
+                        channel: channel.to_owned(),
+                        key: key.to_owned(),
+                    });
+                }
+            }
+            Ok(None) => {
+                // Reconnected: signals in between are lost, so every stream re-reads.
+                tracing::warn!("live-update listener reconnected");
+                let _ = sender.send(Change {
+                    channel: "*".to_owned(),
+                    key: String::new(),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "live-update listener failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

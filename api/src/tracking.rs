@@ -1,0 +1,359 @@
+//! The tracking read model served: an order's status, items, totals and timeline, its
+//! delivery (courier, last position, ETA with its uncertainty), and a live stream of its
+//! changes as Server-Sent Events.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::error::{ApiError, Problem};
+use crate::extract::{PathParams, QueryParams};
+use crate::orders::parse_order_id;
+use crate::positions::wait_for_position;
+use crate::AppState;
+
+/// Money in minor units.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MoneyView {
+    pub minor: i64,
+    pub currency: String,
+}
+
+/// One status change.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct TimelineEntry {
+    pub sequence: i64,
+    pub event_type: String,
+    pub status: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Where the courier was last seen.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CourierPosition {
+    pub latitude: f64,
+    pub longitude: f64,
+    /// Device time of the fix.
+    pub at: DateTime<Utc>,
+}
+
+/// The expected arrival at the customer, with its uncertainty.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EtaView {
+    pub expected_at: DateTime<Utc>,
+    /// The interval the arrival falls in with high confidence; it narrows as the courier nears.
+    pub earliest_at: DateTime<Utc>,
+    pub latest_at: DateTime<Utc>,
+    pub remaining_meters: i32,
+    pub estimated_at: DateTime<Utc>,
+}
+
+/// The delivery of an order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryView {
+    pub status: String,
+    pub courier_id: Option<Uuid>,
+    pub courier_position: Option<CourierPosition>,
+    pub eta: Option<EtaView>,
+    pub updated_at: DateTime<Utc>,
+    /// The last event of the delivery that this view includes.
+    pub sequence: i64,
+}
+
+/// What a customer's app shows about an order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrackingView {
+    pub order_id: String,
+    pub customer_id: Uuid,
+    pub store_id: Uuid,
+    pub region: String,
+    pub status: String,
+    #[schema(value_type = Object)]
+    pub items: serde_json::Value,
+    pub total: MoneyView,
+    pub placed_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The last event of the order that this view includes.
+    pub sequence: i64,
+    pub timeline: Vec<TimelineEntry>,
+    /// Present once a delivery was requested.
+    pub delivery: Option<DeliveryView>,
+}
+
+#[derive(sqlx::FromRow)]
+struct TrackingRow {
+    order_id: String,
+    customer_id: Uuid,
+    store_id: Uuid,
+    region: String,
+    status: String,
+    items: serde_json::Value,
+    total_minor: i64,
+    currency: String,
+    placed_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_sequence: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct DeliveryRow {
+    status: String,
+    courier_id: Option<Uuid>,
+    latitude: Option<f64>,
+    longitude: Option<f64>,
+    position_at: Option<DateTime<Utc>>,
+    eta_expected_at: Option<DateTime<Utc>>,
+    eta_earliest_at: Option<DateTime<Utc>>,
+    eta_latest_at: Option<DateTime<Utc>>,
+    remaining_meters: Option<i32>,
+    eta_estimated_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+    last_sequence: i64,
+}
+
+impl From<DeliveryRow> for DeliveryView {
+    fn from(row: DeliveryRow) -> Self {
+        let courier_position = match (row.latitude, row.longitude, row.position_at) {
+            (Some(latitude), Some(longitude), Some(at)) => Some(CourierPosition {
+                latitude,
+                longitude,
+                at,
+            }),
+            _ => None,
+        };
+        let eta = match (
+            row.eta_expected_at,
+            row.eta_earliest_at,
+            row.eta_latest_at,
+            row.remaining_meters,
+            row.eta_estimated_at,
+        ) {
+            (Some(expected_at), Some(earliest_at), Some(latest_at), Some(remaining), Some(at)) => {
+                Some(EtaView {
+                    expected_at,
+                    earliest_at,
+                    latest_at,
+                    remaining_meters: remaining,
+                    estimated_at: at,
+                })
+            }
+            _ => None,
+        };
+        Self {
+            status: row.status,
+            courier_id: row.courier_id,
+            courier_position,
+            eta,
+            updated_at: row.updated_at,
+            sequence: row.last_sequence,
+        }
+    }
+}
+
+/// Read-your-writes.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TrackingQuery {
+    /// Wait (up to a few seconds) until the view includes this event: `position.token` of a
+    /// command's response (an order or delivery command).
+    pub position: Option<String>,
+    /// Wait until the view includes this sequence of the order (`position.sequence` of an
+    /// order command).
+    pub min_sequence: Option<u64>,
+}
+
+async fn load(state: &AppState, order_id: &str) -> Result<Option<TrackingView>, ApiError> {
+    let row: Option<TrackingRow> = sqlx::query_as(
+        "SELECT order_id, customer_id, store_id, region, status, items, total_minor, currency, \
+                placed_at, updated_at, last_sequence \
+         FROM tracking.orders WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let timeline = timeline_after(state, order_id, 0).await?;
+    let delivery: Option<DeliveryRow> = sqlx::query_as(
+        "SELECT status, courier_id, latitude, longitude, position_at, eta_expected_at, \
+                eta_earliest_at, eta_latest_at, remaining_meters, eta_estimated_at, updated_at, \
+                last_sequence \
+         FROM tracking.deliveries WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(Some(TrackingView {
+        order_id: row.order_id,
+        customer_id: row.customer_id,
+        store_id: row.store_id,
+        region: row.region,
+        status: row.status,
+        items: row.items,
+        total: MoneyView {
+            minor: row.total_minor,
+            currency: row.currency,
+        },
+        placed_at: row.placed_at,
+        updated_at: row.updated_at,
+        sequence: row.last_sequence,
+        timeline,
+        delivery: delivery.map(DeliveryView::from),
+    }))
+}
+
+async fn timeline_after(
+    state: &AppState,
+    order_id: &str,
+    after: i64,
+) -> Result<Vec<TimelineEntry>, ApiError> {
+    sqlx::query_as(
+        "SELECT sequence, event_type, status, at FROM tracking.timeline \
+         WHERE order_id = $1 AND sequence > $2 ORDER BY sequence",
+    )
+    .bind(order_id)
+    .bind(after)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(ApiError::internal)
+}
+
+/// An order's tracking view.
+#[utoipa::path(
+    get, path = "/orders/{order_id}/tracking", tag = "orders",
+    params(("order_id" = Uuid, Path, description = "The order"), TrackingQuery),
+    responses(
+        (status = 200, description = "The order as projected", body = TrackingView),
+        (status = 400, description = "Malformed id or query", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order in the read model", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The read model has not reached the position yet; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn tracking(
+    State(state): State<AppState>,
+    PathParams(raw_id): PathParams<String>,
+    QueryParams(query): QueryParams<TrackingQuery>,
+) -> Result<axum::Json<TrackingView>, ApiError> {
+    let order_id = parse_order_id(&raw_id)?.to_string();
+    let by_sequence = query.min_sequence.map(|s| format!("order:{order_id}:{s}"));
+    for position in [query.position.as_deref(), by_sequence.as_deref()] {
+        wait_for_position(&state, "tracking", position).await?;
+    }
+    match load(&state, &order_id).await? {
+        Some(view) => Ok(axum::Json(view)),
+        None => Err(ApiError::NotFound(
+            "no order with this id in the tracking view (an order just placed appears within \
+             moments; pass the command's position to wait for it)"
+                .to_owned(),
+        )),
+    }
+}
+
+/// Where a tracking stream starts.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    /// Send status changes after this sequence (default: all); the `Last-Event-ID` header of a
+    /// reconnecting client takes precedence.
+    pub after: Option<i64>,
+}
+
+/// An order's status changes as Server-Sent Events, in order, live. Each `status` event carries
+/// a timeline entry (`id:` = its sequence, so a reconnecting client resumes with
+/// `Last-Event-ID`); a `delivery` event carries the delivery view (courier, position, ETA)
+/// whenever it changes. The stream stays open; keep-alive comments every 15 s.
+#[utoipa::path(
+    get, path = "/orders/{order_id}/tracking/stream", tag = "orders",
+    params(("order_id" = Uuid, Path, description = "The order"), StreamQuery),
+    responses(
+        (status = 200, description = "An event stream (`text/event-stream`)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed id, parameter or Last-Event-ID", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn stream(
+    State(state): State<AppState>,
+    PathParams(raw_id): PathParams<String>,
+    QueryParams(query): QueryParams<StreamQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let order_id = parse_order_id(&raw_id)?.to_string();
+    let after = match headers.get("last-event-id") {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .ok_or_else(|| {
+                ApiError::BadRequest(
+                    "Last-Event-ID must be the id of an event this stream sent".to_owned(),
+                )
+            })?,
+        None => query.after.unwrap_or(0),
+    };
+    let mut changes = state.live.subscribe();
+    let stream = async_stream::stream! {
+        let mut cursor = after;
+        let mut delivery_seen = -1i64;
+        loop {
+            match timeline_after(&state, &order_id, cursor).await {
+                Ok(entries) => {
+                    for entry in entries {
+                        cursor = entry.sequence;
+                        if let Ok(event) = Event::default()
+                            .id(entry.sequence.to_string())
+                            .event("status")
+                            .json_data(&entry)
+                        {
+                            yield Ok(event);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "tracking stream could not read"),
+            }
+            let delivery: Result<Option<DeliveryRow>, _> = sqlx::query_as(
+                "SELECT status, courier_id, latitude, longitude, position_at, eta_expected_at, \
+                        eta_earliest_at, eta_latest_at, remaining_meters, eta_estimated_at, \
+                        updated_at, last_sequence \
+                 FROM tracking.deliveries WHERE order_id = $1 AND last_sequence > $2",
+            )
+            .bind(&order_id)
+            .bind(delivery_seen)
+            .fetch_optional(&state.pool)
+            .await;
+            if let Ok(Some(row)) = delivery {
+                delivery_seen = row.last_sequence;
+                if let Ok(event) = Event::default()
+                    .event("delivery")
+                    .json_data(DeliveryView::from(row))
+                {
+                    yield Ok(event);
+                }
+            }
+            // Wake on this order's change signal, or re-read every 2 s anyway.
+            let deadline = tokio::time::sleep(Duration::from_secs(2));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    () = &mut deadline => break,
+                    change = changes.recv() => match change {
+                        Ok(change) if change.concerns("tracking", &order_id) => break,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        }
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

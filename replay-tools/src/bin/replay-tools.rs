@@ -1,0 +1,17 @@
+//! `replay-tools`: see `replay-tools --help`.
+
+use clap::Parser;
+use replay_tools::cli::{run, Cli};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let mut stdout = std::io::stdout().lock();
+    match run(cli, &mut stdout).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("replay-tools: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
