@@ -70,3 +70,5 @@ CREATE TABLE IF NOT EXISTS {schema}.lag
     measured_at    timestamptz      NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (topic, partition)
 );
+-- Which projector instance (`host/pid`) owns the partition.
+ALTER TABLE {schema}.lag ADD COLUMN IF NOT EXISTS owner text NOT NULL DEFAULT '';

@@ -21,6 +21,8 @@ pub struct PartitionLag {
     /// Age of the newest applied event when records are waiting, else 0.
     pub lag_seconds: f64,
     pub measured_at: DateTime<Utc>,
+    /// The projector instance (`host/pid`) that owns the partition.
+    pub owner: String,
 }
 
 /// A read model and how it is doing.
@@ -93,7 +95,7 @@ pub async fn find(pool: &PgPool, name: &str) -> Result<Option<String>, sqlx::Err
 /// [`read_models`].
 pub async fn status(pool: &PgPool, name: String) -> Result<ReadModelStatus, sqlx::Error> {
     let partitions: Vec<PartitionLag> = sqlx::query_as(&format!(
-        "SELECT topic, partition, next_offset, high_watermark, lag_events, lag_seconds, measured_at \
+        "SELECT topic, partition, next_offset, high_watermark, lag_events, lag_seconds, measured_at, owner \
          FROM {name}.lag ORDER BY topic, partition"
     ))
     .fetch_all(pool)

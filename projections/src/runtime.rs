@@ -302,7 +302,12 @@ impl Projector {
                 let apply = async {
                     self.process(&batch, &decoded).await?;
                     for message in &batch {
-                        self.consumer.store_offset_from_message(message)?;
+                        // A rebalance may have taken the partition away meanwhile: the offset
+                        // is then not ours to store. Nothing depends on it (the checkpoint and
+                        // the dedup are in PostgreSQL); the new owner skips what is applied.
+                        if let Err(e) = self.consumer.store_offset_from_message(message) {
+                            tracing::debug!(error = %e, partition = message.partition(), "offset not stored");
+                        }
                     }
                     Ok::<(), ProjectorError>(())
                 };
@@ -775,11 +780,11 @@ impl Projector {
         metrics::gauge!("projector_lag_events", "projection" => schema).set(total as f64);
         metrics::gauge!("projector_lag_seconds", "projection" => schema).set(oldest);
         sqlx::query(&format!(
-            "INSERT INTO {schema}.lag (topic, partition, high_watermark, next_offset, lag_events, lag_seconds) \
-             SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::float8[]) \
+            "INSERT INTO {schema}.lag (topic, partition, high_watermark, next_offset, lag_events, lag_seconds, owner) \
+             SELECT *, $7 FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::float8[]) \
              ON CONFLICT (topic, partition) DO UPDATE SET high_watermark = excluded.high_watermark, \
                next_offset = excluded.next_offset, lag_events = excluded.lag_events, \
-               lag_seconds = excluded.lag_seconds, measured_at = clock_timestamp()"
+               lag_seconds = excluded.lag_seconds, owner = excluded.owner, measured_at = clock_timestamp()"
         ))
         .bind(&topics)
         .bind(&partitions)
@@ -787,6 +792,7 @@ impl Projector {
         .bind(&nexts)
         .bind(&lags)
         .bind(&ages)
+        .bind(instance())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -850,6 +856,16 @@ impl Projector {
             }
         }
     }
+}
+
+/// This projector instance, as `host/pid`.
+fn instance() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!("{host}/{}", std::process::id())
 }
 
 /// A dead letter's record, as stored.

@@ -13,26 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backbone_tests::{order_request, place_order, TestEnv};
+use backbone_tests::bench::{appends, rate, raw_consumer, wait_until, WRITERS};
+use backbone_tests::{order_request, TestEnv};
 use projections::TrackingProjection;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
 use uuid::Uuid;
-
-const WRITERS: usize = 16;
-
-fn rate(events: usize, elapsed: Duration) -> f64 {
-    events as f64 / elapsed.as_secs_f64()
-}
-
-async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !done().await {
-        assert!(Instant::now() < deadline, "{what} did not finish");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 async fn raw_inserts(env: &TestEnv, count: usize, payload: &serde_json::Value) -> Duration {
     sqlx::query(
@@ -58,23 +43,6 @@ async fn raw_inserts(env: &TestEnv, count: usize, payload: &serde_json::Value) -
                 .execute(&pool)
                 .await
                 .expect("insert");
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    started.elapsed()
-}
-
-async fn appends(env: &TestEnv, count: usize) -> Duration {
-    let orders = env.orders();
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..WRITERS {
-        let (orders, next) = (orders.clone(), next.clone());
-        tasks.spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < count {
-                place_order(&orders).await;
             }
         });
     }
@@ -117,30 +85,6 @@ async fn raw_producer(
             future.await.expect("not cancelled").expect("acknowledged");
         }
     }
-    started.elapsed()
-}
-
-async fn raw_consumer(env: &TestEnv, count: usize) -> Duration {
-    let topic = env.kafka.topics().for_aggregate("order").expect("topic");
-    let consumer: StreamConsumer = env
-        .kafka
-        .client_config()
-        .set("group.id", format!("{}raw-consumer", env.group_prefix))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[&topic]).expect("subscribe");
-    let started = Instant::now();
-    let mut seen = 0;
-    let mut bytes = 0usize;
-    while seen < count {
-        let message = consumer.recv().await.expect("record");
-        bytes += message.payload().map_or(0, <[u8]>::len);
-        seen += 1;
-    }
-    assert!(bytes > 0);
     started.elapsed()
 }
 

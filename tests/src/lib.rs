@@ -5,6 +5,8 @@
 //! registry on an ephemeral port, and the relay, projectors and API either in-process or as
 //! child processes (for crash tests). This library holds the harness they share.
 
+pub mod bench;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

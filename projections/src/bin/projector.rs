@@ -1,5 +1,6 @@
 //! Projector host process: runs the projections named in `PROJECTIONS` (comma-separated;
-//! default `tracking,ratings`), each with its own consumer group. Configuration: `DATABASE_URL`,
+//! default: all of them, `tracking,ratings,analytics,ads,notifications`), each with its own
+//! consumer group. Configuration: `DATABASE_URL`,
 //! `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*`, `METRICS_LISTEN`; with `notifications`,
 //! `NOTIFICATIONS_WEBHOOK_*` (see `projections::notifier`).
 
@@ -8,6 +9,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use projections::{Projection, Projector, ProjectorConfig, RatingsProjection, TrackingProjection};
 use streams::process::{connect_from_env, init_tracing, serve_metrics_from_env, shutdown_token};
+
+/// Every read model, in one process unless `PROJECTIONS` splits them.
+const DEFAULT_PROJECTIONS: &str = "tracking,ratings,analytics,ads,notifications";
 
 fn projection(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
     match name {
@@ -26,7 +30,7 @@ fn projection(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     serve_metrics_from_env()?;
-    let names = std::env::var("PROJECTIONS").unwrap_or_else(|_| "tracking,ratings".to_owned());
+    let names = std::env::var("PROJECTIONS").unwrap_or_else(|_| DEFAULT_PROJECTIONS.to_owned());
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
     let connections = connect_from_env(8).await?;
     let (pool, kafka, registry) = (connections.pool, connections.kafka, connections.registry);
