@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use backbone_tests::bench::{appends, rate, raw_consumer, wait_until, WRITERS};
 use backbone_tests::TestEnv;

@@ -186,9 +186,38 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
         (response.status().as_u16() == 200).then_some(())
     })
     .await;
-    for action in [json!({"action": "pick_up"}), json!({"action": "deliver"})] {
+    let fix_time = chrono::Utc::now();
+    for action in [
+        json!({"action": "pick_up"}),
+        json!({"action": "update_location", "latitude": 51.51, "longitude": -0.12,
+               "device_time": fix_time}),
+    ] {
         deliver(&client, &api, &order_id, action).await;
     }
+    // The tracking view follows the delivery: courier, last position, ETA with its interval.
+    let view: Value = eventually(WAIT, "the delivery in the tracking view", || async {
+        let view: Value = client
+            .get(format!("{api}/orders/{order_id}/tracking"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (view["delivery"]["courier_position"]["latitude"] == json!(51.51)).then_some(view)
+    })
+    .await;
+    let tracked = &view["delivery"];
+    assert_eq!(tracked["courier_id"], json!(courier));
+    assert_eq!(tracked["status"], "PickedUp");
+    assert_eq!(tracked["courier_position"]["longitude"], json!(-0.12));
+    let at = |field: &str| {
+        chrono::DateTime::parse_from_rfc3339(tracked["eta"][field].as_str().expect(field))
+            .expect("a time")
+    };
+    assert!(at("earliest_at") <= at("expected_at") && at("expected_at") <= at("latest_at"));
+    assert!(tracked["eta"]["remaining_meters"].as_i64().is_some());
+    deliver(&client, &api, &order_id, json!({"action": "deliver"})).await;
 
     // Delivered → payment captured → order completed.
     wait_for_status(&client, &api, &order_id, "Completed").await;

@@ -435,6 +435,27 @@ async fn replaying_a_partition_from_offset_zero_changes_nothing() {
         "the replay changed the read model"
     );
 
+    // Its lag, as the API shows it (measured every second): every partition of both topics
+    // caught up, the replayed one at its new end.
+    eventually(
+        Duration::from_secs(30),
+        "lag 0 on every partition",
+        || async {
+            let (status, model) = get_json(&client, &format!("{api}/projections/tracking")).await;
+            let partitions = model["partitions"].as_array()?;
+            let replayed = partitions
+                .iter()
+                .find(|p| p["topic"] == json!(topic) && p["partition"] == partition)?;
+            (status == 200
+                && partitions.len() == 2 * usize::try_from(env.kafka.kafka_partitions).ok()?
+                && model["lag_events"] == 0
+                && replayed["high_watermark"] == end
+                && replayed["next_offset"] == end)
+                .then_some(())
+        },
+    )
+    .await;
+
     server.stop().await.expect("api stops");
     projector.stop().await.expect("projector stops");
     relay.stop().await.expect("relay stops");
