@@ -21,6 +21,7 @@ pub mod health;
 pub mod live;
 pub mod notifications;
 pub mod orders;
+pub mod paging;
 pub mod payments;
 pub mod positions;
 pub mod ratings;
@@ -141,6 +142,7 @@ impl std::fmt::Debug for AppState {
     paths(
         orders::place_order,
         orders::act_on_order,
+        tracking::list,
         tracking::tracking,
         tracking::stream,
         deliveries::act_on_delivery,
@@ -205,7 +207,7 @@ async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
 /// The router with every route and layer.
 pub fn router(state: AppState, config: &ApiConfig) -> Router {
     Router::new()
-        .route("/orders", post(orders::place_order))
+        .route("/orders", post(orders::place_order).get(tracking::list))
         .route("/orders/{order_id}/actions", post(orders::act_on_order))
         .route("/orders/{order_id}/tracking", get(tracking::tracking))
         .route("/orders/{order_id}/tracking/stream", get(tracking::stream))

@@ -131,27 +131,6 @@ fn parse_customer(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("customer_id `{raw}` is not a UUID")))
 }
 
-fn parse_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    let limit = limit.unwrap_or(50);
-    if (1..=500).contains(&limit) {
-        Ok(limit)
-    } else {
-        Err(ApiError::BadRequest(format!(
-            "limit {limit} is out of range: pass 1 to 500 (default 50)"
-        )))
-    }
-}
-
-fn parse_cursor(cursor: Option<&str>) -> Result<i64, ApiError> {
-    cursor.map_or(Ok(0), |c| {
-        c.parse::<i64>().ok().filter(|c| *c >= 0).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "cursor `{c}` is not one this API returned; pass `next_cursor` from the previous page"
-            ))
-        })
-    })
-}
-
 fn parse_kind(kind: Option<&str>) -> Result<Option<NotificationKind>, ApiError> {
     kind.map(|k| {
         NotificationKind::parse(k).ok_or_else(|| {
@@ -193,8 +172,8 @@ pub async fn list(
     QueryParams(query): QueryParams<NotificationsQuery>,
 ) -> Result<axum::Json<NotificationPage>, ApiError> {
     let customer = parse_customer(&raw_id)?;
-    let limit = parse_limit(query.limit)?;
-    let after = parse_cursor(query.cursor.as_deref())?;
+    let limit = crate::paging::limit(query.limit)?;
+    let after = crate::paging::id_cursor(query.cursor.as_deref())?;
     let kind = parse_kind(query.kind.as_deref())?;
     wait_for_position(&state, model::NAME, query.position.as_deref()).await?;
     let rows = model::list(&state.pool, customer, after, limit + 1, kind)
@@ -348,8 +327,8 @@ pub async fn webhook_failures(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<WebhookFailuresQuery>,
 ) -> Result<axum::Json<WebhookFailurePage>, ApiError> {
-    let limit = parse_limit(query.limit)?;
-    let after = parse_cursor(query.cursor.as_deref())?;
+    let limit = crate::paging::limit(query.limit)?;
+    let after = crate::paging::id_cursor(query.cursor.as_deref())?;
     let rows: Vec<WebhookFailureView> = sqlx::query_as(
         "SELECT d.notification_id, d.customer_id, d.event_id, r.kind, r.order_id, \
                 d.attempted_at, d.finished_at, d.http_status, d.error \
@@ -382,11 +361,11 @@ mod tests {
 
     #[test]
     fn bad_parameters_are_client_errors_naming_what_is_allowed() {
-        assert!(parse_limit(Some(0)).is_err());
-        assert!(parse_limit(Some(501)).is_err());
-        assert_eq!(parse_limit(None).ok(), Some(50));
-        assert!(parse_cursor(Some("-1")).is_err());
-        assert!(parse_cursor(Some("abc")).is_err());
+        assert!(crate::paging::limit(Some(0)).is_err());
+        assert!(crate::paging::limit(Some(501)).is_err());
+        assert_eq!(crate::paging::limit(None).ok(), Some(50));
+        assert!(crate::paging::id_cursor(Some("-1")).is_err());
+        assert!(crate::paging::id_cursor(Some("abc")).is_err());
         match parse_kind(Some("order_placed")) {
             Err(ApiError::BadRequest(detail)) => assert!(detail.contains("points_earned")),
             other => panic!("unexpected {other:?}"),

@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, Problem};
 use crate::extract::{PathParams, QueryParams};
+use crate::paging;
 use crate::AppState;
 
 /// A page of dead letters.
@@ -94,16 +95,6 @@ pub async fn show(
     ))
 }
 
-fn parse_cursor(cursor: Option<&str>) -> Result<i64, ApiError> {
-    cursor.map_or(Ok(0), |c| {
-        c.parse::<i64>().ok().filter(|c| *c >= 0).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "cursor `{c}` is not one this API returned; pass `next_cursor` from the previous page"
-            ))
-        })
-    })
-}
-
 /// A read model's dead letters, oldest first.
 #[utoipa::path(
     get, path = "/projections/{name}/dead-letters", tag = "operations",
@@ -127,15 +118,10 @@ pub async fn dead_letters(
             )));
         }
     }
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::BadRequest(
-            "limit must be between 1 and 500".to_owned(),
-        ));
-    }
-    let after = parse_cursor(query.cursor.as_deref())?;
+    let limit = paging::limit(query.limit)?;
+    let after = paging::id_cursor(query.cursor.as_deref())?;
     let name = known(&state, &name).await?;
-    let mut items = operations::dead_letters(
+    let rows = operations::dead_letters(
         &state.pool,
         &name,
         query.status.as_deref(),
@@ -144,12 +130,7 @@ pub async fn dead_letters(
     )
     .await
     .map_err(ApiError::internal)?;
-    let page = usize::try_from(limit).unwrap_or(usize::MAX);
-    let more = items.len() > page;
-    items.truncate(page);
-    let next_cursor = more
-        .then(|| items.last().map(|l| l.id.to_string()))
-        .flatten();
+    let (items, next_cursor) = paging::page(rows, limit, |l| l.id.to_string());
     Ok(axum::Json(DeadLetterPage { items, next_cursor }))
 }
 

@@ -357,3 +357,142 @@ pub async fn stream(
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
+
+/// Filters of the order list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct OrderListQuery {
+    /// Only this customer's orders.
+    pub customer_id: Option<Uuid>,
+    /// Only this store's orders.
+    pub store_id: Option<Uuid>,
+    /// Only this region's orders.
+    pub region: Option<String>,
+    /// Only orders in this status (e.g. `Preparing`).
+    pub status: Option<String>,
+    /// Placed at or after (RFC 3339).
+    pub from: Option<String>,
+    /// Placed before (RFC 3339).
+    pub to: Option<String>,
+    /// From a previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<i64>,
+    /// Read-your-writes: a command's `position.token`.
+    pub position: Option<String>,
+}
+
+/// One order in a list.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct OrderSummary {
+    pub order_id: String,
+    pub customer_id: Uuid,
+    pub store_id: Uuid,
+    pub region: String,
+    pub status: String,
+    pub total_minor: i64,
+    pub currency: String,
+    pub placed_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A page of orders, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderPage {
+    pub items: Vec<OrderSummary>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    pub next_cursor: Option<String>,
+}
+
+const STATUSES: [&str; 10] = [
+    "Placed",
+    "Confirmed",
+    "Accepted",
+    "Preparing",
+    "Ready",
+    "OutForDelivery",
+    "Delivered",
+    "Completed",
+    "Rejected",
+    "Cancelled",
+];
+
+/// The cursor of a page: the last row's placement time and id.
+fn order_cursor(row: &OrderSummary) -> String {
+    format!("{}|{}", row.placed_at.timestamp_micros(), row.order_id)
+}
+
+fn parse_order_cursor(raw: Option<&str>) -> Result<Option<(DateTime<Utc>, String)>, ApiError> {
+    let Some(raw) = raw else { return Ok(None) };
+    raw.split_once('|')
+        .and_then(|(micros, id)| {
+            let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+            Uuid::parse_str(id).ok()?;
+            Some((at, id.to_owned()))
+        })
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "cursor `{raw}` is not one this API returned; pass `next_cursor` from the previous page"
+            ))
+        })
+}
+
+/// Orders as tracked, newest first, filtered by customer, store, region, status and time of
+/// placement (a store's dashboard, a customer's order history).
+#[utoipa::path(
+    get, path = "/orders", tag = "orders",
+    params(OrderListQuery),
+    responses(
+        (status = 200, description = "A page of orders", body = OrderPage),
+        (status = 400, description = "A parameter is not valid (the detail names it)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The view has not reached `position` yet; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    QueryParams(query): QueryParams<OrderListQuery>,
+) -> Result<axum::Json<OrderPage>, ApiError> {
+    let (from, to) = crate::paging::time_range(query.from.as_deref(), query.to.as_deref())?;
+    let limit = crate::paging::limit(query.limit)?;
+    let after = parse_order_cursor(query.cursor.as_deref())?;
+    if let Some(status) = &query.status {
+        if !STATUSES.contains(&status.as_str()) {
+            return Err(ApiError::BadRequest(format!(
+                "status `{status}` is not an order status; use one of {}",
+                STATUSES.join(", ")
+            )));
+        }
+    }
+    if let Some(region) = &query.region {
+        domain::RegionCode::parse(region)
+            .map_err(|e| ApiError::BadRequest(format!("region: {e}")))?;
+    }
+    wait_for_position(&state, "tracking", query.position.as_deref()).await?;
+    let (after_at, after_id) = after.unzip();
+    let rows: Vec<OrderSummary> = sqlx::query_as(
+        "SELECT order_id, customer_id, store_id, region, status, total_minor, currency, \
+                placed_at, updated_at \
+         FROM tracking.orders \
+         WHERE ($1::uuid IS NULL OR customer_id = $1) AND ($2::uuid IS NULL OR store_id = $2) \
+           AND ($3::text IS NULL OR region = $3) AND ($4::text IS NULL OR status = $4) \
+           AND ($5::timestamptz IS NULL OR placed_at >= $5) \
+           AND ($6::timestamptz IS NULL OR placed_at < $6) \
+           AND ($7::timestamptz IS NULL OR (placed_at, order_id) < ($7, $8)) \
+         ORDER BY placed_at DESC, order_id DESC LIMIT $9",
+    )
+    .bind(query.customer_id)
+    .bind(query.store_id)
+    .bind(&query.region)
+    .bind(&query.status)
+    .bind(from)
+    .bind(to)
+    .bind(after_at)
+    .bind(after_id)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
+    let (items, next_cursor) = crate::paging::page(rows, limit, order_cursor);
+    Ok(axum::Json(OrderPage { items, next_cursor }))
+}

@@ -47,3 +47,6 @@ CREATE TABLE IF NOT EXISTS tracking.deliveries
     updated_at       timestamptz NOT NULL,
     last_sequence    bigint      NOT NULL
 );
+
+CREATE INDEX IF NOT EXISTS tracking_orders_store ON tracking.orders (store_id, placed_at DESC);
+CREATE INDEX IF NOT EXISTS tracking_orders_placed ON tracking.orders (placed_at DESC, order_id DESC);

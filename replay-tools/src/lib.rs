@@ -9,3 +9,4 @@
 //! Place in the flow: beside the pipeline, reading the database the projectors write.
 
 pub mod cli;
+pub mod progress;

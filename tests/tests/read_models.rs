@@ -435,6 +435,54 @@ async fn replaying_a_partition_from_offset_zero_changes_nothing() {
         "the replay changed the read model"
     );
 
+    // The order list: pages of 5 walk all twelve orders once, newest first.
+    let (mut seen, mut cursor, mut previous) = (Vec::new(), None::<String>, None::<String>);
+    loop {
+        let url = match &cursor {
+            Some(c) => format!("{api}/orders?limit=5&cursor={c}"),
+            None => format!("{api}/orders?limit=5"),
+        };
+        let (status, page) = get_json(&client, &url).await;
+        assert_eq!(status, 200, "{page}");
+        for order in page["items"].as_array().expect("items") {
+            let placed = order["placed_at"].as_str().expect("placed_at").to_owned();
+            if let Some(previous) = &previous {
+                assert!(placed <= *previous, "newest first");
+            }
+            previous = Some(placed);
+            seen.push(order["order_id"].as_str().expect("id").to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    seen.sort();
+    let mut placed = orders.clone();
+    placed.sort();
+    assert_eq!(seen, placed);
+    let (_, first) = get_json(&client, &format!("{api}/orders/{}/tracking", orders[0])).await;
+    let (_, mine) = get_json(
+        &client,
+        &format!(
+            "{api}/orders?customer_id={}&status=Confirmed",
+            first["customer_id"].as_str().expect("customer")
+        ),
+    )
+    .await;
+    assert_eq!(mine["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(mine["items"][0]["order_id"], json!(orders[0]));
+    for bad in [
+        "status=Lost",
+        "cursor=zzz",
+        "limit=501",
+        "from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z",
+        "colour=red",
+    ] {
+        let (status, problem) = get_json(&client, &format!("{api}/orders?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {problem}");
+    }
+
     // Its lag, as the API shows it (measured every second): every partition of both topics
     // caught up, the replayed one at its new end.
     eventually(
