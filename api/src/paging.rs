@@ -33,11 +33,11 @@ pub fn id_cursor(cursor: Option<&str>) -> Result<i64, ApiError> {
     })
 }
 
+/// A time range's bounds, each optional.
+pub type Bounds = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// `from`/`to` (RFC 3339; from inclusive, to exclusive; from before to).
-pub fn time_range(
-    from: Option<&str>,
-    to: Option<&str>,
-) -> Result<(Option<DateTime<Utc>>, Option<DateTime<Utc>>), ApiError> {
+pub fn time_range(from: Option<&str>, to: Option<&str>) -> Result<Bounds, ApiError> {
     let parse = |name: &str, raw: Option<&str>| {
         raw.map(|value| {
             DateTime::parse_from_rfc3339(value)
