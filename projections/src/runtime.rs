@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Timestamp};
@@ -153,7 +153,7 @@ pub async fn ensure_schema(projection: &dyn Projection, pool: &PgPool) -> Result
 /// Closes a consumer (leaving its group) without waiting forever: librdkafka's close blocks
 /// until the broker answers, and a broker that is gone (stopped by the same Ctrl-C) never does.
 /// The checkpoint is in PostgreSQL, so nothing depends on the close succeeding.
-async fn leave_group(consumer: StreamConsumer) {
+async fn leave_group(consumer: StreamConsumer<WatermarkContext>) {
     let (done, closed) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         drop(consumer);
@@ -167,16 +167,51 @@ async fn leave_group(consumer: StreamConsumer) {
     }
 }
 
+/// Keeps each partition's high watermark as the consumer's own fetches report it (librdkafka
+/// statistics, every second), so lag is measured without a single extra request to the broker.
+#[derive(Debug, Default)]
+pub struct WatermarkContext {
+    /// (low, high) watermark per (topic, partition).
+    marks: std::sync::Mutex<HashMap<(String, i32), (i64, i64)>>,
+}
+
+impl rdkafka::ClientContext for WatermarkContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if let Ok(mut marks) = self.marks.lock() {
+            for (name, topic) in statistics.topics {
+                for (partition, state) in topic.partitions {
+                    if partition >= 0 && state.hi_offset >= 0 {
+                        marks.insert(
+                            (name.clone(), partition),
+                            (state.lo_offset.max(0), state.hi_offset),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WatermarkContext {}
+
+impl WatermarkContext {
+    fn marks(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
+        self.marks
+            .lock()
+            .ok()?
+            .get(&(topic.to_owned(), partition))
+            .copied()
+    }
+}
+
 /// One projection's consumer loop.
 pub struct Projector {
     projection: Arc<dyn Projection>,
     pool: PgPool,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<WatermarkContext>,
     decoder: EventDecoder,
     producer: FutureProducer,
     dead_letter_topic: String,
-    /// Asks the broker for partitions' high watermarks (blocking calls, off the runtime).
-    watermarks: Arc<BaseConsumer>,
     config: ProjectorConfig,
     schema: &'static str,
 }
@@ -247,8 +282,9 @@ impl Projector {
                     .ok_or_else(|| ProjectorError::Config(format!("no topic for aggregate {a}")))
             })
             .collect::<Result<_, _>>()?;
-        let consumer: StreamConsumer = kafka
+        let consumer: StreamConsumer<WatermarkContext> = kafka
             .client_config()
+            .set("statistics.interval.ms", "1000")
             .set(
                 "group.id",
                 format!("{}{}", config.projector_group_prefix, projection.name()),
@@ -263,21 +299,13 @@ impl Projector {
             )
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .create()?;
+            .create_with_context(WatermarkContext::default())?;
         let refs: Vec<&str> = topic_names.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
         let dead_letter_topic = topics.named(DEAD_LETTER_TOPIC);
         streams::admin::ensure_topics(kafka, std::slice::from_ref(&dead_letter_topic)).await?;
         let producer: FutureProducer = streams::relay::producer_config(kafka).create()?;
-        let watermarks: BaseConsumer = kafka
-            .client_config()
-            .set(
-                "group.id",
-                format!("{}{}-lag", config.projector_group_prefix, schema),
-            )
-            .create()?;
         Ok(Self {
-            watermarks: Arc::new(watermarks),
             projection,
             pool,
             consumer,
@@ -733,25 +761,15 @@ impl Projector {
             ))
             .fetch_all(&self.pool)
             .await?;
-        let owned: Vec<(String, i32)> = assignment
+        let context = self.consumer.context();
+        let marks: Vec<(String, i32, i64, i64)> = assignment
             .elements()
             .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
+            .filter_map(|e| {
+                let (low, high) = context.marks(e.topic(), e.partition())?;
+                Some((e.topic().to_owned(), e.partition(), low, high))
+            })
             .collect();
-        let probe = self.watermarks.clone();
-        let marks = tokio::task::spawn_blocking(move || {
-            owned
-                .into_iter()
-                .filter_map(|(topic, partition)| {
-                    let (low, high) = probe
-                        .fetch_watermarks(&topic, partition, Duration::from_secs(2))
-                        .ok()?;
-                    Some((topic, partition, low, high))
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| ProjectorError::Config(format!("lag probe: {e}")))?;
         let now = chrono::Utc::now();
         let (mut topics, mut partitions, mut highs, mut nexts, mut lags, mut ages) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -760,7 +778,8 @@ impl Projector {
             let known = positions
                 .iter()
                 .find(|(t, p, _, _)| *t == topic && *p == partition);
-            let next = known.map_or(low.max(0), |k| k.2);
+            // A partition with no checkpoint yet: everything still on it is lag.
+            let next = known.map_or(low, |k| k.2);
             let lag = (high - next).max(0);
             let age = match known.and_then(|k| k.3) {
                 Some(recorded) if lag > 0 => {
@@ -902,4 +921,122 @@ impl StoredRecord {
             Some(headers),
         )
     }
+}
+
+/// Creates a projection's tables and the runtime's bookkeeping inside `tx`, under the
+/// projection's name (`replay-tools rebuild` runs it while its shadow schema carries that name
+/// within the transaction, so the projection's own SQL builds the shadow unchanged).
+pub async fn create_tables(
+    projection: &dyn Projection,
+    tx: &mut Transaction<'static, Postgres>,
+) -> Result<(), sqlx::Error> {
+    let runtime_sql = include_str!("../sql/runtime.sql").replace("{schema}", projection.name());
+    sqlx::raw_sql(&runtime_sql).execute(&mut **tx).await?;
+    sqlx::raw_sql(projection.schema_sql())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// One event of a replay (a rebuild from the topics or from the event store), given in its
+/// aggregate's order.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayedEvent<'e> {
+    pub aggregate_type: &'e str,
+    pub aggregate_id: &'e str,
+    pub sequence: i64,
+    /// The event, or why it cannot be applied (a record that does not decode, or an event the
+    /// handlers refused): such an event is done with, like a dead letter of the projector, and
+    /// the caller records it as one.
+    pub event: Result<&'e DecodedEvent, &'e str>,
+}
+
+/// What [`apply_replayed`] did with one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayVerdict {
+    /// The next event of its aggregate, handed to the projection.
+    Applied,
+    /// The next event of its aggregate, but not applicable (`event` was an error): counted as
+    /// done; the caller dead-letters it.
+    Refused,
+    /// At or below the last sequence applied: applied before.
+    Duplicate,
+    /// Beyond the next sequence: an earlier event of its aggregate is missing; not applied.
+    Gap,
+}
+
+/// Applies replayed events in `tx` exactly as a projector applies records: the per-aggregate
+/// dedup against the read model's `applied` table (the schema named `projection.name()`), the
+/// projection's handlers for the next unapplied events only (as [`FirstDelivery`]), and the new
+/// last sequences. The caller owns the transaction and commits it with its own position, so a
+/// replay that stops anywhere continues exactly where it stopped.
+pub async fn apply_replayed(
+    projection: &dyn Projection,
+    tx: &mut Transaction<'static, Postgres>,
+    events: &[ReplayedEvent<'_>],
+) -> Result<Vec<ReplayVerdict>, ProjectionError> {
+    let schema = projection.name();
+    let (types, ids): (Vec<&str>, Vec<&str>) = events
+        .iter()
+        .map(|e| (e.aggregate_type, e.aggregate_id))
+        .unzip();
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(&format!(
+        "SELECT a.aggregate_type, a.aggregate_id, a.last_sequence \
+         FROM {schema}.applied a \
+         JOIN unnest($1::text[], $2::text[]) AS k(aggregate_type, aggregate_id) \
+           USING (aggregate_type, aggregate_id) \
+         FOR UPDATE OF a"
+    ))
+    .bind(&types)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut last: HashMap<(&str, &str), i64> = rows
+        .iter()
+        .map(|(t, i, s)| ((t.as_str(), i.as_str()), *s))
+        .collect();
+    let mut changed: HashMap<(&str, &str), i64> = HashMap::new();
+    let mut verdicts = Vec::with_capacity(events.len());
+    let mut deliveries = Vec::with_capacity(events.len());
+    for replayed in events {
+        let key = (replayed.aggregate_type, replayed.aggregate_id);
+        let current = last.get(&key).copied().unwrap_or(0);
+        let verdict = match replayed.sequence {
+            s if s <= current => ReplayVerdict::Duplicate,
+            s if s == current + 1 => match replayed.event {
+                Ok(event) => {
+                    deliveries.push(FirstDelivery { event });
+                    ReplayVerdict::Applied
+                }
+                Err(_) => ReplayVerdict::Refused,
+            },
+            _ => ReplayVerdict::Gap,
+        };
+        if matches!(verdict, ReplayVerdict::Applied | ReplayVerdict::Refused) {
+            last.insert(key, replayed.sequence);
+            changed.insert(key, replayed.sequence);
+        }
+        verdicts.push(verdict);
+    }
+    projection.apply_batch(tx, &deliveries).await?;
+    let mut types = Vec::with_capacity(changed.len());
+    let mut ids = Vec::with_capacity(changed.len());
+    let mut sequences = Vec::with_capacity(changed.len());
+    for ((t, i), s) in changed {
+        types.push(t);
+        ids.push(i);
+        sequences.push(s);
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.applied (aggregate_type, aggregate_id, last_sequence) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+         SET last_sequence = greatest({schema}.applied.last_sequence, excluded.last_sequence)"
+    ))
+    .bind(&types)
+    .bind(&ids)
+    .bind(&sequences)
+    .execute(&mut **tx)
+    .await?;
+    Ok(verdicts)
 }
