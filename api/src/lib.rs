@@ -3,7 +3,9 @@
 //! Commands in (`POST /orders`, `POST /orders/{id}/actions`, delivery steps
 //! `POST /deliveries/{order_id}/actions`, rewards `POST /customers/{id}/rewards/actions`,
 //! payment provider webhooks `POST /payments/{order_id}/webhooks`),
-//! read models out (`GET /orders/{id}/tracking`), an OpenAPI document (`/openapi.json`),
+//! read models out (`GET /orders/{id}/tracking`), the auditors' read-only history of any
+//! aggregate (`GET /audit/{aggregate_type}/{aggregate_id}/events`, [`audit`]), an OpenAPI
+//! document (`/openapi.json`),
 //! Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`). Every client
 //! mistake is answered with an `application/problem+json` document ([`error`]).
 //!
@@ -14,6 +16,7 @@
 pub mod admin;
 pub mod ads;
 pub mod analytics;
+pub mod audit;
 pub mod deliveries;
 pub mod error;
 pub mod extract;
@@ -171,6 +174,7 @@ impl std::fmt::Debug for AppState {
         read_models::dead_letters,
         read_models::redrive,
         read_models::redrive_all,
+        audit::events,
         health::live,
         health::ready
     ),
@@ -276,6 +280,7 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
             "/admin/experiments/{experiment_id}",
             put(admin::put_experiment),
         )
+        .merge(audit::router())
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_endpoint))
         .route("/health/live", get(health::live))

@@ -30,6 +30,32 @@ pub enum Command {
     /// A read model's dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Exports events (filtered by aggregate type, event type, aggregate id, recorded time) to
+    /// JSON lines, CSV or Parquet, from the event store or from the topics.
+    Export(crate::export::ExportArgs),
+    /// One aggregate's events with all their metadata (who, when, correlation, causation,
+    /// command, schema version, payload), for auditors.
+    History(crate::history::HistoryArgs),
+    /// Recomputes the hash chain of every stored event and checks the anchors (or, with
+    /// `--topics`, the copy on the topics); names every event altered, deleted, inserted or
+    /// reordered, and fails on any finding.
+    Verify(crate::chain::VerifyArgs),
+    /// Records a global checkpoint: the root hash over every aggregate's chain head, chained to
+    /// the previous anchor (`--every SECS` to keep taking them).
+    Anchor(crate::chain::AnchorArgs),
+    /// Compares the event store, the topics and the read models (counts, last sequence per
+    /// aggregate, checksums, tracking rows); prints every difference and fails on any.
+    Reconcile(crate::reconcile::ReconcileArgs),
+    /// Rebuilds a read model from the topics or the event store into shadow tables
+    /// (`<read model>__rebuild`) while the live one keeps serving; `--swap` swaps it in
+    /// atomically, `--as-of` builds it as it was at an instant, `--resume` continues an
+    /// interrupted one.
+    Rebuild(crate::rebuild::RebuildArgs),
+    /// Compares a read model with another version of it (its rebuild by default) table by
+    /// table and prints every difference; exits non-zero on any.
+    Check(crate::check::CheckArgs),
+    /// One aggregate's state as it was at an instant, replayed from the event store (JSON).
+    AsOf(crate::asof::AsOfArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +94,10 @@ async fn read_model(pool: &PgPool, name: &str) -> anyhow::Result<String> {
 
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
+    // An export from the topics needs no database: it connects to what its source needs.
+    if let Command::Export(args) = cli.command {
+        return crate::export::run(args, &cli.database_url, out).await;
+    }
     let pool = PgPool::connect(&cli.database_url)
         .await
         .context("connecting to the database (DATABASE_URL)")?;
@@ -102,6 +132,14 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Export(args) => crate::export::run(args, &cli.database_url, out).await?,
+        Command::History(args) => crate::history::run(args, &pool, out).await?,
+        Command::Verify(args) => crate::chain::verify(&pool, args, out).await?,
+        Command::Anchor(args) => crate::chain::run_anchor(&pool, args, out).await?,
+        Command::Reconcile(args) => crate::reconcile::reconcile(&pool, args, out).await?,
+        Command::Rebuild(args) => crate::rebuild::run(args, &pool, out).await?,
+        Command::Check(args) => crate::check::run(args, &pool, out).await?,
+        Command::AsOf(args) => crate::asof::run(args, &pool, out).await?,
         Command::DeadLetters(DeadLetters::Redrive {
             read_model: name,
             ids,

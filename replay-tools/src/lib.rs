@@ -8,5 +8,12 @@
 //!
 //! Place in the flow: beside the pipeline, reading the database the projectors write.
 
+pub mod asof;
+pub mod check;
+pub mod chain;
 pub mod cli;
+pub mod export;
+pub mod history;
 pub mod progress;
+pub mod reconcile;
+pub mod rebuild;

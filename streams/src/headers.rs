@@ -16,6 +16,24 @@ pub const CORRELATION_ID: &str = "correlation_id";
 pub const CAUSATION_ID: &str = "causation_id";
 pub const ACTOR: &str = "actor";
 pub const COMMAND_ID: &str = "command_id";
+/// The event's place in its aggregate's hash chain (hex SHA-256, computed by the event store):
+/// the chain hash of the event before it (zeros for the first), and its own.
+pub const CHAIN_PREV: &str = "chain_prev";
+pub const CHAIN_HASH: &str = "chain_hash";
+
+/// `headers` plus the chain headers (`chain_prev`, `chain_hash`) as lowercase hex.
+pub fn with_chain(headers: OwnedHeaders, prev: &[u8], hash: &[u8]) -> OwnedHeaders {
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    headers
+        .insert(Header {
+            key: CHAIN_PREV,
+            value: Some(&hex(prev)),
+        })
+        .insert(Header {
+            key: CHAIN_HASH,
+            value: Some(&hex(hash)),
+        })
+}
 
 /// The metadata of one event, as stored and as sent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::codec::{EncodeError, EventEncoder};
 use crate::config::{KafkaConfig, RegistryConfig, Topics};
-use crate::headers::EventMeta;
+use crate::headers::{self, EventMeta};
 
 /// Relay settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -117,6 +117,8 @@ struct OutboxRow {
     metadata: Json,
     event_id: Uuid,
     recorded_at: DateTime<Utc>,
+    chain_prev: Vec<u8>,
+    chain_hash: Vec<u8>,
 }
 
 /// An encoded event ready to send: `record` is `(topic, value)`, or `None` if it could not be
@@ -125,6 +127,8 @@ struct Outgoing {
     id: i64,
     record: Option<(String, Vec<u8>)>,
     meta: EventMeta,
+    /// `chain_prev` and `chain_hash` of the event in the store's hash chain.
+    chain: (Vec<u8>, Vec<u8>),
 }
 
 /// Outcome of one round.
@@ -260,7 +264,8 @@ impl Relay {
     async fn prepare(&self, in_flight: &[i64]) -> Result<Vec<Outgoing>, RelayError> {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT o.id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
-                    e.event_version, e.payload, e.metadata, e.event_id, e.recorded_at \
+                    e.event_version, e.payload, e.metadata, e.event_id, e.recorded_at, \
+                    e.chain_prev, e.chain_hash \
              FROM outbox o \
              JOIN events e USING (aggregate_type, aggregate_id, sequence) \
              WHERE o.published_at IS NULL AND o.id <> ALL($2) \
@@ -292,6 +297,8 @@ impl Relay {
             metadata,
             event_id,
             recorded_at,
+            chain_prev,
+            chain_hash,
         } = row;
         let topic = self.topics.for_aggregate(&aggregate_type);
         let (version, payload) = schemas::upcast(&event_type, &event_version, payload);
@@ -337,6 +344,7 @@ impl Relay {
             id,
             record: topic.zip(bytes),
             meta,
+            chain: (chain_prev, chain_hash),
         }
     }
 
@@ -402,7 +410,11 @@ impl Relay {
         let record = FutureRecord::to(topic)
             .key(out.meta.aggregate_id.as_bytes())
             .payload(bytes)
-            .headers(out.meta.to_headers());
+            .headers(headers::with_chain(
+                out.meta.to_headers(),
+                &out.chain.0,
+                &out.chain.1,
+            ));
         self.producer
             .send_result(record)
             .map_err(|(e, _)| tracing::warn!(error = %e, "producer queue refused an event"))

@@ -1,0 +1,199 @@
+//! Read-only endpoints for auditors: one aggregate's events with all their metadata, straight
+//! from the event store (the CLI twin is `replay-tools history`).
+//!
+//! Each event is shown as recorded: who (`actor`), when (`occurred_at`: the command ran;
+//! `recorded_at`: the store wrote it), why (`correlation_id`, `causation_id`, `command_id`), the
+//! schema version of the stored payload (`event_version`, not upcast) and the payload (the stored
+//! body without its event-type tag). Pages follow the sequence: pass `next_cursor` as `cursor`.
+//!
+//! **Access.** Every audit route is built in [`router`], so the `auditor` role check (issue #7)
+//! is one `route_layer` there, covering each of them and nothing else.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::error::{ApiError, Problem};
+use crate::extract::{PathParams, QueryParams};
+use crate::paging;
+use crate::AppState;
+
+/// The audit routes. The place for the `auditor` role check (issue #7):
+/// `.route_layer(axum::middleware::from_fn(require_auditor))` on this router.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/audit/{aggregate_type}/{aggregate_id}/events", get(events))
+}
+
+/// One recorded event with its metadata.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEvent {
+    /// Position in the aggregate, from 1.
+    pub sequence: i64,
+    pub event_id: Uuid,
+    #[schema(example = "OrderPlaced")]
+    pub event_type: String,
+    /// Version of the payload's shape as stored.
+    #[schema(example = "1.0")]
+    pub event_version: String,
+    /// When the command that caused it ran (RFC 3339, as recorded).
+    pub occurred_at: Option<String>,
+    /// When the event store recorded it (RFC 3339, microseconds, UTC).
+    pub recorded_at: String,
+    /// Who issued the command, e.g. `customer:<id>`, `store`, `system:order-flow`.
+    pub actor: Option<String>,
+    /// The business transaction it belongs to.
+    pub correlation_id: Option<String>,
+    /// The command or event that caused it.
+    pub causation_id: Option<String>,
+    pub command_id: Option<String>,
+    /// The stored payload (without the event-type tag).
+    #[schema(value_type = Object)]
+    pub payload: Json,
+}
+
+/// A page of one aggregate's history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditHistory {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// In sequence order.
+    pub events: Vec<AuditEvent>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// Paging of a history.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// From a previous page's `next_cursor` (the last sequence seen).
+    pub cursor: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    sequence: i64,
+    event_id: Uuid,
+    event_type: String,
+    event_version: String,
+    payload: Json,
+    metadata: Json,
+    recorded_at: DateTime<Utc>,
+}
+
+/// The aggregate types of the backbone.
+fn aggregate_types() -> impl Iterator<Item = &'static str> {
+    streams::config::AGGREGATE_TOPICS.iter().map(|(a, _)| *a)
+}
+
+impl From<Row> for AuditEvent {
+    fn from(row: Row) -> Self {
+        let text = |key: &str| {
+            row.metadata
+                .get(key)
+                .and_then(Json::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let payload = match row.payload {
+            Json::Object(mut map) if map.len() == 1 && map.contains_key(&row.event_type) => {
+                map.remove(&row.event_type).unwrap_or(Json::Null)
+            }
+            other => other,
+        };
+        Self {
+            sequence: row.sequence,
+            event_id: row.event_id,
+            occurred_at: text("occurred_at"),
+            recorded_at: row.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            actor: text("actor"),
+            correlation_id: text("correlation_id"),
+            causation_id: text("causation_id"),
+            command_id: text("command_id"),
+            event_type: row.event_type,
+            event_version: row.event_version,
+            payload,
+        }
+    }
+}
+
+/// One aggregate's events with all their metadata (who, when, correlation, causation, command,
+/// schema version, payload), in sequence order.
+#[utoipa::path(
+    get, path = "/audit/{aggregate_type}/{aggregate_id}/events", tag = "audit",
+    params(
+        ("aggregate_type" = String, Path, description = "order, delivery, payment, rewards or ads"),
+        ("aggregate_id" = Uuid, Path, description = "An order id (order, delivery, payment) or a customer id (rewards, ads)"),
+        HistoryQuery
+    ),
+    responses(
+        (status = 200, description = "A page of the aggregate's events", body = AuditHistory),
+        (status = 400, description = "Unknown aggregate type, malformed id, cursor or limit", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The aggregate has no events", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn events(
+    State(state): State<AppState>,
+    PathParams((aggregate_type, raw_id)): PathParams<(String, String)>,
+    QueryParams(query): QueryParams<HistoryQuery>,
+) -> Result<axum::Json<AuditHistory>, ApiError> {
+    if !aggregate_types().any(|a| a == aggregate_type) {
+        return Err(ApiError::BadRequest(format!(
+            "`{aggregate_type}` is not an aggregate type; use one of {}",
+            aggregate_types().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let aggregate_id = Uuid::parse_str(&raw_id)
+        .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "`{raw_id}` is not a valid {aggregate_type} id: aggregate ids are UUIDs"
+            ))
+        })?
+        .to_string();
+    let limit = paging::limit(query.limit)?;
+    let after = paging::id_cursor(query.cursor.as_deref())?;
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT sequence, event_id, event_type, event_version, payload, metadata, recorded_at \
+         FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 \
+         ORDER BY sequence \
+         LIMIT $4",
+    )
+    .bind(&aggregate_type)
+    .bind(&aggregate_id)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
+    if rows.is_empty() {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = $1 AND aggregate_id = $2)",
+        )
+        .bind(&aggregate_type)
+        .bind(&aggregate_id)
+        .fetch_one(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
+        if !exists {
+            return Err(ApiError::NotFound(format!(
+                "no events for {aggregate_type} {aggregate_id}"
+            )));
+        }
+    }
+    let events: Vec<AuditEvent> = rows.into_iter().map(AuditEvent::from).collect();
+    let (events, next_cursor) = paging::page(events, limit, |e| e.sequence.to_string());
+    Ok(axum::Json(AuditHistory {
+        aggregate_type,
+        aggregate_id,
+        events,
+        next_cursor,
+    }))
+}

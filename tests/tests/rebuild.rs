@@ -1,0 +1,619 @@
+//! Rebuilding read models with `replay-tools` run as a user runs it (a child process): during
+//! live traffic and swapped in, with the live projector going on exactly once whether its
+//! consumer group is ahead of the rebuild or behind it; interrupted with SIGINT and resumed;
+//! as of an instant (a read model and a single aggregate); `check` finding no difference
+//! between the live model and a fresh rebuild, and every difference after a tamper.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backbone_tests::{binary_path, eventually, place_order, TestEnv};
+use chrono::{DateTime, SecondsFormat, Utc};
+use commands::CommandContext;
+use domain::order::{OrderCommand, OrderEvent};
+use projections::{AnalyticsProjection, TrackingProjection};
+use serde_json::Value;
+
+/// `replay-tools` configured for this environment, as an operator would run it.
+fn replay_tools(env: &TestEnv, args: &[&str]) -> Command {
+    let mut command = Command::new(binary_path("replay-tools"));
+    command
+        .args(args)
+        .env("DATABASE_URL", &env.database_url)
+        .env(
+            "KAFKA_BOOTSTRAP_SERVERS",
+            &env.kafka.kafka_bootstrap_servers,
+        )
+        .env("KAFKA_TOPIC_PREFIX", &env.kafka.kafka_topic_prefix)
+        .env("KAFKA_FETCH_WAIT_MAX_MS", "20")
+        .env("SCHEMA_REGISTRY_URL", &env.registry.schema_registry_url)
+        .env("PROJECTOR_GROUP_PREFIX", &env.group_prefix)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Runs `replay-tools` to the end; returns its exit status, stdout and stderr.
+async fn run(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
+    let mut command = replay_tools(env, args);
+    let output: Output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("joined")
+        .unwrap_or_else(|e| panic!("cannot run replay-tools: {e}; run `cargo build --bins` first"));
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs `replay-tools` and expects success; returns stdout.
+async fn run_ok(env: &TestEnv, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = run(env, args).await;
+    assert!(ok, "replay-tools {args:?} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+/// Runs `replay-tools` and expects a failure with a message; returns stderr.
+async fn run_err(env: &TestEnv, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = run(env, args).await;
+    assert!(!ok, "replay-tools {args:?} should fail:\n{stdout}");
+    assert!(
+        stderr.contains("replay-tools") || stderr.contains("error"),
+        "a message on stderr for {args:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// Per order in the event store: its last sequence and its status after it (from the domain's
+/// own reading of each stored event).
+async fn store_orders(env: &TestEnv) -> BTreeMap<String, (i64, String)> {
+    let rows: Vec<(String, i64, Value)> = sqlx::query_as(
+        "SELECT aggregate_id, sequence, payload::jsonb FROM events WHERE aggregate_type = 'order' \
+         ORDER BY aggregate_id, sequence",
+    )
+    .fetch_all(env.pool())
+    .await
+    .expect("events");
+    let mut orders = BTreeMap::new();
+    for (id, sequence, payload) in rows {
+        let event: OrderEvent = serde_json::from_value(payload).expect("a stored order event");
+        let entry = orders.entry(id).or_insert((0, String::new()));
+        entry.0 = sequence;
+        if let Some(status) = event.status_after() {
+            entry.1 = status.as_str().to_owned();
+        }
+    }
+    orders
+}
+
+/// The analytics read model per order (last sequence applied, status), and its total of the
+/// additive hourly `orders` counter (an event applied twice would show there).
+async fn analytics_view(env: &TestEnv) -> (BTreeMap<String, (i64, String)>, i64) {
+    let rows: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT o.order_id, a.last_sequence, o.status FROM analytics.orders o \
+         JOIN analytics.applied a ON a.aggregate_type = 'order' AND a.aggregate_id = o.order_id",
+    )
+    .fetch_all(env.pool())
+    .await
+    .unwrap_or_default();
+    let counted: Option<i64> =
+        sqlx::query_scalar("SELECT sum(orders)::bigint FROM analytics.hourly")
+            .fetch_one(env.pool())
+            .await
+            .unwrap_or(None);
+    (
+        rows.into_iter().map(|(id, s, st)| (id, (s, st))).collect(),
+        counted.unwrap_or(0),
+    )
+}
+
+/// Waits until the analytics read model shows exactly the orders of the event store, each
+/// counted once.
+async fn analytics_matches_the_store(env: &TestEnv, what: &str) -> usize {
+    let expected = store_orders(env).await;
+    let (view, counted) = eventually(Duration::from_secs(60), what, || async {
+        let (view, counted) = analytics_view(env).await;
+        (view == expected).then_some((view, counted))
+    })
+    .await;
+    assert_eq!(
+        counted,
+        i64::try_from(view.len()).expect("count"),
+        "each order counted once in analytics.hourly"
+    );
+    view.len()
+}
+
+/// Orders placed (half of them confirmed) every few milliseconds until `stop`.
+fn traffic(env: &TestEnv, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> {
+    let orders = env.orders();
+    tokio::spawn(async move {
+        let mut placed = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let id = place_order(&orders).await;
+            if placed % 2 == 0 {
+                let confirm = OrderCommand::ConfirmPayment {
+                    payment_reference: format!("p{placed}"),
+                };
+                orders
+                    .execute(&id, confirm, &CommandContext::new("test"))
+                    .await
+                    .expect("confirmed");
+            }
+            placed += 1;
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        placed
+    })
+}
+
+async fn published(env: &TestEnv) {
+    eventually(Duration::from_secs(60), "the relay to publish", || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(env.pool())
+                .await
+                .unwrap_or(1);
+        (left == 0).then_some(())
+    })
+    .await;
+}
+
+async fn schema_exists(env: &TestEnv, schema: &str) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+        .bind(schema)
+        .fetch_one(env.pool())
+        .await
+        .expect("catalog")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_during_live_traffic_is_swapped_in_and_the_live_projector_goes_on_exactly_once() {
+    let env = TestEnv::start("rebuild_live").await;
+    let relay = env.start_relay().await;
+    let projector = env.start_projector(Arc::new(AnalyticsProjection)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = traffic(&env, stop.clone());
+    eventually(
+        Duration::from_secs(60),
+        "live analytics under way",
+        || async {
+            let (view, _) = analytics_view(&env).await;
+            (view.len() >= 40).then_some(())
+        },
+    )
+    .await;
+
+    // Rebuilt from the topics and swapped in while orders keep coming and the live projector
+    // keeps applying them.
+    let report = run_ok(
+        &env,
+        &["rebuild", "analytics", "--swap", "--batch-size", "50"],
+    )
+    .await;
+    assert!(
+        report.contains("rebuilt into analytics__rebuild"),
+        "{report}"
+    );
+    assert!(report.contains("swapped in"), "{report}");
+    eprintln!("{report}");
+    let old: String = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'analytics\\_\\_old\\_%'",
+    )
+    .fetch_one(env.pool())
+    .await
+    .expect("the previous read model is kept");
+    assert!(!schema_exists(&env, "analytics__rebuild").await);
+    let leftover: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('analytics.rebuild_state')::text")
+            .fetch_one(env.pool())
+            .await
+            .expect("catalog");
+    assert_eq!(
+        leftover, None,
+        "the swapped-in model has no rebuild bookkeeping"
+    );
+
+    // Traffic goes on after the swap; then every order is in the new model exactly once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let placed = writer.await.expect("writer");
+    let seen = analytics_matches_the_store(&env, "the swapped-in model to catch up").await;
+    assert_eq!(seen, placed);
+
+    // A fresh rebuild of the same events equals the live model; so does one from the store.
+    run_ok(&env, &["rebuild", "analytics"]).await;
+    let checked = run_ok(&env, &["check", "analytics"]).await;
+    assert!(checked.contains("no difference"), "{checked}");
+    run_ok(
+        &env,
+        &["rebuild", "analytics", "--source", "store", "--restart"],
+    )
+    .await;
+    let checked = run_ok(&env, &["check", "analytics"]).await;
+    assert!(checked.contains("no difference"), "{checked}");
+    // The model kept by the swap lacks the orders placed after it: `check` names each.
+    let (ok, differences, _) = run(&env, &["check", "analytics", "--against", &old]).await;
+    assert!(!ok, "the old model differs");
+    let (old_orders,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {old}.orders"))
+        .fetch_one(env.pool())
+        .await
+        .expect("old orders");
+    let missing = i64::try_from(placed).expect("count") - old_orders;
+    assert!(missing > 0, "orders were placed after the swap");
+    let only_live = differences
+        .lines()
+        .filter(|l| l.starts_with("orders {") && l.contains("only in analytics:"))
+        .count();
+    assert_eq!(
+        i64::try_from(only_live).expect("count"),
+        missing,
+        "{differences}"
+    );
+
+    // A tampered row is reported with its column, and the check fails.
+    let victim: String =
+        sqlx::query_scalar("SELECT order_id FROM analytics__rebuild.orders LIMIT 1")
+            .fetch_one(env.pool())
+            .await
+            .expect("a rebuilt order");
+    sqlx::query(
+        "UPDATE analytics__rebuild.orders SET total_minor = total_minor + 1 WHERE order_id = $1",
+    )
+    .bind(&victim)
+    .execute(env.pool())
+    .await
+    .expect("tampered");
+    let (ok, differences, stderr) = run(&env, &["check", "analytics"]).await;
+    assert!(!ok);
+    assert!(stderr.contains("1 difference between"), "{stderr}");
+    let line = differences
+        .lines()
+        .find(|l| l.contains(&victim))
+        .unwrap_or_else(|| panic!("the tampered order is named: {differences}"));
+    assert!(
+        line.starts_with("orders ") && line.contains("total_minor"),
+        "{line}"
+    );
+
+    // The other way round: the live projector stopped (its group offset behind), orders
+    // placed, a rebuild from the store swapped in ahead of it; restarted, it skips what the
+    // rebuilt model has and applies the rest once.
+    projector.stop().await.expect("projector stops");
+    let orders = env.orders();
+    for _ in 0..15 {
+        place_order(&orders).await;
+    }
+    published(&env).await;
+    let report = run_ok(
+        &env,
+        &[
+            "rebuild",
+            "analytics",
+            "--source",
+            "store",
+            "--restart",
+            "--swap",
+        ],
+    )
+    .await;
+    assert!(report.contains("swapped in"), "{report}");
+    let projector = env.start_projector(Arc::new(AnalyticsProjection)).await;
+    for _ in 0..5 {
+        place_order(&orders).await;
+    }
+    let seen = analytics_matches_the_store(&env, "the restarted projector to catch up").await;
+    assert_eq!(seen, placed + 20);
+    run_ok(&env, &["rebuild", "analytics", "--restart"]).await;
+    let checked = run_ok(&env, &["check", "analytics"]).await;
+    assert!(checked.contains("no difference"), "{checked}");
+
+    projector.stop().await.expect("projector stops");
+    relay.stop().await.expect("relay stops");
+    env.stop().await;
+}
+
+/// The tracking read model's orders and timeline, as JSON rows.
+async fn tracking_rows(env: &TestEnv, schema: &str) -> (Vec<Value>, Vec<Value>) {
+    let orders = sqlx::query_scalar(&format!(
+        "SELECT to_jsonb(o) FROM {schema}.orders o ORDER BY order_id"
+    ))
+    .fetch_all(env.pool())
+    .await
+    .expect("orders");
+    let timeline = sqlx::query_scalar(&format!(
+        "SELECT to_jsonb(t) FROM {schema}.timeline t ORDER BY order_id, sequence"
+    ))
+    .fetch_all(env.pool())
+    .await
+    .expect("timeline");
+    (orders, timeline)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_rebuild_resumes_where_it_stopped_with_the_same_result() {
+    let env = TestEnv::start("rebuild_resume").await;
+    let relay = env.start_relay().await;
+    let projector = env.start_projector(Arc::new(TrackingProjection)).await;
+    let orders = env.orders();
+    for i in 0..300 {
+        let id = place_order(&orders).await;
+        if i % 2 == 0 {
+            let confirm = OrderCommand::ConfirmPayment {
+                payment_reference: format!("p{i}"),
+            };
+            orders
+                .execute(&id, confirm, &CommandContext::new("test"))
+                .await
+                .expect("confirmed");
+        }
+    }
+    published(&env).await;
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'order'")
+            .fetch_one(env.pool())
+            .await
+            .expect("events");
+    eventually(
+        Duration::from_secs(60),
+        "live tracking caught up",
+        || async {
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT sum(last_sequence)::bigint FROM tracking.applied")
+                    .fetch_one(env.pool())
+                    .await
+                    .unwrap_or(None);
+            (applied == Some(total)).then_some(())
+        },
+    )
+    .await;
+    projector.stop().await.expect("projector stops");
+
+    // Small batches, so that it is demonstrably mid-way when SIGINT arrives.
+    let mut command = replay_tools(&env, &["rebuild", "tracking", "--batch-size", "3"]);
+    let child = command.spawn().expect("replay-tools starts");
+    let pid = child.id().to_string();
+    eventually(Duration::from_secs(30), "the rebuild under way", || async {
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT applied FROM tracking__rebuild.rebuild_state")
+                .fetch_one(env.pool())
+                .await
+                .ok();
+        (applied.unwrap_or(0) > 30).then_some(())
+    })
+    .await;
+    let signalled = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(signalled.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("joined")
+        .expect("replay-tools exits");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "an interrupted rebuild is not a success"
+    );
+    assert!(stderr.contains("--resume"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stdout.contains("interrupted rebuild"), "{stdout}");
+    let applied: i64 = sqlx::query_scalar("SELECT applied FROM tracking__rebuild.rebuild_state")
+        .fetch_one(env.pool())
+        .await
+        .expect("the shadow keeps its state");
+    assert!(
+        applied > 0 && applied < total,
+        "stopped mid-way: {applied} of {total}"
+    );
+    // What it applied is exactly what its checkpoints cover: every applied sequence is the
+    // aggregate's prefix, and the rows agree with it.
+    let shadow_sequences: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(last_sequence), 0)::bigint FROM tracking__rebuild.applied",
+    )
+    .fetch_one(env.pool())
+    .await
+    .expect("applied");
+    assert_eq!(shadow_sequences, applied);
+
+    // Not resumed by accident: a plain rebuild refuses to start over it.
+    let refused = run_err(&env, &["rebuild", "tracking"]).await;
+    assert!(refused.contains("--resume"), "{refused}");
+    run_err(
+        &env,
+        &["rebuild", "tracking", "--resume", "--source", "store"],
+    )
+    .await;
+
+    let report = run_ok(&env, &["rebuild", "tracking", "--resume"]).await;
+    assert!(
+        report.contains("rebuilt into tracking__rebuild"),
+        "{report}"
+    );
+    let applied: i64 = sqlx::query_scalar("SELECT applied FROM tracking__rebuild.rebuild_state")
+        .fetch_one(env.pool())
+        .await
+        .expect("state");
+    assert_eq!(applied, total, "every event applied once over both runs");
+    let checked = run_ok(&env, &["check", "tracking"]).await;
+    assert!(checked.contains("no difference"), "{checked}");
+    assert_eq!(
+        tracking_rows(&env, "tracking__rebuild").await,
+        tracking_rows(&env, "tracking").await
+    );
+
+    relay.stop().await.expect("relay stops");
+    env.stop().await;
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn as_of_an_instant_between_two_events_shows_the_state_before_the_later_one() {
+    let env = TestEnv::start("rebuild_asof").await;
+    let relay = env.start_relay().await;
+    let projector = env.start_projector(Arc::new(TrackingProjection)).await;
+    let orders = env.orders();
+    let earlier = place_order(&orders).await;
+    let order = place_order(&orders).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    orders
+        .execute(
+            &order,
+            OrderCommand::ConfirmPayment {
+                payment_reference: "p".to_owned(),
+            },
+            &CommandContext::new("test"),
+        )
+        .await
+        .expect("confirmed");
+    let later = place_order(&orders).await;
+    published(&env).await;
+
+    let events: Vec<(i64, DateTime<Utc>, Value)> = sqlx::query_as(
+        "SELECT sequence, recorded_at, payload::jsonb FROM events \
+         WHERE aggregate_type = 'order' AND aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(&order)
+    .fetch_all(env.pool())
+    .await
+    .expect("events");
+    assert_eq!(events.len(), 2);
+    let (first, second) = (&events[0], &events[1]);
+    let instant = first.1 + (second.1 - first.1) / 2;
+    assert!(first.1 < instant && instant < second.1);
+    let status_of = |payload: &Value| {
+        serde_json::from_value::<OrderEvent>(payload.clone())
+            .expect("an order event")
+            .status_after()
+            .expect("a status change")
+    };
+    let (before, after) = (status_of(&first.2), status_of(&second.2));
+    assert_ne!(before, after);
+    eventually(
+        Duration::from_secs(60),
+        "live tracking caught up",
+        || async {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM tracking.orders WHERE order_id = $1")
+                    .bind(&order)
+                    .fetch_optional(env.pool())
+                    .await
+                    .unwrap_or(None);
+            (status.as_deref() == Some(after.as_str())).then_some(())
+        },
+    )
+    .await;
+
+    // The read model as of the instant, from the topics and from the store: the order before
+    // its later event, the order placed earlier, not the one placed later.
+    let at = rfc3339(instant);
+    let mut seen = Vec::new();
+    for source in ["topics", "store"] {
+        let report = run_ok(
+            &env,
+            &[
+                "rebuild",
+                "tracking",
+                "--source",
+                source,
+                "--as-of",
+                &at,
+                "--restart",
+            ],
+        )
+        .await;
+        if source == "topics" {
+            // The topics hold the later events too: read, and left out.
+            assert!(
+                report.contains("recorded after the as-of instant"),
+                "{report}"
+            );
+        }
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT order_id, status, last_sequence FROM tracking__rebuild.orders ORDER BY order_id",
+        )
+        .fetch_all(env.pool())
+        .await
+        .expect("rows");
+        let mut expected = vec![
+            (earlier.clone(), before.as_str().to_owned(), 1),
+            (order.clone(), before.as_str().to_owned(), 1),
+        ];
+        expected.sort();
+        assert_eq!(rows, expected, "as of {at} from the {source}");
+        assert!(!rows.iter().any(|(id, _, _)| *id == later));
+        seen.push(tracking_rows(&env, "tracking__rebuild").await);
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "the topics and the store give the same past"
+    );
+    // A past state differs from the live model, and is never swapped in.
+    let (ok, _, _) = run(&env, &["check", "tracking"]).await;
+    assert!(!ok);
+    let refused = run_err(&env, &["rebuild", "tracking", "--resume", "--swap"]).await;
+    assert!(refused.contains("never swapped in"), "{refused}");
+    run_err(&env, &["rebuild", "tracking", "--as-of", &at, "--swap"]).await;
+
+    // One aggregate as of the instant, and now.
+    let printed = run_ok(&env, &["as-of", "order", &order, &at]).await;
+    let state: Value = serde_json::from_str(&printed).expect("JSON");
+    assert_eq!(state["sequence"], 1, "{printed}");
+    assert_eq!(state["later_events"], 1, "{printed}");
+    assert_eq!(
+        state["state"]["status"],
+        serde_json::to_value(before).expect("status")
+    );
+    let placed: Value = first.2["OrderPlaced"].clone();
+    assert_eq!(state["state"]["total"], placed["total"], "{printed}");
+    let now = rfc3339(Utc::now());
+    let printed = run_ok(&env, &["as-of", "order", &order, &now]).await;
+    let state: Value = serde_json::from_str(&printed).expect("JSON");
+    assert_eq!(state["sequence"], 2);
+    assert_eq!(
+        state["state"]["status"],
+        serde_json::to_value(after).expect("status")
+    );
+
+    // Mistakes a user can make: a clear message and a non-zero exit.
+    let too_early = rfc3339(first.1 - chrono::Duration::seconds(1));
+    let message = run_err(&env, &["as-of", "order", &order, &too_early]).await;
+    assert!(message.contains("did not exist yet"), "{message}");
+    let message = run_err(&env, &["as-of", "order", "no-such-order", &now]).await;
+    assert!(message.contains("no order"), "{message}");
+    let message = run_err(&env, &["as-of", "invoice", &order, &now]).await;
+    assert!(message.contains("unknown aggregate type"), "{message}");
+    let message = run_err(&env, &["as-of", "order", &order, "yesterday"]).await;
+    assert!(message.contains("RFC 3339"), "{message}");
+    let message = run_err(&env, &["rebuild", "invoices"]).await;
+    assert!(message.contains("unknown read model"), "{message}");
+    let message = run_err(
+        &env,
+        &["rebuild", "tracking", "--as-of", "noon", "--restart"],
+    )
+    .await;
+    assert!(message.contains("RFC 3339"), "{message}");
+    let message = run_err(
+        &env,
+        &["check", "tracking", "--against", "tracking__nothing"],
+    )
+    .await;
+    assert!(message.contains("no schema tracking__nothing"), "{message}");
+    run_err(&env, &["rebuild", "tracking", "--batch-size", "0"]).await;
+    run_err(&env, &["rebuild", "ratings", "--resume"]).await;
+
+    projector.stop().await.expect("projector stops");
+    relay.stop().await.expect("relay stops");
+    env.stop().await;
+}
