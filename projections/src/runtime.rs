@@ -82,6 +82,15 @@ pub struct ProjectorConfig {
     /// (default 3).
     #[serde(default = "default_attempts")]
     pub projector_max_attempts: u32,
+    /// `PROJECTOR_FETCH_MIN_BYTES`: the broker answers a fetch once it has this much (or after
+    /// `KAFKA_FETCH_WAIT_MAX_MS`); default 65536. At one byte some brokers (Nisshi) answer a
+    /// backlog a few records at a time.
+    #[serde(default = "default_fetch_min_bytes")]
+    pub projector_fetch_min_bytes: u32,
+}
+
+const fn default_fetch_min_bytes() -> u32 {
+    65_536
 }
 
 fn default_group_prefix() -> String {
@@ -100,6 +109,7 @@ impl Default for ProjectorConfig {
             projector_group_prefix: default_group_prefix(),
             projector_batch_size: default_batch(),
             projector_max_attempts: default_attempts(),
+            projector_fetch_min_bytes: default_fetch_min_bytes(),
         }
     }
 }
@@ -285,6 +295,10 @@ impl Projector {
         let consumer: StreamConsumer<WatermarkContext> = kafka
             .client_config()
             .set("statistics.interval.ms", "1000")
+            .set(
+                "fetch.min.bytes",
+                config.projector_fetch_min_bytes.to_string(),
+            )
             .set(
                 "group.id",
                 format!("{}{}", config.projector_group_prefix, projection.name()),

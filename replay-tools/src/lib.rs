@@ -9,11 +9,11 @@
 //! Place in the flow: beside the pipeline, reading the database the projectors write.
 
 pub mod asof;
-pub mod check;
 pub mod chain;
+pub mod check;
 pub mod cli;
 pub mod export;
 pub mod history;
 pub mod progress;
-pub mod reconcile;
 pub mod rebuild;
+pub mod reconcile;

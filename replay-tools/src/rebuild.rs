@@ -804,16 +804,7 @@ impl Rebuild {
             bar.finish_and_clear();
             return Ok(true);
         }
-        let consumer: StreamConsumer = connections
-            .kafka
-            .client_config()
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set(
-                "fetch.wait.max.ms",
-                connections.kafka.kafka_fetch_wait_max_ms.to_string(),
-            )
+        let consumer: StreamConsumer = bulk_consumer_config(&connections.kafka, &group)
             .create()
             .context("creating the Kafka consumer")?;
         consumer.assign(&assignment)?;
@@ -1301,6 +1292,25 @@ async fn finish(
             Err(e)
         }
     }
+}
+
+/// The settings of a consumer that reads a backlog (the rebuild's): assigned partitions, no
+/// offsets committed (the checkpoint is in PostgreSQL), and large fetches. A broker answers a
+/// fetch as soon as it has `fetch.min.bytes`; at the default of one byte, some brokers (Nisshi
+/// among them) answer with a record or so per partition, and a backlog takes a round trip per
+/// record. A megabyte, or half a second at the end of the backlog, reads it in full batches.
+pub fn bulk_consumer_config(kafka: &KafkaConfig, group: &str) -> rdkafka::ClientConfig {
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.min.bytes", "1048576")
+        .set(
+            "fetch.wait.max.ms",
+            kafka.kafka_fetch_wait_max_ms.max(500).to_string(),
+        );
+    config
 }
 
 /// Every partition of `topics` with its low and high watermarks.

@@ -617,3 +617,92 @@ async fn as_of_an_instant_between_two_events_shows_the_state_before_the_later_on
     relay.stop().await.expect("relay stops");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twice() {
+    let env = TestEnv::start("rebuild_notify").await;
+    let relay = env.start_relay().await;
+    let projector = env
+        .start_projector(Arc::new(projections::NotificationsProjection))
+        .await;
+    let orders = env.orders();
+    for i in 0..4 {
+        let id = place_order(&orders).await;
+        let confirm = OrderCommand::ConfirmPayment {
+            payment_reference: format!("p{i}"),
+        };
+        orders
+            .execute(&id, confirm, &CommandContext::new("test"))
+            .await
+            .expect("confirmed");
+    }
+    eventually(Duration::from_secs(60), "four notifications", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications.records")
+            .fetch_one(env.pool())
+            .await
+            .unwrap_or(0);
+        (n == 4).then_some(())
+    })
+    .await;
+    // What the webhook worker does (its claim and its log) for two of them.
+    let sent: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+        "WITH two AS (SELECT id, customer_id, event_id FROM notifications.records ORDER BY id LIMIT 2), \
+              claimed AS (UPDATE notifications.records r SET webhook_claimed = true FROM two \
+                          WHERE r.id = two.id) \
+         INSERT INTO notifications.webhook_deliveries \
+           (customer_id, event_id, notification_id, status, attempted_at, http_status, delivered_at, finished_at) \
+         SELECT customer_id, event_id, id, 'delivered', now(), 200, now(), now() FROM two \
+         RETURNING customer_id, event_id",
+    )
+    .fetch_all(env.pool())
+    .await
+    .expect("worker state");
+
+    let report = run_ok(&env, &["rebuild", "notifications", "--swap"]).await;
+    assert!(report.contains("swapped in"), "{report}");
+    let log: Vec<(uuid::Uuid, uuid::Uuid, i64, String)> = sqlx::query_as(
+        "SELECT customer_id, event_id, notification_id, status FROM notifications.webhook_deliveries \
+         ORDER BY notification_id",
+    )
+    .fetch_all(env.pool())
+    .await
+    .expect("the log in the new model");
+    assert_eq!(log.len(), 2);
+    for (customer, event, notification, status) in &log {
+        assert!(sent.contains(&(*customer, *event)));
+        assert_eq!(status, "delivered");
+        let (claimed, id): (bool, i64) = sqlx::query_as(
+            "SELECT webhook_claimed, id FROM notifications.records \
+             WHERE customer_id = $1 AND event_id = $2",
+        )
+        .bind(customer)
+        .bind(event)
+        .fetch_one(env.pool())
+        .await
+        .expect("the rebuilt record");
+        assert!(
+            claimed,
+            "a record the worker had is claimed in the new model"
+        );
+        assert_eq!(id, *notification, "the log points at the rebuilt record");
+    }
+    let unclaimed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM notifications.records WHERE NOT webhook_claimed")
+            .fetch_one(env.pool())
+            .await
+            .expect("records");
+    assert_eq!(unclaimed, 2, "the others are still the worker's to send");
+    // The previous model and the new one hold the same notifications.
+    let old: String = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'notifications\\_\\_old\\_%'",
+    )
+    .fetch_one(env.pool())
+    .await
+    .expect("kept");
+    let checked = run_ok(&env, &["check", "notifications", "--against", &old]).await;
+    assert!(checked.contains("no difference"), "{checked}");
+
+    projector.stop().await.expect("projector stops");
+    relay.stop().await.expect("relay stops");
+    env.stop().await;
+}
