@@ -1,10 +1,11 @@
 //! # replay-tools: for operators, analysts and auditors
 //!
-//! Reads the event history and the read models' bookkeeping without issuing commands. Today:
-//! the read models' lag and dead letters (list, re-drive), the command-line twin of the API's
-//! `/projections` endpoints. To come (issue #6): rebuilding read models from the topics or the
-//! event store, materialising state as of an instant, exporting events (JSONL, CSV, Parquet),
-//! verifying the hash chain of the event log and reconciling store, topics and read models.
+//! Reads the event history and the read models' bookkeeping without issuing commands: the read
+//! models' lag and dead letters (the command-line twin of `/projections`), rebuilding a read
+//! model into a shadow schema and swapping it in ([`rebuild`], [`check`]), state as of an
+//! instant ([`asof`]), exporting events to JSONL, CSV and Parquet ([`export`]), an aggregate's
+//! history ([`history`]), verifying the hash-chained event log ([`chain`]) and reconciling
+//! store, topics and read models ([`reconcile`]).
 //!
 //! Place in the flow: beside the pipeline, reading the database the projectors write.
 

@@ -86,8 +86,10 @@ async fn main() {
     let backlog = env_number("BENCH_BACKLOG", 100_000);
     let metrics = api::prometheus();
 
-    // 1. Under load.
-    let env = TestEnv::start("rmload").await;
+    // 1. Under load, with the production fetch wait (the broker long-polls storage; the tests'
+    // 20 ms would have five consumer groups polling it fifty times a second per partition).
+    let mut env = TestEnv::start("rmload").await;
+    env.kafka.kafka_fetch_wait_max_ms = 100;
     let relay = env.start_relay().await;
     let mut running = Vec::new();
     for projection in read_models() {
@@ -134,7 +136,8 @@ async fn main() {
     env.stop().await;
 
     // 2. Catch-up on a backlog.
-    let env = TestEnv::start("rmbacklog").await;
+    let mut env = TestEnv::start("rmbacklog").await;
+    env.kafka.kafka_fetch_wait_max_ms = 100;
     let writing = appends(&env, backlog).await;
     let relay = env.start_relay().await;
     wait_until("the relay", async || {

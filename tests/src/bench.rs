@@ -45,7 +45,7 @@ pub async fn appends(env: &TestEnv, count: usize) -> Duration {
 }
 
 /// A raw consumer (own group, no decoding, no database) reading `count` records of the orders
-/// topic from the beginning.
+/// topic from the beginning, with the projectors' fetch settings (at least 64 KiB per fetch).
 pub async fn raw_consumer(env: &TestEnv, count: usize) -> Duration {
     let topic = env.kafka.topics().for_aggregate("order").expect("topic");
     let consumer: StreamConsumer = env
@@ -57,7 +57,11 @@ pub async fn raw_consumer(env: &TestEnv, count: usize) -> Duration {
         )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "20")
+        .set(
+            "fetch.wait.max.ms",
+            env.kafka.kafka_fetch_wait_max_ms.to_string(),
+        )
+        .set("fetch.min.bytes", "65536")
         .create()
         .expect("consumer");
     consumer.subscribe(&[&topic]).expect("subscribe");
