@@ -564,13 +564,6 @@ fn store_item(row: StoredEvent, topics: &Topics, advances: bool) -> Item {
         recorded_at,
     } = row;
     let (version, payload) = schemas::upcast(&event_type, &event_version, payload);
-    let text = |key: &str| {
-        metadata
-            .get(key)
-            .and_then(Json::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
     let meta = EventMeta {
         event_id,
         aggregate_type,
@@ -578,13 +571,9 @@ fn store_item(row: StoredEvent, topics: &Topics, advances: bool) -> Item {
         sequence: u64::try_from(sequence).unwrap_or_default(),
         event_type,
         event_version: version,
-        occurred_at: text("occurred_at"),
-        recorded_at: recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-        correlation_id: text("correlation_id"),
-        causation_id: text("causation_id"),
-        actor: text("actor"),
-        command_id: text("command_id"),
-    };
+        ..EventMeta::default()
+    }
+    .with_stored(&metadata, recorded_at);
     let topic = topics
         .for_aggregate(&meta.aggregate_type)
         .unwrap_or_default();

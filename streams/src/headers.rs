@@ -64,6 +64,32 @@ pub enum HeaderError {
 }
 
 impl EventMeta {
+    /// Completes the metadata of a stored event from its `metadata` JSON (who and why) and its
+    /// `recorded_at` (microseconds, as on the wire); absent values are empty.
+    #[must_use]
+    pub fn with_stored(
+        self,
+        metadata: &serde_json::Value,
+        recorded_at: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Self {
+            occurred_at: text("occurred_at"),
+            recorded_at: recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            correlation_id: text("correlation_id"),
+            causation_id: text("causation_id"),
+            actor: text("actor"),
+            command_id: text("command_id"),
+            ..self
+        }
+    }
+
     /// As Kafka headers.
     pub fn to_headers(&self) -> OwnedHeaders {
         let sequence = self.sequence.to_string();

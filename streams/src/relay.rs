@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Deserialize;
@@ -319,13 +319,6 @@ impl Relay {
                 None
             }
         };
-        let text = |key: &str| {
-            metadata
-                .get(key)
-                .and_then(Json::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
         let meta = EventMeta {
             event_id,
             aggregate_type,
@@ -333,13 +326,9 @@ impl Relay {
             sequence: u64::try_from(sequence).unwrap_or_default(),
             event_type,
             event_version: version,
-            occurred_at: text("occurred_at"),
-            recorded_at: recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-            correlation_id: text("correlation_id"),
-            causation_id: text("causation_id"),
-            actor: text("actor"),
-            command_id: text("command_id"),
-        };
+            ..EventMeta::default()
+        }
+        .with_stored(&metadata, recorded_at);
         Outgoing {
             id,
             record: topic.zip(bytes),
