@@ -34,19 +34,6 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError::BadRequest(message.into())
 }
 
-fn parse_time(name: &str, raw: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
-    raw.map(|value| {
-        DateTime::parse_from_rfc3339(value)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|_| {
-                bad(format!(
-                    "{name} `{value}` is not an RFC 3339 timestamp; use e.g. 2024-05-01T12:00:00Z"
-                ))
-            })
-    })
-    .transpose()
-}
-
 /// Parses the filters every endpoint shares.
 fn parse_filter(
     from: Option<&str>,
@@ -55,17 +42,7 @@ fn parse_filter(
     store_id: Option<&str>,
     currency: Option<&str>,
 ) -> Result<Filter, ApiError> {
-    let from = parse_time("from", from)?;
-    let to = parse_time("to", to)?;
-    if let (Some(f), Some(t)) = (from, to) {
-        if f >= t {
-            return Err(bad(format!(
-                "from ({}) must be before to ({}): from is inclusive, to exclusive",
-                f.to_rfc3339(),
-                t.to_rfc3339()
-            )));
-        }
-    }
+    let (from, to) = crate::paging::time_range(from, to)?;
     let region = region
         .map(|r| {
             RegionCode::parse(r)
