@@ -349,6 +349,12 @@ pub fn binary_path(binary: &str) -> PathBuf {
     dir.join(binary)
 }
 
+/// The HTTP client the tests talk to the API with (an operator's credentials once the API
+/// authenticates; use it for every request that is not about who may do what).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
 /// Places a demo order through the command bus; returns its id.
 pub async fn place_order(orders: &CommandBus<Order>) -> String {
     let id = domain::OrderId::new().to_string();

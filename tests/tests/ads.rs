@@ -133,7 +133,7 @@ async fn exposures_conversions_profiles_and_targeting_match_what_customers_did()
     let relay = env.start_relay().await;
     let projector = env.start_projector(Arc::new(AdsProjection)).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let catalogue: Value = client
         .get(format!("{api}/catalogue"))
         .send()
@@ -601,7 +601,7 @@ async fn only_orders_within_the_window_after_the_first_exposure_convert_whicheve
     let relay = env.start_relay().await;
     let projector = env.start_projector(Arc::new(AdsProjection)).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let catalogue = TestEnv::catalogue();
     let window = chrono::Duration::hours(i64::from(
         catalogue.experiments[WELCOME].attribution_window_hours,
@@ -710,7 +710,7 @@ async fn only_orders_within_the_window_after_the_first_exposure_convert_whicheve
 async fn bad_ads_requests_are_answered_with_problem_documents() {
     let env = TestEnv::start("ads_errors").await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let customer = Uuid::new_v4();
     let post = |path: String, body: Value| {
         let request = client.post(format!("{api}{path}")).json(&body);

@@ -397,7 +397,7 @@ async fn analytics_figures_match_the_orders_placed_and_the_points_moved() {
     let relay = env.start_relay().await;
     let projector = env.start_projector(Arc::new(AnalyticsProjection)).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let catalogue = TestEnv::catalogue();
 
     let (islington, angel, mitte) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());

@@ -24,7 +24,7 @@ async fn problem(response: reqwest::Response) -> (u16, Value) {
 async fn client_mistakes_are_answered_with_problem_documents_never_500() {
     let env = TestEnv::start("errors").await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let post = |body: String| {
         client
             .post(format!("{api}/orders"))
@@ -207,7 +207,7 @@ async fn client_mistakes_are_answered_with_problem_documents_never_500() {
 async fn the_api_serves_its_openapi_document_metrics_and_health() {
     let env = TestEnv::start("ops").await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
 
     let doc: Value = client
         .get(format!("{api}/openapi.json"))
@@ -278,7 +278,7 @@ async fn the_api_serves_its_openapi_document_metrics_and_health() {
 async fn an_administrator_changes_the_menu_and_new_orders_are_priced_with_it() {
     let env = TestEnv::start("admin").await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
 
     let item = json!({
         "name": "Margherita", "category": "pizza", "available": true,

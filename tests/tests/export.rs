@@ -437,7 +437,7 @@ async fn exports_in_every_format_and_from_both_sources_hold_exactly_the_events_a
     let env = TestEnv::start("export").await;
     let relay = env.start_relay().await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let dir = tempdir("export");
     let mut done = Vec::new();
 
@@ -1277,7 +1277,7 @@ async fn get(client: &reqwest::Client, url: &str) -> (u16, String, Value) {
 async fn the_history_of_an_aggregate_shows_its_events_with_all_metadata_in_order() {
     let env = TestEnv::start("history").await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
 
     // An order placed by a customer, paid, accepted by the store; another one alongside.
     let customer = Uuid::new_v4();

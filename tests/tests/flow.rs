@@ -94,7 +94,7 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
     let tracking = env.start_projector(Arc::new(TrackingProjection)).await;
     let (manager, deadlines) = start_flow(&env).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
 
     let correlation = Uuid::new_v4();
     let customer = Uuid::new_v4();
@@ -388,7 +388,7 @@ async fn an_order_cancelled_at_any_stage_or_not_accepted_in_time_has_its_payment
     let relay = env.start_relay().await;
     let tracking = env.start_projector(Arc::new(TrackingProjection)).await;
     let (api, server) = env.start_api_with_test_catalogue().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let cancel = json!({"action": "cancel", "by": "Customer", "reason": "changed my mind"});
 
     // Before payment: cancelled while the process manager is not even running.
@@ -511,7 +511,7 @@ async fn points_redeemed_at_placement_are_debited_and_given_back_when_the_order_
     let tracking = env.start_projector(Arc::new(TrackingProjection)).await;
     let (manager, deadlines) = start_flow(&env).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let customer = Uuid::new_v4();
 
     // An administrator grants 500 points; the same request again changes nothing.

@@ -273,7 +273,7 @@ async fn an_order_notifies_its_customer_in_order_once_by_list_stream_and_webhook
     let (hook_url, inbox, receiver) = start_receiver(StatusCode::OK).await;
     let notifier = start_notifier(&env, &hook_url).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let customer = Uuid::new_v4();
 
     // Connected before anything happens: sees the notifications as they come.
@@ -551,7 +551,7 @@ async fn a_failed_webhook_is_recorded_listed_and_not_resent_and_bad_parameters_a
     let (hook_url, inbox, receiver) = start_receiver(StatusCode::SERVICE_UNAVAILABLE).await;
     let notifier = start_notifier(&env, &hook_url).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let customer = Uuid::new_v4();
 
     let order_id = place_request(&client, &api, &order_request(customer)).await;

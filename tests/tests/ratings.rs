@@ -38,7 +38,7 @@ async fn ratings_per_item_and_store_match_the_ratings_given() {
     let relay = env.start_relay().await;
     let projector = env.start_projector(Arc::new(RatingsProjection)).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
 
     let (store_a, store_b) = (Uuid::new_v4(), Uuid::new_v4());
     let given: [(Uuid, &[&str], u8); 3] = [

@@ -127,7 +127,7 @@ async fn poison_records_are_dead_lettered_and_redriven_once_after_the_fix() {
         .await
         .expect("schema");
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
 
     // The bug: the handler fails on the first event of one order.
     let victim = place_request(&client, &api, &order_request(Uuid::new_v4())).await;
@@ -358,7 +358,7 @@ async fn replaying_a_partition_from_offset_zero_changes_nothing() {
     let relay = env.start_relay().await;
     let projector = env.start_projector(Arc::new(TrackingProjection)).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let mut orders = Vec::new();
     for _ in 0..12 {
         let order = place_request(&client, &api, &order_request(Uuid::new_v4())).await;
@@ -515,7 +515,7 @@ async fn a_query_with_a_position_waits_until_the_read_model_has_it() {
     let env = TestEnv::start("position").await;
     let relay = env.start_relay().await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let placed: Value = client
         .post(format!("{api}/orders"))
         .json(&order_request(Uuid::new_v4()))
@@ -638,7 +638,7 @@ async fn a_tracking_stream_shows_the_status_changes_in_order() {
     let relay = env.start_relay().await;
     let projector = env.start_projector(Arc::new(TrackingProjection)).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
     let order = place_request(&client, &api, &order_request(Uuid::new_v4())).await;
     let mut stream = client
         .get(format!("{api}/orders/{order}/tracking/stream"))

@@ -30,7 +30,7 @@ async fn an_order_placed_over_http_appears_in_the_tracking_view() {
     let relay = env.start_relay().await;
     let projector = env.start_projector(Arc::new(TrackingProjection)).await;
     let (api, server) = env.start_api().await;
-    let client = reqwest::Client::new();
+    let client = backbone_tests::client();
 
     let customer = Uuid::new_v4();
     let response = client
@@ -364,7 +364,7 @@ async fn the_relay_refuses_to_start_with_a_contract_the_registry_finds_incompati
     // cannot read it (`ready_at` has no default).
     let subject = format!("{topic}-backbone.order.OrderReady");
     let earlier = r#"{"type":"record","name":"OrderReady","namespace":"backbone.order","fields":[{"name":"shelf","type":"string"}]}"#;
-    let response = reqwest::Client::new()
+    let response = backbone_tests::client()
         .post(format!(
             "{}/subjects/{subject}/versions",
             env.registry.schema_registry_url
