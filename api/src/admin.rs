@@ -5,24 +5,15 @@
 //! within their refresh interval); orders already placed keep the prices they were placed at.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use domain::ads::{Experiment, ExperimentId};
 use domain::services::{Catalogue, MenuItem, Promotion, RegionSettings, StoreSettings};
 use domain::{MenuItemId, RegionCode, StoreId};
 use utoipa::ToSchema;
 
+use crate::auth::{Action, Principal};
 use crate::error::{ApiError, Problem};
 use crate::extract::{Body, PathParams};
 use crate::AppState;
-
-/// Who made the change (`x-actor` header until authentication arrives).
-fn actor(headers: &HeaderMap) -> String {
-    headers
-        .get("x-actor")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map_or_else(|| "admin".to_owned(), |v| format!("admin:{v}"))
-}
 
 fn stored(result: Result<(), commands::CatalogueError>) -> Result<(), ApiError> {
     result.map_err(|e| match e {
@@ -52,7 +43,9 @@ pub struct CatalogueView {
 ))]
 pub async fn catalogue(
     State(state): State<AppState>,
+    principal: Principal,
 ) -> Result<axum::Json<CatalogueView>, ApiError> {
+    principal.authorize_any(Action::ViewCatalogue)?;
     let current: std::sync::Arc<Catalogue> = state.catalogue.current();
     Ok(axum::Json(CatalogueView {
         catalogue: serde_json::to_value(current.as_ref()).map_err(ApiError::internal)?,
@@ -70,10 +63,11 @@ pub async fn catalogue(
     ))]
 pub async fn put_region(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    principal: Principal,
     PathParams(code): PathParams<String>,
     Body(settings): Body<RegionSettings>,
 ) -> Result<axum::http::StatusCode, ApiError> {
+    principal.authorize_any(Action::ManageCatalogue)?;
     let code = RegionCode::parse(code).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     check(
         settings.delivery_fee_minor >= 0,
@@ -90,7 +84,7 @@ pub async fn put_region(
     stored(
         state
             .catalogue
-            .put_region(&code, &settings, &actor(&headers))
+            .put_region(&code, &settings, &principal.actor())
             .await,
     )?;
     Ok(axum::http::StatusCode::NO_CONTENT)
@@ -107,10 +101,11 @@ pub async fn put_region(
     ))]
 pub async fn put_item(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    principal: Principal,
     PathParams(item_id): PathParams<String>,
     Body(item): Body<MenuItem>,
 ) -> Result<axum::http::StatusCode, ApiError> {
+    principal.authorize_any(Action::ManageCatalogue)?;
     let id = MenuItemId::parse(item_id).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     check(
         !item.name.trim().is_empty() && item.name.len() <= 200,
@@ -124,7 +119,12 @@ pub async fn put_item(
         item.options.values().all(|o| o.surcharge_minor >= 0),
         "option surcharges cannot be negative",
     )?;
-    stored(state.catalogue.put_item(&id, &item, &actor(&headers)).await)?;
+    stored(
+        state
+            .catalogue
+            .put_item(&id, &item, &principal.actor())
+            .await,
+    )?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
@@ -139,10 +139,11 @@ pub async fn put_item(
     ))]
 pub async fn put_store(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    principal: Principal,
     PathParams(store_id): PathParams<String>,
     Body(store): Body<StoreSettings>,
 ) -> Result<axum::http::StatusCode, ApiError> {
+    principal.authorize_any(Action::ManageCatalogue)?;
     let id: StoreId = store_id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("`{store_id}` is not a store id (a UUID)")))?;
@@ -153,7 +154,7 @@ pub async fn put_store(
     stored(
         state
             .catalogue
-            .put_store(id, &store, &actor(&headers))
+            .put_store(id, &store, &principal.actor())
             .await,
     )?;
     Ok(axum::http::StatusCode::NO_CONTENT)
@@ -170,10 +171,11 @@ pub async fn put_store(
     ))]
 pub async fn put_promotion(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    principal: Principal,
     PathParams(code): PathParams<String>,
     Body(promotion): Body<Promotion>,
 ) -> Result<axum::http::StatusCode, ApiError> {
+    principal.authorize_any(Action::ManageCatalogue)?;
     check(
         !code.is_empty() && code.len() <= 32 && code.bytes().all(|b| b.is_ascii_alphanumeric()),
         "a promotion code is 1 to 32 ASCII letters and digits",
@@ -185,7 +187,7 @@ pub async fn put_promotion(
     stored(
         state
             .catalogue
-            .put_promotion(&code, &promotion, &actor(&headers))
+            .put_promotion(&code, &promotion, &principal.actor())
             .await,
     )?;
     Ok(axum::http::StatusCode::NO_CONTENT)
@@ -204,16 +206,17 @@ pub async fn put_promotion(
     ))]
 pub async fn put_experiment(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    principal: Principal,
     PathParams(experiment_id): PathParams<String>,
     Body(experiment): Body<Experiment>,
 ) -> Result<axum::http::StatusCode, ApiError> {
+    principal.authorize_any(Action::ManageCatalogue)?;
     let id =
         ExperimentId::parse(experiment_id).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     stored(
         state
             .catalogue
-            .put_experiment(&id, &experiment, &actor(&headers))
+            .put_experiment(&id, &experiment, &principal.actor())
             .await,
     )?;
     Ok(axum::http::StatusCode::NO_CONTENT)

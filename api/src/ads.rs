@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use crate::auth::{Action, Owner, Principal};
 use crate::error::{command_error, ApiError, Problem, RuleViolation};
 use crate::extract::{Body, PathParams, QueryParams};
 use crate::orders::context;
@@ -102,11 +103,13 @@ pub struct ExposureAccepted {
 )]
 pub async fn record_exposure(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     PathParams(raw_id): PathParams<String>,
     Body(request): Body<ExposureRequest>,
 ) -> Result<axum::Json<ExposureAccepted>, ApiError> {
     let customer_id = parse_customer(&raw_id)?;
+    principal.authorize(Action::RecordAdExposure, &Owner::customer(customer_id))?;
     let experiment_id = ExperimentId::parse(request.experiment_id)
         .map_err(|e| ApiError::Unprocessable(format!("experiment_id: {e}")))?;
     let region = RegionCode::parse(request.region)
@@ -130,7 +133,7 @@ pub async fn record_exposure(
         .execute(
             &aggregate_id,
             command,
-            &context(&headers, format!("customer:{customer_id}")),
+            &context(&headers, principal.actor()),
         )
         .await
         .map_err(command_error)?;
@@ -259,10 +262,12 @@ fn recency_segment(days: Option<i64>) -> &'static str {
 )]
 pub async fn profile(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(raw_id): PathParams<String>,
     QueryParams(query): QueryParams<ProfileQuery>,
 ) -> Result<axum::Json<ProfileView>, ApiError> {
     let customer_id = parse_customer(&raw_id)?;
+    principal.authorize(Action::ViewAdProfile, &Owner::customer(customer_id))?;
     wait_for_position(&state, READ_MODEL, query.position.as_deref()).await?;
     let profile = model::profile(&state.pool, customer_id)
         .await
@@ -386,10 +391,12 @@ fn eligible_promotion<'c>(
 )]
 pub async fn promotion(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(raw_id): PathParams<String>,
     QueryParams(query): QueryParams<TargetingQuery>,
 ) -> Result<axum::Json<TargetingView>, ApiError> {
     let customer_id = parse_customer(&raw_id)?;
+    principal.authorize(Action::ViewAdProfile, &Owner::customer(customer_id))?;
     let catalogue = state.catalogue.current();
     let region = query
         .region
@@ -512,9 +519,11 @@ pub struct ExperimentResults {
 )]
 pub async fn results(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(raw_id): PathParams<String>,
     QueryParams(query): QueryParams<ResultsQuery>,
 ) -> Result<axum::Json<ExperimentResults>, ApiError> {
+    principal.authorize_any(Action::ViewAnalytics)?;
     let id = ExperimentId::parse(raw_id.as_str())
         .map_err(|e| ApiError::BadRequest(format!("experiment id: {e}")))?;
     wait_for_position(&state, READ_MODEL, query.position.as_deref()).await?;

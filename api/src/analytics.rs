@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use crate::auth::{Action, Principal};
 use crate::error::{ApiError, Problem};
 use crate::extract::QueryParams;
 use crate::positions::wait_for_position;
@@ -247,8 +248,10 @@ fn whole_hour(name: &str, time: Option<DateTime<Utc>>) -> Result<(), ApiError> {
 )]
 pub async fn summary(
     State(state): State<AppState>,
+    principal: Principal,
     QueryParams(query): QueryParams<SummaryQuery>,
 ) -> Result<axum::Json<SummaryView>, ApiError> {
+    principal.authorize_any(Action::ViewAnalytics)?;
     let group_by = match query.group_by.as_deref().unwrap_or("none") {
         "region" => GroupBy::Region,
         "store" => GroupBy::Store,
@@ -400,8 +403,10 @@ pub struct CancellationsView {
 )]
 pub async fn cancellations(
     State(state): State<AppState>,
+    principal: Principal,
     QueryParams(query): QueryParams<CancellationsQuery>,
 ) -> Result<axum::Json<CancellationsView>, ApiError> {
+    principal.authorize_any(Action::ViewAnalytics)?;
     let filter = parse_filter(
         query.from.as_deref(),
         query.to.as_deref(),
@@ -507,8 +512,10 @@ pub struct TopItemsView {
 )]
 pub async fn top_items(
     State(state): State<AppState>,
+    principal: Principal,
     QueryParams(query): QueryParams<TopItemsQuery>,
 ) -> Result<axum::Json<TopItemsView>, ApiError> {
+    principal.authorize_any(Action::ViewAnalytics)?;
     let by = match query.by.as_deref().unwrap_or("quantity") {
         "quantity" => TopBy::Quantity,
         "revenue" => TopBy::Revenue,
@@ -655,8 +662,10 @@ pub struct RewardsView {
 )]
 pub async fn rewards(
     State(state): State<AppState>,
+    principal: Principal,
     QueryParams(query): QueryParams<RewardsQuery>,
 ) -> Result<axum::Json<RewardsView>, ApiError> {
+    principal.authorize_any(Action::ViewAnalytics)?;
     let filter = parse_filter(
         query.from.as_deref(),
         query.to.as_deref(),

@@ -18,6 +18,7 @@ use serde_json::Value as Json;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use crate::auth::{Action, Principal};
 use crate::error::{ApiError, Problem};
 use crate::extract::{PathParams, QueryParams};
 use crate::paging;
@@ -141,9 +142,11 @@ impl From<Row> for AuditEvent {
 )]
 pub async fn events(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams((aggregate_type, raw_id)): PathParams<(String, String)>,
     QueryParams(query): QueryParams<HistoryQuery>,
 ) -> Result<axum::Json<AuditHistory>, ApiError> {
+    principal.authorize_any(Action::ReadAudit)?;
     if !aggregate_types().any(|a| a == aggregate_type) {
         return Err(ApiError::BadRequest(format!(
             "`{aggregate_type}` is not an aggregate type; use one of {}",

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::auth::{authorize_order, Action, Principal};
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
 use crate::orders::{accepted, parse_order_id, step_context, OrderAccepted};
@@ -64,7 +65,8 @@ pub enum DeliveryAction {
     },
 }
 
-impl TryFrom<DeliveryAction> for (DeliveryCommand, &'static str) {
+/// The command, and the policy's name for who takes that step.
+impl TryFrom<DeliveryAction> for (DeliveryCommand, Action) {
     type Error = ApiError;
 
     fn try_from(action: DeliveryAction) -> Result<Self, ApiError> {
@@ -73,7 +75,7 @@ impl TryFrom<DeliveryAction> for (DeliveryCommand, &'static str) {
                 DeliveryCommand::AssignCourier {
                     courier_id: CourierId::from_uuid(courier_id),
                 },
-                "dispatch",
+                Action::DispatchDeliveryStep,
             ),
             DeliveryAction::UpdateLocation {
                 latitude,
@@ -85,12 +87,17 @@ impl TryFrom<DeliveryAction> for (DeliveryCommand, &'static str) {
                         .map_err(|e| ApiError::Unprocessable(e.to_string()))?,
                     device_time,
                 },
-                "courier",
+                Action::CourierDeliveryStep,
             ),
-            DeliveryAction::ArriveAtPickup => (DeliveryCommand::ArriveAtPickup, "courier"),
-            DeliveryAction::PickUp => (DeliveryCommand::PickUp, "courier"),
-            DeliveryAction::ArriveAtDropoff => (DeliveryCommand::ArriveAtDropoff, "courier"),
-            DeliveryAction::Deliver => (DeliveryCommand::Deliver, "courier"),
+            DeliveryAction::ArriveAtPickup => {
+                (DeliveryCommand::ArriveAtPickup, Action::CourierDeliveryStep)
+            }
+            DeliveryAction::PickUp => (DeliveryCommand::PickUp, Action::CourierDeliveryStep),
+            DeliveryAction::ArriveAtDropoff => (
+                DeliveryCommand::ArriveAtDropoff,
+                Action::CourierDeliveryStep,
+            ),
+            DeliveryAction::Deliver => (DeliveryCommand::Deliver, Action::CourierDeliveryStep),
             DeliveryAction::Fail { reason } => (
                 DeliveryCommand::FailDelivery {
                     reason: match reason {
@@ -102,15 +109,19 @@ impl TryFrom<DeliveryAction> for (DeliveryCommand, &'static str) {
                         FailureReasonDto::Other => FailureReason::Other,
                     },
                 },
-                "courier",
+                Action::CourierDeliveryStep,
             ),
-            DeliveryAction::ReturnToStore => (DeliveryCommand::ReturnToStore, "courier"),
-            DeliveryAction::Cancel { reason } => {
-                (DeliveryCommand::CancelDelivery { reason }, "dispatch")
+            DeliveryAction::ReturnToStore => {
+                (DeliveryCommand::ReturnToStore, Action::CourierDeliveryStep)
             }
-            DeliveryAction::RateCourier { stars, comment } => {
-                (DeliveryCommand::RateCourier { stars, comment }, "customer")
-            }
+            DeliveryAction::Cancel { reason } => (
+                DeliveryCommand::CancelDelivery { reason },
+                Action::DispatchDeliveryStep,
+            ),
+            DeliveryAction::RateCourier { stars, comment } => (
+                DeliveryCommand::RateCourier { stars, comment },
+                Action::RateCourier,
+            ),
         })
     }
 }
@@ -130,13 +141,15 @@ impl TryFrom<DeliveryAction> for (DeliveryCommand, &'static str) {
 )]
 pub async fn act_on_delivery(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<DeliveryAction>,
 ) -> Result<axum::Json<OrderAccepted>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
-    let (command, actor) = <(DeliveryCommand, &'static str)>::try_from(action)?;
-    let context = step_context(&state, &headers, actor, order_id).await?;
+    let (command, action) = <(DeliveryCommand, Action)>::try_from(action)?;
+    authorize_order(&state, &principal, action, &order_id.to_string()).await?;
+    let context = step_context(&state, &headers, &principal.actor(), order_id).await?;
     let committed = state
         .deliveries
         .execute(&order_id.to_string(), command, &context)

@@ -29,6 +29,21 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let RawBody(parts, bytes) = RawBody::from_request(req, state).await?;
+        parse_json(parts, bytes, state).await.map(Self)
+    }
+}
+
+/// The request's head and its body bytes, read up to the endpoint's size limit (for endpoints
+/// that must see the exact bytes, such as signed webhooks, before parsing them with
+/// [`parse_json`]).
+#[derive(Debug)]
+pub struct RawBody(pub Parts, pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, Self::Rejection> {
         let limit = req
             .extensions()
             .get::<BodyLimit>()
@@ -53,11 +68,25 @@ where
         if bytes.len() > limit {
             return Err(too_large());
         }
-        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(json_problem(rejection)),
-        }
+        Ok(Self(parts, bytes))
+    }
+}
+
+/// Parses a body read by [`RawBody`] as strict JSON (content type checked, unknown fields
+/// refused by the request types), with the same problems as [`Body`].
+pub async fn parse_json<T, S>(
+    parts: Parts,
+    bytes: axum::body::Bytes,
+    state: &S,
+) -> Result<T, ApiError>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    match axum::Json::<T>::from_request(req, state).await {
+        Ok(axum::Json(value)) => Ok(value),
+        Err(rejection) => Err(json_problem(rejection)),
     }
 }
 

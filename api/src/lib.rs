@@ -17,12 +17,15 @@ pub mod admin;
 pub mod ads;
 pub mod analytics;
 pub mod audit;
+pub mod auth;
 pub mod deliveries;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod limits;
 pub mod live;
 pub mod notifications;
+pub mod openapi;
 pub mod orders;
 pub mod paging;
 pub mod payments;
@@ -57,6 +60,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
+use crate::openapi::Shared as SharedResponses;
 
 /// API settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +80,23 @@ pub struct ApiConfig {
     /// `CATALOGUE_PATH`: JSON catalogue of menu and regions (default: the built-in demo menu).
     #[serde(default)]
     pub catalogue_path: Option<String>,
+    /// `API_RATE_LIMIT_PER_SECOND`: sustained requests per second per client (default 50; 0 turns
+    /// the limit off).
+    #[serde(default = "default_rate")]
+    pub api_rate_limit_per_second: u32,
+    /// `API_RATE_LIMIT_BURST`: requests a client may send at once above the rate (default 100).
+    #[serde(default = "default_burst")]
+    pub api_rate_limit_burst: u32,
+    /// `PAYMENTS_WEBHOOK_SECRET`: the HMAC-SHA256 key payment providers sign webhooks with
+    /// (required to accept webhooks; without it they are refused). Never logged.
+    #[serde(default)]
+    pub payments_webhook_secret: Option<auth::Secret>,
+    /// `PAYMENTS_WEBHOOK_TOLERANCE_SECONDS`: how old a signed webhook may be (default 300).
+    #[serde(default = "default_webhook_tolerance")]
+    pub payments_webhook_tolerance_seconds: i64,
+    /// The token settings (`AUTH_*`, see [`auth::AuthConfig`]).
+    #[serde(skip)]
+    pub auth: auth::AuthConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -90,6 +111,15 @@ const fn default_timeout() -> u64 {
 const fn default_ryw() -> u64 {
     3_000
 }
+const fn default_rate() -> u32 {
+    50
+}
+const fn default_burst() -> u32 {
+    100
+}
+const fn default_webhook_tolerance() -> i64 {
+    300
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -99,13 +129,20 @@ impl Default for ApiConfig {
             api_request_timeout_ms: default_timeout(),
             api_read_your_writes_wait_ms: default_ryw(),
             catalogue_path: None,
+            api_rate_limit_per_second: default_rate(),
+            api_rate_limit_burst: default_burst(),
+            payments_webhook_secret: None,
+            payments_webhook_tolerance_seconds: default_webhook_tolerance(),
+            auth: auth::AuthConfig::default(),
         }
     }
 }
 
 impl ApiConfig {
     pub fn from_env() -> Result<Self, envy::Error> {
-        envy::from_env()
+        let mut config: Self = envy::from_env()?;
+        config.auth = envy::from_env()?;
+        Ok(config)
     }
 
     /// The catalogue that prices orders.
@@ -127,6 +164,8 @@ pub struct AppState {
     pub health: Arc<health::Dependencies>,
     pub read_your_writes_wait: Duration,
     pub live: Arc<live::LiveHub>,
+    /// Verifies payment providers' webhook signatures (`None`: webhooks are refused).
+    pub webhooks: Option<Arc<payments::WebhookVerifier>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -178,7 +217,8 @@ impl std::fmt::Debug for AppState {
         health::live,
         health::ready
     ),
-    components(schemas(error::Problem))
+    components(schemas(error::Problem)),
+    modifiers(&SharedResponses)
 )]
 pub struct ApiDoc;
 
@@ -208,9 +248,15 @@ async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
 }
 
-/// The router with every route and layer.
-pub fn router(state: AppState, config: &ApiConfig) -> Router {
-    Router::new()
+/// The router with every route and layer. Layers from the outside in: request timeout, body
+/// limit, authentication (the principal), rate limit (per principal or peer).
+pub fn router(
+    state: AppState,
+    config: &ApiConfig,
+    authenticator: Arc<auth::Authenticator>,
+    limiter: Option<Arc<limits::ClientLimiter>>,
+) -> Router {
+    let routes = Router::new()
         .route("/orders", post(orders::place_order).get(tracking::list))
         .route("/orders/{order_id}/actions", post(orders::act_on_order))
         .route("/orders/{order_id}/tracking", get(tracking::tracking))
@@ -285,7 +331,19 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .route("/metrics", get(metrics_endpoint))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
-        .fallback(not_found)
+        .fallback(not_found);
+    let routes = match limiter {
+        Some(limiter) => routes.layer(axum::middleware::from_fn_with_state(
+            limiter,
+            limits::rate_limit,
+        )),
+        None => routes,
+    };
+    routes
+        .layer(axum::middleware::from_fn_with_state(
+            authenticator,
+            auth::authenticate,
+        ))
         .layer(DefaultBodyLimit::max(config.api_body_limit_bytes))
         .layer(axum::Extension(extract::BodyLimit(
             config.api_body_limit_bytes,
@@ -306,6 +364,8 @@ pub enum StartError {
     Config(String),
     #[error("read models: {0}")]
     ReadModel(#[from] sqlx::Error),
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::AuthConfigError),
     #[error("cannot listen: {0}")]
     Listen(#[from] std::io::Error),
 }
@@ -316,6 +376,7 @@ pub struct ApiServer {
     listener: TcpListener,
     router: Router,
     live: Arc<live::LiveHub>,
+    housekeeping: CancellationToken,
 }
 
 impl ApiServer {
@@ -326,6 +387,7 @@ impl ApiServer {
         kafka: KafkaConfig,
         registry: RegistryConfig,
     ) -> Result<Self, StartError> {
+        let authenticator = Arc::new(auth::Authenticator::from_config(&config.auth)?);
         let db = EventStoreDb::connect(&store).await?;
         let catalogue = config.catalogue().map_err(StartError::Config)?;
         let clock = Arc::new(SystemClock);
@@ -371,13 +433,28 @@ impl ApiServer {
             pool,
             read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
             live,
+            webhooks: config.payments_webhook_secret.clone().map(|secret| {
+                Arc::new(payments::WebhookVerifier::new(
+                    secret,
+                    config.payments_webhook_tolerance_seconds,
+                ))
+            }),
         };
         let _ = prometheus();
+        let limiter = limits::ClientLimiter::new(
+            config.api_rate_limit_per_second,
+            config.api_rate_limit_burst,
+        );
+        let housekeeping = CancellationToken::new();
+        if let Some(limiter) = &limiter {
+            limiter.spawn_housekeeping(housekeeping.clone());
+        }
         let listener = TcpListener::bind(config.api_listen).await?;
         Ok(Self {
             live: state.live.clone(),
-            router: router(state, &config),
+            router: router(state, &config, authenticator, limiter),
             listener,
+            housekeeping,
         })
     }
 
@@ -391,12 +468,17 @@ impl ApiServer {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let live = self.live;
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                // Open event streams end, so the drain does not wait for them forever.
-                live.close();
-            })
-            .await
+        let _housekeeping = self.housekeeping.drop_guard();
+        axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Open event streams end, so the drain does not wait for them forever.
+            live.close();
+        })
+        .await
     }
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use crate::auth::{Action, Owner, Principal};
 use crate::error::{ApiError, Problem};
 use crate::extract::{PathParams, QueryParams};
 use crate::positions::wait_for_position;
@@ -168,10 +169,12 @@ fn page<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> (Vec<T>, Opt
 )]
 pub async fn list(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(raw_id): PathParams<String>,
     QueryParams(query): QueryParams<NotificationsQuery>,
 ) -> Result<axum::Json<NotificationPage>, ApiError> {
     let customer = parse_customer(&raw_id)?;
+    principal.authorize(Action::ViewNotifications, &Owner::customer(customer))?;
     let limit = crate::paging::limit(query.limit)?;
     let after = crate::paging::id_cursor(query.cursor.as_deref())?;
     let kind = parse_kind(query.kind.as_deref())?;
@@ -260,11 +263,13 @@ const STREAM_PAGE: i64 = 200;
 )]
 pub async fn stream(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(raw_id): PathParams<String>,
     QueryParams(query): QueryParams<NotificationStreamQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let customer = parse_customer(&raw_id)?;
+    principal.authorize(Action::ViewNotifications, &Owner::customer(customer))?;
     // Subscribed before the first read, so no change between the read and the wait is missed.
     let mut changes = state.live.subscribe();
     let after = resume_point(&state, customer, &headers, query.after.as_deref()).await?;
@@ -325,8 +330,10 @@ pub async fn stream(
 )]
 pub async fn webhook_failures(
     State(state): State<AppState>,
+    principal: Principal,
     QueryParams(query): QueryParams<WebhookFailuresQuery>,
 ) -> Result<axum::Json<WebhookFailurePage>, ApiError> {
+    principal.authorize_any(Action::ViewOperations)?;
     let limit = crate::paging::limit(query.limit)?;
     let after = crate::paging::id_cursor(query.cursor.as_deref())?;
     let rows: Vec<WebhookFailureView> = sqlx::query_as(

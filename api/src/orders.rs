@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::auth::{authorize_order, Action, Owner, Principal};
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
 pub use crate::positions::Position;
@@ -214,10 +215,12 @@ pub(crate) fn accepted(
 )]
 pub async fn place_order(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     Body(request): Body<PlaceOrderRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let actor = format!("customer:{}", request.customer_id);
+    principal.authorize(Action::PlaceOrder, &Owner::customer(request.customer_id))?;
+    let actor = principal.actor();
     let customer = request.customer_id.to_string();
     let mut command = OrderCommand::try_from(request)?;
     // A running subscription with free delivery waives the fee (read from the ledger now).
@@ -309,17 +312,18 @@ pub enum CancelledByDto {
 }
 
 impl OrderAction {
-    fn into_command(self) -> Result<(OrderCommand, &'static str), ApiError> {
+    /// The command, and the policy's name for who takes that step.
+    fn into_command(self) -> Result<(OrderCommand, Action), ApiError> {
         Ok(match self {
             Self::Modify { items } => (
                 OrderCommand::ModifyOrder {
                     lines: requested_lines(items)?,
                 },
-                "customer",
+                Action::CustomerOrderStep,
             ),
             Self::ConfirmPayment { payment_reference } => (
                 OrderCommand::ConfirmPayment { payment_reference },
-                "payment-provider",
+                Action::SystemOrderStep,
             ),
             Self::Accept {
                 estimated_preparation_minutes,
@@ -327,7 +331,7 @@ impl OrderAction {
                 OrderCommand::AcceptOrder {
                     estimated_preparation_minutes,
                 },
-                "store",
+                Action::StoreOrderStep,
             ),
             Self::Reject { reason } => (
                 OrderCommand::RejectOrder {
@@ -338,24 +342,25 @@ impl OrderAction {
                         RejectionReasonDto::Other => RejectionReason::Other,
                     },
                 },
-                "store",
+                Action::StoreOrderStep,
             ),
-            Self::StartPreparation => (OrderCommand::StartPreparation, "store"),
-            Self::MarkReady => (OrderCommand::MarkReady, "store"),
-            Self::HandToCourier => (OrderCommand::HandToCourier, "courier"),
-            Self::MarkDelivered => (OrderCommand::MarkDelivered, "courier"),
-            Self::Complete => (OrderCommand::CompleteOrder, "system"),
+            Self::StartPreparation => (OrderCommand::StartPreparation, Action::StoreOrderStep),
+            Self::MarkReady => (OrderCommand::MarkReady, Action::StoreOrderStep),
+            Self::HandToCourier => (OrderCommand::HandToCourier, Action::CourierOrderStep),
+            Self::MarkDelivered => (OrderCommand::MarkDelivered, Action::CourierOrderStep),
+            Self::Complete => (OrderCommand::CompleteOrder, Action::SystemOrderStep),
             Self::Cancel { by, reason } => {
-                let (by, actor) = match by {
-                    CancelledByDto::Customer => (CancelledBy::Customer, "customer"),
-                    CancelledByDto::Store => (CancelledBy::Store, "store"),
-                    CancelledByDto::System => (CancelledBy::System, "system"),
+                let (by, action) = match by {
+                    CancelledByDto::Customer => (CancelledBy::Customer, Action::CustomerOrderStep),
+                    CancelledByDto::Store => (CancelledBy::Store, Action::StoreOrderStep),
+                    CancelledByDto::System => (CancelledBy::System, Action::SystemOrderStep),
                 };
-                (OrderCommand::CancelOrder { by, reason }, actor)
+                (OrderCommand::CancelOrder { by, reason }, action)
             }
-            Self::Rate { stars, comment } => {
-                (OrderCommand::RateOrder { stars, comment }, "customer")
-            }
+            Self::Rate { stars, comment } => (
+                OrderCommand::RateOrder { stars, comment },
+                Action::CustomerOrderStep,
+            ),
         })
     }
 }
@@ -375,13 +380,15 @@ impl OrderAction {
 )]
 pub async fn act_on_order(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<OrderAction>,
 ) -> Result<axum::Json<OrderAccepted>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
-    let (command, actor) = action.into_command()?;
-    let context = step_context(&state, &headers, actor, order_id).await?;
+    let (command, action) = action.into_command()?;
+    authorize_order(&state, &principal, action, &order_id.to_string()).await?;
+    let context = step_context(&state, &headers, &principal.actor(), order_id).await?;
     let committed = state
         .orders
         .execute(&order_id.to_string(), command, &context)

@@ -1,7 +1,14 @@
 //! The payment provider's webhooks. Providers repeat webhooks (one large platform retries up
 //! to seven times): each carries the provider's event id, and the payment aggregate records
-//! every id it has seen, so a repeat changes nothing. (Signature checks arrive with the
-//! security work; until then deploy this route behind the provider's allow-list.)
+//! every id it has seen, so a repeat changes nothing.
+//!
+//! **Authentication** is the signature, not a token: the provider signs each request with the
+//! shared secret (`PAYMENTS_WEBHOOK_SECRET`) as
+//! `Backbone-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>`, the
+//! scheme the backbone's own notification webhooks use ([`projections::notifier`]). A missing,
+//! malformed or wrong signature, or a timestamp further than `PAYMENTS_WEBHOOK_TOLERANCE_SECONDS`
+//! from now (a replay), is a 401 and nothing is recorded. The body is verified byte for byte
+//! before it is parsed.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -11,10 +18,53 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::auth::Secret;
 use crate::error::{command_error, ApiError, Problem};
-use crate::extract::{Body, PathParams};
+use crate::extract::{parse_json, PathParams, RawBody};
 use crate::orders::{context, parse_order_id};
 use crate::AppState;
+
+pub use projections::notifier::SIGNATURE_HEADER;
+
+/// Checks providers' webhook signatures.
+#[derive(Debug)]
+pub struct WebhookVerifier {
+    secret: Secret,
+    tolerance: std::time::Duration,
+}
+
+impl WebhookVerifier {
+    pub fn new(secret: Secret, tolerance_seconds: i64) -> Self {
+        Self {
+            secret,
+            tolerance: std::time::Duration::from_secs(tolerance_seconds.unsigned_abs()),
+        }
+    }
+
+    /// The signature header of a request whose raw body is `body`, checked now.
+    pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+        use projections::notifier::{verify_signature, SignatureError};
+        let header = headers
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                ApiError::Unauthorized(format!(
+                    "sign the webhook: `{SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">`"
+                ))
+            })?;
+        let now = chrono::Utc::now().timestamp();
+        verify_signature(self.secret.expose(), header, body, now, self.tolerance).map_err(|e| {
+            ApiError::Unauthorized(match e {
+                SignatureError::Malformed => format!("the {SIGNATURE_HEADER} header is malformed"),
+                SignatureError::Stale => format!(
+                    "the signature's timestamp is more than {} s away from now (replayed or clock skew)",
+                    self.tolerance.as_secs()
+                ),
+                SignatureError::Mismatch => "the signature does not match the body".to_owned(),
+            })
+        })
+    }
+}
 
 /// What the provider reports.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -71,16 +121,25 @@ pub struct WebhookAccepted {
     responses(
         (status = 200, description = "Recorded, or a repeat of one already recorded", body = WebhookAccepted),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, wrong or stale signature", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No payment for this order (retry later)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn receive_webhook(
     State(state): State<AppState>,
-    headers: HeaderMap,
     PathParams(raw_id): PathParams<String>,
-    Body(webhook): Body<ProviderWebhook>,
+    RawBody(parts, bytes): RawBody,
 ) -> Result<axum::Json<WebhookAccepted>, ApiError> {
+    let verifier = state.webhooks.as_ref().ok_or_else(|| {
+        ApiError::Unauthorized(
+            "this API accepts no payment webhooks: PAYMENTS_WEBHOOK_SECRET is not configured"
+                .to_owned(),
+        )
+    })?;
+    verifier.verify(&parts.headers, &bytes)?;
+    let headers = parts.headers.clone();
+    let webhook: ProviderWebhook = parse_json(parts, bytes, &state).await?;
     let order_id = parse_order_id(&raw_id)?;
     let amount = match webhook.amount {
         Some(m) => Some(

@@ -4,6 +4,7 @@ use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::auth::{Action, Principal};
 use crate::error::{ApiError, Problem};
 use crate::extract::{PathParams, QueryParams};
 use crate::AppState;
@@ -40,9 +41,11 @@ pub struct RatingsQuery {
 )]
 pub async fn ratings(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(kind): PathParams<String>,
     QueryParams(query): QueryParams<RatingsQuery>,
 ) -> Result<axum::Json<Vec<RatingView>>, ApiError> {
+    principal.authorize_any(Action::ViewRatings)?;
     if !matches!(kind.as_str(), "item" | "store" | "courier") {
         return Err(ApiError::BadRequest(format!(
             "`{kind}` is not rated; use item, store or courier"

@@ -8,6 +8,7 @@ use projections::operations::{self, DeadLetter, ReadModelStatus, RedriveRequest}
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::auth::{Action, Principal};
 use crate::error::{ApiError, Problem};
 use crate::extract::{PathParams, QueryParams};
 use crate::paging;
@@ -59,7 +60,9 @@ async fn known(state: &AppState, name: &str) -> Result<String, ApiError> {
 )]
 pub async fn list(
     State(state): State<AppState>,
+    principal: Principal,
 ) -> Result<axum::Json<Vec<ReadModelStatus>>, ApiError> {
+    principal.authorize_any(Action::ViewOperations)?;
     let mut out = Vec::new();
     for name in operations::read_models(&state.pool)
         .await
@@ -85,8 +88,10 @@ pub async fn list(
 )]
 pub async fn show(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(name): PathParams<String>,
 ) -> Result<axum::Json<ReadModelStatus>, ApiError> {
+    principal.authorize_any(Action::ViewOperations)?;
     let name = known(&state, &name).await?;
     Ok(axum::Json(
         operations::status(&state.pool, name)
@@ -107,9 +112,11 @@ pub async fn show(
 )]
 pub async fn dead_letters(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(name): PathParams<String>,
     QueryParams(query): QueryParams<DeadLetterQuery>,
 ) -> Result<axum::Json<DeadLetterPage>, ApiError> {
+    principal.authorize_any(Action::ViewOperations)?;
     if let Some(status) = &query.status {
         if !operations::STATUSES.contains(&status.as_str()) {
             return Err(ApiError::BadRequest(format!(
@@ -148,8 +155,10 @@ pub async fn dead_letters(
 )]
 pub async fn redrive(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams((name, id)): PathParams<(String, i64)>,
 ) -> Result<(StatusCode, axum::Json<RedriveAccepted>), ApiError> {
+    principal.authorize_any(Action::RedriveDeadLetters)?;
     let name = known(&state, &name).await?;
     match operations::request_redrive(&state.pool, &name, id)
         .await
@@ -181,8 +190,10 @@ pub async fn redrive(
 )]
 pub async fn redrive_all(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(name): PathParams<String>,
 ) -> Result<(StatusCode, axum::Json<RedriveAccepted>), ApiError> {
+    principal.authorize_any(Action::RedriveDeadLetters)?;
     let name = known(&state, &name).await?;
     let requested = operations::request_redrive_all(&state.pool, &name)
         .await

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::auth::{Action, Owner, Principal};
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
 use crate::orders::context;
@@ -117,6 +118,7 @@ pub struct RewardsAccepted {
 )]
 pub async fn act_on_rewards(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<RewardsAction>,
@@ -124,7 +126,7 @@ pub async fn act_on_rewards(
     let customer_id = Uuid::parse_str(&raw_id)
         .map_err(|_| ApiError::BadRequest(format!("`{raw_id}` is not a customer id (a UUID)")))?;
     let invalid = |e: domain::ids::IdError| ApiError::Unprocessable(e.to_string());
-    let (command, actor) = match action {
+    let (command, action) = match action {
         RewardsAction::Donate {
             charity,
             points,
@@ -144,7 +146,7 @@ pub async fn act_on_rewards(
                     currency: settings.currency,
                     idempotency_key,
                 },
-                format!("customer:{customer_id}"),
+                Action::CustomerRewardsAction,
             )
         }
         RewardsAction::StartSubscription {
@@ -161,7 +163,7 @@ pub async fn act_on_rewards(
                     until,
                     idempotency_key,
                 },
-                format!("billing:{customer_id}"),
+                Action::OperatorRewardsAction,
             )
         }
         RewardsAction::RenewSubscription {
@@ -172,22 +174,22 @@ pub async fn act_on_rewards(
                 until,
                 idempotency_key,
             },
-            format!("billing:{customer_id}"),
+            Action::OperatorRewardsAction,
         ),
         RewardsAction::ExpirePoints { idempotency_key } => (
             RewardsCommand::ExpirePoints {
                 as_of: chrono::Utc::now(),
                 idempotency_key,
             },
-            "system:expiry".to_owned(),
+            Action::OperatorRewardsAction,
         ),
         RewardsAction::LapseSubscription { idempotency_key } => (
             RewardsCommand::LapseSubscription { idempotency_key },
-            "system:billing".to_owned(),
+            Action::OperatorRewardsAction,
         ),
         RewardsAction::CancelSubscription { idempotency_key } => (
             RewardsCommand::CancelSubscription { idempotency_key },
-            format!("customer:{customer_id}"),
+            Action::CustomerRewardsAction,
         ),
         RewardsAction::Adjust {
             points,
@@ -200,9 +202,11 @@ pub async fn act_on_rewards(
                 expires_in_days: 365,
                 idempotency_key,
             },
-            "admin".to_owned(),
+            Action::OperatorRewardsAction,
         ),
     };
+    principal.authorize(action, &Owner::customer(customer_id))?;
+    let actor = principal.actor();
     let committed = state
         .rewards
         .execute(&customer_id.to_string(), command, &context(&headers, actor))

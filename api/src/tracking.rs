@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use crate::auth::{authorize_order, Action, Principal};
 use crate::error::{ApiError, Problem};
 use crate::extract::{PathParams, QueryParams};
 use crate::orders::parse_order_id;
@@ -242,10 +243,12 @@ async fn timeline_after(
 )]
 pub async fn tracking(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(raw_id): PathParams<String>,
     QueryParams(query): QueryParams<TrackingQuery>,
 ) -> Result<axum::Json<TrackingView>, ApiError> {
     let order_id = parse_order_id(&raw_id)?.to_string();
+    authorize_order(&state, &principal, Action::ViewOrder, &order_id).await?;
     let by_sequence = query.min_sequence.map(|s| format!("order:{order_id}:{s}"));
     for position in [query.position.as_deref(), by_sequence.as_deref()] {
         wait_for_position(&state, "tracking", position).await?;
@@ -283,11 +286,13 @@ pub struct StreamQuery {
 )]
 pub async fn stream(
     State(state): State<AppState>,
+    principal: Principal,
     PathParams(raw_id): PathParams<String>,
     QueryParams(query): QueryParams<StreamQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let order_id = parse_order_id(&raw_id)?.to_string();
+    authorize_order(&state, &principal, Action::ViewOrder, &order_id).await?;
     let after = match headers.get("last-event-id") {
         Some(value) => value
             .to_str()
@@ -438,6 +443,33 @@ fn parse_order_cursor(raw: Option<&str>) -> Result<Option<(DateTime<Utc>, String
         })
 }
 
+/// A customer's or store's list is their own: the filter is set to them (asking for another's
+/// is a 403); roles that see every order list as asked.
+fn own_orders(
+    principal: &Principal,
+    mut query: OrderListQuery,
+) -> Result<OrderListQuery, ApiError> {
+    let Some(owner) = principal.own_scope(Action::ListOrders)? else {
+        return Ok(query);
+    };
+    for (filter, mine, name) in [
+        (&mut query.customer_id, owner.customer, "customer_id"),
+        (&mut query.store_id, owner.store, "store_id"),
+    ] {
+        let Some(mine) = mine else { continue };
+        match filter {
+            Some(asked) if *asked != mine => {
+                return Err(ApiError::Forbidden(format!(
+                    "a {} lists only their own orders: leave `{name}` out or set it to your own id",
+                    principal.role
+                )))
+            }
+            _ => *filter = Some(mine),
+        }
+    }
+    Ok(query)
+}
+
 /// Orders as tracked, newest first, filtered by customer, store, region, status and time of
 /// placement (a store's dashboard, a customer's order history).
 #[utoipa::path(
@@ -451,8 +483,10 @@ fn parse_order_cursor(raw: Option<&str>) -> Result<Option<(DateTime<Utc>, String
 )]
 pub async fn list(
     State(state): State<AppState>,
+    principal: Principal,
     QueryParams(query): QueryParams<OrderListQuery>,
 ) -> Result<axum::Json<OrderPage>, ApiError> {
+    let query = own_orders(&principal, query)?;
     let (from, to) = crate::paging::time_range(query.from.as_deref(), query.to.as_deref())?;
     let limit = crate::paging::limit(query.limit)?;
     let after = parse_order_cursor(query.cursor.as_deref())?;

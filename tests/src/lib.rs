@@ -14,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use api::auth::Role;
+use api::auth::{mint_hs256, AuthConfig, Claims, Secret};
 use api::{ApiConfig, ApiServer};
 use commands::{CommandBus, EventStoreConfig, EventStoreDb};
 use domain::order::Order;
@@ -173,7 +175,17 @@ impl TestEnv {
 
     /// The API on an ephemeral port; returns its base URL.
     pub async fn start_api(&self) -> (String, Running) {
-        self.start_api_with(ApiConfig::default()).await
+        self.start_api_with(Self::api_config()).await
+    }
+
+    /// The API settings of the tests: the defaults, with a rate limit no test reaches by
+    /// accident (the rate-limit test sets its own).
+    pub fn api_config() -> ApiConfig {
+        ApiConfig {
+            api_rate_limit_per_second: 100_000,
+            api_rate_limit_burst: 100_000,
+            ..ApiConfig::default()
+        }
     }
 
     /// The API with the test catalogue (`tests/fixtures/catalogue.json`): the demo menu plus a
@@ -182,14 +194,20 @@ impl TestEnv {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/catalogue.json");
         self.start_api_with(ApiConfig {
             catalogue_path: Some(path.to_owned()),
-            ..ApiConfig::default()
+            ..Self::api_config()
         })
         .await
     }
 
-    async fn start_api_with(&self, config: ApiConfig) -> (String, Running) {
+    /// The API with `config` (tokens signed with [`TEST_JWT_SECRET`], webhooks with
+    /// [`TEST_WEBHOOK_SECRET`], on an ephemeral port).
+    pub async fn start_api_with(&self, config: ApiConfig) -> (String, Running) {
         let config = ApiConfig {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            auth: auth_config(),
+            payments_webhook_secret: config
+                .payments_webhook_secret
+                .or_else(|| Some(Secret::new(TEST_WEBHOOK_SECRET))),
             ..config
         };
         let server = ApiServer::build(
@@ -349,10 +367,64 @@ pub fn binary_path(binary: &str) -> PathBuf {
     dir.join(binary)
 }
 
-/// The HTTP client the tests talk to the API with (an operator's credentials once the API
-/// authenticates; use it for every request that is not about who may do what).
+/// The HS256 secret of the APIs the tests start (test-only).
+pub const TEST_JWT_SECRET: &str = "backbone-tests-only-hs256-secret-0123456789";
+/// The payment provider's webhook secret of the APIs the tests start (test-only).
+pub const TEST_WEBHOOK_SECRET: &str = "backbone-tests-only-webhook-secret";
+
+/// The token settings of the APIs the tests start.
+pub fn auth_config() -> AuthConfig {
+    AuthConfig {
+        auth_jwt_secret: Some(Secret::new(TEST_JWT_SECRET)),
+        ..AuthConfig::default()
+    }
+}
+
+/// A valid token for `role` and `subject`, for an hour.
+pub fn token(role: Role, subject: Uuid) -> String {
+    let config = auth_config();
+    mint_hs256(&config, &Claims::new(&config, role, subject, 3600)).expect("a test token")
+}
+
+/// An HTTP client that sends a token for `role` and `subject` with every request.
+pub fn client_as(role: Role, subject: Uuid) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = format!("Bearer {}", token(role, subject));
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        value.parse().expect("a header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
+
+/// The HTTP client the tests talk to the API with: an administrator's token (for every request
+/// that is not about who may do what; `client_as` for those).
 pub fn client() -> reqwest::Client {
+    client_as(Role::Admin, Uuid::from_u128(0xad))
+}
+
+/// Posts a payment provider webhook for `order_id`, signed as the provider signs it.
+pub async fn post_webhook(
+    api: &str,
+    order_id: &str,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    let bytes = serde_json::to_vec(body).expect("json");
+    let now = chrono::Utc::now().timestamp();
     reqwest::Client::new()
+        .post(format!("{api}/payments/{order_id}/webhooks"))
+        .header("content-type", "application/json")
+        .header(
+            projections::notifier::SIGNATURE_HEADER,
+            projections::notifier::signature(TEST_WEBHOOK_SECRET, now, &bytes),
+        )
+        .body(bytes)
+        .send()
+        .await
+        .expect("webhook sent")
 }
 
 /// Places a demo order through the command bus; returns its id.

@@ -284,9 +284,9 @@ async fn an_administrator_changes_the_menu_and_new_orders_are_priced_with_it() {
         "name": "Margherita", "category": "pizza", "available": true,
         "prices": {"uk": 1299}, "options": {}
     });
-    let response = client
+    let alice = Uuid::new_v4();
+    let response = backbone_tests::client_as(backbone_tests::Role::Admin, alice)
         .put(format!("{api}/admin/menu/items/margherita"))
-        .header("x-actor", "alice")
         .json(&item)
         .send()
         .await
@@ -333,7 +333,7 @@ async fn an_administrator_changes_the_menu_and_new_orders_are_priced_with_it() {
     .fetch_one(env.pool())
     .await
     .expect("entry");
-    assert_eq!(who, "admin:alice");
+    assert_eq!(who, format!("admin:{alice}"));
 
     // Making it unavailable refuses new orders with the reason.
     let mut off = item.clone();

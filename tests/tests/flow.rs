@@ -124,12 +124,12 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
 
     // The provider's webhook confirming the authorization arrives seven times: recorded once.
     for attempt in 0..7 {
-        let response = client
-            .post(format!("{api}/payments/{order_id}/webhooks"))
-            .json(&json!({"provider_event_id": "evt-auth-1", "kind": "Authorized"}))
-            .send()
-            .await
-            .expect("webhook");
+        let response = backbone_tests::post_webhook(
+            &api,
+            &order_id,
+            &json!({"provider_event_id": "evt-auth-1", "kind": "Authorized"}),
+        )
+        .await;
         assert_eq!(response.status().as_u16(), 200);
         let body: Value = response.json().await.expect("json");
         let expected = if attempt == 0 {

@@ -1,0 +1,909 @@
+//! # Who may do what
+//!
+//! **Authentication.** Every request but health, metrics, the OpenAPI document and the payment
+//! provider's webhooks (signed instead, see [`crate::payments`]) carries
+//! `Authorization: Bearer <JWT>`. The token is verified with the one configured algorithm
+//! (HS256 with a shared secret for development; RS256 or ES256 with a PEM public key in
+//! production), its `exp` (and `nbf`, when present) with a configured clock skew, its issuer and
+//! audience. A token naming any other algorithm, `alg: none` included, is refused: the
+//! algorithm is never taken from the token. Claims: `sub` (the caller's id: the customer's, the
+//! store's, the courier's, or a staff member's), `role`, `exp`, `iat`, `iss`, `aud`.
+//!
+//! **Authorization.** One policy table, [`access`]: for each [`Action`] and [`Role`], denied,
+//! allowed on the caller's own resources, or allowed on any. "Own" means the resource belongs to
+//! the caller in the caller's role ([`Owner`]): a customer's orders, rewards, notifications and ad
+//! profile; a store's orders; the deliveries (and so the orders) assigned to a courier. An
+//! auditor reads everything and writes nothing; an analyst reads read models, not personal
+//! feeds. Handlers name the action and the owner; nothing else decides.
+//!
+//! Refusals: 401 (`WWW-Authenticate: Bearer`) when the token is missing, malformed, expired,
+//! wrongly signed or of another algorithm; 403 when the role may not take the action, or not on
+//! this resource.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The roles a token can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Customer,
+    Store,
+    Courier,
+    Admin,
+    Analyst,
+    Auditor,
+}
+
+impl Role {
+    pub const ALL: [Self; 6] = [
+        Self::Customer,
+        Self::Store,
+        Self::Courier,
+        Self::Admin,
+        Self::Analyst,
+        Self::Auditor,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Customer => "customer",
+            Self::Store => "store",
+            Self::Courier => "courier",
+            Self::Admin => "admin",
+            Self::Analyst => "analyst",
+            Self::Auditor => "auditor",
+        }
+    }
+
+    const fn column(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown role `{s}`: one of customer, store, courier, admin, analyst, auditor"
+                )
+            })
+    }
+}
+
+/// The authenticated caller (a request extension set by [`authenticate`]; extracting it from a
+/// request without a valid token is a 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Principal {
+    pub role: Role,
+    pub subject: Uuid,
+}
+
+impl Principal {
+    /// How the caller is recorded in event metadata (`actor`): `<role>:<id>`.
+    pub fn actor(&self) -> String {
+        format!("{}:{}", self.role, self.subject)
+    }
+
+    /// Allowed to take `action` on a resource belonging to `owner`, or a 403 saying why not.
+    pub fn authorize(&self, action: Action, owner: &Owner) -> Result<(), ApiError> {
+        match access(action, self.role) {
+            Access::Any => Ok(()),
+            Access::Own if owner.belongs_to(self) => Ok(()),
+            Access::Own => Err(ApiError::Forbidden(format!(
+                "a {} may {} only on their own resources; this one belongs to someone else",
+                self.role,
+                action.describe()
+            ))),
+            Access::Deny => Err(ApiError::Forbidden(format!(
+                "the {} role may not {}",
+                self.role,
+                action.describe()
+            ))),
+        }
+    }
+
+    /// Allowed to take `action` on something that belongs to nobody in particular (lists,
+    /// read models, the catalogue): only `Any` grants it.
+    pub fn authorize_any(&self, action: Action) -> Result<(), ApiError> {
+        self.authorize(action, &Owner::default())
+    }
+
+    /// For lists: `None` when the role sees everyone's, the caller as owner when it sees only
+    /// its own (the list is then filtered to them), a 403 when it sees none.
+    pub fn own_scope(&self, action: Action) -> Result<Option<Owner>, ApiError> {
+        match access(action, self.role) {
+            Access::Any => Ok(None),
+            Access::Own => Ok(Some(Owner::of(self))),
+            Access::Deny => self.authorize_any(action).map(|()| None),
+        }
+    }
+
+    /// Whether the role may take `action` on any resource (not just its own).
+    pub fn sees_all(&self, action: Action) -> bool {
+        access(action, self.role) == Access::Any
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts.extensions.get::<Self>().copied().ok_or_else(|| {
+            ApiError::Unauthorized(
+                "this endpoint needs `Authorization: Bearer <token>` with a valid token".to_owned(),
+            )
+        })
+    }
+}
+
+/// Whom a resource belongs to, per role that can own it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub customer: Option<Uuid>,
+    pub store: Option<Uuid>,
+    pub courier: Option<Uuid>,
+}
+
+impl Owner {
+    pub fn customer(id: Uuid) -> Self {
+        Self {
+            customer: Some(id),
+            ..Self::default()
+        }
+    }
+
+    /// What the caller owns in their role.
+    pub fn of(principal: &Principal) -> Self {
+        let me = Some(principal.subject);
+        match principal.role {
+            Role::Customer => Self::customer(principal.subject),
+            Role::Store => Self {
+                store: me,
+                ..Self::default()
+            },
+            Role::Courier => Self {
+                courier: me,
+                ..Self::default()
+            },
+            Role::Admin | Role::Analyst | Role::Auditor => Self::default(),
+        }
+    }
+
+    fn belongs_to(&self, principal: &Principal) -> bool {
+        let owner = match principal.role {
+            Role::Customer => self.customer,
+            Role::Store => self.store,
+            Role::Courier => self.courier,
+            Role::Admin | Role::Analyst | Role::Auditor => None,
+        };
+        owner == Some(principal.subject)
+    }
+}
+
+/// What a role may do with an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Deny,
+    /// Only on resources that belong to the caller ([`Owner`]).
+    Own,
+    Any,
+}
+
+/// Everything the API lets a caller do, as the policy names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    PlaceOrder,
+    /// Modify before acceptance, cancel as the customer, rate.
+    CustomerOrderStep,
+    /// Accept, reject, start preparation, mark ready, cancel as the store.
+    StoreOrderStep,
+    /// Take the food, hand it over.
+    CourierOrderStep,
+    /// Payment confirmation, completion, cancellation by the system: the platform's own steps.
+    SystemOrderStep,
+    ViewOrder,
+    ListOrders,
+    /// Locations, arrival, pickup, hand-over, failure, return.
+    CourierDeliveryStep,
+    /// Courier assignment and delivery cancellation.
+    DispatchDeliveryStep,
+    RateCourier,
+    /// Donations and cancelling one's subscription.
+    CustomerRewardsAction,
+    /// Subscriptions started or renewed by billing, expiry, lapses, adjustments.
+    OperatorRewardsAction,
+    RecordAdExposure,
+    /// A customer's ad profile and the promotion targeting picks for them.
+    ViewAdProfile,
+    ViewNotifications,
+    ViewAnalytics,
+    ViewRatings,
+    ViewCatalogue,
+    ManageCatalogue,
+    ViewOperations,
+    RedriveDeadLetters,
+    ReadAudit,
+    EraseCustomer,
+}
+
+impl Action {
+    pub const ALL: [Self; 23] = [
+        Self::PlaceOrder,
+        Self::CustomerOrderStep,
+        Self::StoreOrderStep,
+        Self::CourierOrderStep,
+        Self::SystemOrderStep,
+        Self::ViewOrder,
+        Self::ListOrders,
+        Self::CourierDeliveryStep,
+        Self::DispatchDeliveryStep,
+        Self::RateCourier,
+        Self::CustomerRewardsAction,
+        Self::OperatorRewardsAction,
+        Self::RecordAdExposure,
+        Self::ViewAdProfile,
+        Self::ViewNotifications,
+        Self::ViewAnalytics,
+        Self::ViewRatings,
+        Self::ViewCatalogue,
+        Self::ManageCatalogue,
+        Self::ViewOperations,
+        Self::RedriveDeadLetters,
+        Self::ReadAudit,
+        Self::EraseCustomer,
+    ];
+
+    /// Whether the action changes anything.
+    pub const fn writes(self) -> bool {
+        !matches!(
+            self,
+            Self::ViewOrder
+                | Self::ListOrders
+                | Self::ViewAdProfile
+                | Self::ViewNotifications
+                | Self::ViewAnalytics
+                | Self::ViewRatings
+                | Self::ViewCatalogue
+                | Self::ViewOperations
+                | Self::ReadAudit
+        )
+    }
+
+    const fn describe(self) -> &'static str {
+        match self {
+            Self::PlaceOrder => "place orders",
+            Self::CustomerOrderStep => "take the customer's steps on an order",
+            Self::StoreOrderStep => "take the store's steps on an order",
+            Self::CourierOrderStep => "take the courier's steps on an order",
+            Self::SystemOrderStep => "take the platform's own steps on an order",
+            Self::ViewOrder => "view an order",
+            Self::ListOrders => "list orders",
+            Self::CourierDeliveryStep => "take the courier's steps on a delivery",
+            Self::DispatchDeliveryStep => "assign or cancel deliveries",
+            Self::RateCourier => "rate a courier",
+            Self::CustomerRewardsAction => "donate points or cancel a subscription",
+            Self::OperatorRewardsAction => "adjust or expire points or manage subscriptions",
+            Self::RecordAdExposure => "record ad exposures",
+            Self::ViewAdProfile => "view a customer's ad profile or promotion",
+            Self::ViewNotifications => "view a customer's notifications",
+            Self::ViewAnalytics => "view analytics or experiment results",
+            Self::ViewRatings => "view ratings",
+            Self::ViewCatalogue => "view the catalogue",
+            Self::ManageCatalogue => "change the catalogue",
+            Self::ViewOperations => "view read-model operations",
+            Self::RedriveDeadLetters => "re-drive dead letters",
+            Self::ReadAudit => "read the audit history",
+            Self::EraseCustomer => "erase a customer's personal data",
+        }
+    }
+}
+
+/// The policy: one row per action, one column per role.
+pub const fn access(action: Action, role: Role) -> Access {
+    use Access::{Any as A, Deny as D, Own as O};
+    //                                     customer store courier admin analyst auditor
+    let row: [Access; 6] = match action {
+        Action::PlaceOrder =>
+        /*          */
+        {
+            [O, D, D, A, D, D]
+        }
+        Action::CustomerOrderStep =>
+        /*   */
+        {
+            [O, D, D, A, D, D]
+        }
+        Action::StoreOrderStep =>
+        /*      */
+        {
+            [D, O, D, A, D, D]
+        }
+        Action::CourierOrderStep =>
+        /*    */
+        {
+            [D, D, O, A, D, D]
+        }
+        Action::SystemOrderStep =>
+        /*     */
+        {
+            [D, D, D, A, D, D]
+        }
+        Action::ViewOrder =>
+        /*           */
+        {
+            [O, O, O, A, A, A]
+        }
+        Action::ListOrders =>
+        /*          */
+        {
+            [O, O, D, A, A, A]
+        }
+        Action::CourierDeliveryStep =>
+        /* */
+        {
+            [D, D, O, A, D, D]
+        }
+        Action::DispatchDeliveryStep =>
+        /**/
+        {
+            [D, D, D, A, D, D]
+        }
+        Action::RateCourier =>
+        /*         */
+        {
+            [O, D, D, A, D, D]
+        }
+        Action::CustomerRewardsAction =>
+        /**/
+        {
+            [O, D, D, A, D, D]
+        }
+        Action::OperatorRewardsAction =>
+        /**/
+        {
+            [D, D, D, A, D, D]
+        }
+        Action::RecordAdExposure =>
+        /*    */
+        {
+            [O, D, D, A, D, D]
+        }
+        Action::ViewAdProfile =>
+        /*       */
+        {
+            [O, D, D, A, A, A]
+        }
+        Action::ViewNotifications =>
+        /*   */
+        {
+            [O, D, D, A, D, A]
+        }
+        Action::ViewAnalytics =>
+        /*       */
+        {
+            [D, D, D, A, A, A]
+        }
+        Action::ViewRatings =>
+        /*         */
+        {
+            [A, A, A, A, A, A]
+        }
+        Action::ViewCatalogue =>
+        /*       */
+        {
+            [A, A, A, A, A, A]
+        }
+        Action::ManageCatalogue =>
+        /*     */
+        {
+            [D, D, D, A, D, D]
+        }
+        Action::ViewOperations =>
+        /*      */
+        {
+            [D, D, D, A, A, A]
+        }
+        Action::RedriveDeadLetters =>
+        /*  */
+        {
+            [D, D, D, A, D, D]
+        }
+        Action::ReadAudit =>
+        /*           */
+        {
+            [D, D, D, A, D, A]
+        }
+        Action::EraseCustomer =>
+        /*       */
+        {
+            [D, D, D, A, D, D]
+        }
+    };
+    row[role.column()]
+}
+
+/// The token settings (`AUTH_*`), part of [`crate::ApiConfig`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthConfig {
+    /// `AUTH_JWT_ALGORITHM`: `HS256` (default; shared secret), `RS256` or `ES256` (public key).
+    #[serde(default = "default_algorithm")]
+    pub auth_jwt_algorithm: String,
+    /// `AUTH_JWT_SECRET`: the HS256 secret, at least 32 bytes. Never logged.
+    #[serde(default)]
+    pub auth_jwt_secret: Option<Secret>,
+    /// `AUTH_JWT_PUBLIC_KEY_FILE`: PEM public key for RS256/ES256.
+    #[serde(default)]
+    pub auth_jwt_public_key_file: Option<PathBuf>,
+    /// `AUTH_JWT_ISSUER`: the required `iss` (default `order-backbone`).
+    #[serde(default = "default_issuer")]
+    pub auth_jwt_issuer: String,
+    /// `AUTH_JWT_AUDIENCE`: the required `aud` (default `order-backbone-api`).
+    #[serde(default = "default_audience")]
+    pub auth_jwt_audience: String,
+    /// `AUTH_CLOCK_SKEW_SECONDS`: tolerated difference between clocks for `exp`/`nbf` (default 30).
+    #[serde(default = "default_skew")]
+    pub auth_clock_skew_seconds: u64,
+}
+
+fn default_algorithm() -> String {
+    "HS256".to_owned()
+}
+fn default_issuer() -> String {
+    "order-backbone".to_owned()
+}
+fn default_audience() -> String {
+    "order-backbone-api".to_owned()
+}
+const fn default_skew() -> u64 {
+    30
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            auth_jwt_algorithm: default_algorithm(),
+            auth_jwt_secret: None,
+            auth_jwt_public_key_file: None,
+            auth_jwt_issuer: default_issuer(),
+            auth_jwt_audience: default_audience(),
+            auth_clock_skew_seconds: default_skew(),
+        }
+    }
+}
+
+/// A secret setting: its `Debug` never shows it, so it cannot reach a log by accident.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The smallest HS256 secret accepted (RFC 7518 §3.2: at least the hash size).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Why the token settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("AUTH_JWT_ALGORITHM `{0}` is not supported: use HS256, RS256 or ES256")]
+    Algorithm(String),
+    #[error("AUTH_JWT_SECRET is required for HS256 and must be at least {MIN_SECRET_BYTES} bytes")]
+    Secret,
+    #[error("AUTH_JWT_PUBLIC_KEY_FILE is required for {0}")]
+    MissingKey(&'static str),
+    #[error("AUTH_JWT_PUBLIC_KEY_FILE {path}: {reason}")]
+    Key { path: String, reason: String },
+}
+
+/// The claims of a backbone token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: Uuid,
+    pub role: Role,
+    pub exp: i64,
+    pub iat: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    pub iss: String,
+    pub aud: String,
+}
+
+impl Claims {
+    /// Claims for `role`/`subject`, valid from now for `ttl_seconds`, for `config`'s issuer and
+    /// audience.
+    pub fn new(config: &AuthConfig, role: Role, subject: Uuid, ttl_seconds: i64) -> Self {
+        let now = chrono::Utc::now().timestamp();
+        Self {
+            sub: subject,
+            role,
+            exp: now + ttl_seconds,
+            iat: now,
+            nbf: None,
+            iss: config.auth_jwt_issuer.clone(),
+            aud: config.auth_jwt_audience.clone(),
+        }
+    }
+}
+
+/// Verifies bearer tokens.
+#[derive(Clone)]
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("algorithms", &self.validation.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+fn algorithm(name: &str) -> Result<Algorithm, AuthConfigError> {
+    match name {
+        "HS256" => Ok(Algorithm::HS256),
+        "RS256" => Ok(Algorithm::RS256),
+        "ES256" => Ok(Algorithm::ES256),
+        other => Err(AuthConfigError::Algorithm(other.to_owned())),
+    }
+}
+
+fn hs256_secret(config: &AuthConfig) -> Result<&[u8], AuthConfigError> {
+    match &config.auth_jwt_secret {
+        Some(secret) if secret.0.len() >= MIN_SECRET_BYTES => Ok(secret.0.as_bytes()),
+        _ => Err(AuthConfigError::Secret),
+    }
+}
+
+impl Authenticator {
+    /// Fails fast on a missing or unusable key.
+    pub fn from_config(config: &AuthConfig) -> Result<Self, AuthConfigError> {
+        let algorithm = algorithm(&config.auth_jwt_algorithm)?;
+        let key = match algorithm {
+            Algorithm::HS256 => DecodingKey::from_secret(hs256_secret(config)?),
+            Algorithm::RS256 | Algorithm::ES256 => {
+                let name = if algorithm == Algorithm::RS256 {
+                    "RS256"
+                } else {
+                    "ES256"
+                };
+                let path = config
+                    .auth_jwt_public_key_file
+                    .as_ref()
+                    .ok_or(AuthConfigError::MissingKey(name))?;
+                let key_error = |reason: String| AuthConfigError::Key {
+                    path: path.display().to_string(),
+                    reason,
+                };
+                let pem = std::fs::read(path).map_err(|e| key_error(e.to_string()))?;
+                if algorithm == Algorithm::RS256 {
+                    DecodingKey::from_rsa_pem(&pem)
+                } else {
+                    DecodingKey::from_ec_pem(&pem)
+                }
+                .map_err(|e| key_error(e.to_string()))?
+            }
+            _ => {
+                return Err(AuthConfigError::Algorithm(
+                    config.auth_jwt_algorithm.clone(),
+                ))
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = config.auth_clock_skew_seconds;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[config.auth_jwt_issuer.as_str()]);
+        validation.set_audience(&[config.auth_jwt_audience.as_str()]);
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        Ok(Self { key, validation })
+    }
+
+    /// The caller a token proves, or why it proves nothing (said to the client, with no secret).
+    pub fn verify(&self, token: &str) -> Result<Principal, String> {
+        use jsonwebtoken::errors::ErrorKind;
+        match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
+            Ok(data) => Ok(Principal {
+                role: data.claims.role,
+                subject: data.claims.sub,
+            }),
+            Err(e) => Err(match e.kind() {
+                ErrorKind::ExpiredSignature => "the token has expired; get a new one".to_owned(),
+                ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)".to_owned(),
+                ErrorKind::InvalidSignature => "the token's signature does not verify".to_owned(),
+                ErrorKind::InvalidAlgorithm => {
+                    "the token is not signed with the algorithm this API accepts".to_owned()
+                }
+                ErrorKind::InvalidIssuer => "the token was issued by someone else (iss)".to_owned(),
+                ErrorKind::InvalidAudience => "the token is for another audience (aud)".to_owned(),
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    format!("the token lacks the `{claim}` claim")
+                }
+                _ => "the token is malformed (expected a signed JWT with sub, role, exp, iss and aud)"
+                    .to_owned(),
+            }),
+        }
+    }
+}
+
+/// Signs development tokens with the HS256 secret (`mint-token`, the tests, `run-backbone`).
+pub fn mint_hs256(config: &AuthConfig, claims: &Claims) -> Result<String, AuthConfigError> {
+    let key = EncodingKey::from_secret(hs256_secret(config)?);
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &key)
+        .map_err(|_| AuthConfigError::Secret)
+}
+
+/// The layer on the whole router: a request with an `Authorization` header is authenticated
+/// here (a bad token is a 401 whatever the route); the [`Principal`] it proves goes into the
+/// request's extensions for the handlers and the layers inside (rate limit, idempotency).
+pub async fn authenticate(
+    State(authenticator): State<Arc<Authenticator>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(value) = request.headers().get(header::AUTHORIZATION) else {
+        return next.run(request).await;
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let principal = match token {
+        Some(token) if !token.is_empty() => authenticator.verify(token),
+        _ => Err("send the token as `Authorization: Bearer <token>`".to_owned()),
+    };
+    match principal {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(reason) => ApiError::Unauthorized(reason).into_response(),
+    }
+}
+
+/// Whom an order belongs to: its customer, its store and the courier of its delivery. `None`
+/// when there is no such order.
+pub async fn order_owner(state: &AppState, order_id: &str) -> Result<Option<Owner>, ApiError> {
+    let (customer, store) = state
+        .orders
+        .state(order_id, |order| {
+            (
+                order.customer_id.map(|c| c.as_uuid()),
+                order.store_id.map(|s| s.as_uuid()),
+            )
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if customer.is_none() {
+        return Ok(None);
+    }
+    let courier = state
+        .deliveries
+        .state(order_id, |delivery| {
+            delivery.courier_id.map(|c| c.as_uuid())
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Some(Owner {
+        customer,
+        store,
+        courier,
+    }))
+}
+
+/// Authorizes `action` on an order: 404 when there is no such order and the caller could only
+/// act on their own ones (nothing is said about orders of others that do not exist).
+pub async fn authorize_order(
+    state: &AppState,
+    principal: &Principal,
+    action: Action,
+    order_id: &str,
+) -> Result<(), ApiError> {
+    if principal.sees_all(action) {
+        return Ok(());
+    }
+    match order_owner(state, order_id).await? {
+        Some(owner) => principal.authorize(action, &owner),
+        None => principal.authorize_any(action).or_else(|denied| {
+            if access(action, principal.role) == Access::Own {
+                Err(ApiError::NotFound(format!("no order `{order_id}`")))
+            } else {
+                Err(denied)
+            }
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hs_config() -> AuthConfig {
+        AuthConfig {
+            auth_jwt_secret: Some(Secret::new("a-development-secret-of-32-bytes!")),
+            ..AuthConfig::default()
+        }
+    }
+
+    #[test]
+    fn an_auditor_writes_nothing_and_an_admin_does_everything() {
+        for action in Action::ALL {
+            assert_eq!(access(action, Role::Admin), Access::Any, "{action:?}");
+            if action.writes() {
+                assert_eq!(access(action, Role::Auditor), Access::Deny, "{action:?}");
+                assert_eq!(access(action, Role::Analyst), Access::Deny, "{action:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn own_access_needs_the_owner_of_the_callers_role() {
+        let me = Uuid::new_v4();
+        let customer = Principal {
+            role: Role::Customer,
+            subject: me,
+        };
+        assert!(customer
+            .authorize(Action::ViewOrder, &Owner::customer(me))
+            .is_ok());
+        let theirs = Owner::customer(Uuid::new_v4());
+        assert!(matches!(
+            customer.authorize(Action::ViewOrder, &theirs),
+            Err(ApiError::Forbidden(_))
+        ));
+        // A store whose id happens to equal the customer's id owns nothing of the customer's.
+        let store = Principal {
+            role: Role::Store,
+            subject: me,
+        };
+        assert!(store
+            .authorize(Action::ViewOrder, &Owner::customer(me))
+            .is_err());
+    }
+
+    #[test]
+    fn a_minted_token_verifies_and_proves_its_role_and_subject() {
+        let config = hs_config();
+        let subject = Uuid::new_v4();
+        let token =
+            mint_hs256(&config, &Claims::new(&config, Role::Store, subject, 60)).expect("minted");
+        let principal = Authenticator::from_config(&config)
+            .expect("config")
+            .verify(&token)
+            .expect("valid");
+        assert_eq!(
+            principal,
+            Principal {
+                role: Role::Store,
+                subject
+            }
+        );
+    }
+
+    #[test]
+    fn expired_tokens_pass_only_within_the_clock_skew() {
+        let config = hs_config();
+        let authenticator = Authenticator::from_config(&config).expect("config");
+        let within = Claims::new(&config, Role::Admin, Uuid::new_v4(), -10);
+        let beyond = Claims::new(&config, Role::Admin, Uuid::new_v4(), -120);
+        assert!(authenticator
+            .verify(&mint_hs256(&config, &within).expect("minted"))
+            .is_ok());
+        let refused = authenticator
+            .verify(&mint_hs256(&config, &beyond).expect("minted"))
+            .expect_err("expired");
+        assert!(refused.contains("expired"), "{refused}");
+    }
+
+    #[test]
+    fn short_or_missing_secrets_and_unknown_algorithms_are_refused_at_start() {
+        assert!(matches!(
+            Authenticator::from_config(&AuthConfig::default()),
+            Err(AuthConfigError::Secret)
+        ));
+        let short = AuthConfig {
+            auth_jwt_secret: Some(Secret::new("short")),
+            ..AuthConfig::default()
+        };
+        assert!(Authenticator::from_config(&short).is_err());
+        let none = AuthConfig {
+            auth_jwt_algorithm: "none".to_owned(),
+            ..hs_config()
+        };
+        assert!(matches!(
+            Authenticator::from_config(&none),
+            Err(AuthConfigError::Algorithm(_))
+        ));
+    }
+
+    #[test]
+    fn es256_tokens_verify_with_the_configured_public_key() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        let config = AuthConfig {
+            auth_jwt_algorithm: "ES256".to_owned(),
+            auth_jwt_public_key_file: Some(PathBuf::from(format!("{dir}/es256-public.pem"))),
+            ..AuthConfig::default()
+        };
+        let private = std::fs::read(format!("{dir}/es256-private.pem")).expect("test key");
+        let subject = Uuid::new_v4();
+        let claims = Claims::new(&config, Role::Courier, subject, 60);
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::ES256),
+            &claims,
+            &EncodingKey::from_ec_pem(&private).expect("EC key"),
+        )
+        .expect("signed");
+        let authenticator = Authenticator::from_config(&config).expect("config");
+        assert_eq!(
+            authenticator.verify(&token).expect("valid").subject,
+            subject
+        );
+        // The same claims signed with HS256 are refused: the algorithm is the API's, not the token's.
+        let hs = mint_hs256(&hs_config(), &claims).expect("minted");
+        assert!(authenticator.verify(&hs).is_err());
+    }
+
+    #[test]
+    fn rs256_tokens_verify_with_the_configured_public_key() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        let config = AuthConfig {
+            auth_jwt_algorithm: "RS256".to_owned(),
+            auth_jwt_public_key_file: Some(PathBuf::from(format!("{dir}/rs256-public.pem"))),
+            ..AuthConfig::default()
+        };
+        let private = std::fs::read(format!("{dir}/rs256-private.pem")).expect("test key");
+        let claims = Claims::new(&config, Role::Analyst, Uuid::new_v4(), 60);
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &claims,
+            &EncodingKey::from_rsa_pem(&private).expect("RSA key"),
+        )
+        .expect("signed");
+        let authenticator = Authenticator::from_config(&config).expect("config");
+        assert_eq!(
+            authenticator.verify(&token).expect("valid").role,
+            Role::Analyst
+        );
+    }
+}
