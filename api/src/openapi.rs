@@ -1,6 +1,7 @@
 //! What every operation of the OpenAPI document shares, added in one place rather than on each
 //! handler: the bearer-token security scheme and the answers any protected endpoint can give
-//! (401, 403, 429), and those of any endpoint with a body (400, 413, 415, 422). Clients and
+//! (401, 403, 429), those of any endpoint with parameters (400) and with a body (400, 413,
+//! 415, 422). Clients and
 //! fuzzers read the document, so it must list every status the API can answer.
 
 use utoipa::openapi::path::Operation;
@@ -91,6 +92,9 @@ impl Modify for Shared {
                         "429",
                         "Too many requests from this client; retry after Retry-After seconds",
                     );
+                }
+                if operation.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+                    add(operation, "400", "A path or query parameter is not valid");
                 }
                 if operation.request_body.is_some() {
                     add(operation, "400", "Malformed request");

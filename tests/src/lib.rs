@@ -403,8 +403,11 @@ pub fn client_as(role: Role, subject: Uuid) -> reqwest::Client {
 /// The HTTP client the tests talk to the API with: an administrator's token (for every request
 /// that is not about who may do what; `client_as` for those).
 pub fn client() -> reqwest::Client {
-    client_as(Role::Admin, Uuid::from_u128(0xad))
+    client_as(Role::Admin, ADMIN_ID)
 }
+
+/// The administrator [`client`] acts as.
+pub const ADMIN_ID: Uuid = Uuid::from_u128(0xad);
 
 /// Posts a payment provider webhook for `order_id`, signed as the provider signs it.
 pub async fn post_webhook(

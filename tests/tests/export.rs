@@ -21,7 +21,9 @@ use arrow_array::types::{
 };
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, SchemaRef, TimeUnit};
-use backbone_tests::{binary_path, eventually, order_request, place_order, TestEnv};
+use backbone_tests::{
+    binary_path, client, client_as, eventually, order_request, place_order, Role, TestEnv,
+};
 use chrono::{DateTime, SecondsFormat, Utc};
 use commands::{CommandBus, CommandContext};
 use domain::delivery::{Delivery, DeliveryCommand, DeliveryServices, GeoPoint};
@@ -169,6 +171,17 @@ fn appended(
 }
 
 /// POSTs `body` in business transaction `correlation`; expects success and returns the answer.
+/// The administrator the tests act as, and how events record them.
+fn admin() -> (reqwest::Client, String) {
+    (client(), format!("admin:{}", backbone_tests::ADMIN_ID))
+}
+
+/// The demo store (of `order_request`), and how events record it.
+fn demo_store() -> (reqwest::Client, String) {
+    let store = Uuid::from_u128(42);
+    (client_as(Role::Store, store), format!("store:{store}"))
+}
+
 async fn post(client: &reqwest::Client, url: &str, body: &Value, correlation: Uuid) -> Value {
     let response = client
         .post(url)
@@ -437,7 +450,7 @@ async fn exports_in_every_format_and_from_both_sources_hold_exactly_the_events_a
     let env = TestEnv::start("export").await;
     let relay = env.start_relay().await;
     let (api, server) = env.start_api().await;
-    let client = backbone_tests::client();
+    let client = client();
     let dir = tempdir("export");
     let mut done = Vec::new();
 
@@ -447,7 +460,7 @@ async fn exports_in_every_format_and_from_both_sources_hold_exactly_the_events_a
     for customer in customers {
         let correlation = Uuid::new_v4();
         let answer = post(
-            &client,
+            &client_as(Role::Customer, customer),
             &format!("{api}/orders"),
             &order_request(customer),
             correlation,
@@ -477,7 +490,7 @@ async fn exports_in_every_format_and_from_both_sources_hold_exactly_the_events_a
         &customers[0].to_string(),
         &events_of(&answer),
         answer["sequence"].as_i64().expect("sequence"),
-        "admin",
+        &admin().1,
         adjusted,
     ));
 
@@ -488,18 +501,18 @@ async fn exports_in_every_format_and_from_both_sources_hold_exactly_the_events_a
     // After `between`: the first order paid and accepted, its delivery requested (as the
     // process manager does) and given to a courier; the second cancelled by its customer.
     let (first, _, first_correlation) = orders[0].clone();
-    for (action, actor) in [
+    for (action, (caller, actor)) in [
         (
             json!({"action": "confirm_payment", "payment_reference": "pay-1"}),
-            "payment-provider",
+            admin(),
         ),
         (
             json!({"action": "accept", "estimated_preparation_minutes": 15}),
-            "store",
+            demo_store(),
         ),
     ] {
         let answer = post(
-            &client,
+            &caller,
             &format!("{api}/orders/{first}/actions"),
             &action,
             first_correlation,
@@ -510,7 +523,7 @@ async fn exports_in_every_format_and_from_both_sources_hold_exactly_the_events_a
             &first,
             &events_of(&answer),
             answer["position"]["sequence"].as_i64().expect("sequence"),
-            actor,
+            &actor,
             first_correlation,
         ));
     }
@@ -555,12 +568,12 @@ async fn exports_in_every_format_and_from_both_sources_hold_exactly_the_events_a
         &first,
         &events_of(&answer),
         answer["position"]["sequence"].as_i64().expect("sequence"),
-        "dispatch",
+        &admin().1,
         first_correlation,
     ));
-    let (second, _, second_correlation) = orders[1].clone();
+    let (second, second_customer, second_correlation) = orders[1].clone();
     let answer = post(
-        &client,
+        &client_as(Role::Customer, second_customer),
         &format!("{api}/orders/{second}/actions"),
         &json!({"action": "cancel", "by": "Customer", "reason": "changed my mind"}),
         second_correlation,
@@ -571,7 +584,7 @@ async fn exports_in_every_format_and_from_both_sources_hold_exactly_the_events_a
         &second,
         &events_of(&answer),
         answer["position"]["sequence"].as_i64().expect("sequence"),
-        "customer",
+        &format!("customer:{second_customer}"),
         second_correlation,
     ));
 
@@ -1277,13 +1290,13 @@ async fn get(client: &reqwest::Client, url: &str) -> (u16, String, Value) {
 async fn the_history_of_an_aggregate_shows_its_events_with_all_metadata_in_order() {
     let env = TestEnv::start("history").await;
     let (api, server) = env.start_api().await;
-    let client = backbone_tests::client();
+    let client = client();
 
     // An order placed by a customer, paid, accepted by the store; another one alongside.
     let customer = Uuid::new_v4();
     let correlation = Uuid::new_v4();
     let answer = post(
-        &client,
+        &client_as(Role::Customer, customer),
         &format!("{api}/orders"),
         &order_request(customer),
         correlation,
@@ -1298,18 +1311,18 @@ async fn the_history_of_an_aggregate_shows_its_events_with_all_metadata_in_order
         &format!("customer:{customer}"),
         correlation,
     );
-    for (action, actor) in [
+    for (action, (caller, actor)) in [
         (
             json!({"action": "confirm_payment", "payment_reference": "pay-9"}),
-            "payment-provider",
+            admin(),
         ),
         (
             json!({"action": "accept", "estimated_preparation_minutes": 10}),
-            "store",
+            demo_store(),
         ),
     ] {
         let answer = post(
-            &client,
+            &caller,
             &format!("{api}/orders/{order_id}/actions"),
             &action,
             correlation,
@@ -1320,7 +1333,7 @@ async fn the_history_of_an_aggregate_shows_its_events_with_all_metadata_in_order
             &order_id,
             &events_of(&answer),
             answer["position"]["sequence"].as_i64().expect("sequence"),
-            actor,
+            &actor,
             correlation,
         ));
     }
