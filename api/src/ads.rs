@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::error::{command_error, ApiError, Problem, RuleViolation};
 use crate::extract::{Body, PathParams, QueryParams};
+use crate::idempotency::IdempotencyKey;
 use crate::orders::context;
 use crate::positions::{wait_for_position, Position};
 use crate::tracking::MoneyView;
@@ -103,6 +104,7 @@ pub struct ExposureAccepted {
 pub async fn record_exposure(
     State(state): State<AppState>,
     headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(request): Body<ExposureRequest>,
 ) -> Result<axum::Json<ExposureAccepted>, ApiError> {
@@ -130,7 +132,7 @@ pub async fn record_exposure(
         .execute(
             &aggregate_id,
             command,
-            &context(&headers, format!("customer:{customer_id}")),
+            &context(&headers, key, format!("customer:{customer_id}")),
         )
         .await
         .map_err(command_error)?;

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
+use crate::idempotency::IdempotencyKey;
 use crate::orders::{accepted, parse_order_id, step_context, OrderAccepted};
 use crate::AppState;
 
@@ -131,12 +132,13 @@ impl TryFrom<DeliveryAction> for (DeliveryCommand, &'static str) {
 pub async fn act_on_delivery(
     State(state): State<AppState>,
     headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<DeliveryAction>,
 ) -> Result<axum::Json<OrderAccepted>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
     let (command, actor) = <(DeliveryCommand, &'static str)>::try_from(action)?;
-    let context = step_context(&state, &headers, actor, order_id).await?;
+    let context = step_context(&state, &headers, key, actor, order_id).await?;
     let committed = state
         .deliveries
         .execute(&order_id.to_string(), command, &context)

@@ -7,7 +7,8 @@
 //! aggregate (`GET /audit/{aggregate_type}/{aggregate_id}/events`, [`audit`]), an OpenAPI
 //! document (`/openapi.json`),
 //! Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`). Every client
-//! mistake is answered with an `application/problem+json` document ([`error`]).
+//! mistake is answered with an `application/problem+json` document ([`error`]). Every mutating
+//! request may carry an `Idempotency-Key` to be retried safely ([`idempotency`]).
 //!
 //! Place in the flow: requests become domain commands here (parsed at the boundary with
 //! `TryFrom`), run through `commands`, and the views are read from the tables that
@@ -21,6 +22,7 @@ pub mod deliveries;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod idempotency;
 pub mod live;
 pub mod notifications;
 pub mod orders;
@@ -57,6 +59,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
+use crate::idempotency::IdempotencyDoc;
 
 /// API settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -73,6 +76,10 @@ pub struct ApiConfig {
     /// `API_READ_YOUR_WRITES_WAIT_MS`: how long a query with `min_sequence` waits (default 3000).
     #[serde(default = "default_ryw")]
     pub api_read_your_writes_wait_ms: u64,
+    /// `API_IDEMPOTENCY_TTL_SECONDS`: how long the response to a request with an
+    /// `Idempotency-Key` is kept and replayed; after that the key is forgotten (default 86400).
+    #[serde(default = "default_idempotency_ttl")]
+    pub api_idempotency_ttl_seconds: u64,
     /// `CATALOGUE_PATH`: JSON catalogue of menu and regions (default: the built-in demo menu).
     #[serde(default)]
     pub catalogue_path: Option<String>,
@@ -90,6 +97,9 @@ const fn default_timeout() -> u64 {
 const fn default_ryw() -> u64 {
     3_000
 }
+const fn default_idempotency_ttl() -> u64 {
+    86_400
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -98,6 +108,7 @@ impl Default for ApiConfig {
             api_body_limit_bytes: default_body_limit(),
             api_request_timeout_ms: default_timeout(),
             api_read_your_writes_wait_ms: default_ryw(),
+            api_idempotency_ttl_seconds: default_idempotency_ttl(),
             catalogue_path: None,
         }
     }
@@ -111,6 +122,15 @@ impl ApiConfig {
     /// The catalogue that prices orders.
     pub fn catalogue(&self) -> Result<Catalogue, String> {
         commands::catalogue::seed_catalogue(self.catalogue_path.as_deref())
+    }
+
+    /// The store of idempotency keys, with this configuration's expiry and request timeout.
+    pub fn idempotency(&self, pool: PgPool) -> idempotency::Idempotency {
+        idempotency::Idempotency::new(
+            pool,
+            Duration::from_secs(self.api_idempotency_ttl_seconds),
+            Duration::from_millis(self.api_request_timeout_ms),
+        )
     }
 }
 
@@ -178,7 +198,8 @@ impl std::fmt::Debug for AppState {
         health::live,
         health::ready
     ),
-    components(schemas(error::Problem))
+    components(schemas(error::Problem)),
+    modifiers(&IdempotencyDoc)
 )]
 pub struct ApiDoc;
 
@@ -286,6 +307,11 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .fallback(not_found)
+        // Inside the body limit and the timeout; whatever sets `CallerScope` goes outside it.
+        .layer(axum::middleware::from_fn_with_state(
+            config.idempotency(state.pool.clone()),
+            idempotency::middleware,
+        ))
         .layer(DefaultBodyLimit::max(config.api_body_limit_bytes))
         .layer(axum::Extension(extract::BodyLimit(
             config.api_body_limit_bytes,
@@ -344,6 +370,12 @@ impl ApiServer {
                     .await;
             });
         }
+        // Expired idempotency keys go every minute (they are never replayed meanwhile).
+        tokio::spawn(
+            config
+                .idempotency(pool.clone())
+                .purge_every(Duration::from_secs(60)),
+        );
         let services = OrderServices::new(catalogue.clone(), clock.clone());
         projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
         projections::ensure_schema(&projections::RatingsProjection, &pool).await?;

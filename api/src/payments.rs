@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
+use crate::idempotency::IdempotencyKey;
 use crate::orders::{context, parse_order_id};
 use crate::AppState;
 
@@ -78,6 +79,7 @@ pub struct WebhookAccepted {
 pub async fn receive_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(webhook): Body<ProviderWebhook>,
 ) -> Result<axum::Json<WebhookAccepted>, ApiError> {
@@ -109,7 +111,7 @@ pub async fn receive_webhook(
         .execute(
             &order_id.to_string(),
             command,
-            &context(&headers, "payment-provider".to_owned()),
+            &context(&headers, key, "payment-provider".to_owned()),
         )
         .await
         .map_err(command_error)?;

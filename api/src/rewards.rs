@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
+use crate::idempotency::IdempotencyKey;
 use crate::orders::context;
 use crate::AppState;
 
@@ -118,6 +119,7 @@ pub struct RewardsAccepted {
 pub async fn act_on_rewards(
     State(state): State<AppState>,
     headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<RewardsAction>,
 ) -> Result<axum::Json<RewardsAccepted>, ApiError> {
@@ -205,7 +207,11 @@ pub async fn act_on_rewards(
     };
     let committed = state
         .rewards
-        .execute(&customer_id.to_string(), command, &context(&headers, actor))
+        .execute(
+            &customer_id.to_string(),
+            command,
+            &context(&headers, key, actor),
+        )
         .await
         .map_err(command_error)?;
     Ok(axum::Json(RewardsAccepted {
