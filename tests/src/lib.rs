@@ -187,6 +187,11 @@ impl TestEnv {
         .await
     }
 
+    /// The API with `config` (its listen address is replaced by an ephemeral port).
+    pub async fn start_api_with_config(&self, config: ApiConfig) -> (String, Running) {
+        self.start_api_with(config).await
+    }
+
     async fn start_api_with(&self, config: ApiConfig) -> (String, Running) {
         let config = ApiConfig {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
