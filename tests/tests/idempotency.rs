@@ -487,3 +487,80 @@ async fn an_admin_put_with_a_repeated_key_changes_the_catalogue_once() {
     server.stop().await.expect("API stops");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_callers_with_the_same_key_do_not_share_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use api::idempotency::{self, CallerScope, IdempotencyKey};
+    use axum::extract::Request;
+    use axum::middleware::{from_fn, from_fn_with_state, Next};
+
+    let env = TestEnv::start("idem_scope").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    // The contract with the authentication layer: it sets `CallerScope` outside the
+    // idempotency layer (here from a header, for the test).
+    let app = axum::Router::new()
+        .route(
+            "/things",
+            axum::routing::post(move |key: Option<IdempotencyKey>| async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::CREATED,
+                    axum::Json(json!({"id": key.map(|IdempotencyKey(id)| id)})),
+                )
+            }),
+        )
+        .layer(from_fn_with_state(
+            ApiConfig::default().idempotency(env.pool().clone()),
+            idempotency::middleware,
+        ))
+        .layer(from_fn(|mut request: Request, next: Next| async move {
+            let caller = request
+                .headers()
+                .get("x-test-caller")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if let Some(caller) = caller {
+                request.extensions_mut().insert(CallerScope(caller));
+            }
+            next.run(request).await
+        }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bound");
+    let url = format!("http://{}/things", listener.local_addr().expect("address"));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = backbone_tests::client();
+    let send = |caller: Option<&'static str>| {
+        let mut request = client.post(&url).header(KEY, "shared-key").json(&json!({}));
+        if let Some(caller) = caller {
+            request = request.header("x-test-caller", caller);
+        }
+        request.send()
+    };
+
+    let (status, replayed, alice) = answer(send(Some("customer:alice")).await.expect("sent")).await;
+    assert_eq!((status, replayed), (201, None));
+    let (status, replayed, bob) = answer(send(Some("customer:bob")).await.expect("sent")).await;
+    assert_eq!((status, replayed), (201, None), "another caller's key");
+    assert_ne!(alice["id"], bob["id"]);
+    let (_, replayed, anonymous) = answer(send(None).await.expect("sent")).await;
+    assert_eq!(replayed, None);
+    assert_ne!(anonymous["id"], alice["id"]);
+    let (_, replayed, again) = answer(send(Some("customer:alice")).await.expect("sent")).await;
+    assert_eq!(replayed.as_deref(), Some("true"));
+    assert_eq!(again, alice);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let scopes: Vec<String> =
+        sqlx::query_scalar("SELECT scope FROM idempotency_keys ORDER BY scope")
+            .fetch_all(env.pool())
+            .await
+            .expect("scopes");
+    assert_eq!(scopes, ["anonymous", "customer:alice", "customer:bob"]);
+
+    server.abort();
+    env.stop().await;
+}
