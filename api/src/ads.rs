@@ -24,6 +24,7 @@ use uuid::Uuid;
 use crate::auth::{Action, Owner, Principal};
 use crate::error::{command_error, ApiError, Problem, RuleViolation};
 use crate::extract::{Body, PathParams, QueryParams};
+use crate::idempotency::IdempotencyKey;
 use crate::orders::context;
 use crate::positions::{wait_for_position, Position};
 use crate::tracking::MoneyView;
@@ -105,6 +106,7 @@ pub async fn record_exposure(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(request): Body<ExposureRequest>,
 ) -> Result<axum::Json<ExposureAccepted>, ApiError> {
@@ -133,7 +135,7 @@ pub async fn record_exposure(
         .execute(
             &aggregate_id,
             command,
-            &context(&headers, principal.actor()),
+            &context(&headers, key, principal.actor()),
         )
         .await
         .map_err(command_error)?;

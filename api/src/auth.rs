@@ -695,6 +695,10 @@ pub async fn authenticate(
     };
     match principal {
         Ok(principal) => {
+            // Idempotency keys are the caller's own: the same key from two callers is two keys.
+            request
+                .extensions_mut()
+                .insert(crate::idempotency::CallerScope(principal.actor()));
             request.extensions_mut().insert(principal);
             next.run(request).await
         }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::auth::{authorize_order, Action, Principal};
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
+use crate::idempotency::IdempotencyKey;
 use crate::orders::{accepted, parse_order_id, step_context, OrderAccepted};
 use crate::AppState;
 
@@ -143,13 +144,14 @@ pub async fn act_on_delivery(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<DeliveryAction>,
 ) -> Result<axum::Json<OrderAccepted>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
     let (command, action) = <(DeliveryCommand, Action)>::try_from(action)?;
     authorize_order(&state, &principal, action, &order_id.to_string()).await?;
-    let context = step_context(&state, &headers, &principal.actor(), order_id).await?;
+    let context = step_context(&state, &headers, key, &principal.actor(), order_id).await?;
     let committed = state
         .deliveries
         .execute(&order_id.to_string(), command, &context)

@@ -7,7 +7,8 @@
 //! aggregate (`GET /audit/{aggregate_type}/{aggregate_id}/events`, [`audit`]), an OpenAPI
 //! document (`/openapi.json`),
 //! Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`). Every client
-//! mistake is answered with an `application/problem+json` document ([`error`]).
+//! mistake is answered with an `application/problem+json` document ([`error`]). Every mutating
+//! request may carry an `Idempotency-Key` to be retried safely ([`idempotency`]).
 //!
 //! Place in the flow: requests become domain commands here (parsed at the boundary with
 //! `TryFrom`), run through `commands`, and the views are read from the tables that
@@ -22,6 +23,7 @@ pub mod deliveries;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod idempotency;
 pub mod limits;
 pub mod live;
 pub mod notifications;
@@ -60,6 +62,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
+use crate::idempotency::IdempotencyDoc;
 use crate::openapi::Shared as SharedResponses;
 
 /// API settings.
@@ -77,6 +80,10 @@ pub struct ApiConfig {
     /// `API_READ_YOUR_WRITES_WAIT_MS`: how long a query with `min_sequence` waits (default 3000).
     #[serde(default = "default_ryw")]
     pub api_read_your_writes_wait_ms: u64,
+    /// `API_IDEMPOTENCY_TTL_SECONDS`: how long the response to a request with an
+    /// `Idempotency-Key` is kept and replayed; after that the key is forgotten (default 86400).
+    #[serde(default = "default_idempotency_ttl")]
+    pub api_idempotency_ttl_seconds: u64,
     /// `CATALOGUE_PATH`: JSON catalogue of menu and regions (default: the built-in demo menu).
     #[serde(default)]
     pub catalogue_path: Option<String>,
@@ -120,6 +127,9 @@ const fn default_burst() -> u32 {
 const fn default_webhook_tolerance() -> i64 {
     300
 }
+const fn default_idempotency_ttl() -> u64 {
+    86_400
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -128,6 +138,7 @@ impl Default for ApiConfig {
             api_body_limit_bytes: default_body_limit(),
             api_request_timeout_ms: default_timeout(),
             api_read_your_writes_wait_ms: default_ryw(),
+            api_idempotency_ttl_seconds: default_idempotency_ttl(),
             catalogue_path: None,
             api_rate_limit_per_second: default_rate(),
             api_rate_limit_burst: default_burst(),
@@ -148,6 +159,15 @@ impl ApiConfig {
     /// The catalogue that prices orders.
     pub fn catalogue(&self) -> Result<Catalogue, String> {
         commands::catalogue::seed_catalogue(self.catalogue_path.as_deref())
+    }
+
+    /// The store of idempotency keys, with this configuration's expiry and request timeout.
+    pub fn idempotency(&self, pool: PgPool) -> idempotency::Idempotency {
+        idempotency::Idempotency::new(
+            pool,
+            Duration::from_secs(self.api_idempotency_ttl_seconds),
+            Duration::from_millis(self.api_request_timeout_ms),
+        )
     }
 }
 
@@ -218,7 +238,7 @@ impl std::fmt::Debug for AppState {
         health::ready
     ),
     components(schemas(error::Problem)),
-    modifiers(&SharedResponses)
+    modifiers(&SharedResponses, &IdempotencyDoc)
 )]
 pub struct ApiDoc;
 
@@ -331,7 +351,12 @@ pub fn router(
         .route("/metrics", get(metrics_endpoint))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
-        .fallback(not_found);
+        .fallback(not_found)
+        // Inside authentication (its `CallerScope`), the body limit and the timeout.
+        .layer(axum::middleware::from_fn_with_state(
+            config.idempotency(state.pool.clone()),
+            idempotency::middleware,
+        ));
     let routes = match limiter {
         Some(limiter) => routes.layer(axum::middleware::from_fn_with_state(
             limiter,
@@ -406,6 +431,12 @@ impl ApiServer {
                     .await;
             });
         }
+        // Expired idempotency keys go every minute (they are never replayed meanwhile).
+        tokio::spawn(
+            config
+                .idempotency(pool.clone())
+                .purge_every(Duration::from_secs(60)),
+        );
         let services = OrderServices::new(catalogue.clone(), clock.clone());
         projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
         projections::ensure_schema(&projections::RatingsProjection, &pool).await?;

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::auth::{authorize_order, Action, Owner, Principal};
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
+use crate::idempotency::{command_context, IdempotencyKey};
 pub use crate::positions::Position;
 use crate::AppState;
 
@@ -173,8 +174,12 @@ pub struct OrderAccepted {
     pub events: Vec<String>,
 }
 
-pub(crate) fn context(headers: &HeaderMap, actor: String) -> CommandContext {
-    let context = CommandContext::new(actor);
+pub(crate) fn context(
+    headers: &HeaderMap,
+    key: Option<IdempotencyKey>,
+    actor: String,
+) -> CommandContext {
+    let context = command_context(key, actor);
     match headers
         .get(CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -217,6 +222,7 @@ pub async fn place_order(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     Body(request): Body<PlaceOrderRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.authorize(Action::PlaceOrder, &Owner::customer(request.customer_id))?;
@@ -234,10 +240,16 @@ pub async fn place_order(
     if let OrderCommand::PlaceOrder { free_delivery, .. } = &mut command {
         *free_delivery = subscriber;
     }
-    let order_id = OrderId::new();
+    // A retry with the same Idempotency-Key names the same order (even after a crash between
+    // the commit and the response).
+    let order_id = key.map_or_else(OrderId::new, |IdempotencyKey(id)| OrderId::from_uuid(id));
     let committed = state
         .orders
-        .execute(&order_id.to_string(), command, &context(&headers, actor))
+        .execute(
+            &order_id.to_string(),
+            command,
+            &context(&headers, key, actor),
+        )
         .await
         .map_err(command_error)?;
     Ok((
@@ -382,13 +394,14 @@ pub async fn act_on_order(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<OrderAction>,
 ) -> Result<axum::Json<OrderAccepted>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
     let (command, action) = action.into_command()?;
     authorize_order(&state, &principal, action, &order_id.to_string()).await?;
-    let context = step_context(&state, &headers, &principal.actor(), order_id).await?;
+    let context = step_context(&state, &headers, key, &principal.actor(), order_id).await?;
     let committed = state
         .orders
         .execute(&order_id.to_string(), command, &context)
@@ -403,10 +416,11 @@ pub async fn act_on_order(
 pub(crate) async fn step_context(
     state: &AppState,
     headers: &HeaderMap,
+    key: Option<IdempotencyKey>,
     actor: &str,
     order_id: OrderId,
 ) -> Result<CommandContext, ApiError> {
-    let context = context(headers, actor.to_owned());
+    let context = context(headers, key, actor.to_owned());
     if headers.get(CORRELATION_HEADER).is_some() {
         return Ok(context);
     }

@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::auth::Secret;
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{parse_json, PathParams, RawBody};
+use crate::idempotency::IdempotencyKey;
 use crate::orders::{context, parse_order_id};
 use crate::AppState;
 
@@ -128,6 +129,7 @@ pub struct WebhookAccepted {
 )]
 pub async fn receive_webhook(
     State(state): State<AppState>,
+    key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     RawBody(parts, bytes): RawBody,
 ) -> Result<axum::Json<WebhookAccepted>, ApiError> {
@@ -168,7 +170,7 @@ pub async fn receive_webhook(
         .execute(
             &order_id.to_string(),
             command,
-            &context(&headers, "payment-provider".to_owned()),
+            &context(&headers, key, "payment-provider".to_owned()),
         )
         .await
         .map_err(command_error)?;

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::auth::{Action, Owner, Principal};
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
+use crate::idempotency::IdempotencyKey;
 use crate::orders::context;
 use crate::AppState;
 
@@ -120,6 +121,7 @@ pub async fn act_on_rewards(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
+    key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<RewardsAction>,
 ) -> Result<axum::Json<RewardsAccepted>, ApiError> {
@@ -209,7 +211,11 @@ pub async fn act_on_rewards(
     let actor = principal.actor();
     let committed = state
         .rewards
-        .execute(&customer_id.to_string(), command, &context(&headers, actor))
+        .execute(
+            &customer_id.to_string(),
+            command,
+            &context(&headers, key, actor),
+        )
         .await
         .map_err(command_error)?;
     Ok(axum::Json(RewardsAccepted {

@@ -860,7 +860,7 @@ async fn bad_ads_requests_are_answered_with_problem_documents() {
         (
             "/customers/{customer_id}/ads/exposures",
             "post",
-            &["customer_id"][..],
+            &["customer_id", "Idempotency-Key"][..],
         ),
         (
             "/customers/{customer_id}/ads/profile",
@@ -880,7 +880,7 @@ async fn bad_ads_requests_are_answered_with_problem_documents() {
         (
             "/admin/experiments/{experiment_id}",
             "put",
-            &["experiment_id"][..],
+            &["experiment_id", "Idempotency-Key"][..],
         ),
     ] {
         let operation = &openapi["paths"][path][method];

@@ -34,7 +34,10 @@ async fn fuzzing_every_endpoint_from_the_openapi_document_finds_no_server_error_
     );
     let env = TestEnv::start("fuzz").await;
     let (api, server) = env.start_api().await;
-    let bearer = format!("Authorization: Bearer {}", token(Role::Admin, Uuid::new_v4()));
+    let bearer = format!(
+        "Authorization: Bearer {}",
+        token(Role::Admin, Uuid::new_v4())
+    );
     let report = std::env::temp_dir().join(format!("schemathesis-{}", Uuid::new_v4()));
     let output = tokio::task::spawn_blocking({
         let api = api.clone();
