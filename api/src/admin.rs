@@ -16,7 +16,7 @@ use crate::extract::{Body, PathParams};
 use crate::AppState;
 
 /// Who made the change (`x-actor` header until authentication arrives).
-fn actor(headers: &HeaderMap) -> String {
+pub(crate) fn actor(headers: &HeaderMap) -> String {
     headers
         .get("x-actor")
         .and_then(|v| v.to_str().ok())

@@ -4,7 +4,8 @@
 //! `POST /deliveries/{order_id}/actions`, rewards `POST /customers/{id}/rewards/actions`,
 //! payment provider webhooks `POST /payments/{order_id}/webhooks`),
 //! read models out (`GET /orders/{id}/tracking`), the auditors' read-only history of any
-//! aggregate (`GET /audit/{aggregate_type}/{aggregate_id}/events`, [`audit`]), an OpenAPI
+//! aggregate (`GET /audit/{aggregate_type}/{aggregate_id}/events`, [`audit`]), the erasure of a
+//! customer's personal data (`POST /admin/customers/{id}/erasure`, [`privacy`]), an OpenAPI
 //! document (`/openapi.json`),
 //! Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`). Every client
 //! mistake is answered with an `application/problem+json` document ([`error`]).
@@ -27,6 +28,7 @@ pub mod orders;
 pub mod paging;
 pub mod payments;
 pub mod positions;
+pub mod privacy;
 pub mod ratings;
 pub mod read_models;
 pub mod rewards;
@@ -127,6 +129,8 @@ pub struct AppState {
     pub health: Arc<health::Dependencies>,
     pub read_your_writes_wait: Duration,
     pub live: Arc<live::LiveHub>,
+    /// Customers' data keys: seals personal data, reveals it for people, erases it.
+    pub pii: Arc<commands::pii::PiiVault>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -175,6 +179,7 @@ impl std::fmt::Debug for AppState {
         read_models::redrive,
         read_models::redrive_all,
         audit::events,
+        privacy::erase_customer,
         health::live,
         health::ready
     ),
@@ -280,6 +285,10 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
             "/admin/experiments/{experiment_id}",
             put(admin::put_experiment),
         )
+        .route(
+            "/admin/customers/{customer_id}/erasure",
+            post(privacy::erase_customer),
+        )
         .merge(audit::router())
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_endpoint))
@@ -368,6 +377,7 @@ impl ApiServer {
             rewards: Arc::new(CommandBus::new(db, RewardsServices::new(clock))),
             catalogue,
             health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),
+            pii: Arc::new(commands::pii::PiiVault::new(pool.clone())),
             pool,
             read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
             live,
