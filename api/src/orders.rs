@@ -150,7 +150,10 @@ impl TryFrom<PlaceOrderRequest> for OrderCommand {
             redeem_points: r.redeem_points,
             promotion_code: r.promotion_code,
             free_delivery: false,
-            contact: r.contact.map(domain::order::Contact::try_from).transpose()?,
+            contact: r
+                .contact
+                .map(domain::order::Contact::try_from)
+                .transpose()?,
             customer_id: CustomerId::from_uuid(r.customer_id),
             store_id: StoreId::from_uuid(r.store_id),
             region: RegionCode::parse(r.region).map_err(invalid)?,

@@ -52,7 +52,10 @@ impl TryFrom<ContactRequest> for Contact {
         if name.is_empty() || name.chars().count() > 100 {
             return Err(invalid("contact.name must hold 1 to 100 characters"));
         }
-        let phone = r.phone.map(|p| p.trim().to_owned()).filter(|p| !p.is_empty());
+        let phone = r
+            .phone
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty());
         if let Some(phone) = &phone {
             let allowed = |c: char| c.is_ascii_digit() || " +-()".contains(c);
             if phone.chars().count() > 32
@@ -64,7 +67,10 @@ impl TryFrom<ContactRequest> for Contact {
                 ));
             }
         }
-        let email = r.email.map(|e| e.trim().to_owned()).filter(|e| !e.is_empty());
+        let email = r
+            .email
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty());
         if let Some(email) = &email {
             let well_formed = email.chars().count() <= 254
                 && !email.chars().any(char::is_whitespace)
@@ -124,7 +130,11 @@ pub async fn seal_placement(vault: &PiiVault, command: &mut OrderCommand) -> Res
 #[serde(deny_unknown_fields)]
 pub struct ErasureRequest {
     /// Why, for the record (e.g. the ticket of the customer's request); 1 to 500 characters.
-    #[schema(min_length = 1, max_length = 500, example = "GDPR art. 17 request #4711")]
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        example = "GDPR art. 17 request #4711"
+    )]
     pub reason: String,
 }
 
@@ -161,9 +171,8 @@ pub async fn erase_customer(
     PathParams(raw_id): PathParams<String>,
     Body(request): Body<ErasureRequest>,
 ) -> Result<axum::Json<ErasureDone>, ApiError> {
-    let customer = Uuid::parse_str(&raw_id).map_err(|_| {
-        ApiError::BadRequest(format!("`{raw_id}` is not a customer id (a UUID)"))
-    })?;
+    let customer = Uuid::parse_str(&raw_id)
+        .map_err(|_| ApiError::BadRequest(format!("`{raw_id}` is not a customer id (a UUID)")))?;
     let reason = request.reason.trim();
     if reason.is_empty() || reason.chars().count() > 500 {
         return Err(invalid("reason must hold 1 to 500 characters"));
@@ -212,7 +221,11 @@ mod tests {
             contact("Ada", None, Some("ada.example.com")),
             contact("Ada", None, Some("a@b@c")),
             contact("Ada", None, Some("@example.com")),
-            contact("Ada", None, Some(&format!("{}@example.com", "a".repeat(250)))),
+            contact(
+                "Ada",
+                None,
+                Some(&format!("{}@example.com", "a".repeat(250))),
+            ),
         ] {
             let err = Contact::try_from(bad).expect_err("refused");
             assert!(matches!(err, ApiError::Unprocessable(_)), "{err}");

@@ -334,12 +334,7 @@ impl PiiVault {
     /// Erases `customer`'s personal data: deletes their key and records who erased them, when
     /// and why, in one transaction. Idempotent: erasing again changes nothing and says so
     /// (and deletes any key a request racing the first erasure created).
-    pub async fn erase(
-        &self,
-        customer: Uuid,
-        by: &str,
-        reason: &str,
-    ) -> Result<Erasure, PiiError> {
+    pub async fn erase(&self, customer: Uuid, by: &str, reason: &str) -> Result<Erasure, PiiError> {
         let mut tx = self.pool.begin().await?;
         let recorded: Option<DateTime<Utc>> = sqlx::query_scalar(
             "INSERT INTO pii_erasures (customer_id, erased_by, reason) VALUES ($1, $2, $3) \
@@ -389,7 +384,10 @@ mod tests {
         let customer = Uuid::new_v4();
         let key = key(customer);
         let sealed = key.seal("221B Baker Street").expect("sealed");
-        assert!(sealed.starts_with(&format!("pii:v1:{customer}:")), "{sealed}");
+        assert!(
+            sealed.starts_with(&format!("pii:v1:{customer}:")),
+            "{sealed}"
+        );
         assert!(!sealed.contains("Baker"));
         assert_ne!(sealed, key.seal("221B Baker Street").expect("sealed"));
         let keyring = Keyring::new([key]);
@@ -410,10 +408,7 @@ mod tests {
                                  "latitude": 51.5},
             "contacts": [erased_key.seal("Ada").expect("sealed"), null, 3],
         });
-        assert_eq!(
-            customers_in([&value]),
-            BTreeSet::from([kept, erased])
-        );
+        assert_eq!(customers_in([&value]), BTreeSet::from([kept, erased]));
         Keyring::new([kept_key]).reveal(&mut value);
         assert_eq!(
             value,

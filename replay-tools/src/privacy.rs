@@ -63,7 +63,11 @@ pub async fn erase(args: EraseArgs, pool: &PgPool, out: &mut impl Write) -> anyh
         anyhow::bail!("--reason must hold 1 to 500 characters");
     }
     let erasure = PiiVault::new(pool.clone())
-        .erase(args.customer_id, &format!("replay-tools:{}", args.by), reason)
+        .erase(
+            args.customer_id,
+            &format!("replay-tools:{}", args.by),
+            reason,
+        )
         .await
         .context("erasing the customer's data key")?;
     writeln!(

@@ -226,7 +226,10 @@ fn an_order_placed_without_a_contact_reads_as_none_from_the_store_and_from_older
         panic!("a record");
     };
     let older = apache_avro::types::Value::Record(
-        fields.into_iter().filter(|(name, _)| name != "contact").collect(),
+        fields
+            .into_iter()
+            .filter(|(name, _)| name != "contact")
+            .collect(),
     );
     let back: OrderEvent = contracts
         .avro_to_event(contract, older)

@@ -142,7 +142,10 @@ async fn placed_orders_keep_customer_pii_only_as_ciphertext_in_the_store_and_the
     let envelope = format!("pii:v1:{}:", person.customer);
     for text in &stored {
         for plaintext in person.strings() {
-            assert!(!text.contains(plaintext), "`{plaintext}` stored in clear: {text}");
+            assert!(
+                !text.contains(plaintext),
+                "`{plaintext}` stored in clear: {text}"
+            );
         }
         assert_eq!(text.matches(&envelope).count(), 7, "{text}");
         assert!(text.contains("51.5"), "{text}");
@@ -182,8 +185,16 @@ async fn placed_orders_keep_customer_pii_only_as_ciphertext_in_the_store_and_the
     for (path, body, status) in [
         ("not-a-uuid".to_owned(), json!({"reason": "r"}), 400),
         (customer.to_string(), json!({"reason": "  "}), 422),
-        (customer.to_string(), json!({"reason": "x".repeat(501)}), 422),
-        (customer.to_string(), json!({"reason": "r", "by": "me"}), 422),
+        (
+            customer.to_string(),
+            json!({"reason": "x".repeat(501)}),
+            422,
+        ),
+        (
+            customer.to_string(),
+            json!({"reason": "r", "by": "me"}),
+            422,
+        ),
         (customer.to_string(), json!({}), 422),
     ] {
         let response = client
@@ -251,8 +262,8 @@ fn placed<'a>(rows: &'a [Value], order: &str) -> &'a Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn erasing_a_customer_makes_their_pii_unreadable_in_exports_and_replays_while_verify_passes(
-) {
+async fn erasing_a_customer_makes_their_pii_unreadable_in_exports_and_replays_while_verify_passes()
+{
     let env = TestEnv::start("privacy_erase").await;
     let relay = env.start_relay().await;
     let (api, server) = env.start_api().await;

@@ -113,6 +113,8 @@ pub enum CancelledBy {
 }
 
 /// What a client may ask of an order.
+// `PlaceOrder` is large, but a command is handled one at a time, never held in bulk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OrderCommand {
     PlaceOrder {
