@@ -72,10 +72,11 @@ impl TryFrom<ContactRequest> for Contact {
             .map(|e| e.trim().to_owned())
             .filter(|e| !e.is_empty());
         if let Some(email) = &email {
-            let well_formed = email.chars().count() <= 254
-                && !email.chars().any(char::is_whitespace)
-                && matches!(email.split_once('@'),
-                    Some((local, domain)) if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
+            let one_at = email.split_once('@').is_some_and(|(local, domain)| {
+                !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+            });
+            let well_formed =
+                one_at && email.chars().count() <= 254 && !email.chars().any(char::is_whitespace);
             if !well_formed {
                 return Err(invalid(
                     "contact.email must be an address with one @, at most 254 characters",
