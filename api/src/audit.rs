@@ -4,7 +4,7 @@
 //! Each event is shown as recorded: who (`actor`), when (`occurred_at`: the command ran;
 //! `recorded_at`: the store wrote it), why (`correlation_id`, `causation_id`, `command_id`), the
 //! schema version of the stored payload (`event_version`, not upcast) and the payload (the stored
-//! body without its event-type tag). Pages follow the sequence: pass `next_cursor` as `cursor`.
+//! body without its event-type tag, its sealed personal data revealed or shown as `[erased]`). Pages follow the sequence: pass `next_cursor` as `cursor`.
 //!
 //! **Access.** Every audit route is built in [`router`], so the `auditor` role check (issue #7)
 //! is one `route_layer` there, covering each of them and nothing else.
@@ -52,7 +52,8 @@ pub struct AuditEvent {
     /// The command or event that caused it.
     pub causation_id: Option<String>,
     pub command_id: Option<String>,
-    /// The stored payload (without the event-type tag).
+    /// The stored payload (without the event-type tag), personal data revealed: plaintext, or
+    /// `[erased]` for an erased customer (`[unreadable]` for a damaged envelope).
     #[schema(value_type = Object)]
     pub payload: Json,
 }
@@ -191,7 +192,12 @@ pub async fn events(
             )));
         }
     }
-    let events: Vec<AuditEvent> = rows.into_iter().map(AuditEvent::from).collect();
+    let mut events: Vec<AuditEvent> = rows.into_iter().map(AuditEvent::from).collect();
+    // Personal data as people may see it: plaintext, or `[erased]`, never the envelopes.
+    state
+        .pii
+        .reveal_all(events.iter_mut().map(|e| &mut e.payload))
+        .await?;
     let (events, next_cursor) = paging::page(events, limit, |e| e.sequence.to_string());
     Ok(axum::Json(AuditHistory {
         aggregate_type,

@@ -4,7 +4,8 @@
 //! `POST /deliveries/{order_id}/actions`, rewards `POST /customers/{id}/rewards/actions`,
 //! payment provider webhooks `POST /payments/{order_id}/webhooks`),
 //! read models out (`GET /orders/{id}/tracking`), the auditors' read-only history of any
-//! aggregate (`GET /audit/{aggregate_type}/{aggregate_id}/events`, [`audit`]), an OpenAPI
+//! aggregate (`GET /audit/{aggregate_type}/{aggregate_id}/events`, [`audit`]), the erasure of a
+//! customer's personal data (`POST /admin/customers/{id}/erasure`, [`privacy`]), an OpenAPI
 //! document (`/openapi.json`),
 //! Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`). Every client
 //! mistake is answered with an `application/problem+json` document ([`error`]). Every mutating
@@ -32,6 +33,7 @@ pub mod orders;
 pub mod paging;
 pub mod payments;
 pub mod positions;
+pub mod privacy;
 pub mod ratings;
 pub mod read_models;
 pub mod rewards;
@@ -186,6 +188,8 @@ pub struct AppState {
     pub live: Arc<live::LiveHub>,
     /// Verifies payment providers' webhook signatures (`None`: webhooks are refused).
     pub webhooks: Option<Arc<payments::WebhookVerifier>>,
+    /// Customers' data keys: seals personal data, reveals it for people, erases it.
+    pub pii: Arc<commands::pii::PiiVault>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -234,6 +238,7 @@ impl std::fmt::Debug for AppState {
         read_models::redrive,
         read_models::redrive_all,
         audit::events,
+        privacy::erase_customer,
         health::live,
         health::ready
     ),
@@ -345,6 +350,10 @@ pub fn router(
         .route(
             "/admin/experiments/{experiment_id}",
             put(admin::put_experiment),
+        )
+        .route(
+            "/admin/customers/{customer_id}/erasure",
+            post(privacy::erase_customer),
         )
         .merge(audit::router())
         .route("/openapi.json", get(openapi))
@@ -461,6 +470,7 @@ impl ApiServer {
             rewards: Arc::new(CommandBus::new(db, RewardsServices::new(clock))),
             catalogue,
             health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),
+            pii: Arc::new(commands::pii::PiiVault::new(pool.clone())),
             pool,
             read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
             live,

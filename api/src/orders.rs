@@ -78,6 +78,9 @@ pub struct PlaceOrderRequest {
     #[serde(default)]
     #[schema(max_length = 32)]
     pub promotion_code: Option<String>,
+    /// Whom to contact about the order (personal data, sealed before it is recorded).
+    #[serde(default)]
+    pub contact: Option<crate::privacy::ContactRequest>,
 }
 
 fn bounded(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
@@ -149,6 +152,10 @@ impl TryFrom<PlaceOrderRequest> for OrderCommand {
             redeem_points: r.redeem_points,
             promotion_code: r.promotion_code,
             free_delivery: false,
+            contact: r
+                .contact
+                .map(domain::order::Contact::try_from)
+                .transpose()?,
             customer_id: CustomerId::from_uuid(r.customer_id),
             store_id: StoreId::from_uuid(r.store_id),
             region: RegionCode::parse(r.region).map_err(invalid)?,
@@ -214,6 +221,7 @@ pub(crate) fn accepted(
         (status = 201, description = "The order was placed", body = OrderAccepted),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The customer's personal data was erased", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid order", body = Problem, content_type = "application/problem+json"),
     )
@@ -240,6 +248,7 @@ pub async fn place_order(
     if let OrderCommand::PlaceOrder { free_delivery, .. } = &mut command {
         *free_delivery = subscriber;
     }
+    crate::privacy::seal_placement(&state.pii, &mut command).await?;
     // A retry with the same Idempotency-Key names the same order (even after a crash between
     // the commit and the response).
     let order_id = key.map_or_else(OrderId::new, |IdempotencyKey(id)| OrderId::from_uuid(id));

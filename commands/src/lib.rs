@@ -8,13 +8,16 @@
 //!
 //! Place in the flow: `api` parses a request into a command and calls a [`CommandBus`]; the
 //! events and their outbox rows commit in one transaction ([`store`]); the relay in `streams`
-//! takes them to Kafka.
+//! takes them to Kafka. Customers' personal strings are sealed per customer before a command
+//! runs and can be erased by deleting the key ([`pii`]).
 
 pub mod bus;
 pub mod catalogue;
+pub mod pii;
 pub mod process;
 pub mod store;
 
 pub use bus::{CommandBus, CommandContext, CommandError, Committed, RetryPolicy};
 pub use catalogue::{CatalogueError, CatalogueStore};
+pub use pii::{PiiError, PiiVault};
 pub use store::{EventStoreConfig, EventStoreDb, StoreError};

@@ -4,7 +4,7 @@
 //! as the command side reads them, applied one by one through the domain aggregate's own
 //! `apply` (the code the command side rebuilds it with before every command); the state is
 //! printed as JSON with where it stands (last sequence applied, when it was recorded, how many
-//! events came later).
+//! events came later), its personal data revealed or shown as `[erased]` ([`crate::privacy`]).
 
 use std::io::Write;
 
@@ -15,6 +15,7 @@ use cqrs_es::Aggregate;
 use serde_json::{json, Value as Json};
 use sqlx::PgPool;
 
+use crate::privacy::Revealer;
 use crate::rebuild::parse_time;
 
 /// `replay-tools as-of`.
@@ -105,7 +106,10 @@ pub async fn run(args: AsOfArgs, pool: &PgPool, out: &mut impl Write) -> anyhow:
                 .to_rfc3339_opts(SecondsFormat::Micros, true)
         );
     }
-    let state = replay(&events[..known])?;
+    let mut state = replay(&events[..known])?;
+    Revealer::new(pool.clone())
+        .reveal(std::iter::once(&mut state))
+        .await?;
     let last = &events[known - 1];
     let document = json!({
         "aggregate_type": aggregate_type,

@@ -56,6 +56,9 @@ pub enum Command {
     Check(crate::check::CheckArgs),
     /// One aggregate's state as it was at an instant, replayed from the event store (JSON).
     AsOf(crate::asof::AsOfArgs),
+    /// Erases a customer's personal data (deletes their data key): it then reads as
+    /// `[erased]` in history, exports and replays; no event changes, so `verify` still passes.
+    EraseCustomer(crate::privacy::EraseArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,7 +97,7 @@ async fn read_model(pool: &PgPool, name: &str) -> anyhow::Result<String> {
 
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
-    // An export from the topics needs no database: it connects to what its source needs.
+    // An export connects to what its source needs (and to the database for the data keys).
     if let Command::Export(args) = cli.command {
         return crate::export::run(args, &cli.database_url, out).await;
     }
@@ -140,6 +143,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
         Command::Rebuild(args) => crate::rebuild::run(args, &pool, out).await?,
         Command::Check(args) => crate::check::run(args, &pool, out).await?,
         Command::AsOf(args) => crate::asof::run(args, &pool, out).await?,
+        Command::EraseCustomer(args) => crate::privacy::erase(args, &pool, out).await?,
         Command::DeadLetters(DeadLetters::Redrive {
             read_model: name,
             ids,

@@ -15,6 +15,11 @@
 //! | `correlation_id`, `causation_id`, `actor`, `command_id` | string, nullable | |
 //! | `payload` | string (JSON) | the event's body in the contract's JSON form |
 //!
+//! **Personal data.** The delivery address text and the contact of an order are stored and
+//! published as `pii:v1` envelopes (see `commands::pii`); every export shows them revealed:
+//! plaintext while the customer's data key exists, `[erased]` once the customer was erased.
+//! So an export from the topics reads the data keys from the database too (`DATABASE_URL`).
+//!
 //! JSON lines carry the payload as a nested JSON object (it is JSON already) and timestamps as
 //! RFC 3339 strings with microseconds; CSV carries the payload as JSON text, absent values as
 //! empty fields.
@@ -80,6 +85,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::privacy::Revealer;
 use crate::progress;
 
 /// The columns every export has, in order.
@@ -372,19 +378,20 @@ pub async fn run(args: ExportArgs, database_url: &str, out: &mut impl Write) -> 
     };
     let batch_size = usize::try_from(args.batch_size).unwrap_or(1000);
 
-    // Connect before creating the file, so a bad setting leaves nothing behind.
+    // Connect before creating the file, so a bad setting leaves nothing behind. The database
+    // holds the customers' data keys, needed whatever the source.
+    let pool = PgPoolOptions::new()
+        .max_connections(3)
+        .connect(database_url)
+        .await
+        .context("connecting to the event store (DATABASE_URL)")?;
+    let revealer = Revealer::new(pool.clone());
     enum Reader {
         Store(sqlx::PgPool),
         Topics(Box<TopicReader>),
     }
     let reader = match args.source {
-        Source::Store => Reader::Store(
-            PgPoolOptions::new()
-                .max_connections(2)
-                .connect(database_url)
-                .await
-                .context("connecting to the event store (DATABASE_URL)")?,
-        ),
+        Source::Store => Reader::Store(pool),
         Source::Topics => {
             let kafka = streams::KafkaConfig::from_env().context("KAFKA_* settings")?;
             let registry =
@@ -416,7 +423,7 @@ pub async fn run(args: ExportArgs, database_url: &str, out: &mut impl Write) -> 
         )),
         Reader::Topics(topics) => tokio::spawn(topics.run(sender, stop_reading.clone())),
     };
-    let outcome = pump(chunks, sink.as_mut(), &interrupted).await;
+    let outcome = pump(chunks, sink.as_mut(), &revealer, &interrupted).await;
     stop_reading.cancel();
     reader.abort();
     let written = match &outcome {
@@ -494,10 +501,12 @@ struct Pumped {
 /// Skipped records listed in the summary.
 const SKIPPED_LISTED: usize = 100;
 
-/// Writes what the reader sends until it is done, it fails, or the user interrupts.
+/// Writes what the reader sends until it is done, it fails, or the user interrupts; personal
+/// data is revealed (or shown as erased) here, for every source and format.
 async fn pump(
     mut chunks: Chunks,
     sink: &mut dyn RowSink,
+    revealer: &Revealer,
     interrupted: &CancellationToken,
 ) -> Result<Pumped, (Pumped, anyhow::Error)> {
     let mut done = Pumped::default();
@@ -514,8 +523,11 @@ async fn pump(
         match next {
             None => break,
             Some(Ok(Chunk::Total(total))) => bar = Some(progress::bar("export", Some(total))),
-            Some(Ok(Chunk::Rows { rows, read })) => {
-                if let Err(e) = sink.write(&rows) {
+            Some(Ok(Chunk::Rows { mut rows, read })) => {
+                let revealed = revealer
+                    .reveal(rows.iter_mut().map(|r| &mut r.payload))
+                    .await;
+                if let Err(e) = revealed.and_then(|()| sink.write(&rows)) {
                     if let Some(bar) = &bar {
                         bar.abandon();
                     }

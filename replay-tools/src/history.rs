@@ -4,7 +4,8 @@
 //! the command ran; `recorded_at`, when the store wrote it), why (`correlation_id` of the
 //! business transaction, `causation_id` of the command or event that caused it, `command_id`),
 //! the schema version of its payload as stored (`event_version`; older versions are not upcast
-//! here) and the payload itself (the stored body, without the event-type tag). In sequence
+//! here) and the payload itself (the stored body, without the event-type tag, personal data
+//! revealed or shown as `[erased]`, see [`crate::privacy`]). In sequence
 //! order, as JSON lines (`--format jsonl`, default) or a table for reading (`--format table`).
 //! The HTTP twin is `GET /audit/{aggregate_type}/{aggregate_id}/events`.
 
@@ -19,6 +20,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::export::known_aggregate_types;
+use crate::privacy::Revealer;
 
 /// How the history is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -153,10 +155,14 @@ fn body(payload: Json, event_type: &str) -> Json {
 /// Runs `replay-tools history`.
 pub async fn run(args: HistoryArgs, pool: &PgPool, out: &mut impl Write) -> anyhow::Result<()> {
     let aggregate_id = parse_aggregate(&args.aggregate_type, &args.aggregate_id)?;
+    let revealer = Revealer::new(pool.clone());
     let mut events = Vec::new();
     let mut after = 0;
     loop {
-        let page = page(pool, &args.aggregate_type, &aggregate_id, after, PAGE).await?;
+        let mut page = page(pool, &args.aggregate_type, &aggregate_id, after, PAGE).await?;
+        revealer
+            .reveal(page.iter_mut().map(|e| &mut e.payload))
+            .await?;
         let Some(last) = page.last() else { break };
         after = last.sequence;
         match args.format {

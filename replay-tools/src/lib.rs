@@ -4,8 +4,9 @@
 //! models' lag and dead letters (the command-line twin of `/projections`), rebuilding a read
 //! model into a shadow schema and swapping it in ([`rebuild`], [`check`]), state as of an
 //! instant ([`asof`]), exporting events to JSONL, CSV and Parquet ([`export`]), an aggregate's
-//! history ([`history`]), verifying the hash-chained event log ([`chain`]) and reconciling
-//! store, topics and read models ([`reconcile`]).
+//! history ([`history`]), verifying the hash-chained event log ([`chain`]), reconciling
+//! store, topics and read models ([`reconcile`]), and erasing a customer's personal data
+//! ([`privacy`]; what is shown to people reveals it, or shows it as `[erased]`).
 //!
 //! Place in the flow: beside the pipeline, reading the database the projectors write.
 
@@ -15,6 +16,7 @@ pub mod check;
 pub mod cli;
 pub mod export;
 pub mod history;
+pub mod privacy;
 pub mod progress;
 pub mod rebuild;
 pub mod reconcile;

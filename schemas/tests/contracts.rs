@@ -6,7 +6,7 @@ mod common;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
 use chrono::{DateTime, TimeZone, Utc};
-use domain::order::{CancelledBy, DeliveryAddress, OrderEvent, RejectionReason};
+use domain::order::{CancelledBy, Contact, DeliveryAddress, OrderEvent, RejectionReason};
 use domain::services::PricedLine;
 use domain::{Currency, CustomerId, MenuItemId, Money, RegionCode, StoreId};
 use schemas::{upcast, Contracts};
@@ -54,6 +54,11 @@ fn order_samples() -> Vec<OrderEvent> {
             points_redeemed: 250,
             promotion_code: Some("WELCOME10".to_owned()),
             free_delivery: true,
+            contact: Some(Contact {
+                name: "Ada Lovelace".to_owned(),
+                phone: Some("+49 30 1234567".to_owned()),
+                email: None,
+            }),
             placed_at: at(),
         },
         OrderEvent::OrderConfirmed {
@@ -196,4 +201,38 @@ fn an_order_cancelled_v1_from_the_store_is_read_as_the_current_version() {
     }});
     let (version, untouched) = upcast("OrderCancelled", "2.0", current.clone());
     assert_eq!((version.as_str(), &untouched), ("2.0", &current));
+}
+
+#[test]
+fn an_order_placed_without_a_contact_reads_as_none_from_the_store_and_from_older_records() {
+    let contracts = Contracts::load().expect("contracts parse");
+    let mut event = order_samples().remove(0);
+    if let OrderEvent::OrderPlaced { contact, .. } = &mut event {
+        *contact = None;
+    }
+    // Stored before contacts existed: no `contact` key at all.
+    let mut stored = serde_json::to_value(&event).expect("serializes");
+    stored["OrderPlaced"]
+        .as_object_mut()
+        .expect("an object")
+        .remove("contact");
+    let from_store: OrderEvent = serde_json::from_value(stored.clone()).expect("deserializes");
+    assert_eq!(from_store, event);
+    let (contract, value) = contracts
+        .payload_to_avro("order", &stored)
+        .expect("the contract's default fills the missing contact");
+    // A record written with the previous version (v2) has no contact field at all.
+    let apache_avro::types::Value::Record(fields) = value else {
+        panic!("a record");
+    };
+    let older = apache_avro::types::Value::Record(
+        fields
+            .into_iter()
+            .filter(|(name, _)| name != "contact")
+            .collect(),
+    );
+    let back: OrderEvent = contracts
+        .avro_to_event(contract, older)
+        .expect("an older record resolves to the current contract");
+    assert_eq!(back, event);
 }

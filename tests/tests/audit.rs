@@ -5,17 +5,17 @@
 
 use std::collections::BTreeMap;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use backbone_tests::{binary_path, eventually, place_order, TestEnv};
+use backbone_tests::tools::{self, raw_records};
+use backbone_tests::{eventually, place_order, TestEnv};
 use chrono::{DateTime, Utc};
 use commands::{CommandBus, CommandContext};
 use domain::order::{Order, OrderCommand};
 use projections::{AnalyticsProjection, TrackingProjection};
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -48,24 +48,7 @@ async fn order_with_history(orders: &CommandBus<Order>) -> String {
 
 /// Runs `replay-tools` as a user would, configured for `env`.
 async fn replay_tools(env: &TestEnv, args: &[&str]) -> Output {
-    let mut command = std::process::Command::new(binary_path("replay-tools"));
-    command
-        .args(args)
-        .env("DATABASE_URL", &env.database_url)
-        .env(
-            "KAFKA_BOOTSTRAP_SERVERS",
-            &env.kafka.kafka_bootstrap_servers,
-        )
-        .env("KAFKA_TOPIC_PREFIX", &env.kafka.kafka_topic_prefix)
-        .env("KAFKA_FETCH_WAIT_MAX_MS", "20")
-        .env("SCHEMA_REGISTRY_URL", &env.registry.schema_registry_url);
-    // The registry runs in this process: the child must not block its runtime.
-    tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("joined")
-        .unwrap_or_else(|e| {
-            panic!("cannot run replay-tools: {e}; run `cargo build -p replay-tools --bins` first")
-        })
+    tools::replay_tools(env, args, &[]).await
 }
 
 fn stdout(output: &Output) -> String {
@@ -312,43 +295,6 @@ async fn verify_names_each_altered_deleted_and_swapped_event_and_nothing_else() 
     assert!(!missing.status.success());
     assert!(stdout(&missing).contains(&unknown), "{}", stdout(&missing));
     env.stop().await;
-}
-
-/// Every record of `topic`, raw, from the beginning until `count` arrived.
-async fn raw_records(env: &TestEnv, topic: &str, count: usize) -> Vec<OwnedMessage> {
-    let consumer: StreamConsumer = env
-        .kafka
-        .client_config()
-        .set(
-            "group.id",
-            format!("{}audit-{}", env.group_prefix, Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..env.kafka.kafka_partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&assignment).expect("assign");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut records = Vec::new();
-    while records.len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {count} records",
-            records.len()
-        );
-        if let Ok(Ok(message)) =
-            tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
-        {
-            records.push(message.detach());
-        }
-    }
-    records
 }
 
 fn header_of(message: &OwnedMessage, name: &str) -> String {

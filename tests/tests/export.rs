@@ -8,28 +8,19 @@
 //! `BACKBONE_PYTHON` (default `python3`) with `pyarrow` and `duckdb`
 //! (`schemas/tests/python/requirements.txt`): a missing package fails the test.
 
-use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow_array::cast::AsArray;
-use arrow_array::types::{
-    Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
-};
-use arrow_array::{Array, RecordBatch};
-use arrow_schema::{DataType, SchemaRef, TimeUnit};
-use backbone_tests::{
-    binary_path, client, client_as, eventually, order_request, place_order, Role, TestEnv,
-};
-use chrono::{DateTime, SecondsFormat, Utc};
+use arrow_schema::{DataType, TimeUnit};
+use backbone_tests::tools::{cli_command, micros, read_jsonl, read_parquet, replay_tools};
+use backbone_tests::{client, client_as, eventually, order_request, place_order, Role, TestEnv};
+use chrono::{DateTime, Utc};
 use commands::{CommandBus, CommandContext};
 use domain::delivery::{Delivery, DeliveryCommand, DeliveryServices, GeoPoint};
 use domain::services::SystemClock;
 use domain::{OrderId, RegionCode, StoreId};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -62,37 +53,6 @@ const NULLABLE: [&str; 5] = [
 
 // -------------------------------------------------------------------------------------------
 // Running the CLI
-
-/// Runs `replay-tools` with `args` against `env`, as a user would; `extra_env` overrides.
-async fn replay_tools(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
-    let mut command = cli_command(env, args, extra_env);
-    tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("the runner does not panic")
-        .unwrap_or_else(|e| {
-            panic!("cannot run replay-tools ({e}); run `cargo build -p replay-tools --bins` first")
-        })
-}
-
-fn cli_command(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(binary_path("replay-tools"));
-    command
-        .args(args)
-        .env("DATABASE_URL", &env.database_url)
-        .env(
-            "KAFKA_BOOTSTRAP_SERVERS",
-            &env.kafka.kafka_bootstrap_servers,
-        )
-        .env("KAFKA_TOPIC_PREFIX", &env.kafka.kafka_topic_prefix)
-        .env("KAFKA_FETCH_WAIT_MAX_MS", "20")
-        .env("SCHEMA_REGISTRY_URL", &env.registry.schema_registry_url)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    for (key, value) in extra_env {
-        command.env(key, value);
-    }
-    command
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -206,8 +166,8 @@ fn events_of(answer: &Value) -> Vec<String> {
 }
 
 /// The store's events in recorded order, read with plain SQL, as rows of an export: the
-/// payload is the stored body (the event-type tag taken off), timestamps RFC 3339 with
-/// microseconds.
+/// payload is the stored body (the event-type tag taken off, personal data revealed as every
+/// export shows it), timestamps RFC 3339 with microseconds.
 async fn stored_rows(env: &TestEnv) -> Vec<Value> {
     #[derive(sqlx::FromRow)]
     struct Stored {
@@ -229,7 +189,8 @@ async fn stored_rows(env: &TestEnv) -> Vec<Value> {
     .fetch_all(env.pool())
     .await
     .expect("events");
-    rows.into_iter()
+    let mut rows: Vec<Value> = rows
+        .into_iter()
         .map(|row| {
             let meta = |key: &str| row.metadata.get(key).cloned().unwrap_or(Value::Null);
             let occurred_at = meta("occurred_at")
@@ -253,11 +214,12 @@ async fn stored_rows(env: &TestEnv) -> Vec<Value> {
                 "payload": row.payload[row.event_type.as_str()].clone(),
             })
         })
-        .collect()
-}
-
-fn micros(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+        .collect();
+    commands::pii::PiiVault::new(env.pool().clone())
+        .reveal_all(rows.iter_mut().map(|row| &mut row["payload"]))
+        .await
+        .expect("the data keys are readable");
+    rows
 }
 
 /// The store holds exactly what the test did: per event its aggregate, sequence, type, actor
@@ -286,14 +248,6 @@ fn assert_store_is_what_was_done(stored: &[Value], done: &[Done]) {
 // -------------------------------------------------------------------------------------------
 // Reading the exports
 
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .expect("JSONL file")
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
-        .collect()
-}
-
 fn read_csv(path: &Path) -> Vec<Value> {
     let mut reader = csv::Reader::from_path(path).expect("CSV file");
     let headers = reader.headers().expect("a header row").clone();
@@ -315,66 +269,6 @@ fn read_csv(path: &Path) -> Vec<Value> {
             Value::Object(row)
         })
         .collect()
-}
-
-/// A Parquet export read back with the arrow/parquet crates: its schema, rows (timestamps as
-/// RFC 3339, the payload parsed, typed payload columns included) and key-value metadata.
-fn read_parquet(path: &Path) -> (SchemaRef, Vec<Value>, HashMap<String, String>) {
-    let file = File::open(path).expect("Parquet file");
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).expect("a valid Parquet file");
-    let metadata = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .map(|kv| {
-            kv.iter()
-                .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let schema = builder.schema().clone();
-    let mut rows = Vec::new();
-    for batch in builder.build().expect("a reader") {
-        let batch = batch.expect("a record batch");
-        for i in 0..batch.num_rows() {
-            rows.push(parquet_row(&batch, i));
-        }
-    }
-    (schema, rows, metadata)
-}
-
-fn parquet_row(batch: &RecordBatch, i: usize) -> Value {
-    let mut row = serde_json::Map::new();
-    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-        let value = if column.is_null(i) {
-            Value::Null
-        } else {
-            match column.data_type() {
-                DataType::Utf8 => {
-                    let s = column.as_string::<i32>().value(i);
-                    if field.name() == "payload" {
-                        serde_json::from_str(s).expect("payload is JSON text")
-                    } else {
-                        json!(s)
-                    }
-                }
-                DataType::Int64 => json!(column.as_primitive::<Int64Type>().value(i)),
-                DataType::Int32 => json!(column.as_primitive::<Int32Type>().value(i)),
-                DataType::Float64 => json!(column.as_primitive::<Float64Type>().value(i)),
-                DataType::Float32 => json!(column.as_primitive::<Float32Type>().value(i)),
-                DataType::Boolean => json!(column.as_boolean().value(i)),
-                DataType::Timestamp(TimeUnit::Microsecond, _) => {
-                    let us = column.as_primitive::<TimestampMicrosecondType>().value(i);
-                    json!(micros(
-                        DateTime::from_timestamp_micros(us).expect("in range")
-                    ))
-                }
-                other => panic!("unexpected column type {other} of {}", field.name()),
-            }
-        };
-        row.insert(field.name().clone(), value);
-    }
-    Value::Object(row)
 }
 
 /// Only the 13 columns every export has.

@@ -278,6 +278,13 @@ fn rows() -> Vec<Row> {
             Some(|_, c| entry(c, "experiments", "welcome-offer")),
             "---A--",
         ),
+        // Last: it erases the sides' customers.
+        row(
+            M::POST,
+            "/admin/customers/{customer}/erasure",
+            Some(|_, _| json!({"reason": "the customer asked"})),
+            "---A--",
+        ),
     ]
 }
 

@@ -19,6 +19,11 @@ pub const MAX_LINES: usize = 50;
 pub const MAX_QUANTITY: u32 = 99;
 
 /// Where the order goes.
+///
+/// The text fields are personal data: the API seals them (`pii:v1:...` envelopes, see
+/// `commands::pii`) before the command runs, so the aggregate carries opaque strings and never
+/// looks into them. The coordinates stay plain on purpose: the delivery flow (courier routing,
+/// great-circle ETA) computes with them, and without the text they do not name a person.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryAddress {
@@ -28,6 +33,16 @@ pub struct DeliveryAddress {
     pub postcode: String,
     pub latitude: f64,
     pub longitude: f64,
+}
+
+/// Whom the store and the courier contact about an order (personal data, sealed by the API like
+/// the address text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contact {
+    pub name: String,
+    pub phone: Option<String>,
+    pub email: Option<String>,
 }
 
 /// Where an order stands.
@@ -98,6 +113,8 @@ pub enum CancelledBy {
 }
 
 /// What a client may ask of an order.
+// `PlaceOrder` is large, but a command is handled one at a time, never held in bulk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OrderCommand {
     PlaceOrder {
@@ -106,6 +123,8 @@ pub enum OrderCommand {
         region: RegionCode,
         lines: Vec<RequestedLine>,
         delivery_address: DeliveryAddress,
+        /// Whom to contact about the order, if the customer gave it.
+        contact: Option<Contact>,
         /// Rewards points to redeem as a discount (0 for none); debited by the order flow.
         redeem_points: u64,
         /// A promotion code from the catalogue, if any.
@@ -175,6 +194,9 @@ pub enum OrderEvent {
         /// The delivery fee was waived for a subscriber.
         #[serde(default)]
         free_delivery: bool,
+        /// Whom to contact (absent in events stored before contacts existed).
+        #[serde(default)]
+        contact: Option<Contact>,
         placed_at: DateTime<Utc>,
     },
     OrderConfirmed {
@@ -340,6 +362,8 @@ pub enum OrderError {
     TooLong { field: &'static str, max: usize },
     #[error("the estimated preparation time must be between 1 and 240 minutes")]
     InvalidPreparationTime,
+    #[error("a contact needs a name")]
+    ContactWithoutName,
     #[error(
         "the modified order costs {requested} but {confirmed} was confirmed; \
          remove items, or cancel and place a new order"
@@ -403,6 +427,12 @@ pub struct Order {
     pub delivered_at: Option<DateTime<Utc>>,
     pub rating_window_days: u32,
     pub rated: bool,
+    /// Where it goes (text fields as sealed by the API).
+    #[serde(default)]
+    pub delivery_address: Option<DeliveryAddress>,
+    /// Whom to contact (sealed by the API).
+    #[serde(default)]
+    pub contact: Option<Contact>,
 }
 
 impl Order {
@@ -434,6 +464,7 @@ impl Order {
                 region,
                 lines,
                 delivery_address,
+                contact,
                 redeem_points,
                 promotion_code,
                 free_delivery,
@@ -442,6 +473,10 @@ impl Order {
                     return Err(OrderError::AlreadyPlaced);
                 }
                 validate_lines(&lines)?;
+                // Only presence: the text may be a sealed envelope, never read here.
+                if contact.as_ref().is_some_and(|c| c.name.trim().is_empty()) {
+                    return Err(OrderError::ContactWithoutName);
+                }
                 if promotion_code
                     .as_ref()
                     .is_some_and(|c| c.chars().count() > 32)
@@ -476,6 +511,7 @@ impl Order {
                     points_redeemed: quote.points_redeemed,
                     promotion_code,
                     free_delivery,
+                    contact,
                     placed_at: now,
                 }
             }
@@ -662,8 +698,12 @@ impl Aggregate for Order {
                 points_redeemed,
                 promotion_code,
                 free_delivery,
+                delivery_address,
+                contact,
                 ..
             } => {
+                self.delivery_address = Some(delivery_address);
+                self.contact = contact;
                 self.free_delivery = free_delivery;
                 self.region = Some(region);
                 self.points_redeemed = points_redeemed;

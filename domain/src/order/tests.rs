@@ -132,6 +132,7 @@ fn place(lines: Vec<RequestedLine>) -> OrderCommand {
         region: region(),
         lines,
         delivery_address: address(),
+        contact: None,
         redeem_points: 0,
         promotion_code: None,
         free_delivery: false,
@@ -163,6 +164,7 @@ fn placed() -> OrderEvent {
         points_redeemed: 0,
         promotion_code: None,
         free_delivery: false,
+        contact: None,
         placed_at: t0(),
     }
 }
@@ -676,4 +678,55 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn the_contact_is_carried_into_the_placed_event_as_given_even_when_sealed() {
+    let sealed = "pii:v1:00000000-0000-0000-0000-000000000001:c2VhbGVkLW5hbWU";
+    let mut command = place(vec![line("margherita", 1, &[])]);
+    if let OrderCommand::PlaceOrder { contact, .. } = &mut command {
+        *contact = Some(Contact {
+            name: sealed.to_owned(),
+            phone: None,
+            email: Some(sealed.to_owned()),
+        });
+    }
+    let events = at(t0())
+        .given_no_previous_events()
+        .when(command)
+        .inspect_result()
+        .expect("placed");
+    let [OrderEvent::OrderPlaced {
+        contact: Some(contact),
+        ..
+    }] = events.as_slice()
+    else {
+        panic!("expected one OrderPlaced with a contact, got {events:?}");
+    };
+    assert_eq!(contact.name, sealed);
+    assert_eq!(contact.email.as_deref(), Some(sealed));
+}
+
+#[test]
+fn a_contact_without_a_name_is_refused() {
+    let mut command = place(vec![line("margherita", 1, &[])]);
+    if let OrderCommand::PlaceOrder { contact, .. } = &mut command {
+        *contact = Some(Contact {
+            name: "  ".to_owned(),
+            phone: Some("+44 20 7946 0000".to_owned()),
+            email: None,
+        });
+    }
+    at(t0())
+        .given_no_previous_events()
+        .when(command)
+        .then_expect_error(OrderError::ContactWithoutName);
+}
+
+#[test]
+fn an_order_remembers_where_it_goes_and_whom_to_contact() {
+    let mut order = Order::default();
+    order.apply(placed());
+    assert_eq!(order.delivery_address, Some(address()));
+    assert_eq!(order.contact, None);
 }
