@@ -749,13 +749,10 @@ pub async fn authorize_order(
     }
     match order_owner(state, order_id).await? {
         Some(owner) => principal.authorize(action, &owner),
-        None => principal.authorize_any(action).or_else(|denied| {
-            if access(action, principal.role) == Access::Own {
-                Err(ApiError::NotFound(format!("no order `{order_id}`")))
-            } else {
-                Err(denied)
-            }
-        }),
+        None if access(action, principal.role) == Access::Own => {
+            Err(ApiError::NotFound(format!("no order `{order_id}`")))
+        }
+        None => principal.authorize_any(action),
     }
 }
 
