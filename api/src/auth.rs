@@ -768,6 +768,19 @@ mod tests {
     }
 
     #[test]
+    fn secrets_never_show_in_debug_output() {
+        let config = crate::ApiConfig {
+            payments_webhook_secret: Some(Secret::new("the-webhook-secret-value")),
+            auth: hs_config(),
+            ..crate::ApiConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("the-webhook-secret-value"), "{shown}");
+        assert!(!shown.contains("a-development-secret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
     fn an_auditor_writes_nothing_and_an_admin_does_everything() {
         for action in Action::ALL {
             assert_eq!(access(action, Role::Admin), Access::Any, "{action:?}");
