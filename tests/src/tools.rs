@@ -47,6 +47,7 @@ pub fn cli_command(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> 
         .env("KAFKA_TOPIC_PREFIX", &env.kafka.kafka_topic_prefix)
         .env("KAFKA_FETCH_WAIT_MAX_MS", "20")
         .env("SCHEMA_REGISTRY_URL", &env.registry.schema_registry_url)
+        .env("PROJECTOR_GROUP_PREFIX", &env.group_prefix)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
     for (key, value) in extra_env {

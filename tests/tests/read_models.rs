@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use backbone_tests::tools::raw_records;
 use backbone_tests::{act, binary_path, eventually, order_request, place_request, TestEnv};
 use projections::{FirstDelivery, Projection, ProjectionError, TrackingProjection};
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use serde_json::{json, Value};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
@@ -75,47 +75,6 @@ async fn applied(env: &TestEnv, order_id: &str) -> Vec<i64> {
     .fetch_all(env.pool())
     .await
     .expect("applied events")
-}
-
-/// Every record of `topic`, raw, from the beginning until `count` arrived.
-async fn raw_records(
-    env: &TestEnv,
-    topic: &str,
-    count: usize,
-) -> Vec<rdkafka::message::OwnedMessage> {
-    let consumer: StreamConsumer = env
-        .kafka
-        .client_config()
-        .set(
-            "group.id",
-            format!("{}raw-{}", env.group_prefix, Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..env.kafka.kafka_partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&assignment).expect("assign");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut records = Vec::new();
-    while records.len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {count} records on {topic}",
-            records.len()
-        );
-        if let Ok(Ok(message)) =
-            tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
-        {
-            records.push(message.detach());
-        }
-    }
-    records
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -10,30 +10,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backbone_tests::{binary_path, eventually, place_order, TestEnv};
+use backbone_tests::tools::cli_command;
+use backbone_tests::{eventually, place_order, TestEnv};
 use chrono::{DateTime, SecondsFormat, Utc};
 use commands::CommandContext;
 use domain::order::{OrderCommand, OrderEvent};
 use projections::{AnalyticsProjection, TrackingProjection};
 use serde_json::Value;
 
-/// `replay-tools` configured for this environment, as an operator would run it.
+/// `replay-tools` configured for this environment, as an operator would run it, its output
+/// captured.
 fn replay_tools(env: &TestEnv, args: &[&str]) -> Command {
-    let mut command = Command::new(binary_path("replay-tools"));
-    command
-        .args(args)
-        .env("DATABASE_URL", &env.database_url)
-        .env(
-            "KAFKA_BOOTSTRAP_SERVERS",
-            &env.kafka.kafka_bootstrap_servers,
-        )
-        .env("KAFKA_TOPIC_PREFIX", &env.kafka.kafka_topic_prefix)
-        .env("KAFKA_FETCH_WAIT_MAX_MS", "20")
-        .env("SCHEMA_REGISTRY_URL", &env.registry.schema_registry_url)
-        .env("PROJECTOR_GROUP_PREFIX", &env.group_prefix)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = cli_command(env, args, &[]);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
     command
 }
 
