@@ -314,24 +314,7 @@ impl TestEnv {
             .topics()
             .for_aggregate(aggregate_type)
             .expect("aggregate type has a topic");
-        let consumer: StreamConsumer = self
-            .kafka
-            .client_config()
-            .set(
-                "group.id",
-                format!("{}reader-{}", self.group_prefix, Uuid::new_v4()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "20")
-            .create()
-            .expect("consumer");
-        let mut assignment = TopicPartitionList::new();
-        for partition in 0..self.kafka.kafka_partitions {
-            assignment
-                .add_partition_offset(&topic, partition, Offset::Beginning)
-                .expect("partition");
-        }
-        consumer.assign(&assignment).expect("assign");
+        let consumer = self.consumer_from_beginning(&topic);
         let decoder = EventDecoder::new(&self.registry).expect("decoder");
         let deadline = Instant::now() + timeout;
         let mut events = Vec::new();
@@ -350,6 +333,30 @@ impl TestEnv {
             }
         }
         events
+    }
+
+    /// A consumer of every partition of `topic` from its beginning (its own group, nothing
+    /// committed).
+    pub fn consumer_from_beginning(&self, topic: &str) -> StreamConsumer {
+        let consumer: StreamConsumer = self
+            .kafka
+            .client_config()
+            .set(
+                "group.id",
+                format!("{}reader-{}", self.group_prefix, Uuid::new_v4()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "20")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..self.kafka.kafka_partitions {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .expect("partition");
+        }
+        consumer.assign(&assignment).expect("assign");
+        consumer
     }
 
     /// Stops the registry.

@@ -15,11 +15,8 @@ use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, SchemaRef, TimeUnit};
 use chrono::{DateTime, SecondsFormat, Utc};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use uuid::Uuid;
 
 use crate::{binary_path, TestEnv};
 
@@ -132,24 +129,7 @@ fn parquet_row(batch: &RecordBatch, i: usize) -> Value {
 
 /// Every record of `topic`, raw, from the beginning until `count` arrived.
 pub async fn raw_records(env: &TestEnv, topic: &str, count: usize) -> Vec<OwnedMessage> {
-    let consumer: StreamConsumer = env
-        .kafka
-        .client_config()
-        .set(
-            "group.id",
-            format!("{}raw-{}", env.group_prefix, Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..env.kafka.kafka_partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&assignment).expect("assign");
+    let consumer = env.consumer_from_beginning(topic);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut records = Vec::new();
     while records.len() < count {

@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use backbone_tests::{client, client_as, order_request, post_webhook, token, Role, TestEnv};
+use backbone_tests::{
+    client, client_as, order_request, place_request, post_webhook, token, Role, TestEnv,
+};
 use commands::{CommandBus, CommandContext};
 use domain::delivery::{Delivery, DeliveryCommand, DeliveryServices, GeoPoint};
 use domain::payment::{Payment, PaymentCommand, PaymentServices};
@@ -30,18 +32,9 @@ async fn side(env: &TestEnv, api: &str, store: Uuid) -> Side {
     let courier = Uuid::new_v4();
     let mut request = order_request(customer);
     request["store_id"] = json!(store);
-    let placed: Value = client()
-        .post(format!("{api}/orders"))
-        .json(&request)
-        .send()
+    let order: Uuid = place_request(&client(), api, &request)
         .await
-        .expect("placed")
-        .json()
-        .await
-        .expect("json");
-    let order: Uuid = placed["order_id"]
-        .as_str()
-        .and_then(|id| id.parse().ok())
+        .parse()
         .expect("an order id");
     // Its delivery, given to the side's courier (as the process manager and dispatch would).
     let deliveries: CommandBus<Delivery> = CommandBus::new(
