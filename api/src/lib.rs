@@ -274,7 +274,8 @@ async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
 }
 
 /// The router with every route and layer. Layers from the outside in: request timeout, body
-/// limit, authentication (the principal), rate limit (per principal or peer).
+/// limit, authentication (the principal), rate limit (per principal or peer), the role gate
+/// ([`auth::gate`]), idempotency.
 pub fn router(
     state: AppState,
     config: &ApiConfig,
@@ -366,6 +367,9 @@ pub fn router(
             config.idempotency(state.pool.clone()),
             idempotency::middleware,
         ));
+    // Every route's role check, before it reads anything (inside authentication, outside the
+    // idempotency layer: a refused request claims no key).
+    let routes = routes.layer(axum::middleware::from_fn(auth::gate));
     let routes = match limiter {
         Some(limiter) => routes.layer(axum::middleware::from_fn_with_state(
             limiter,

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use backbone_tests::{
     client, client_as, order_request, place_request, post_webhook, token, Role, TestEnv,
@@ -406,7 +407,10 @@ async fn every_endpoint_allows_exactly_the_roles_and_owners_the_policy_names() {
                 };
                 checked += 1;
                 if !ok {
-                    let body = response.text().await.unwrap_or_default();
+                    // Bounded: an event stream answered by mistake never ends.
+                    let body = tokio::time::timeout(Duration::from_secs(2), response.text())
+                        .await
+                        .map_or_else(|_| "(a stream)".to_owned(), Result::unwrap_or_default);
                     wrong.push(format!(
                         "{} {} as {role} ({}): {status} {}",
                         row.method,
@@ -671,6 +675,61 @@ async fn a_client_over_its_rate_gets_429_with_retry_after_while_others_go_on() {
             .expect("sent");
         assert_eq!(health.status().as_u16(), 200);
     }
+
+    server.stop().await.expect("api stops");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_role_is_told_403_before_its_request_is_read_and_claims_no_idempotency_key() {
+    let env = TestEnv::start("gate").await;
+    let (api, server) = env.start_api().await;
+    let auditor = client_as(Role::Auditor, Uuid::new_v4());
+    let customer = client_as(Role::Customer, Uuid::new_v4());
+    for (caller, method, path) in [
+        (&auditor, Method::POST, "/orders".to_owned()),
+        (&customer, Method::PUT, "/admin/regions/uk".to_owned()),
+        (
+            &customer,
+            Method::GET,
+            "/analytics/summary?group_by=nonsense".to_owned(),
+        ),
+        (
+            &auditor,
+            Method::POST,
+            format!("/orders/{}/actions", Uuid::new_v4()),
+        ),
+    ] {
+        let response = caller
+            .request(method.clone(), format!("{api}{path}"))
+            .header("content-type", "application/json")
+            .header("Idempotency-Key", "gate-test")
+            .body("{ this is not json")
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status().as_u16(), 403, "{method} {path}");
+        let problem: Value = response.json().await.expect("problem");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("may not")),
+            "{problem}"
+        );
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{api}/orders"))
+        .header("content-type", "application/json")
+        .body("{ this is not json")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 401);
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(env.pool())
+        .await
+        .expect("count");
+    assert_eq!(keys, 0, "refused requests claim no key");
 
     server.stop().await.expect("api stops");
     env.stop().await;
