@@ -273,10 +273,11 @@ impl TestEnv {
         }
     }
 
-    /// One of the workspace's binaries as a child process, configured for this environment.
-    pub fn spawn_process(&self, binary: &str, extra_env: &[(&str, &str)]) -> Child {
-        let path = binary_path(binary);
-        let mut command = Command::new(&path);
+    /// One of the workspace's binaries, configured for this environment as an operator would
+    /// (database, broker, topic prefix, registry, consumer groups; quiet logs, no stdin);
+    /// `extra_env` adds or overrides settings.
+    pub fn command(&self, binary: &str, extra_env: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(binary_path(binary));
         command
             .env("DATABASE_URL", &self.database_url)
             .env(
@@ -288,17 +289,24 @@ impl TestEnv {
             .env("SCHEMA_REGISTRY_URL", &self.registry.schema_registry_url)
             .env("PROJECTOR_GROUP_PREFIX", &self.group_prefix)
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdin(Stdio::null());
         for (key, value) in extra_env {
             command.env(key, value);
         }
-        command.spawn().unwrap_or_else(|e| {
-            panic!(
-                "cannot start {}: {e}; run `cargo build --bins` first",
-                path.display()
-            )
-        })
+        command
+    }
+
+    /// One of the workspace's binaries as a child process, configured for this environment.
+    pub fn spawn_process(&self, binary: &str, extra_env: &[(&str, &str)]) -> Child {
+        self.command(binary, extra_env)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}; run `cargo build --bins` first",
+                    binary_path(binary).display()
+                )
+            })
     }
 
     /// Every record of an aggregate type's topic, decoded, read from the beginning until

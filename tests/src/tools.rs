@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
@@ -18,7 +18,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::message::OwnedMessage;
 use serde_json::{json, Value};
 
-use crate::{binary_path, TestEnv};
+use crate::TestEnv;
 
 /// Runs `replay-tools` with `args` against `env`, as a user would; `extra_env` overrides.
 pub async fn replay_tools(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
@@ -33,23 +33,8 @@ pub async fn replay_tools(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str
 
 /// The `replay-tools` command configured for `env` (to spawn and control it yourself).
 pub fn cli_command(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(binary_path("replay-tools"));
-    command
-        .args(args)
-        .env("DATABASE_URL", &env.database_url)
-        .env(
-            "KAFKA_BOOTSTRAP_SERVERS",
-            &env.kafka.kafka_bootstrap_servers,
-        )
-        .env("KAFKA_TOPIC_PREFIX", &env.kafka.kafka_topic_prefix)
-        .env("KAFKA_FETCH_WAIT_MAX_MS", "20")
-        .env("SCHEMA_REGISTRY_URL", &env.registry.schema_registry_url)
-        .env("PROJECTOR_GROUP_PREFIX", &env.group_prefix)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    for (key, value) in extra_env {
-        command.env(key, value);
-    }
+    let mut command = env.command("replay-tools", extra_env);
+    command.args(args);
     command
 }
 
