@@ -8,7 +8,8 @@
 //! their `OrderPlaced` events copied in SQL under new order and customer ids up to the count
 //! (the outbox trigger records each copy), published by the relay.
 //!
-//! `scripts/bench --bench rebuild`; `BENCH_REBUILD_MODEL` picks the read model (default
+//! `scripts/bench --bench rebuild`; `BENCH_REBUILD_BATCH` sets the events per rebuild
+//! transaction (default: the CLI's); `BENCH_REBUILD_MODEL` picks the read model (default
 //! `analytics`, the model analysts replay most: per order event its fact row, its lines and the
 //! hourly rollup; at 20,000 events, `tracking`, `analytics` and `ads` rebuilt within 10% of
 //! each other).
@@ -19,7 +20,9 @@ use backbone_tests::bench::{appends, rate, wait_until};
 use backbone_tests::TestEnv;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use replay_tools::rebuild::{bulk_consumer_config, rebuild, Connections, RebuildArgs, Source};
+use replay_tools::rebuild::{
+    bulk_consumer_config, rebuild, Connections, RebuildArgs, Source, DEFAULT_BATCH_SIZE,
+};
 use tokio_util::sync::CancellationToken;
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -68,6 +71,7 @@ async fn main() {
     let events = env_number("BENCH_REBUILD_EVENTS", 1_000_000);
     let seed = env_number("BENCH_REBUILD_SEED", 2_000).min(events).max(1);
     let model = std::env::var("BENCH_REBUILD_MODEL").unwrap_or_else(|_| "analytics".to_owned());
+    let batch_size = env_number("BENCH_REBUILD_BATCH", DEFAULT_BATCH_SIZE as usize);
     let env = TestEnv::start("rbbench").await;
 
     let started = Instant::now();
@@ -122,7 +126,7 @@ async fn main() {
             resume: false,
             restart: true,
             swap: false,
-            batch_size: 2000,
+            batch_size: u32::try_from(batch_size).unwrap_or(DEFAULT_BATCH_SIZE),
         };
         let mut report = Vec::new();
         let started = Instant::now();
@@ -148,7 +152,11 @@ async fn main() {
             "{}",
             String::from_utf8_lossy(&report)
         );
-        timings.push((source, elapsed));
+        timings.push((
+            source,
+            elapsed,
+            String::from_utf8_lossy(&report).into_owned(),
+        ));
     }
 
     println!(
@@ -164,7 +172,7 @@ async fn main() {
         rate(events, raw),
         100.0
     );
-    for (source, elapsed) in &timings {
+    for (source, elapsed, _) in &timings {
         let what = match source {
             Source::Topics => "rebuild from the topics",
             Source::Store => "rebuild from the event store",
@@ -175,7 +183,7 @@ async fn main() {
             100.0 * raw.as_secs_f64() / elapsed.as_secs_f64()
         );
     }
-    if let Some((_, topics)) = timings.first() {
+    if let Some((_, topics, _)) = timings.first() {
         let per_second = rate(events, *topics);
         println!(
             "a day of 1,000,000 orders from the topics: {:.1} min at one event per order, {:.1} \
@@ -183,6 +191,10 @@ async fn main() {
             1e6 / per_second / 60.0,
             1e6 * EVENTS_PER_COMPLETED_ORDER / per_second / 60.0
         );
+    }
+    // Where each rebuild's time went (the rebuild's own report).
+    for (_, _, report) in &timings {
+        print!("{report}");
     }
     env.stop().await;
 }
