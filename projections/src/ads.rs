@@ -308,7 +308,7 @@ async fn update_orders(
             sqlx::query_scalar::<_, Uuid>(
                 "UPDATE ads.orders o SET total_minor = u.total, categories = u.categories \
                  FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(order_id, total, categories) \
-                 WHERE o.order_id = u.order_id RETURNING o.customer_id",
+                 WHERE o.order_id = u.order_id AND o.order_id = ANY($1) RETURNING o.customer_id",
             )
             .bind(&ids)
             .bind(&totals)
@@ -324,7 +324,7 @@ async fn update_orders(
             sqlx::query_scalar::<_, Uuid>(
                 "UPDATE ads.orders o SET status = u.status \
                  FROM unnest($1::text[], $2::text[]) AS u(order_id, status) \
-                 WHERE o.order_id = u.order_id RETURNING o.customer_id",
+                 WHERE o.order_id = u.order_id AND o.order_id = ANY($1) RETURNING o.customer_id",
             )
             .bind(&ids)
             .bind(&statuses)

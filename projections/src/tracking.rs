@@ -192,7 +192,7 @@ impl Projection for TrackingProjection {
                  SET status = coalesce(u.status, o.status), updated_at = u.at, last_sequence = u.seq \
                  FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) \
                    AS u(order_id, status, at, seq) \
-                 WHERE o.order_id = u.order_id",
+                 WHERE o.order_id = u.order_id AND o.order_id = ANY($1)",
             )
             .bind(&ids)
             .bind(&statuses)
@@ -211,7 +211,7 @@ impl Projection for TrackingProjection {
             sqlx::query(
                 "UPDATE tracking.orders o SET items = u.items, total_minor = u.total \
                  FROM unnest($1::text[], $2::jsonb[], $3::bigint[]) AS u(order_id, items, total) \
-                 WHERE o.order_id = u.order_id",
+                 WHERE o.order_id = u.order_id AND o.order_id = ANY($1)",
             )
             .bind(&ids)
             .bind(&items)
