@@ -42,6 +42,9 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request took longer than the API allows (`API_REQUEST_TIMEOUT_MS`).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// The caller sent too many requests; retry after this many seconds.
     #[error("{detail}")]
     TooManyRequests {
@@ -89,6 +92,11 @@ impl ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
                 "Unsupported media type",
+            ),
+            Self::RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "The request took too long",
             ),
             Self::TooManyRequests { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -150,6 +158,17 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+impl ApiError {
+    /// The answer to a request that ran out of time: nothing is known of its outcome.
+    pub fn timed_out(after: std::time::Duration) -> Self {
+        Self::RequestTimeout(format!(
+            "the request did not finish within {} ms; its effect is unknown: retry with the same \
+             Idempotency-Key to act at most once",
+            after.as_millis()
+        ))
     }
 }
 

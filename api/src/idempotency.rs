@@ -380,7 +380,7 @@ impl Idempotency {
                 }
                 Err(_elapsed) => {
                     self.release(&claim, claimed_at).await;
-                    return StatusCode::REQUEST_TIMEOUT.into_response();
+                    return ApiError::timed_out(self.request_timeout).into_response();
                 }
             };
             if !is_final(response.status()) {

@@ -60,7 +60,6 @@ use sqlx::PgPool;
 use streams::{KafkaConfig, RegistryConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
@@ -386,11 +385,25 @@ pub fn router(
         .layer(axum::Extension(extract::BodyLimit(
             config.api_body_limit_bytes,
         )))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
+        .layer(axum::middleware::from_fn_with_state(
             Duration::from_millis(config.api_request_timeout_ms),
+            time_limit,
         ))
         .with_state(state)
+}
+
+/// Answers `408` with a problem document when a request runs past `limit` (until its response
+/// starts: an event stream, once open, is not cut).
+async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::timed_out(limit).into_response(),
+    }
 }
 
 /// Why the API could not start.

@@ -86,6 +86,11 @@ impl Modify for Shared {
                         "The caller's role may not do this, or not on this resource",
                     );
                 }
+                add(
+                    operation,
+                    "408",
+                    "The request did not finish in time (its effect is unknown)",
+                );
                 if limited {
                     add(
                         operation,

@@ -734,3 +734,41 @@ async fn a_refused_role_is_told_403_before_its_request_is_read_and_claims_no_ide
     server.stop().await.expect("api stops");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_time_limit_is_answered_408_with_a_problem() {
+    let env = TestEnv::start("timeout").await;
+    let (api, server) = env
+        .start_api_with(api::ApiConfig {
+            api_request_timeout_ms: 300,
+            ..TestEnv::api_config()
+        })
+        .await;
+    // A read-your-writes wait for a position no projector will reach outlasts the limit.
+    let response = client()
+        .get(format!(
+            "{api}/orders/{0}/tracking?position=order:{0}:5",
+            Uuid::new_v4()
+        ))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 408);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
+    let problem: Value = response.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("300 ms")),
+        "{problem}"
+    );
+
+    server.stop().await.expect("api stops");
+    env.stop().await;
+}
