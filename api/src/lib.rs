@@ -439,6 +439,10 @@ impl ApiServer {
         registry: RegistryConfig,
     ) -> Result<Self, StartError> {
         let authenticator = Arc::new(auth::Authenticator::from_config(&config.auth)?);
+        // Background upkeep (catalogue refresh, key purge, rate-limit table) ends with the server.
+        let housekeeping = CancellationToken::new();
+        // Stops the upkeep again if the build fails half-way.
+        let failed_start = housekeeping.clone().drop_guard();
         let db = EventStoreDb::connect(&store).await?;
         let catalogue = config.catalogue().map_err(StartError::Config)?;
         let clock = Arc::new(SystemClock);
@@ -450,19 +454,25 @@ impl ApiServer {
         );
         {
             // Other instances' admin changes arrive within this interval.
+            let stop = housekeeping.clone();
             let catalogue = catalogue.clone();
             tokio::spawn(async move {
-                catalogue
-                    .refresh_every(Duration::from_secs(5), CancellationToken::new())
-                    .await;
+                catalogue.refresh_every(Duration::from_secs(5), stop).await;
             });
         }
         // Expired idempotency keys go every minute (they are never replayed meanwhile).
-        tokio::spawn(
-            config
+        {
+            let purge = config
                 .idempotency(pool.clone())
-                .purge_every(Duration::from_secs(60)),
-        );
+                .purge_every(Duration::from_secs(60));
+            let stop = housekeeping.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = purge => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
         let services = OrderServices::new(catalogue.clone(), clock.clone());
         projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
         projections::ensure_schema(&projections::RatingsProjection, &pool).await?;
@@ -503,11 +513,11 @@ impl ApiServer {
             config.api_rate_limit_per_second,
             config.api_rate_limit_burst,
         );
-        let housekeeping = CancellationToken::new();
         if let Some(limiter) = &limiter {
             limiter.spawn_housekeeping(housekeeping.clone());
         }
         let listener = TcpListener::bind(config.api_listen).await?;
+        failed_start.disarm();
         Ok(Self {
             live: state.live.clone(),
             router: router(state, &config, authenticator, limiter),
