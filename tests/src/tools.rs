@@ -131,3 +131,17 @@ pub async fn raw_records(env: &TestEnv, topic: &str, count: usize) -> Vec<OwnedM
     }
     records
 }
+
+/// Waits until the outbox holds exactly `events` rows and the relay published all of them.
+pub async fn everything_published(env: &TestEnv, events: i64) {
+    crate::eventually(Duration::from_secs(30), "every event published", || async {
+        let (all, waiting): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
+        )
+        .fetch_one(env.pool())
+        .await
+        .ok()?;
+        (all == events && waiting == 0).then_some(())
+    })
+    .await;
+}

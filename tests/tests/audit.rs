@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::process::Output;
 use std::time::Duration;
 
-use backbone_tests::tools::{self, raw_records};
+use backbone_tests::tools::{self, everything_published, raw_records};
 use backbone_tests::{eventually, place_order, TestEnv};
 use chrono::{DateTime, Utc};
 use commands::{CommandBus, CommandContext};
@@ -332,19 +332,6 @@ fn headers_with(message: &OwnedMessage, replaced: &[(&str, String)]) -> OwnedHea
         });
     }
     headers
-}
-
-async fn everything_published(env: &TestEnv, events: i64) {
-    eventually(Duration::from_secs(30), "every event published", || async {
-        let (all, waiting): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-        )
-        .fetch_one(env.pool())
-        .await
-        .ok()?;
-        (all == events && waiting == 0).then_some(())
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,10 +6,11 @@
 
 use std::path::PathBuf;
 use std::process::Output;
-use std::time::Duration;
 
-use backbone_tests::tools::{raw_records, read_jsonl, read_parquet, replay_tools};
-use backbone_tests::{client, eventually, order_request, place_request, TestEnv};
+use backbone_tests::tools::{
+    everything_published, raw_records, read_jsonl, read_parquet, replay_tools,
+};
+use backbone_tests::{client, order_request, place_request, TestEnv};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -84,19 +85,6 @@ impl Person {
 
 fn erased() -> Vec<Value> {
     vec![json!("[erased]"); 7]
-}
-
-async fn everything_published(env: &TestEnv, events: i64) {
-    eventually(Duration::from_secs(30), "every event published", || async {
-        let (all, waiting): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-        )
-        .fetch_one(env.pool())
-        .await
-        .ok()?;
-        (all == events && waiting == 0).then_some(())
-    })
-    .await;
 }
 
 /// The stored payload texts of the order events, as PostgreSQL holds them.
