@@ -218,6 +218,15 @@ impl Projection for AnalyticsProjection {
         include_str!("../sql/analytics.sql")
     }
 
+    fn query_only_indexes(&self) -> &'static [&'static str] {
+        &[
+            "analytics_orders_placed",
+            "analytics_orders_region",
+            "analytics_orders_store",
+            "analytics_points_kind",
+        ]
+    }
+
     async fn apply(
         &self,
         tx: &mut Transaction<'static, Postgres>,

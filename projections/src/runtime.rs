@@ -48,6 +48,13 @@ pub trait Projection: Send + Sync + 'static {
     fn aggregate_types(&self) -> &'static [&'static str];
     /// SQL creating its tables (idempotent).
     fn schema_sql(&self) -> &'static str;
+    /// Indexes of `schema_sql` that only queries read (no handler looks rows up through
+    /// them). A rebuild leaves them out while it applies the history and builds each once, by
+    /// sorting, before the rebuilt model is used: cheaper than keeping them up to date event
+    /// by event. An index a handler reads must not be listed (its lookups would scan).
+    fn query_only_indexes(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Applies one event in the runtime's transaction.
     async fn apply(
         &self,
@@ -1053,4 +1060,40 @@ pub async fn apply_replayed(
     .execute(&mut **tx)
     .await?;
     Ok(verdicts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Projection;
+    use crate::{
+        AdsProjection, AnalyticsProjection, NotificationsProjection, RatingsProjection,
+        TrackingProjection,
+    };
+
+    /// A rebuild drops the query-only indexes by name and gets them back from the DDL: each
+    /// must be an index that the projection's own DDL creates.
+    #[test]
+    fn query_only_indexes_are_created_by_their_ddl() {
+        let projections: [&dyn Projection; 5] = [
+            &TrackingProjection,
+            &AnalyticsProjection,
+            &RatingsProjection,
+            &AdsProjection,
+            &NotificationsProjection,
+        ];
+        for projection in projections {
+            for index in projection.query_only_indexes() {
+                let ddl = format!(
+                    "CREATE INDEX IF NOT EXISTS {index} ON {}.",
+                    projection.name()
+                );
+                assert!(
+                    projection.schema_sql().contains(&ddl),
+                    "{}: {index} is not created by its DDL",
+                    projection.name()
+                );
+            }
+        }
+        assert!(!AnalyticsProjection.query_only_indexes().is_empty());
+    }
 }

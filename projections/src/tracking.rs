@@ -67,6 +67,14 @@ impl Projection for TrackingProjection {
         include_str!("../sql/tracking.sql")
     }
 
+    fn query_only_indexes(&self) -> &'static [&'static str] {
+        &[
+            "tracking_orders_customer",
+            "tracking_orders_store",
+            "tracking_orders_placed",
+        ]
+    }
+
     async fn apply(
         &self,
         tx: &mut Transaction<'static, Postgres>,

@@ -30,6 +30,18 @@
 //! an interrupted rebuild (Ctrl-C, crash) continues where its last transaction committed
 //! (`--resume`).
 //!
+//! ## Bulk mode: unlogged, without the query-only indexes, until the history is applied
+//!
+//! A shadow is built as a bulk load: its tables are created `UNLOGGED` (no write-ahead log for
+//! the rows nor for their index entries, nothing for a checkpoint to flush) and without the
+//! indexes that only queries read ([`Projection::query_only_indexes`]). Once the history is
+//! applied, one transaction makes each table durable (`SET LOGGED`: a sequential rewrite whose
+//! indexes are rebuilt by sorting) and creates the missing indexes from the projection's own
+//! DDL; only then is the model swapped in or handed over as an as-of model. The price is on a
+//! database crash: PostgreSQL empties unlogged tables when it recovers, bookkeeping included,
+//! so a rebuild interrupted by a crash of the database (not of this tool) starts over, and
+//! says so. A standby sees the shadow once it is durable, before any swap.
+//!
 //! ## Sources
 //!
 //! - **topics**: each partition of the read model's topics, assigned (consumer group
@@ -364,6 +376,9 @@ pub async fn rebuild(
         }
         Source::Store => rebuild.read_store(&state, &interrupted, &mut tally).await?,
     };
+    if completed {
+        rebuild.finish_build().await?;
+    }
     let elapsed = started.elapsed();
     writeln!(
         out,
@@ -436,6 +451,33 @@ async fn exclusive(pool: &PgPool, live: &str) -> anyhow::Result<PgConnection> {
         bail!("another rebuild of {live} is running");
     }
     Ok(connection)
+}
+
+/// Which tables [`tables_of`] lists.
+#[derive(Debug, Clone, Copy)]
+enum Persistence {
+    Logged,
+    Unlogged,
+}
+
+/// The tables of a schema that are logged, or unlogged.
+async fn tables_of(
+    tx: &mut Transaction<'static, Postgres>,
+    schema: &str,
+    persistence: Persistence,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT quote_ident(relname) FROM pg_class \
+         WHERE relnamespace = to_regnamespace($1) AND relkind = 'r' AND relpersistence = $2 \
+         ORDER BY relname",
+    )
+    .bind(schema)
+    .bind(match persistence {
+        Persistence::Logged => "p",
+        Persistence::Unlogged => "u",
+    })
+    .fetch_all(&mut **tx)
+    .await
 }
 
 fn describe_as_of(as_of: Option<DateTime<Utc>>) -> String {
@@ -520,6 +562,8 @@ struct Profile {
     bookkeeping: Phase,
     /// Giving the names back, and the commit.
     commit: Phase,
+    /// Making the shadow durable and building its query-only indexes, once at the end.
+    finish: Phase,
     /// Transactions that committed.
     transactions: AtomicU64,
 }
@@ -545,7 +589,8 @@ impl Profile {
             "reader: {:.1} s waiting for events, {:.1} s decoding, {:.1} s waiting for the \
              applier; applier: {:.1} s waiting for the reader, {:.1} s renaming in, {:.1} s \
              dedup and handlers, {:.1} s bookkeeping, {:.1} s renaming back and committing, \
-             {} transactions",
+             {} transactions; then {:.1} s making the tables durable and building the \
+             query-only indexes",
             self.read.seconds(),
             self.decode.seconds(),
             self.handover.seconds(),
@@ -554,7 +599,8 @@ impl Profile {
             self.handlers.seconds(),
             self.bookkeeping.seconds(),
             self.commit.seconds(),
-            self.transactions.load(Ordering::Relaxed)
+            self.transactions.load(Ordering::Relaxed),
+            self.finish.seconds()
         )
     }
 }
@@ -727,9 +773,13 @@ impl Rebuild {
         ))
         .fetch_optional(&self.pool)
         .await?;
-        state
-            .map(Some)
-            .with_context(|| format!("{shadow}.rebuild_state is empty; use --restart"))
+        state.map(Some).with_context(|| {
+            format!(
+                "{shadow}.rebuild_state is empty: a rebuild's tables are unlogged until it \
+                     completes, and PostgreSQL empties unlogged tables when it recovers from a \
+                     crash; start over with --restart"
+            )
+        })
     }
 
     /// Opens a transaction in which the shadow carries the live name.
@@ -799,12 +849,46 @@ impl Rebuild {
         .bind(self.as_of)
         .execute(&mut *tx)
         .await?;
+        // Bulk mode until `finish_build`: unlogged tables, the query-only indexes left out.
+        for table in tables_of(&mut tx, live, Persistence::Logged).await? {
+            sqlx::raw_sql(&format!("ALTER TABLE {live}.{table} SET UNLOGGED"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        for index in self.projection.query_only_indexes() {
+            sqlx::raw_sql(&format!("DROP INDEX {live}.{index}"))
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("dropping the query-only index {index} of {live}"))?;
+        }
         sqlx::raw_sql(&format!(
             "ALTER SCHEMA {live} RENAME TO {shadow}; ALTER SCHEMA {parked} RENAME TO {live}"
         ))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends the bulk mode of a shadow whose history is applied: its tables made durable (one
+    /// sequential rewrite each, with its indexes rebuilt by sorting) and the query-only
+    /// indexes built. Idempotent: a resumed rebuild that had got this far does it again.
+    async fn finish_build(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut tx = self.enter().await?;
+        let live = self.schemas.live;
+        for table in tables_of(&mut tx, live, Persistence::Unlogged).await? {
+            sqlx::raw_sql(&format!("ALTER TABLE {live}.{table} SET LOGGED"))
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("making {} durable", self.schemas.shadow))?;
+        }
+        // The projection's DDL is idempotent: it creates what is missing, the indexes left out.
+        create_tables(self.projection.as_ref(), &mut tx)
+            .await
+            .with_context(|| format!("building the indexes of {}", self.schemas.shadow))?;
+        self.leave(tx).await?;
+        self.profile.finish.add(started);
         Ok(())
     }
 

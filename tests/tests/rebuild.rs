@@ -4,7 +4,7 @@
 //! as of an instant (a read model and a single aggregate); `check` finding no difference
 //! between the live model and a fresh rebuild, and every difference after a tamper.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -309,6 +309,25 @@ async fn a_rebuild_during_live_traffic_is_swapped_in_and_the_live_projector_goes
 }
 
 /// The tracking read model's orders and timeline, as JSON rows.
+/// How many tables of a schema are unlogged, and the names of its indexes.
+async fn build_state(env: &TestEnv, schema: &str) -> (i64, BTreeSet<String>) {
+    let unlogged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class \
+         WHERE relnamespace = to_regnamespace($1) AND relkind = 'r' AND relpersistence = 'u'",
+    )
+    .bind(schema)
+    .fetch_one(env.pool())
+    .await
+    .expect("tables");
+    let indexes: Vec<String> =
+        sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE schemaname = $1")
+            .bind(schema)
+            .fetch_all(env.pool())
+            .await
+            .expect("indexes");
+    (unlogged, indexes.into_iter().collect())
+}
+
 async fn tracking_rows(env: &TestEnv, schema: &str) -> (Vec<Value>, Vec<Value>) {
     let orders = sqlx::query_scalar(&format!(
         "SELECT to_jsonb(o) FROM {schema}.orders o ORDER BY order_id"
@@ -412,6 +431,11 @@ async fn an_interrupted_rebuild_resumes_where_it_stopped_with_the_same_result() 
     .await
     .expect("applied");
     assert_eq!(shadow_sequences, applied);
+    // Mid-way the shadow is a bulk load: unlogged, without the indexes only queries use.
+    let (unlogged, indexes) = build_state(&env, "tracking__rebuild").await;
+    assert!(unlogged >= 3, "{unlogged} unlogged tables");
+    assert!(!indexes.contains("tracking_orders_customer"), "{indexes:?}");
+    assert!(indexes.contains("orders_pkey"), "{indexes:?}");
 
     // Not resumed by accident: a plain rebuild refuses to start over it.
     let refused = run_err(&env, &["rebuild", "tracking"]).await;
@@ -438,6 +462,12 @@ async fn an_interrupted_rebuild_resumes_where_it_stopped_with_the_same_result() 
         tracking_rows(&env, "tracking__rebuild").await,
         tracking_rows(&env, "tracking").await
     );
+    // Done: durable, and indexed as the live model is.
+    let (unlogged, indexes) = build_state(&env, "tracking__rebuild").await;
+    assert_eq!(unlogged, 0);
+    let mut live_indexes = build_state(&env, "tracking").await.1;
+    live_indexes.insert("rebuild_state_pkey".to_owned());
+    assert_eq!(indexes, live_indexes);
 
     relay.stop().await.expect("relay stops");
     env.stop().await;
