@@ -271,7 +271,7 @@ async fn insert_orders(
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO ads.orders (order_id, customer_id, region, placed_at, total_minor, currency, \
+        "INSERT INTO orders (order_id, customer_id, region, placed_at, total_minor, currency, \
            categories, status) \
          SELECT o, c, r, p, t, cur, cat, 'placed' \
          FROM unnest($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::bigint[], \
@@ -306,7 +306,7 @@ async fn update_orders(
         }
         customers.extend(
             sqlx::query_scalar::<_, Uuid>(
-                "UPDATE ads.orders o SET total_minor = u.total, categories = u.categories \
+                "UPDATE orders o SET total_minor = u.total, categories = u.categories \
                  FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS u(order_id, total, categories) \
                  WHERE o.order_id = u.order_id AND o.order_id = ANY($1) RETURNING o.customer_id",
             )
@@ -322,7 +322,7 @@ async fn update_orders(
             ended.iter().map(|(id, s)| (id.as_str(), *s)).unzip();
         customers.extend(
             sqlx::query_scalar::<_, Uuid>(
-                "UPDATE ads.orders o SET status = u.status \
+                "UPDATE orders o SET status = u.status \
                  FROM unnest($1::text[], $2::text[]) AS u(order_id, status) \
                  WHERE o.order_id = u.order_id AND o.order_id = ANY($1) RETURNING o.customer_id",
             )
@@ -371,13 +371,13 @@ async fn upsert_exposures(
         windows.push(e.window_hours);
     }
     sqlx::query(
-        "INSERT INTO ads.exposures (experiment_id, customer_id, layer, variant, promotion_code, \
+        "INSERT INTO exposures (experiment_id, customer_id, layer, variant, promotion_code, \
            region, first_exposed_at, last_exposed_at, exposures, attribution_window_hours) \
          SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
                               $6::text[], $7::timestamptz[], $8::timestamptz[], $9::bigint[], \
                               $10::int[]) \
          ON CONFLICT (experiment_id, customer_id) DO UPDATE \
-         SET exposures = ads.exposures.exposures + excluded.exposures, \
+         SET exposures = exposures.exposures + excluded.exposures, \
              last_exposed_at = excluded.last_exposed_at",
     )
     .bind(&experiments)
@@ -412,13 +412,13 @@ async fn update_subscriptions(
         untils.push(change.until);
     }
     sqlx::query(
-        "INSERT INTO ads.profiles (customer_id, subscription_status, subscription_tier, \
+        "INSERT INTO profiles (customer_id, subscription_status, subscription_tier, \
            subscription_until) \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) \
          ON CONFLICT (customer_id) DO UPDATE \
          SET subscription_status = excluded.subscription_status, \
-             subscription_tier = coalesce(excluded.subscription_tier, ads.profiles.subscription_tier), \
-             subscription_until = coalesce(excluded.subscription_until, ads.profiles.subscription_until)",
+             subscription_tier = coalesce(excluded.subscription_tier, profiles.subscription_tier), \
+             subscription_until = coalesce(excluded.subscription_until, profiles.subscription_until)",
     )
     .bind(&customers)
     .bind(&statuses)
@@ -435,7 +435,7 @@ async fn refresh_profiles(
     customers: &[Uuid],
 ) -> Result<(), ProjectionError> {
     sqlx::query(
-        "INSERT INTO ads.profiles (customer_id, orders_count, cancelled_orders, first_order_at, \
+        "INSERT INTO profiles (customer_id, orders_count, cancelled_orders, first_order_at, \
            last_order_at, region) \
          SELECT customer_id, \
                 count(*) FILTER (WHERE status = 'placed'), \
@@ -443,7 +443,7 @@ async fn refresh_profiles(
                 min(placed_at) FILTER (WHERE status = 'placed'), \
                 max(placed_at) FILTER (WHERE status = 'placed'), \
                 (array_agg(region ORDER BY placed_at DESC, order_id DESC))[1] \
-         FROM ads.orders WHERE customer_id = ANY($1) GROUP BY customer_id \
+         FROM orders WHERE customer_id = ANY($1) GROUP BY customer_id \
          ON CONFLICT (customer_id) DO UPDATE \
          SET orders_count = excluded.orders_count, cancelled_orders = excluded.cancelled_orders, \
              first_order_at = excluded.first_order_at, last_order_at = excluded.last_order_at, \
@@ -452,26 +452,26 @@ async fn refresh_profiles(
     .bind(customers)
     .execute(&mut **tx)
     .await?;
-    sqlx::query("DELETE FROM ads.profile_spend WHERE customer_id = ANY($1)")
+    sqlx::query("DELETE FROM profile_spend WHERE customer_id = ANY($1)")
         .bind(customers)
         .execute(&mut **tx)
         .await?;
     sqlx::query(
-        "INSERT INTO ads.profile_spend (customer_id, currency, total_minor) \
-         SELECT customer_id, currency, sum(total_minor) FROM ads.orders \
+        "INSERT INTO profile_spend (customer_id, currency, total_minor) \
+         SELECT customer_id, currency, sum(total_minor) FROM orders \
          WHERE customer_id = ANY($1) AND status = 'placed' GROUP BY customer_id, currency",
     )
     .bind(customers)
     .execute(&mut **tx)
     .await?;
-    sqlx::query("DELETE FROM ads.profile_categories WHERE customer_id = ANY($1)")
+    sqlx::query("DELETE FROM profile_categories WHERE customer_id = ANY($1)")
         .bind(customers)
         .execute(&mut **tx)
         .await?;
     sqlx::query(
-        "INSERT INTO ads.profile_categories (customer_id, category, units) \
+        "INSERT INTO profile_categories (customer_id, category, units) \
          SELECT o.customer_id, c.key, sum(c.value::bigint) \
-         FROM ads.orders o CROSS JOIN LATERAL jsonb_each_text(o.categories) AS c(key, value) \
+         FROM orders o CROSS JOIN LATERAL jsonb_each_text(o.categories) AS c(key, value) \
          WHERE o.customer_id = ANY($1) AND o.status = 'placed' GROUP BY o.customer_id, c.key",
     )
     .bind(customers)
@@ -487,9 +487,9 @@ async fn attribute(
     customers: &[Uuid],
 ) -> Result<(), ProjectionError> {
     sqlx::query(
-        "INSERT INTO ads.conversions (experiment_id, customer_id, order_id, variant, placed_at) \
+        "INSERT INTO conversions (experiment_id, customer_id, order_id, variant, placed_at) \
          SELECT e.experiment_id, e.customer_id, o.order_id, e.variant, o.placed_at \
-         FROM ads.exposures e JOIN ads.orders o ON o.customer_id = e.customer_id \
+         FROM exposures e JOIN orders o ON o.customer_id = e.customer_id \
          WHERE e.customer_id = ANY($1) \
            AND o.placed_at >= e.first_exposed_at \
            AND o.placed_at < e.first_exposed_at + make_interval(hours => e.attribution_window_hours) \

@@ -349,7 +349,7 @@ async fn insert_placed(
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO analytics.orders (order_id, customer_id, store_id, region, currency, \
+        "INSERT INTO orders (order_id, customer_id, store_id, region, currency, \
            placed_at, hour, total_minor, points_redeemed, status) \
          SELECT o, c, s, r, cur, p, date_trunc('hour', p AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', \
                 t, pts, 'Placed' \
@@ -411,7 +411,7 @@ async fn update_orders(
         return Ok(());
     }
     sqlx::query(
-        "UPDATE analytics.orders o SET \
+        "UPDATE orders o SET \
            status = coalesce(u.status, o.status), \
            total_minor = coalesce(u.total, o.total_minor), \
            accepted_at = coalesce(u.accepted, o.accepted_at), \
@@ -463,7 +463,7 @@ async fn replace_lines(
         }
     }
     if !modified.is_empty() {
-        sqlx::query("DELETE FROM analytics.order_lines WHERE order_id = ANY($1)")
+        sqlx::query("DELETE FROM order_lines WHERE order_id = ANY($1)")
             .bind(&modified)
             .execute(&mut **tx)
             .await?;
@@ -472,7 +472,7 @@ async fn replace_lines(
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO analytics.order_lines (order_id, line_no, item_id, name, category, quantity, \
+        "INSERT INTO order_lines (order_id, line_no, item_id, name, category, quantity, \
            unit_price_minor, revenue_minor, currency) \
          SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], \
                               $6::int[], $7::bigint[], $8::bigint[], $9::text[]) \
@@ -516,6 +516,9 @@ fn retain(lines: &mut Lines, keep: &[bool]) {
 /// from the facts, which already hold this batch's placements and final totals: an order is
 /// modified only before acceptance, so its total is final when it completes).
 ///
+/// The buckets are locked in key order, so two transactions adding to the same buckets (two
+/// projector instances, a rebuild's appliers) wait for each other but never deadlock.
+///
 /// Each order is looked up by its key (`OFFSET 0` keeps the subquery a per-row index lookup):
 /// with a plain join, a batch of a few thousand orders made the planner hash the whole facts
 /// table, a cost that grows with the table (98 ms per 2,000-event batch at 200,000 orders).
@@ -544,15 +547,16 @@ async fn add_to_rollup(
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO analytics.hourly AS h (hour, region, store_id, currency, orders, completed, \
+        "INSERT INTO hourly AS h (hour, region, store_id, currency, orders, completed, \
            cancelled, rejected, revenue_minor) \
          SELECT o.hour, o.region, o.store_id, o.currency, sum(d.placed), sum(d.completed), \
                 sum(d.cancelled), sum(d.rejected), sum(d.completed * o.total_minor) \
          FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
            AS d(order_id, placed, completed, cancelled, rejected) \
          CROSS JOIN LATERAL (SELECT hour, region, store_id, currency, total_minor \
-                             FROM analytics.orders WHERE order_id = d.order_id OFFSET 0) o \
+                             FROM orders WHERE order_id = d.order_id OFFSET 0) o \
          GROUP BY o.hour, o.region, o.store_id, o.currency \
+         ORDER BY o.hour, o.region, o.store_id, o.currency \
          ON CONFLICT (hour, region, store_id, currency) DO UPDATE SET \
            orders = h.orders + excluded.orders, \
            completed = h.completed + excluded.completed, \
@@ -578,7 +582,7 @@ async fn insert_movements(
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO analytics.points_movements (customer_id, sequence, kind, points, order_id, \
+        "INSERT INTO points_movements (customer_id, sequence, kind, points, order_id, \
            charity, amount_minor, currency, at) \
          SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], \
                               $6::text[], $7::bigint[], $8::text[], $9::timestamptz[]) \

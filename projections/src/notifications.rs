@@ -150,7 +150,7 @@ impl NotificationsProjection {
         }
         let ids: Vec<&str> = ids.into_iter().collect();
         let rows: Vec<(String, Uuid, i64, String)> = sqlx::query_as(
-            "SELECT order_id, customer_id, total_minor, currency FROM notifications.orders \
+            "SELECT order_id, customer_id, total_minor, currency FROM orders \
              WHERE order_id = ANY($1)",
         )
         .bind(&ids)
@@ -312,7 +312,7 @@ impl Projection for NotificationsProjection {
                 }
             }
             sqlx::query(
-                "INSERT INTO notifications.orders (order_id, customer_id, total_minor, currency) \
+                "INSERT INTO orders (order_id, customer_id, total_minor, currency) \
                  SELECT * FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::text[]) \
                  ON CONFLICT (order_id) DO UPDATE \
                  SET total_minor = excluded.total_minor, currency = excluded.currency",
@@ -344,7 +344,7 @@ impl Projection for NotificationsProjection {
         .await?;
         // Ids are drawn in event order (ORDER BY the position in the batch).
         let inserted: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO notifications.records \
+            "INSERT INTO records \
                (customer_id, kind, order_id, event_id, payload, created_at) \
              SELECT c, k, o, e, p, t \
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], \

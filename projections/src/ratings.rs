@@ -31,10 +31,10 @@ async fn rate(
 ) -> Result<(), ProjectionError> {
     let stars = i64::from(stars.clamp(1, 5));
     sqlx::query(
-        "INSERT INTO ratings.subjects (kind, id, count, sum, stars) \
+        "INSERT INTO subjects (kind, id, count, sum, stars) \
          SELECT $1, id, 1, $3, array_fill(0::bigint, ARRAY[5]) FROM unnest($2::text[]) AS id \
          ON CONFLICT (kind, id) DO UPDATE \
-         SET count = ratings.subjects.count + 1, sum = ratings.subjects.sum + $3",
+         SET count = subjects.count + 1, sum = subjects.sum + $3",
     )
     .bind(kind)
     .bind(ids)
@@ -42,7 +42,7 @@ async fn rate(
     .execute(&mut **tx)
     .await?;
     sqlx::query(
-        "UPDATE ratings.subjects SET stars[$3] = stars[$3] + 1 \
+        "UPDATE subjects SET stars[$3] = stars[$3] + 1 \
          WHERE kind = $1 AND id = ANY($2)",
     )
     .bind(kind)
@@ -83,7 +83,7 @@ impl Projection for RatingsProjection {
                     items.sort();
                     items.dedup();
                     sqlx::query(
-                        "INSERT INTO ratings.orders (order_id, store_id, items) VALUES ($1, $2, $3) \
+                        "INSERT INTO orders (order_id, store_id, items) VALUES ($1, $2, $3) \
                          ON CONFLICT (order_id) DO NOTHING",
                     )
                     .bind(id)
@@ -97,19 +97,18 @@ impl Projection for RatingsProjection {
                         lines.iter().map(|l| l.item_id.to_string()).collect();
                     items.sort();
                     items.dedup();
-                    sqlx::query("UPDATE ratings.orders SET items = $2 WHERE order_id = $1")
+                    sqlx::query("UPDATE orders SET items = $2 WHERE order_id = $1")
                         .bind(id)
                         .bind(&items)
                         .execute(&mut **tx)
                         .await?;
                 }
                 OrderEvent::OrderRated { stars, .. } => {
-                    let order: Option<(uuid::Uuid, Vec<String>)> = sqlx::query_as(
-                        "SELECT store_id, items FROM ratings.orders WHERE order_id = $1",
-                    )
-                    .bind(id)
-                    .fetch_optional(&mut **tx)
-                    .await?;
+                    let order: Option<(uuid::Uuid, Vec<String>)> =
+                        sqlx::query_as("SELECT store_id, items FROM orders WHERE order_id = $1")
+                            .bind(id)
+                            .fetch_optional(&mut **tx)
+                            .await?;
                     let Some((store, items)) = order else {
                         return Err(event_error(format!(
                             "order {id} was rated but its placement was never seen"

@@ -510,6 +510,7 @@ impl Projector {
     ) -> Result<(), ProjectionError> {
         let schema = self.schema;
         let mut tx = self.pool.begin().await?;
+        use_schema(&mut tx, schema).await?;
         let identities: Vec<Option<Identity>> = batch
             .iter()
             .zip(decoded)
@@ -845,6 +846,7 @@ impl Projector {
         let schema = self.schema;
         loop {
             let mut tx = self.pool.begin().await?;
+            use_schema(&mut tx, schema).await?;
             let row: Option<StoredRecord> = sqlx::query_as(&format!(
                 "SELECT id, topic, partition, \"offset\", record_key, payload, header_names, \
                         header_values, timestamp_ms \
@@ -947,6 +949,21 @@ impl StoredRecord {
 /// Creates a projection's tables and the runtime's bookkeeping inside `tx`, under the
 /// projection's name (`replay-tools rebuild` runs it while its shadow schema carries that name
 /// within the transaction, so the projection's own SQL builds the shadow unchanged).
+/// Points the transaction's unqualified names at `schema`: handlers name their tables without a
+/// schema (`INSERT INTO orders ...`), so the same handlers write the live read model in the
+/// projector and a shadow in a rebuild. Only `schema` and `pg_catalog` are searched: a table
+/// missing from it is an error, never another schema's table of the same name.
+pub async fn use_schema(
+    tx: &mut Transaction<'static, Postgres>,
+    schema: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('search_path', quote_ident($1), true)")
+        .bind(schema)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 pub async fn create_tables(
     projection: &dyn Projection,
     tx: &mut Transaction<'static, Postgres>,
@@ -987,16 +1004,17 @@ pub enum ReplayVerdict {
 }
 
 /// Applies replayed events in `tx` exactly as a projector applies records: the per-aggregate
-/// dedup against the read model's `applied` table (the schema named `projection.name()`), the
+/// dedup against the `applied` table of the read model in `schema` (the live one, or a shadow), the
 /// projection's handlers for the next unapplied events only (as [`FirstDelivery`]), and the new
 /// last sequences. The caller owns the transaction and commits it with its own position, so a
 /// replay that stops anywhere continues exactly where it stopped.
 pub async fn apply_replayed(
     projection: &dyn Projection,
+    schema: &str,
     tx: &mut Transaction<'static, Postgres>,
     events: &[ReplayedEvent<'_>],
 ) -> Result<Vec<ReplayVerdict>, ProjectionError> {
-    let schema = projection.name();
+    use_schema(tx, schema).await?;
     let (types, ids): (Vec<&str>, Vec<&str>) = events
         .iter()
         .map(|e| (e.aggregate_type, e.aggregate_id))
@@ -1039,7 +1057,8 @@ pub async fn apply_replayed(
         }
         verdicts.push(verdict);
     }
-    projection.apply_batch(tx, &deliveries).await?;
+    // The dedup's new positions first, the handlers last: the rows that batches applied side by
+    // side share (rollups) stay locked for as short a time as possible.
     let mut types = Vec::with_capacity(changed.len());
     let mut ids = Vec::with_capacity(changed.len());
     let mut sequences = Vec::with_capacity(changed.len());
@@ -1059,6 +1078,7 @@ pub async fn apply_replayed(
     .bind(&sequences)
     .execute(&mut **tx)
     .await?;
+    projection.apply_batch(tx, &deliveries).await?;
     Ok(verdicts)
 }
 

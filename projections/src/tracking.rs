@@ -164,7 +164,7 @@ impl Projection for TrackingProjection {
         }
         if !placed.order_id.is_empty() {
             sqlx::query(
-                "INSERT INTO tracking.orders (order_id, customer_id, store_id, region, status, items, \
+                "INSERT INTO orders (order_id, customer_id, store_id, region, status, items, \
                    total_minor, currency, placed_at, updated_at, last_sequence) \
                  SELECT o, c, s, r, 'Placed', i, t, cur, p, p, q \
                  FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[], \
@@ -196,7 +196,7 @@ impl Projection for TrackingProjection {
                 sequences.push(change.sequence);
             }
             sqlx::query(
-                "UPDATE tracking.orders o \
+                "UPDATE orders o \
                  SET status = coalesce(u.status, o.status), updated_at = u.at, last_sequence = u.seq \
                  FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) \
                    AS u(order_id, status, at, seq) \
@@ -217,7 +217,7 @@ impl Projection for TrackingProjection {
                 totals.push(change.total_minor);
             }
             sqlx::query(
-                "UPDATE tracking.orders o SET items = u.items, total_minor = u.total \
+                "UPDATE orders o SET items = u.items, total_minor = u.total \
                  FROM unnest($1::text[], $2::jsonb[], $3::bigint[]) AS u(order_id, items, total) \
                  WHERE o.order_id = u.order_id AND o.order_id = ANY($1)",
             )
@@ -230,7 +230,7 @@ impl Projection for TrackingProjection {
         upsert_deliveries(tx, &deliveries).await?;
         if !timeline.order_id.is_empty() {
             sqlx::query(
-                "INSERT INTO tracking.timeline (order_id, sequence, event_type, status, at) \
+                "INSERT INTO timeline (order_id, sequence, event_type, status, at) \
                  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[]) \
                  ON CONFLICT DO NOTHING",
             )
@@ -348,7 +348,7 @@ async fn upsert_deliveries(
     }
     // A new row's status is `Requested` at the least (its first event is DeliveryRequested).
     sqlx::query(
-        "INSERT INTO tracking.deliveries AS d (order_id, status, courier_id, latitude, longitude, \
+        "INSERT INTO deliveries AS d (order_id, status, courier_id, latitude, longitude, \
            position_at, eta_expected_at, eta_earliest_at, eta_latest_at, remaining_meters, \
            eta_estimated_at, updated_at, last_sequence) \
          SELECT o, coalesce(s, 'Requested'), c, la, lo, pa, ex, ea, lt, rm, es, coalesce(u, now()), q \

@@ -1,29 +1,29 @@
 //! `replay-tools rebuild`: a read model rebuilt from the topics or from the event store into a
 //! shadow schema while the live one keeps serving, then (`--swap`) swapped in atomically.
 //!
-//! ## The shadow carries the live name inside each of its transactions
+//! ## The same handlers write the shadow, through the transaction's search path
 //!
-//! A read model lives in the schema named after it, and its handlers and its `.sql` name that
-//! schema (`INSERT INTO tracking.orders ...`). The shadow is the schema `<name>__rebuild`. Every
-//! transaction of the rebuild starts by renaming the live schema to `<name>__live` and the shadow
-//! to `<name>`, applies a batch through the projection's own code (the runtime's dedup, then
-//! `Projection::apply_batch`: [`projections::runtime::apply_replayed`]) and renames both back
-//! before it commits. Catalog changes are transactional: no other session ever sees the
-//! renames, which cancel out at commit, so the live projector and the API keep reading and
-//! writing the live schema, and never wait on the rebuild. Compared with the alternatives
-//! (unqualified SQL under a `search_path`, or a schema parameter threaded through every
-//! handler), the handlers and the DDL stay exactly as the projector runs them: nothing to
-//! rewrite, and no forgotten qualification that would write the live model from a rebuild. The
-//! price: each commit touches `pg_namespace`, so every session re-plans its cached statements
-//! once (cheap next to a batch of thousands of events: the renames and the commit measured 4%
-//! of a rebuild at 2,000 events per transaction, under 1% at 10,000); the rebuild's
-//! transactions cannot run side by side (each renames the same schemas), so a rebuild applies
-//! on one PostgreSQL backend; and only one rebuild per read model runs at a time (an advisory
-//! lock).
+//! A read model lives in the schema named after it; the shadow is the schema `<name>__rebuild`.
+//! Handlers name their tables without a schema (`INSERT INTO orders ...`) and every transaction
+//! that runs them first points its `search_path` at one schema and nothing else
+//! ([`projections::runtime::use_schema`]): the live one in the projector, the shadow here (the
+//! runtime's dedup, then `Projection::apply_batch`: [`projections::runtime::apply_replayed`]).
+//! A table missing from that schema is an error, never another schema's table. The live
+//! projector and the API never wait on the rebuild, and the rebuild's transactions run side by
+//! side: from the topics, `--appliers` transactions (default 2) each apply the partitions
+//! `p mod appliers` (an aggregate lives in one partition, so its events keep their order; a
+//! deadlock on shared rows, such as a rollup's, is retried without counting as a failure).
+//!
+//! The projection's DDL (`.sql`) names the live schema, so the two steps that run it (creating
+//! the shadow, and building its indexes at the end) rename the live schema to `<name>__live`
+//! and the shadow to `<name>` inside their transaction and back before committing. Catalog
+//! changes are transactional: no other session sees the renames, which cancel out at commit.
+//! Only one rebuild per read model runs at a time (an advisory lock).
 //!
 //! The run's report ends with where the time went (reading, decoding, waiting on each other,
-//! renames, handlers, bookkeeping, commit): the reader fetches and decodes the next batch while
-//! the current one is applied, so whichever side waits less is the bottleneck.
+//! handlers, bookkeeping, commit; the appliers' phases summed): the reader fetches and decodes
+//! the next batches while the current ones are applied, so whichever side waits less is the
+//! bottleneck.
 //!
 //! The runtime's bookkeeping lives in the shadow too (`applied`, `checkpoints`, `dead_letters`),
 //! with the rebuild's own `rebuild_state` (source, as-of instant, position in the event store):
@@ -83,7 +83,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, ValueEnum};
 use futures::TryStreamExt;
 use indicatif::ProgressBar;
-use projections::runtime::{apply_replayed, create_tables, ReplayVerdict, ReplayedEvent};
+use projections::runtime::{
+    apply_replayed, create_tables, use_schema, ReplayVerdict, ReplayedEvent,
+};
 use projections::{Projection, ProjectionError, ProjectorConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -149,7 +151,17 @@ pub struct RebuildArgs {
     /// Events applied per transaction.
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
+    /// Transactions applied side by side when reading the topics, each for its share of the
+    /// partitions (an aggregate lives in one partition, so its events stay in order). The store
+    /// is read in one recorded order and applied by one.
+    #[arg(long, default_value_t = DEFAULT_APPLIERS, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub appliers: u32,
 }
+
+/// Transactions a rebuild from the topics applies side by side unless `--appliers` says
+/// otherwise: one applier leaves the machine partly idle while it alternates between preparing
+/// a batch and waiting on PostgreSQL.
+pub const DEFAULT_APPLIERS: u32 = 2;
 
 /// Events applied per rebuild transaction unless `--batch-size` says otherwise. Measured
 /// (analytics, 200,000 events from the topics): the renames and the commit cost 0.6 s of 16.7 s
@@ -302,6 +314,7 @@ pub async fn rebuild(
         attempts: connections.max_attempts,
         topics: connections.kafka.topics(),
         batch_size: usize::try_from(args.batch_size).unwrap_or(usize::MAX),
+        appliers: usize::try_from(args.appliers).unwrap_or(1).max(1),
         profile: Arc::default(),
     };
     let existing = rebuild.state().await?;
@@ -554,13 +567,13 @@ struct Profile {
     handover: Phase,
     /// The applier waiting for a batch.
     starved: Phase,
-    /// Giving the shadow the live name (opening the transaction).
+    /// Opening the transaction (pointing its names at the shadow).
     enter: Phase,
     /// Dedup and the projection's handlers.
     handlers: Phase,
     /// Dead letters, checkpoints and the rebuild's state.
     bookkeeping: Phase,
-    /// Giving the names back, and the commit.
+    /// The commit.
     commit: Phase,
     /// Making the shadow durable and building its query-only indexes, once at the end.
     finish: Phase,
@@ -587,8 +600,8 @@ impl Profile {
     fn describe(&self) -> String {
         format!(
             "reader: {:.1} s waiting for events, {:.1} s decoding, {:.1} s waiting for the \
-             applier; applier: {:.1} s waiting for the reader, {:.1} s renaming in, {:.1} s \
-             dedup and handlers, {:.1} s bookkeeping, {:.1} s renaming back and committing, \
+             applier; applier: {:.1} s waiting for the reader, {:.1} s opening transactions, {:.1} s \
+             dedup and handlers, {:.1} s bookkeeping, {:.1} s committing, \
              {} transactions; then {:.1} s making the tables durable and building the \
              query-only indexes",
             self.read.seconds(),
@@ -743,6 +756,8 @@ struct Rebuild {
     attempts: u32,
     topics: Topics,
     batch_size: usize,
+    /// Appliers side by side (topics only).
+    appliers: usize,
     profile: Arc<Profile>,
 }
 
@@ -782,8 +797,16 @@ impl Rebuild {
         })
     }
 
-    /// Opens a transaction in which the shadow carries the live name.
+    /// Opens a transaction in which the handlers' unqualified names are the shadow's.
     async fn enter(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        use_schema(&mut tx, &self.schemas.shadow).await?;
+        Ok(tx)
+    }
+
+    /// Opens a transaction in which the shadow carries the live name: for the projection's DDL,
+    /// which names the live schema.
+    async fn enter_renamed(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         let Schemas {
             live,
             shadow,
@@ -799,7 +822,10 @@ impl Rebuild {
     }
 
     /// Gives the names back and commits.
-    async fn leave(&self, mut tx: Transaction<'static, Postgres>) -> Result<(), sqlx::Error> {
+    async fn leave_renamed(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+    ) -> Result<(), sqlx::Error> {
         let Schemas {
             live,
             shadow,
@@ -875,7 +901,7 @@ impl Rebuild {
     /// indexes built. Idempotent: a resumed rebuild that had got this far does it again.
     async fn finish_build(&self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let mut tx = self.enter().await?;
+        let mut tx = self.enter_renamed().await?;
         let live = self.schemas.live;
         for table in tables_of(&mut tx, live, Persistence::Unlogged).await? {
             sqlx::raw_sql(&format!("ALTER TABLE {live}.{table} SET LOGGED"))
@@ -887,7 +913,7 @@ impl Rebuild {
         create_tables(self.projection.as_ref(), &mut tx)
             .await
             .with_context(|| format!("building the indexes of {}", self.schemas.shadow))?;
-        self.leave(tx).await?;
+        self.leave_renamed(tx).await?;
         self.profile.finish.add(started);
         Ok(())
     }
@@ -958,17 +984,40 @@ impl Rebuild {
             .context("creating the Kafka consumer")?;
         consumer.assign(&assignment)?;
         let decoder = EventDecoder::new(&connections.registry)?;
-        let (sender, receiver) = mpsc::channel(2);
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..self.appliers).map(|_| mpsc::channel(2)).unzip();
         let feeder = tokio::spawn(feed_topics(
             consumer,
             decoder,
             ends,
             self.batch_size,
-            sender,
+            senders,
             self.profile.clone(),
         ));
-        let completed = self.drain(receiver, &bar, interrupted, tally).await;
+        let completed = self.drain_all(receivers, &bar, interrupted, tally).await;
         finish(feeder, completed, &bar).await
+    }
+
+    /// One applier per receiver, side by side, each in its own transactions; `false` when
+    /// interrupted (each finishes the batch in hand).
+    async fn drain_all(
+        &self,
+        receivers: Vec<mpsc::Receiver<Vec<Item>>>,
+        bar: &ProgressBar,
+        interrupted: &CancellationToken,
+        tally: &mut Tally,
+    ) -> anyhow::Result<bool> {
+        let appliers = receivers.into_iter().map(|receiver| async move {
+            let mut own = Tally::default();
+            let completed = self.drain(receiver, bar, interrupted, &mut own).await?;
+            Ok::<_, anyhow::Error>((completed, own))
+        });
+        let mut completed = true;
+        for (done, own) in futures::future::try_join_all(appliers).await? {
+            completed &= done;
+            tally.add(&own);
+        }
+        Ok(completed)
     }
 
     /// Reads the event store in recorded order from the shadow's position, then sweeps up the
@@ -1081,6 +1130,11 @@ impl Rebuild {
                     tally.add(&done);
                     return Ok(());
                 }
+                Err(e) if is_contention(&e) => {
+                    // Appliers side by side met on shared rows; not the batch's fault.
+                    attempt -= 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 Err(e) if attempt < self.attempts => {
                     eprintln!("replay-tools: batch failed ({e}); retrying");
                     tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
@@ -1112,14 +1166,14 @@ impl Rebuild {
         Ok(())
     }
 
-    /// One transaction with the shadow under the live name: dedup, handlers, dead letters,
+    /// One transaction in the shadow: dedup, handlers, dead letters,
     /// position. With `refuse`, the (single) event is dead-lettered with that error.
     async fn apply_once(
         &self,
         items: &[Item],
         refuse: Option<&str>,
     ) -> Result<Tally, ProjectionError> {
-        let live = self.schemas.live;
+        let shadow = &self.schemas.shadow;
         let mut done = Tally {
             read: items.len() as u64,
             ..Tally::default()
@@ -1160,7 +1214,7 @@ impl Rebuild {
             });
             of_item.push(item);
         }
-        let verdicts = apply_replayed(self.projection.as_ref(), &mut tx, &replayed).await?;
+        let verdicts = apply_replayed(self.projection.as_ref(), shadow, &mut tx, &replayed).await?;
         self.profile.handlers.add(phase);
         let phase = Instant::now();
         for ((verdict, item), replayed) in verdicts.iter().zip(&of_item).zip(&replayed) {
@@ -1203,11 +1257,11 @@ impl Rebuild {
         for ((topic, partition), (next_offset, recorded)) in checkpoints {
             let recorded_at = recorded.and_then(|r| DateTime::parse_from_rfc3339(r).ok());
             sqlx::query(&format!(
-                "INSERT INTO {live}.checkpoints (topic, partition, next_offset, last_recorded_at) \
+                "INSERT INTO {shadow}.checkpoints (topic, partition, next_offset, last_recorded_at) \
                  VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (topic, partition) DO UPDATE \
-                 SET next_offset = greatest({live}.checkpoints.next_offset, excluded.next_offset), \
-                     last_recorded_at = coalesce(excluded.last_recorded_at, {live}.checkpoints.last_recorded_at), \
+                 SET next_offset = greatest({shadow}.checkpoints.next_offset, excluded.next_offset), \
+                     last_recorded_at = coalesce(excluded.last_recorded_at, {shadow}.checkpoints.last_recorded_at), \
                      updated_at = clock_timestamp()"
             ))
             .bind(topic)
@@ -1219,7 +1273,7 @@ impl Rebuild {
         }
         if let Some((recorded_at, Some(meta))) = position {
             sqlx::query(&format!(
-                "UPDATE {live}.rebuild_state SET store_recorded_at = $1, store_aggregate_type = $2, \
+                "UPDATE {shadow}.rebuild_state SET store_recorded_at = $1, store_aggregate_type = $2, \
                    store_aggregate_id = $3, store_sequence = $4"
             ))
             .bind(recorded_at)
@@ -1230,14 +1284,14 @@ impl Rebuild {
             .await?;
         }
         sqlx::query(&format!(
-            "UPDATE {live}.rebuild_state SET applied = applied + $1"
+            "UPDATE {shadow}.rebuild_state SET applied = applied + $1"
         ))
         .bind(i64::try_from(done.applied).unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await?;
         self.profile.bookkeeping.add(phase);
         let phase = Instant::now();
-        self.leave(tx).await?;
+        tx.commit().await?;
         self.profile.commit.add(phase);
         self.profile.transactions.fetch_add(1, Ordering::Relaxed);
         Ok(done)
@@ -1251,7 +1305,7 @@ impl Rebuild {
         item: &Item,
         error: &str,
     ) -> Result<(), ProjectionError> {
-        let live = self.schemas.live;
+        let shadow = &self.schemas.shadow;
         let meta = item.meta.as_ref();
         let (topic, partition, offset, key, payload, names, values, timestamp_ms) =
             match &item.origin {
@@ -1267,7 +1321,7 @@ impl Rebuild {
                 ),
                 Origin::Store { .. } => {
                     let number: i64 = sqlx::query_scalar(&format!(
-                    "UPDATE {live}.rebuild_state SET store_dead_letters = store_dead_letters + 1 \
+                    "UPDATE {shadow}.rebuild_state SET store_dead_letters = store_dead_letters + 1 \
                          RETURNING store_dead_letters"
                 ))
                     .fetch_one(&mut **tx)
@@ -1279,7 +1333,7 @@ impl Rebuild {
                 }
             };
         sqlx::query(&format!(
-            "INSERT INTO {live}.dead_letters (topic, partition, \"offset\", event_id, aggregate_type, \
+            "INSERT INTO {shadow}.dead_letters (topic, partition, \"offset\", event_id, aggregate_type, \
                aggregate_id, sequence, event_type, error, record_key, payload, header_names, \
                header_values, timestamp_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
@@ -1423,6 +1477,16 @@ impl Tally {
 }
 
 /// A deadlock or a lock wait that timed out: worth another attempt.
+/// A deadlock or a serialization failure: the transaction lost a race and is worth running
+/// again as it is.
+fn is_contention(error: &ProjectionError) -> bool {
+    matches!(
+        error,
+        ProjectionError::Database(sqlx::Error::Database(e))
+            if matches!(e.code().as_deref(), Some("40P01" | "40001"))
+    )
+}
+
 fn is_lock_conflict(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
@@ -1509,57 +1573,81 @@ async fn feed_topics(
     decoder: EventDecoder,
     mut ends: HashMap<(String, i32), i64>,
     batch_size: usize,
-    sender: mpsc::Sender<Vec<Item>>,
+    senders: Vec<mpsc::Sender<Vec<Item>>>,
     profile: Arc<Profile>,
 ) -> anyhow::Result<()> {
     const QUIET: Duration = Duration::from_secs(60);
+    // Applier k takes the partitions p with p mod appliers = k, of every topic.
+    let mut batches: Vec<Vec<Item>> = senders
+        .iter()
+        .map(|_| Vec::with_capacity(batch_size))
+        .collect();
+    let hand_over = async |batch: &mut Vec<Item>, sender: &mpsc::Sender<Vec<Item>>| {
+        let waiting = Instant::now();
+        let full = std::mem::replace(batch, Vec::with_capacity(batch_size));
+        let open = sender.send(full).await.is_ok();
+        profile.handover.add(waiting);
+        open
+    };
     while !ends.is_empty() {
-        let mut batch = Vec::with_capacity(batch_size);
-        while batch.len() < batch_size && !ends.is_empty() {
-            let wait = if batch.is_empty() {
-                QUIET
-            } else {
-                Duration::from_millis(2)
-            };
-            let waiting = Instant::now();
-            let received = tokio::time::timeout(wait, consumer.recv()).await;
-            profile.read.add(waiting);
-            let message = match received {
-                Ok(message) => message.context("reading the topics")?,
-                Err(_) if batch.is_empty() => {
-                    let left: Vec<String> = ends
-                        .iter()
-                        .map(|((t, p), end)| format!("{t}/{p} (up to offset {end})"))
-                        .collect();
-                    bail!(
-                        "the broker delivered nothing for {} s; still to read: {}",
-                        QUIET.as_secs(),
-                        left.join(", ")
-                    );
+        let pending = batches.iter().any(|b| !b.is_empty());
+        let wait = if pending {
+            Duration::from_millis(2)
+        } else {
+            QUIET
+        };
+        let waiting = Instant::now();
+        let received = tokio::time::timeout(wait, consumer.recv()).await;
+        profile.read.add(waiting);
+        let message = match received {
+            Ok(message) => message.context("reading the topics")?,
+            Err(_) if !pending => {
+                let left: Vec<String> = ends
+                    .iter()
+                    .map(|((t, p), end)| format!("{t}/{p} (up to offset {end})"))
+                    .collect();
+                bail!(
+                    "the broker delivered nothing for {} s; still to read: {}",
+                    QUIET.as_secs(),
+                    left.join(", ")
+                );
+            }
+            Err(_) => {
+                // A pause in the stream: what is gathered goes now.
+                for (batch, sender) in batches.iter_mut().zip(&senders) {
+                    if !batch.is_empty() && !hand_over(batch, sender).await {
+                        return Ok(());
+                    }
                 }
-                Err(_) => break,
-            };
-            let key = (message.topic().to_owned(), message.partition());
-            let Some(&end) = ends.get(&key) else { continue };
-            if message.offset() >= end {
                 continue;
             }
-            if message.offset() + 1 >= end {
-                ends.remove(&key);
-                let mut done = TopicPartitionList::new();
-                done.add_partition(&key.0, key.1);
-                // Records beyond the end are skipped anyway; pausing saves fetching them.
-                let _ = consumer.pause(&done);
-            }
-            let decoding = Instant::now();
-            batch.push(topic_item(&decoder, &message).await?);
-            profile.decode.add(decoding);
+        };
+        let key = (message.topic().to_owned(), message.partition());
+        let Some(&end) = ends.get(&key) else { continue };
+        if message.offset() >= end {
+            continue;
         }
-        let waiting = Instant::now();
-        if !batch.is_empty() && sender.send(batch).await.is_err() {
+        if message.offset() + 1 >= end {
+            ends.remove(&key);
+            let mut done = TopicPartitionList::new();
+            done.add_partition(&key.0, key.1);
+            // Records beyond the end are skipped anyway; pausing saves fetching them.
+            let _ = consumer.pause(&done);
+        }
+        let applier = usize::try_from(key.1).unwrap_or(0) % senders.len();
+        let decoding = Instant::now();
+        let item = topic_item(&decoder, &message).await?;
+        profile.decode.add(decoding);
+        let batch = &mut batches[applier];
+        batch.push(item);
+        if batch.len() >= batch_size && !hand_over(batch, &senders[applier]).await {
             return Ok(());
         }
-        profile.handover.add(waiting);
+    }
+    for (batch, sender) in batches.iter_mut().zip(&senders) {
+        if !batch.is_empty() && !hand_over(batch, sender).await {
+            return Ok(());
+        }
     }
     Ok(())
 }

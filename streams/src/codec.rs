@@ -170,9 +170,16 @@ pub struct DecodedEvent {
 impl DecodedEvent {
     /// The domain event.
     pub fn event<E: DeserializeOwned>(&self) -> Result<E, SchemaError> {
-        let mut tagged = serde_json::Map::with_capacity(1);
-        tagged.insert(self.contract.event_type.to_owned(), self.payload.clone());
-        serde_json::from_value(Json::Object(tagged)).map_err(|e| {
+        // `{event_type: payload}`, the externally tagged form, read in place (no copy).
+        let tagged =
+            serde::de::value::MapAccessDeserializer::new(serde::de::value::MapDeserializer::<
+                _,
+                serde_json::Error,
+            >::new(std::iter::once((
+                self.contract.event_type,
+                &self.payload,
+            ))));
+        E::deserialize(tagged).map_err(|e| {
             SchemaError::Mapping(format!(
                 "{} does not fit the domain event: {e}",
                 self.contract.event_type
@@ -275,5 +282,44 @@ impl EventDecoder {
         } else {
             DecodeError::Avro(error.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::order::OrderEvent;
+    use serde_json::json;
+
+    use super::{Contracts, DecodedEvent, EventMeta};
+
+    fn decoded(event_type: &str, payload: serde_json::Value) -> DecodedEvent {
+        DecodedEvent {
+            meta: EventMeta::default(),
+            contract: Contracts::global()
+                .and_then(|c| c.get("order", event_type))
+                .expect("contract"),
+            payload,
+            topic: String::new(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+        }
+    }
+
+    #[test]
+    fn the_domain_event_is_read_from_the_payload_under_its_event_type() {
+        let event = decoded(
+            "OrderDelivered",
+            json!({"delivered_at": "2026-12-04T12:30:00Z"}),
+        );
+        match event.event::<OrderEvent>() {
+            Ok(OrderEvent::OrderDelivered { delivered_at }) => {
+                assert_eq!(delivered_at.to_rfc3339(), "2026-12-04T12:30:00+00:00");
+            }
+            other => panic!("{other:?}"),
+        }
+        let wrong = decoded("OrderDelivered", json!({"delivered_at": 12}));
+        let error = wrong.event::<OrderEvent>().expect_err("not a time");
+        assert!(error.to_string().contains("OrderDelivered"), "{error}");
     }
 }

@@ -1,7 +1,8 @@
 //! Rebuild throughput: one read model rebuilt by `replay-tools rebuild` (the library the CLI
 //! runs) from `BENCH_REBUILD_EVENTS` order events on its topics (default 1,000,000), next to a
 //! raw consumer of the same topic with the same consumer settings in the same run (no decoding,
-//! no database); then the same rebuild from the event store. From the rate, the time to replay
+//! no database; run before and after the rebuilds, the faster is the baseline); then the same
+//! rebuild from the event store. From the rate, the time to replay
 //! a day of 1,000,000 orders.
 //!
 //! The events: `BENCH_REBUILD_SEED` orders (default 2,000) placed through the command bus, then
@@ -9,7 +10,8 @@
 //! (the outbox trigger records each copy), published by the relay.
 //!
 //! `scripts/bench --bench rebuild`; `BENCH_REBUILD_BATCH` sets the events per rebuild
-//! transaction (default: the CLI's); `BENCH_REBUILD_MODEL` picks the read model (default
+//! transaction (default: the CLI's), `BENCH_REBUILD_APPLIERS` the transactions side by side
+//! (default: the CLI's); `BENCH_REBUILD_MODEL` picks the read model (default
 //! `analytics`, the model analysts replay most: per order event its fact row, its lines and the
 //! hourly rollup; at 20,000 events, `tracking`, `analytics` and `ads` rebuilt within 10% of
 //! each other).
@@ -21,9 +23,14 @@ use backbone_tests::TestEnv;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use replay_tools::rebuild::{
-    bulk_consumer_config, rebuild, Connections, RebuildArgs, Source, DEFAULT_BATCH_SIZE,
+    bulk_consumer_config, rebuild, Connections, RebuildArgs, Source, DEFAULT_APPLIERS,
+    DEFAULT_BATCH_SIZE,
 };
 use tokio_util::sync::CancellationToken;
+
+// The allocator of the `replay-tools` binary, so that the rebuild runs as it does there.
+#[global_allocator]
+static ALLOCATOR: replay_tools::Allocator = replay_tools::Allocator;
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -72,6 +79,7 @@ async fn main() {
     let seed = env_number("BENCH_REBUILD_SEED", 2_000).min(events).max(1);
     let model = std::env::var("BENCH_REBUILD_MODEL").unwrap_or_else(|_| "analytics".to_owned());
     let batch_size = env_number("BENCH_REBUILD_BATCH", DEFAULT_BATCH_SIZE as usize);
+    let appliers = env_number("BENCH_REBUILD_APPLIERS", DEFAULT_APPLIERS as usize);
     let env = TestEnv::start("rbbench").await;
 
     let started = Instant::now();
@@ -110,7 +118,9 @@ async fn main() {
     let relayed = started.elapsed();
     relay.stop().await.expect("relay stops");
 
-    let raw = raw_consumer(&env, events).await;
+    // The raw consumer runs before the rebuilds and again after them; the faster of the two is
+    // the baseline (on a shared machine the rate drifts within a run).
+    let raw_before = raw_consumer(&env, events).await;
     let connections = Connections {
         kafka: env.kafka.clone(),
         registry: env.registry.clone(),
@@ -127,6 +137,7 @@ async fn main() {
             restart: true,
             swap: false,
             batch_size: u32::try_from(batch_size).unwrap_or(DEFAULT_BATCH_SIZE),
+            appliers: u32::try_from(appliers).unwrap_or(DEFAULT_APPLIERS),
         };
         let mut report = Vec::new();
         let started = Instant::now();
@@ -159,6 +170,9 @@ async fn main() {
         ));
     }
 
+    let raw_after = raw_consumer(&env, events).await;
+    let raw = raw_before.min(raw_after);
+
     println!(
         "\nrebuild of {model} over {events} order events ({seed} orders placed, the rest copied \
          in SQL in {:.0} s; relayed at {:.0} events/s)",
@@ -167,10 +181,12 @@ async fn main() {
     );
     println!("{:<34} {:>10} {:>16}", "", "events/s", "of raw consumer");
     println!(
-        "{:<34} {:>10.0} {:>15.0}%",
+        "{:<34} {:>10.0} {:>15.0}%   (before the rebuilds {:.0}/s, after {:.0}/s)",
         "raw consumer of the same topic",
         rate(events, raw),
-        100.0
+        100.0,
+        rate(events, raw_before),
+        rate(events, raw_after)
     );
     for (source, elapsed, _) in &timings {
         let what = match source {

@@ -3,6 +3,9 @@
 use clap::Parser;
 use replay_tools::cli::{run, Cli};
 
+#[global_allocator]
+static ALLOCATOR: replay_tools::Allocator = replay_tools::Allocator;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
