@@ -81,7 +81,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, ValueEnum};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
 use projections::runtime::{
     apply_replayed, create_tables, use_schema, ReplayVerdict, ReplayedEvent,
@@ -168,6 +168,9 @@ pub const DEFAULT_APPLIERS: u32 = 2;
 /// at 2,000 events per transaction, 0.1 s of 15.8 s at 10,000; an interruption still stops
 /// within a second or so (the batch in hand is finished).
 pub const DEFAULT_BATCH_SIZE: u32 = 10_000;
+
+/// Tables made durable side by side at the end of a rebuild.
+const FINISHING_SIDE_BY_SIDE: usize = 3;
 
 /// The read models a rebuild knows.
 pub const READ_MODELS: [&str; 5] = ["tracking", "ratings", "analytics", "ads", "notifications"];
@@ -897,22 +900,45 @@ impl Rebuild {
     }
 
     /// Ends the bulk mode of a shadow whose history is applied: its tables made durable (one
-    /// sequential rewrite each, with its indexes rebuilt by sorting) and the query-only
-    /// indexes built. Idempotent: a resumed rebuild that had got this far does it again.
+    /// sequential rewrite each, with its indexes rebuilt by sorting; the largest first, a few
+    /// side by side) and the query-only indexes built. `rebuild_state` is made durable last:
+    /// until it is, a database crash empties it with the rest, and the rebuild starts over,
+    /// never from a half-durable shadow. Idempotent: a resumed rebuild that had got this far
+    /// does it again.
     async fn finish_build(&self) -> anyhow::Result<()> {
         let started = Instant::now();
+        let shadow = &self.schemas.shadow;
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT quote_ident(relname) FROM pg_class \
+             WHERE relnamespace = to_regnamespace($1) AND relkind = 'r' AND relpersistence = 'u' \
+               AND relname <> 'rebuild_state' \
+             ORDER BY pg_total_relation_size(oid) DESC",
+        )
+        .bind(shadow)
+        .fetch_all(&self.pool)
+        .await?;
+        futures::stream::iter(tables)
+            .map(|table| async move {
+                sqlx::raw_sql(&format!("ALTER TABLE {shadow}.{table} SET LOGGED"))
+                    .execute(&self.pool)
+                    .await
+                    .with_context(|| format!("making {shadow}.{table} durable"))
+            })
+            .buffer_unordered(FINISHING_SIDE_BY_SIDE)
+            .try_collect::<Vec<_>>()
+            .await?;
         let mut tx = self.enter_renamed().await?;
         let live = self.schemas.live;
+        // The projection's DDL is idempotent: it creates what is missing, the indexes left out.
+        create_tables(self.projection.as_ref(), &mut tx)
+            .await
+            .with_context(|| format!("building the indexes of {shadow}"))?;
         for table in tables_of(&mut tx, live, Persistence::Unlogged).await? {
             sqlx::raw_sql(&format!("ALTER TABLE {live}.{table} SET LOGGED"))
                 .execute(&mut *tx)
                 .await
-                .with_context(|| format!("making {} durable", self.schemas.shadow))?;
+                .with_context(|| format!("making {shadow} durable"))?;
         }
-        // The projection's DDL is idempotent: it creates what is missing, the indexes left out.
-        create_tables(self.projection.as_ref(), &mut tx)
-            .await
-            .with_context(|| format!("building the indexes of {}", self.schemas.shadow))?;
         self.leave_renamed(tx).await?;
         self.profile.finish.add(started);
         Ok(())

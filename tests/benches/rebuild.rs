@@ -194,7 +194,7 @@ async fn main() {
             Source::Store => "rebuild from the event store",
         };
         println!(
-            "{what:<34} {:>10.0} {:>15.0}%",
+            "{what:<34} {:>10.0} {:>15.1}%",
             rate(events, *elapsed),
             100.0 * raw.as_secs_f64() / elapsed.as_secs_f64()
         );
