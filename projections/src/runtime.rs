@@ -946,9 +946,6 @@ impl StoredRecord {
     }
 }
 
-/// Creates a projection's tables and the runtime's bookkeeping inside `tx`, under the
-/// projection's name (`replay-tools rebuild` runs it while its shadow schema carries that name
-/// within the transaction, so the projection's own SQL builds the shadow unchanged).
 /// Points the transaction's unqualified names at `schema`: handlers name their tables without a
 /// schema (`INSERT INTO orders ...`), so the same handlers write the live read model in the
 /// projector and a shadow in a rebuild. Only `schema` and `pg_catalog` are searched: a table
@@ -964,6 +961,9 @@ pub async fn use_schema(
     Ok(())
 }
 
+/// Creates a projection's tables and the runtime's bookkeeping inside `tx`, under the
+/// projection's name (`replay-tools rebuild` runs it while its shadow schema carries that name
+/// within the transaction, so the projection's own SQL builds the shadow unchanged).
 pub async fn create_tables(
     projection: &dyn Projection,
     tx: &mut Transaction<'static, Postgres>,

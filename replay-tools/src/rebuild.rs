@@ -35,9 +35,10 @@
 //! A shadow is built as a bulk load: its tables are created `UNLOGGED` (no write-ahead log for
 //! the rows nor for their index entries, nothing for a checkpoint to flush) and without the
 //! indexes that only queries read ([`Projection::query_only_indexes`]). Once the history is
-//! applied, one transaction makes each table durable (`SET LOGGED`: a sequential rewrite whose
-//! indexes are rebuilt by sorting) and creates the missing indexes from the projection's own
-//! DDL; only then is the model swapped in or handed over as an as-of model. The price is on a
+//! applied, its tables are made durable a few side by side (`SET LOGGED`: a sequential rewrite
+//! whose indexes are rebuilt by sorting), then one transaction creates the missing indexes from
+//! the projection's own DDL and makes `rebuild_state` durable last; only then is the model
+//! swapped in or handed over as an as-of model. The price is on a
 //! database crash: PostgreSQL empties unlogged tables when it recovers, bookkeeping included,
 //! so a rebuild interrupted by a crash of the database (not of this tool) starts over, and
 //! says so. A standby sees the shadow once it is durable, before any swap.
@@ -164,8 +165,9 @@ pub struct RebuildArgs {
 pub const DEFAULT_APPLIERS: u32 = 2;
 
 /// Events applied per rebuild transaction unless `--batch-size` says otherwise. Measured
-/// (analytics, 200,000 events from the topics): the renames and the commit cost 0.6 s of 16.7 s
-/// at 2,000 events per transaction, 0.1 s of 15.8 s at 10,000; an interruption still stops
+/// (analytics, 200,000 events from the topics, when each transaction still renamed the schemas):
+/// the renames and the commit cost 0.6 s of 16.7 s at 2,000 events per transaction, 0.1 s of
+/// 15.8 s at 10,000; an interruption still stops
 /// within a second or so (the batch in hand is finished).
 pub const DEFAULT_BATCH_SIZE: u32 = 10_000;
 
@@ -476,23 +478,23 @@ enum Persistence {
     Unlogged,
 }
 
-/// The tables of a schema that are logged, or unlogged.
+/// The tables of a schema that are logged, or unlogged, the largest first.
 async fn tables_of(
-    tx: &mut Transaction<'static, Postgres>,
+    executor: impl sqlx::PgExecutor<'_>,
     schema: &str,
     persistence: Persistence,
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT quote_ident(relname) FROM pg_class \
          WHERE relnamespace = to_regnamespace($1) AND relkind = 'r' AND relpersistence = $2 \
-         ORDER BY relname",
+         ORDER BY pg_total_relation_size(oid) DESC, relname",
     )
     .bind(schema)
     .bind(match persistence {
         Persistence::Logged => "p",
         Persistence::Unlogged => "u",
     })
-    .fetch_all(&mut **tx)
+    .fetch_all(executor)
     .await
 }
 
@@ -844,11 +846,7 @@ impl Rebuild {
 
     /// Creates the shadow with the projection's own DDL, under the live name.
     async fn create_shadow(&self, source: Source) -> anyhow::Result<()> {
-        let Schemas {
-            live,
-            shadow,
-            parked,
-        } = &self.schemas;
+        let Schemas { live, parked, .. } = &self.schemas;
         let mut tx = self.pool.begin().await?;
         sqlx::raw_sql(&format!(
             "ALTER SCHEMA {live} RENAME TO {parked}; CREATE SCHEMA {live}"
@@ -879,7 +877,7 @@ impl Rebuild {
         .execute(&mut *tx)
         .await?;
         // Bulk mode until `finish_build`: unlogged tables, the query-only indexes left out.
-        for table in tables_of(&mut tx, live, Persistence::Logged).await? {
+        for table in tables_of(&mut *tx, live, Persistence::Logged).await? {
             sqlx::raw_sql(&format!("ALTER TABLE {live}.{table} SET UNLOGGED"))
                 .execute(&mut *tx)
                 .await?;
@@ -890,12 +888,7 @@ impl Rebuild {
                 .await
                 .with_context(|| format!("dropping the query-only index {index} of {live}"))?;
         }
-        sqlx::raw_sql(&format!(
-            "ALTER SCHEMA {live} RENAME TO {shadow}; ALTER SCHEMA {parked} RENAME TO {live}"
-        ))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        self.leave_renamed(tx).await?;
         Ok(())
     }
 
@@ -908,16 +901,8 @@ impl Rebuild {
     async fn finish_build(&self) -> anyhow::Result<()> {
         let started = Instant::now();
         let shadow = &self.schemas.shadow;
-        let tables: Vec<String> = sqlx::query_scalar(
-            "SELECT quote_ident(relname) FROM pg_class \
-             WHERE relnamespace = to_regnamespace($1) AND relkind = 'r' AND relpersistence = 'u' \
-               AND relname <> 'rebuild_state' \
-             ORDER BY pg_total_relation_size(oid) DESC",
-        )
-        .bind(shadow)
-        .fetch_all(&self.pool)
-        .await?;
-        futures::stream::iter(tables)
+        let tables = tables_of(&self.pool, shadow, Persistence::Unlogged).await?;
+        futures::stream::iter(tables.iter().filter(|t| *t != "rebuild_state"))
             .map(|table| async move {
                 sqlx::raw_sql(&format!("ALTER TABLE {shadow}.{table} SET LOGGED"))
                     .execute(&self.pool)
@@ -933,12 +918,10 @@ impl Rebuild {
         create_tables(self.projection.as_ref(), &mut tx)
             .await
             .with_context(|| format!("building the indexes of {shadow}"))?;
-        for table in tables_of(&mut tx, live, Persistence::Unlogged).await? {
-            sqlx::raw_sql(&format!("ALTER TABLE {live}.{table} SET LOGGED"))
-                .execute(&mut *tx)
-                .await
-                .with_context(|| format!("making {shadow} durable"))?;
-        }
+        sqlx::raw_sql(&format!("ALTER TABLE {live}.rebuild_state SET LOGGED"))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("making {shadow}.rebuild_state durable"))?;
         self.leave_renamed(tx).await?;
         self.profile.finish.add(started);
         Ok(())
@@ -1502,7 +1485,6 @@ impl Tally {
     }
 }
 
-/// A deadlock or a lock wait that timed out: worth another attempt.
 /// A deadlock or a serialization failure: the transaction lost a race and is worth running
 /// again as it is.
 fn is_contention(error: &ProjectionError) -> bool {
@@ -1513,6 +1495,7 @@ fn is_contention(error: &ProjectionError) -> bool {
     )
 }
 
+/// A deadlock or a lock wait that timed out: worth another attempt.
 fn is_lock_conflict(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
@@ -1615,6 +1598,15 @@ async fn feed_topics(
         profile.handover.add(waiting);
         open
     };
+    // Every non-empty batch to its applier; `false` once the appliers are gone.
+    let hand_over_all = async |batches: &mut [Vec<Item>]| {
+        for (batch, sender) in batches.iter_mut().zip(&senders) {
+            if !batch.is_empty() && !hand_over(batch, sender).await {
+                return false;
+            }
+        }
+        true
+    };
     while !ends.is_empty() {
         let pending = batches.iter().any(|b| !b.is_empty());
         let wait = if pending {
@@ -1640,10 +1632,8 @@ async fn feed_topics(
             }
             Err(_) => {
                 // A pause in the stream: what is gathered goes now.
-                for (batch, sender) in batches.iter_mut().zip(&senders) {
-                    if !batch.is_empty() && !hand_over(batch, sender).await {
-                        return Ok(());
-                    }
+                if !hand_over_all(&mut batches).await {
+                    return Ok(());
                 }
                 continue;
             }
@@ -1670,11 +1660,7 @@ async fn feed_topics(
             return Ok(());
         }
     }
-    for (batch, sender) in batches.iter_mut().zip(&senders) {
-        if !batch.is_empty() && !hand_over(batch, sender).await {
-            return Ok(());
-        }
-    }
+    hand_over_all(&mut batches).await;
     Ok(())
 }
 

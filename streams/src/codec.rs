@@ -14,6 +14,7 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 use schemas::{Contracts, EventContract, SchemaError};
+use serde::de::value::{MapAccessDeserializer, MapDeserializer};
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
@@ -171,14 +172,9 @@ impl DecodedEvent {
     /// The domain event.
     pub fn event<E: DeserializeOwned>(&self) -> Result<E, SchemaError> {
         // `{event_type: payload}`, the externally tagged form, read in place (no copy).
-        let tagged =
-            serde::de::value::MapAccessDeserializer::new(serde::de::value::MapDeserializer::<
-                _,
-                serde_json::Error,
-            >::new(std::iter::once((
-                self.contract.event_type,
-                &self.payload,
-            ))));
+        let tagged = MapAccessDeserializer::new(MapDeserializer::<_, serde_json::Error>::new(
+            std::iter::once((self.contract.event_type, &self.payload)),
+        ));
         E::deserialize(tagged).map_err(|e| {
             SchemaError::Mapping(format!(
                 "{} does not fit the domain event: {e}",
