@@ -1362,7 +1362,7 @@ pub async fn verify_topics(
                     let expected = relayed_form(contracts, row);
                     match expected {
                         Ok((version, body)) => {
-                            if decoded.payload != body || decoded.contract.event_type != row.event_type {
+                            if decoded.payload().ok().as_ref() != Some(&body) || decoded.contract.event_type != row.event_type {
                                 findings.event(t, i, sequence, "content-differs", format!("{location}: its body is not the stored event's payload"));
                             }
                             if metadata_differs(&decoded.meta, row, &version) {

@@ -941,6 +941,7 @@ impl TopicReader {
             }
         };
         let optional = |s: String| (!s.is_empty()).then_some(s);
+        let payload = decoded.payload()?;
         let meta = decoded.meta;
         Ok(Some(ExportRow {
             event_id: meta.event_id,
@@ -955,7 +956,7 @@ impl TopicReader {
             command_id: optional(meta.command_id),
             aggregate_type: meta.aggregate_type,
             aggregate_id: meta.aggregate_id,
-            payload: decoded.payload,
+            payload,
             payload_as_stored: false,
         }))
     }

@@ -50,7 +50,7 @@
 //!   checkpoint (the beginning at first) up to its end offset captured when the run started.
 //!   A partition whose beginning was trimmed by retention is refused: use the store.
 //! - **store**: the `events` table in recorded order (one snapshot, streamed), mapped to the
-//!   same decoded events the topics carry (upcast, then the Avro contract both ways), then a
+//!   same decoded events the topics carry (upcast, then mapped to the Avro contract), then a
 //!   sweep for the events whose transactions committed after that snapshot with an earlier
 //!   `recorded_at`, in aggregate order.
 //!
@@ -689,7 +689,7 @@ const STORED_COLUMNS: &str = "e.aggregate_type, e.aggregate_id, e.sequence, e.ev
      e.event_version, e.payload, e.metadata, e.event_id, e.recorded_at";
 
 /// The decoded event a topic record of this stored event decodes to: the relay's upcast and
-/// metadata, and the Avro contract both ways (as the relay encodes and a projector decodes).
+/// metadata, and the Avro value of the contract (as the relay encodes it).
 fn store_item(row: StoredEvent, topics: &Topics, advances: bool) -> Item {
     let StoredEvent {
         aggregate_type,
@@ -718,16 +718,14 @@ fn store_item(row: StoredEvent, topics: &Topics, advances: bool) -> Item {
         .unwrap_or_default();
     let event = schemas::Contracts::global()
         .and_then(|contracts| contracts.payload_to_avro(&meta.aggregate_type, &payload))
-        .and_then(|(contract, value)| {
-            Ok(DecodedEvent {
-                meta: meta.clone(),
-                contract,
-                payload: contract.from_avro_as_is(&value)?,
-                topic,
-                partition: -1,
-                offset: -1,
-                timestamp_ms: None,
-            })
+        .map(|(contract, value)| DecodedEvent {
+            meta: meta.clone(),
+            contract,
+            value,
+            topic,
+            partition: -1,
+            offset: -1,
+            timestamp_ms: None,
         })
         .map_err(|e| e.to_string());
     Item {

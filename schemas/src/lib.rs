@@ -11,6 +11,7 @@
 //! domain events with the same contracts. See [`contracts`] for the subject naming strategy.
 
 pub mod contracts;
+pub mod direct;
 mod mapping;
 pub mod registry;
 pub mod upcasters;

@@ -14,7 +14,6 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 use schemas::{Contracts, EventContract, SchemaError};
-use serde::de::value::{MapAccessDeserializer, MapDeserializer};
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
@@ -159,8 +158,9 @@ pub fn strategy(topic: &str, contract: &EventContract) -> SubjectNameStrategy {
 pub struct DecodedEvent {
     pub meta: EventMeta,
     pub contract: &'static EventContract,
-    /// The payload in the domain's JSON form (the body of the externally tagged enum).
-    pub payload: Json,
+    /// The payload as an Avro value of the current contract (resolved from the writer's
+    /// version): the body of the domain's externally tagged enum.
+    pub value: Avro,
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
@@ -169,18 +169,14 @@ pub struct DecodedEvent {
 }
 
 impl DecodedEvent {
-    /// The domain event.
+    /// The domain event, read straight from the Avro value.
     pub fn event<E: DeserializeOwned>(&self) -> Result<E, SchemaError> {
-        // `{event_type: payload}`, the externally tagged form, read in place (no copy).
-        let tagged = MapAccessDeserializer::new(MapDeserializer::<_, serde_json::Error>::new(
-            std::iter::once((self.contract.event_type, &self.payload)),
-        ));
-        E::deserialize(tagged).map_err(|e| {
-            SchemaError::Mapping(format!(
-                "{} does not fit the domain event: {e}",
-                self.contract.event_type
-            ))
-        })
+        self.contract.event_from_avro(&self.value)
+    }
+
+    /// The payload in the domain's JSON form (the body of the externally tagged enum).
+    pub fn payload(&self) -> Result<Json, SchemaError> {
+        self.contract.from_avro_as_is(&self.value)
     }
 }
 
@@ -242,15 +238,15 @@ impl EventDecoder {
             Some(name) => self.contracts.by_record_name(&name.fullname(None))?,
             None => self.contracts.get(&meta.aggregate_type, &meta.event_type)?,
         };
-        let payload = if self.is_current(decoded.schema.id, &decoded.schema.parsed, contract) {
-            contract.from_avro_as_is(&decoded.value)?
+        let value = if self.is_current(decoded.schema.id, &decoded.schema.parsed, contract) {
+            decoded.value
         } else {
-            contract.from_avro(decoded.value)?
+            contract.resolve(decoded.value)?
         };
         Ok(DecodedEvent {
             meta,
             contract,
-            payload,
+            value,
             topic: message.topic().to_owned(),
             partition: message.partition(),
             offset: message.offset(),
@@ -283,18 +279,19 @@ impl EventDecoder {
 
 #[cfg(test)]
 mod tests {
+    use apache_avro::types::Value as Avro;
     use domain::order::OrderEvent;
     use serde_json::json;
 
     use super::{Contracts, DecodedEvent, EventMeta};
 
-    fn decoded(event_type: &str, payload: serde_json::Value) -> DecodedEvent {
+    fn decoded(event_type: &str, value: Avro) -> DecodedEvent {
         DecodedEvent {
             meta: EventMeta::default(),
             contract: Contracts::global()
                 .and_then(|c| c.get("order", event_type))
                 .expect("contract"),
-            payload,
+            value,
             topic: String::new(),
             partition: 0,
             offset: 0,
@@ -303,10 +300,14 @@ mod tests {
     }
 
     #[test]
-    fn the_domain_event_is_read_from_the_payload_under_its_event_type() {
+    fn the_domain_event_is_read_from_the_avro_value_under_its_event_type() {
+        let micros = 1_796_387_400_000_000; // 2026-12-04T12:30:00Z
         let event = decoded(
             "OrderDelivered",
-            json!({"delivered_at": "2026-12-04T12:30:00Z"}),
+            Avro::Record(vec![(
+                "delivered_at".to_owned(),
+                Avro::TimestampMicros(micros),
+            )]),
         );
         match event.event::<OrderEvent>() {
             Ok(OrderEvent::OrderDelivered { delivered_at }) => {
@@ -314,7 +315,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let wrong = decoded("OrderDelivered", json!({"delivered_at": 12}));
+        assert_eq!(
+            event.payload().expect("JSON form"),
+            json!({"delivered_at": "2026-12-04T12:30:00Z"})
+        );
+        let wrong = decoded(
+            "OrderDelivered",
+            Avro::Record(vec![("delivered_at".to_owned(), Avro::Long(12))]),
+        );
         let error = wrong.event::<OrderEvent>().expect_err("not a time");
         assert!(error.to_string().contains("OrderDelivered"), "{error}");
     }

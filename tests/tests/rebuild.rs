@@ -15,8 +15,10 @@ use backbone_tests::{eventually, place_order, TestEnv};
 use chrono::{DateTime, SecondsFormat, Utc};
 use commands::CommandContext;
 use domain::order::{OrderCommand, OrderEvent};
+use projections::runtime::{apply_replayed, create_tables, ReplayVerdict, ReplayedEvent};
 use projections::{AnalyticsProjection, TrackingProjection};
 use serde_json::Value;
+use streams::{DecodedEvent, EventMeta};
 
 /// `replay-tools` configured for this environment, as an operator would run it, its output
 /// captured.
@@ -723,5 +725,142 @@ async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twi
 
     projector.stop().await.expect("projector stops");
     relay.stop().await.expect("relay stops");
+    env.stop().await;
+}
+
+/// The stored order events, as the decoded events a replay hands over, by (order, sequence).
+async fn replayable(env: &TestEnv) -> BTreeMap<(String, i64), DecodedEvent> {
+    let rows: Vec<(String, i64, String, Value, Value, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT aggregate_id, sequence, event_type, payload::jsonb, metadata::jsonb, recorded_at \
+         FROM events WHERE aggregate_type = 'order'",
+    )
+    .fetch_all(env.pool())
+    .await
+    .expect("events");
+    let contracts = schemas::Contracts::global().expect("contracts");
+    rows.into_iter()
+        .map(
+            |(id, sequence, event_type, payload, metadata, recorded_at)| {
+                let (contract, value) = contracts
+                    .payload_to_avro("order", &payload)
+                    .expect("the contract");
+                let meta = EventMeta {
+                    aggregate_type: "order".to_owned(),
+                    aggregate_id: id.clone(),
+                    sequence: u64::try_from(sequence).expect("positive"),
+                    event_type,
+                    ..EventMeta::default()
+                }
+                .with_stored(&metadata, recorded_at);
+                let event = DecodedEvent {
+                    meta,
+                    contract,
+                    value,
+                    topic: "orders".to_owned(),
+                    partition: 0,
+                    offset: 0,
+                    timestamp_ms: None,
+                };
+                ((id, sequence), event)
+            },
+        )
+        .collect()
+}
+
+/// The replay's dedup driven directly, batch by batch: an aggregate met first at its sequence 1
+/// is claimed, one already applied is looked up, and each event gets the projector's verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_applies_each_event_once_whether_its_aggregate_is_new_or_known() {
+    let env = TestEnv::start("replay_dedup").await;
+    let orders = env.orders();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let id = place_order(&orders).await;
+        let confirm = OrderCommand::ConfirmPayment {
+            payment_reference: format!("p{i}"),
+        };
+        orders
+            .execute(&id, confirm, &CommandContext::new("test"))
+            .await
+            .expect("confirmed");
+        ids.push(id);
+    }
+    let events = replayable(&env).await;
+    let mut tx = env.pool().begin().await.expect("tx");
+    create_tables(&TrackingProjection, &mut tx)
+        .await
+        .expect("tables");
+    tx.commit().await.expect("created");
+
+    let [a, b, c, d] = [0, 1, 2, 3].map(|i| ids[i].as_str());
+    let apply = async |batch: &[(&str, i64, bool)]| {
+        let replayed: Vec<ReplayedEvent<'_>> = batch
+            .iter()
+            .map(|(id, sequence, poison)| {
+                let event = &events[&((*id).to_owned(), *sequence)];
+                ReplayedEvent {
+                    aggregate_type: "order",
+                    aggregate_id: &event.meta.aggregate_id,
+                    sequence: *sequence,
+                    event: if *poison { Err("poison") } else { Ok(event) },
+                }
+            })
+            .collect();
+        let mut tx = env.pool().begin().await.expect("tx");
+        let verdicts = apply_replayed(&TrackingProjection, "tracking", &mut tx, &replayed)
+            .await
+            .expect("applied");
+        tx.commit().await.expect("committed");
+        verdicts
+    };
+    use ReplayVerdict::{Applied, Duplicate, Gap, Refused};
+    // New aggregates, one of them twice.
+    assert_eq!(
+        apply(&[(a, 1, false), (a, 2, false), (b, 1, false)]).await,
+        [Applied, Applied, Applied]
+    );
+    // Redeliveries of applied events (first at their sequence 1: claimed, found there), the next
+    // event after one, a gap, and a poison event that starts an aggregate.
+    assert_eq!(
+        apply(&[
+            (b, 1, false),
+            (a, 1, false),
+            (b, 2, false),
+            (c, 2, false),
+            (d, 1, true),
+        ])
+        .await,
+        [Duplicate, Duplicate, Applied, Gap, Refused]
+    );
+    // The gap filled, with a redelivery inside the batch.
+    assert_eq!(
+        apply(&[(c, 1, false), (c, 1, false), (c, 2, false)]).await,
+        [Applied, Duplicate, Applied]
+    );
+    let applied: BTreeMap<String, i64> =
+        sqlx::query_as("SELECT aggregate_id, last_sequence FROM tracking.applied")
+            .fetch_all(env.pool())
+            .await
+            .expect("applied")
+            .into_iter()
+            .collect();
+    let expected: BTreeMap<String, i64> = [(a, 2), (b, 2), (c, 2), (d, 1)]
+        .into_iter()
+        .map(|(id, s)| (id.to_owned(), s))
+        .collect();
+    assert_eq!(applied, expected);
+    // The handlers saw each applied event once, and never the refused one.
+    let timeline: BTreeMap<String, i64> =
+        sqlx::query_as("SELECT order_id, count(*) FROM tracking.timeline GROUP BY order_id")
+            .fetch_all(env.pool())
+            .await
+            .expect("timeline")
+            .into_iter()
+            .collect();
+    let expected: BTreeMap<String, i64> = [(a, 2), (b, 2), (c, 2)]
+        .into_iter()
+        .map(|(id, n)| (id.to_owned(), n))
+        .collect();
+    assert_eq!(timeline, expected);
     env.stop().await;
 }

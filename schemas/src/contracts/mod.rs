@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value as Json;
 
+use crate::direct::tagged_from_avro;
 use crate::mapping::{avro_to_json, json_to_avro, Names};
 use crate::SchemaError;
 
@@ -65,10 +66,22 @@ impl EventContract {
 
     /// The payload JSON of an Avro value written with any compatible version of this contract.
     pub fn from_avro(&self, value: Avro) -> Result<Json, SchemaError> {
-        let resolved = value
+        avro_to_json(&self.resolve(value)?)
+    }
+
+    /// An Avro value written with any compatible version of this contract, as a value of this
+    /// version (defaults filled in, fields it no longer has dropped).
+    pub fn resolve(&self, value: Avro) -> Result<Avro, SchemaError> {
+        value
             .resolve(&self.schema)
-            .map_err(|e| SchemaError::Mapping(format!("{}: {e}", self.event_type)))?;
-        avro_to_json(&resolved)
+            .map_err(|e| SchemaError::Mapping(format!("{}: {e}", self.event_type)))
+    }
+
+    /// The domain event of an Avro value of exactly this contract's schema, read straight from
+    /// the value: the same result as [`Self::from_avro_as_is`] read by `serde_json`, without
+    /// the JSON (see [`crate::direct`]).
+    pub fn event_from_avro<E: DeserializeOwned>(&self, value: &Avro) -> Result<E, SchemaError> {
+        tagged_from_avro(self.event_type, value)
     }
 
     /// The subject this contract is registered under for `topic` (TopicRecordNameStrategy).
@@ -228,8 +241,18 @@ impl Contracts {
         self.payload_to_avro(aggregate_type, &payload)
     }
 
-    /// An Avro value of `contract` back to the domain event.
+    /// An Avro value written with any version of `contract` back to the domain event.
     pub fn avro_to_event<E: DeserializeOwned>(
+        &self,
+        contract: &EventContract,
+        value: Avro,
+    ) -> Result<E, SchemaError> {
+        contract.event_from_avro(&contract.resolve(value)?)
+    }
+
+    /// The same as [`Self::avro_to_event`], through the payload JSON: the path the direct one
+    /// must agree with.
+    pub fn avro_to_event_via_json<E: DeserializeOwned>(
         &self,
         contract: &EventContract,
         value: Avro,

@@ -53,8 +53,12 @@ pub fn assert_round_trips<E: DomainEvent>(aggregate_type: &str, samples: Vec<E>)
             .and_then(|r| r.read_value(&mut bytes.as_slice()))
             .expect("bytes decode");
         let back: E = contracts
-            .avro_to_event(contract, decoded)
+            .avro_to_event(contract, decoded.clone())
             .expect("value maps back");
         assert_eq!(back, event, "{}", contract.event_type);
+        let via_json: E = contracts
+            .avro_to_event_via_json(contract, decoded)
+            .expect("value maps back through JSON");
+        assert_eq!(via_json, event, "{} through JSON", contract.event_type);
     }
 }
