@@ -341,6 +341,11 @@ impl Projection for AnalyticsProjection {
     }
 }
 
+/// The facts of placed orders. Like the lines and the points movements, a plain insert: the
+/// runtime's dedup hands each event over once, so a row that is already there means an event
+/// applied twice, which must fail loudly (and be dead-lettered) rather than be passed over. The
+/// conflict check it saves is a second index probe per row (at 1,000,000 orders, 20,000 lines
+/// took 163 ms with `ON CONFLICT DO NOTHING` and 115 ms without).
 async fn insert_placed(
     tx: &mut Transaction<'static, Postgres>,
     placed: &Placed,
@@ -355,8 +360,7 @@ async fn insert_placed(
                 t, pts, 'Placed' \
          FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
                      $6::timestamptz[], $7::bigint[], $8::bigint[]) \
-           AS x(o, c, s, r, cur, p, t, pts) \
-         ON CONFLICT (order_id) DO NOTHING",
+           AS x(o, c, s, r, cur, p, t, pts)",
     )
     .bind(&placed.order_id)
     .bind(&placed.customer_id)
@@ -475,8 +479,7 @@ async fn replace_lines(
         "INSERT INTO order_lines (order_id, line_no, item_id, name, category, quantity, \
            unit_price_minor, revenue_minor, currency) \
          SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], \
-                              $6::int[], $7::bigint[], $8::bigint[], $9::text[]) \
-         ON CONFLICT (order_id, line_no) DO NOTHING",
+                              $6::int[], $7::bigint[], $8::bigint[], $9::text[])",
     )
     .bind(&lines.order_id)
     .bind(&lines.line_no)
@@ -585,8 +588,7 @@ async fn insert_movements(
         "INSERT INTO points_movements (customer_id, sequence, kind, points, order_id, \
            charity, amount_minor, currency, at) \
          SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], \
-                              $6::text[], $7::bigint[], $8::text[], $9::timestamptz[]) \
-         ON CONFLICT (customer_id, sequence) DO NOTHING",
+                              $6::text[], $7::bigint[], $8::text[], $9::timestamptz[])",
     )
     .bind(&m.customer_id)
     .bind(&m.sequence)
