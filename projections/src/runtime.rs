@@ -1023,21 +1023,20 @@ pub async fn apply_replayed(
     use_schema(tx, schema).await?;
     // Where the batch takes each aggregate if it starts from nothing.
     let (_, from_nothing) = replay_verdicts(events, HashMap::new());
-    let mut firsts: HashMap<(&str, &str), i64> = HashMap::new();
+    let mut met: HashSet<(&str, &str)> = HashSet::new();
     let mut claim = Vec::new();
     for event in events {
         let key = (event.aggregate_type, event.aggregate_id);
-        if firsts.insert(key, event.sequence).is_none() && event.sequence == 1 {
+        if met.insert(key) && event.sequence == 1 {
             if let Some(reached) = from_nothing.get(&key) {
                 claim.push((key, *reached));
             }
         }
     }
     let claimed = claim_new(tx, schema, &claim).await?;
-    let unclaimed: Vec<(&str, &str)> = firsts
-        .keys()
-        .filter(|key| !claimed.contains(*key))
-        .copied()
+    let unclaimed: Vec<(&str, &str)> = met
+        .into_iter()
+        .filter(|key| !claimed.contains(key))
         .collect();
     let rows: Vec<(String, String, i64)> = if unclaimed.is_empty() {
         Vec::new()
