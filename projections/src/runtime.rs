@@ -637,23 +637,11 @@ impl Projector {
         tx: &mut Transaction<'static, Postgres>,
         identities: &[Option<Identity>],
     ) -> Result<HashMap<(String, String), i64>, ProjectionError> {
-        let (types, ids): (Vec<&str>, Vec<&str>) = identities
+        let keys = identities
             .iter()
             .flatten()
-            .map(|(t, i, _)| (t.as_str(), i.as_str()))
-            .unzip();
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(&format!(
-            "SELECT a.aggregate_type, a.aggregate_id, a.last_sequence \
-             FROM {}.applied a \
-             JOIN unnest($1::text[], $2::text[]) AS k(aggregate_type, aggregate_id) \
-               USING (aggregate_type, aggregate_id) \
-             FOR UPDATE OF a",
-            self.schema
-        ))
-        .bind(&types)
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await?;
+            .map(|(t, i, _)| (t.as_str(), i.as_str()));
+        let rows = locked_positions(tx, self.schema, keys).await?;
         Ok(rows.into_iter().map(|(t, i, s)| ((t, i), s)).collect())
     }
 
@@ -662,26 +650,10 @@ impl Projector {
         tx: &mut Transaction<'static, Postgres>,
         last: &HashMap<(String, String), i64>,
     ) -> Result<(), ProjectionError> {
-        let mut types = Vec::with_capacity(last.len());
-        let mut ids = Vec::with_capacity(last.len());
-        let mut sequences = Vec::with_capacity(last.len());
-        for ((t, i), s) in last {
-            types.push(t.as_str());
-            ids.push(i.as_str());
-            sequences.push(*s);
-        }
-        let schema = self.schema;
-        sqlx::query(&format!(
-            "INSERT INTO {schema}.applied (aggregate_type, aggregate_id, last_sequence) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-             SET last_sequence = greatest({schema}.applied.last_sequence, excluded.last_sequence)"
-        ))
-        .bind(&types)
-        .bind(&ids)
-        .bind(&sequences)
-        .execute(&mut **tx)
-        .await?;
+        let positions = last
+            .iter()
+            .map(|((t, i), s)| ((t.as_str(), i.as_str()), *s));
+        store_positions(tx, self.schema, positions).await?;
         Ok(())
     }
 
@@ -1034,57 +1006,20 @@ pub async fn apply_replayed(
         }
     }
     let claimed = claim_new(tx, schema, &claim).await?;
-    let unclaimed: Vec<(&str, &str)> = met
-        .into_iter()
-        .filter(|key| !claimed.contains(key))
-        .collect();
-    let rows: Vec<(String, String, i64)> = if unclaimed.is_empty() {
-        Vec::new()
-    } else {
-        let (types, ids): (Vec<&str>, Vec<&str>) = unclaimed.into_iter().unzip();
-        sqlx::query_as(&format!(
-            "SELECT a.aggregate_type, a.aggregate_id, a.last_sequence \
-             FROM {schema}.applied a \
-             JOIN unnest($1::text[], $2::text[]) AS k(aggregate_type, aggregate_id) \
-               USING (aggregate_type, aggregate_id) \
-             FOR UPDATE OF a"
-        ))
-        .bind(&types)
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await?
-    };
+    let unclaimed = met.into_iter().filter(|key| !claimed.contains(key));
+    let rows = locked_positions(tx, schema, unclaimed).await?;
     let last: HashMap<(&str, &str), i64> = rows
         .iter()
         .map(|(t, i, s)| ((t.as_str(), i.as_str()), *s))
         .collect();
     let (verdicts, changed) = replay_verdicts(events, last);
-    // The dedup's new positions first, the handlers last: the rows that batches applied side by
-    // side share (rollups) stay locked for as short a time as possible.
-    let mut types = Vec::with_capacity(changed.len());
-    let mut ids = Vec::with_capacity(changed.len());
-    let mut sequences = Vec::with_capacity(changed.len());
-    for ((t, i), s) in changed {
-        // A claimed aggregate was inserted where the batch takes it.
-        if !claimed.contains(&(t, i)) {
-            types.push(t);
-            ids.push(i);
-            sequences.push(s);
-        }
-    }
-    if !types.is_empty() {
-        sqlx::query(&format!(
-            "INSERT INTO {schema}.applied (aggregate_type, aggregate_id, last_sequence) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-             SET last_sequence = greatest({schema}.applied.last_sequence, excluded.last_sequence)"
-        ))
-        .bind(&types)
-        .bind(&ids)
-        .bind(&sequences)
-        .execute(&mut **tx)
-        .await?;
-    }
+    // The dedup's new positions first (a claimed aggregate was inserted where the batch takes
+    // it), the handlers last: the rows that batches applied side by side share (rollups) stay
+    // locked for as short a time as possible.
+    let positions = changed
+        .into_iter()
+        .filter(|(key, _)| !claimed.contains(key));
+    store_positions(tx, schema, positions).await?;
     let deliveries: Vec<FirstDelivery<'_>> = events
         .iter()
         .zip(&verdicts)
@@ -1136,14 +1071,7 @@ async fn claim_new<'e>(
     if claim.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut types = Vec::with_capacity(claim.len());
-    let mut ids = Vec::with_capacity(claim.len());
-    let mut sequences = Vec::with_capacity(claim.len());
-    for ((t, i), s) in claim {
-        types.push(*t);
-        ids.push(*i);
-        sequences.push(*s);
-    }
+    let (types, ids, sequences) = position_columns(claim.iter().copied());
     let inserted: Vec<(String, String)> = sqlx::query_as(&format!(
         "INSERT INTO {schema}.applied (aggregate_type, aggregate_id, last_sequence) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
@@ -1164,6 +1092,67 @@ async fn claim_new<'e>(
         .map(|(key, _)| *key)
         .filter(|key| inserted.contains(key))
         .collect())
+}
+
+/// The last sequence applied of each of these aggregates that has one, its row locked until the
+/// transaction ends.
+async fn locked_positions<'k>(
+    tx: &mut Transaction<'static, Postgres>,
+    schema: &str,
+    keys: impl IntoIterator<Item = (&'k str, &'k str)>,
+) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+    let (types, ids): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+    if types.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(&format!(
+        "SELECT a.aggregate_type, a.aggregate_id, a.last_sequence \
+         FROM {schema}.applied a \
+         JOIN unnest($1::text[], $2::text[]) AS k(aggregate_type, aggregate_id) \
+           USING (aggregate_type, aggregate_id) \
+         FOR UPDATE OF a"
+    ))
+    .bind(&types)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Records the last sequence applied of each aggregate; a position never moves back.
+async fn store_positions<'k>(
+    tx: &mut Transaction<'static, Postgres>,
+    schema: &str,
+    positions: impl IntoIterator<Item = ((&'k str, &'k str), i64)>,
+) -> Result<(), sqlx::Error> {
+    let (types, ids, sequences) = position_columns(positions);
+    if types.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.applied (aggregate_type, aggregate_id, last_sequence) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+         SET last_sequence = greatest({schema}.applied.last_sequence, excluded.last_sequence)"
+    ))
+    .bind(&types)
+    .bind(&ids)
+    .bind(&sequences)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Positions as the three arrays the SQL unnests.
+fn position_columns<'k>(
+    positions: impl IntoIterator<Item = ((&'k str, &'k str), i64)>,
+) -> (Vec<&'k str>, Vec<&'k str>, Vec<i64>) {
+    let (mut types, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
+    for ((t, i), s) in positions {
+        types.push(t);
+        ids.push(i);
+        sequences.push(s);
+    }
+    (types, ids, sequences)
 }
 
 #[cfg(test)]
