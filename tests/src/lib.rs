@@ -459,6 +459,17 @@ pub async fn place_order(orders: &CommandBus<Order>) -> String {
     id
 }
 
+/// Confirms the payment of order `id` through the command bus.
+pub async fn confirm_payment(orders: &CommandBus<Order>, id: &str, reference: String) {
+    let confirm = domain::order::OrderCommand::ConfirmPayment {
+        payment_reference: reference,
+    };
+    orders
+        .execute(id, confirm, &commands::CommandContext::new("test"))
+        .await
+        .expect("confirmed");
+}
+
 /// Places `request` over HTTP (`POST /orders`); returns the order id.
 pub async fn place_request(
     client: &reqwest::Client,

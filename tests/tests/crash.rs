@@ -4,9 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backbone_tests::{eventually, place_order, TestEnv};
-use commands::CommandContext;
-use domain::order::{OrderCommand, OrderEvent};
+use backbone_tests::{confirm_payment, eventually, place_order, TestEnv};
+use domain::order::OrderEvent;
 
 type View = BTreeMap<String, (String, i64, Vec<(i64, String)>)>;
 
@@ -79,15 +78,8 @@ async fn killing_the_relay_and_the_projector_mid_stream_loses_nothing() {
         tokio::spawn(async move {
             for i in 0..300 {
                 let id = place_order(&orders).await;
-                let context = CommandContext::new("test");
                 if i % 2 == 0 {
-                    let confirm = OrderCommand::ConfirmPayment {
-                        payment_reference: format!("p{i}"),
-                    };
-                    orders
-                        .execute(&id, confirm, &context)
-                        .await
-                        .expect("confirmed");
+                    confirm_payment(&orders, &id, format!("p{i}")).await;
                 }
                 if i % 3 == 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -195,13 +187,7 @@ async fn two_projector_instances_share_the_partitions_and_a_killed_ones_move_to_
         tokio::spawn(async move {
             for i in 0..300 {
                 let id = place_order(&orders).await;
-                let confirm = OrderCommand::ConfirmPayment {
-                    payment_reference: format!("p{i}"),
-                };
-                orders
-                    .execute(&id, confirm, &CommandContext::new("test"))
-                    .await
-                    .expect("confirmed");
+                confirm_payment(&orders, &id, format!("p{i}")).await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })

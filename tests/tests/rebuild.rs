@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backbone_tests::tools::cli_command;
-use backbone_tests::{eventually, place_order, TestEnv};
+use backbone_tests::{confirm_payment, eventually, place_order, TestEnv};
 use chrono::{DateTime, SecondsFormat, Utc};
-use commands::CommandContext;
-use domain::order::{OrderCommand, OrderEvent};
+use domain::order::OrderEvent;
 use projections::runtime::{apply_replayed, create_tables, ReplayVerdict, ReplayedEvent};
 use projections::{AnalyticsProjection, TrackingProjection};
 use serde_json::Value;
@@ -129,13 +128,7 @@ fn traffic(env: &TestEnv, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usiz
         while !stop.load(Ordering::Relaxed) {
             let id = place_order(&orders).await;
             if placed % 2 == 0 {
-                let confirm = OrderCommand::ConfirmPayment {
-                    payment_reference: format!("p{placed}"),
-                };
-                orders
-                    .execute(&id, confirm, &CommandContext::new("test"))
-                    .await
-                    .expect("confirmed");
+                confirm_payment(&orders, &id, format!("p{placed}")).await;
             }
             placed += 1;
             tokio::time::sleep(Duration::from_millis(15)).await;
@@ -355,13 +348,7 @@ async fn an_interrupted_rebuild_resumes_where_it_stopped_with_the_same_result() 
     for i in 0..300 {
         let id = place_order(&orders).await;
         if i % 2 == 0 {
-            let confirm = OrderCommand::ConfirmPayment {
-                payment_reference: format!("p{i}"),
-            };
-            orders
-                .execute(&id, confirm, &CommandContext::new("test"))
-                .await
-                .expect("confirmed");
+            confirm_payment(&orders, &id, format!("p{i}")).await;
         }
     }
     published(&env).await;
@@ -488,16 +475,7 @@ async fn as_of_an_instant_between_two_events_shows_the_state_before_the_later_on
     let earlier = place_order(&orders).await;
     let order = place_order(&orders).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    orders
-        .execute(
-            &order,
-            OrderCommand::ConfirmPayment {
-                payment_reference: "p".to_owned(),
-            },
-            &CommandContext::new("test"),
-        )
-        .await
-        .expect("confirmed");
+    confirm_payment(&orders, &order, "p".to_owned()).await;
     let later = place_order(&orders).await;
     published(&env).await;
 
@@ -649,13 +627,7 @@ async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twi
     let orders = env.orders();
     for i in 0..4 {
         let id = place_order(&orders).await;
-        let confirm = OrderCommand::ConfirmPayment {
-            payment_reference: format!("p{i}"),
-        };
-        orders
-            .execute(&id, confirm, &CommandContext::new("test"))
-            .await
-            .expect("confirmed");
+        confirm_payment(&orders, &id, format!("p{i}")).await;
     }
     eventually(Duration::from_secs(60), "four notifications", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications.records")
@@ -776,13 +748,7 @@ async fn a_replay_applies_each_event_once_whether_its_aggregate_is_new_or_known(
     let mut ids = Vec::new();
     for i in 0..4 {
         let id = place_order(&orders).await;
-        let confirm = OrderCommand::ConfirmPayment {
-            payment_reference: format!("p{i}"),
-        };
-        orders
-            .execute(&id, confirm, &CommandContext::new("test"))
-            .await
-            .expect("confirmed");
+        confirm_payment(&orders, &id, format!("p{i}")).await;
         ids.push(id);
     }
     let events = replayable(&env).await;
