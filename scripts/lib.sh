@@ -11,7 +11,6 @@ mkdir -p "$RUN_DIR/logs"
 PG_HOST=127.0.0.1
 PG_PORT=5432
 PG_ADMIN_URL="postgres://postgres@$PG_HOST:$PG_PORT/postgres"
-NISSHI_VERSION=0.8.1
 
 log() { printf '\033[1;34m[backbone]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[backbone]\033[0m %s\n' "$*" >&2; exit 1; }
@@ -29,24 +28,37 @@ wait_for_port() {
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# PostgreSQL: start the local cluster, or install it from Debian's packages on a fresh machine.
+# PostgreSQL: install it from Debian's packages on a fresh machine, configure it for development
+# (trust on 127.0.0.1, logical decoding) and start it.
 ensure_postgres() {
-  if pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; then return 0; fi
-  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+  if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
     log "installing PostgreSQL from Debian's packages"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    local hba
-    hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -n1)
-    # Development and test machines only: trust local connections, as CI's machines do.
-    as_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/; s/^(local\s+all\s+\S+\s+)peer/\1trust/' "$hba"
   fi
-  log "starting PostgreSQL"
-  local version
+  local version conf
   version=$(ls /etc/postgresql | sort -V | tail -n1)
-  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
-  for _ in $(seq 50); do pg_isready -q -h "$PG_HOST" -p "$PG_PORT" && return 0; sleep 0.2; done
-  die "PostgreSQL did not start"
+  conf="/etc/postgresql/$version/main"
+  # Development and test machines only: trust connections from this machine (replication too,
+  # for Debezium in the benchmarks). Production databases are configured by their operators.
+  as_root sed -i -E 's/^(host\s+(all|replication)\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/; s/^(local\s+(all|replication)\s+\S+\s+)peer/\1trust/' "$conf/pg_hba.conf"
+  # Logical decoding, which Debezium's PostgreSQL connector (the relay's peer in the benchmarks)
+  # reads the outbox through.
+  as_root mkdir -p "$conf/conf.d"
+  printf '# Written by the order backbone'"'"'s scripts/lib.sh.\nwal_level = logical\n' | as_root tee "$conf/conf.d/backbone.conf" >/dev/null
+  if pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; then
+    if [ "$(psql_admin -tAc 'SHOW wal_level' 2>/dev/null)" = logical ]; then
+      as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+      return 0
+    fi
+    log "restarting PostgreSQL (wal_level=logical takes a restart, once)"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+  else
+    log "starting PostgreSQL"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  fi
+  for _ in $(seq 100); do pg_isready -q -h "$PG_HOST" -p "$PG_PORT" && return 0; sleep 0.2; done
+  die "PostgreSQL did not start (see /var/log/postgresql/)"
 }
 
 psql_admin() { psql -v ON_ERROR_STOP=1 -q -X "$PG_ADMIN_URL" "$@"; }
@@ -64,32 +76,89 @@ recreate_database() {
   psql_admin -c "CREATE DATABASE $db"
 }
 
-# Nisshi, the Kafka-compatible broker of development and tests (installed once, cached in ~/.cargo/bin).
-ensure_nisshi() {
-  if command -v nisshi >/dev/null 2>&1 && nisshi --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
-    return 0
-  fi
-  log "installing the Nisshi broker $NISSHI_VERSION (once; about 15 minutes on 2 cores)"
-  cargo install nisshi --version "$NISSHI_VERSION" --locked --ignore-rust-version \
-    --no-default-features --features postgres,dynostore
+# Apache Kafka, the broker of development, tests and benchmarks: its jars come from Maven Central
+# through deploy/kafka/pom.xml (resolved once, then from ~/.m2), started as one KRaft node.
+KAFKA_DEPLOY="$ROOT/deploy/kafka"
+CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/order-backbone"
+KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}
+
+# require_java_tools: Java 17+ and Maven, which the machines come with.
+require_java_tools() {
+  command -v java >/dev/null 2>&1 || die "java (17 or newer) is missing: install a JDK, e.g. apt-get install openjdk-17-jre-headless"
+  command -v mvn >/dev/null 2>&1 || die "mvn is missing: install Maven, e.g. apt-get install maven"
 }
 
-# start_broker PORT DATABASE: a broker on 127.0.0.1:PORT storing in its own database.
-start_broker() {
-  local port=$1 db=$2
-  if port_open "$port"; then log "broker already listening on 127.0.0.1:$port"; return 0; fi
-  ensure_database "$db"
-  log "starting the broker on 127.0.0.1:$port"
-  # Its own session: a Ctrl-C for the components must not stop the broker before they leave it.
-  setsid nisshi broker \
-    --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine "postgres://postgres@$PG_HOST:$PG_PORT/$db?sslmode=disable" \
-    --group-initial-rebalance-delay 0s \
-    >"$RUN_DIR/logs/broker-$port.log" 2>&1 &
-  echo $! >"$RUN_DIR/broker-$port.pid"
-  wait_for_port "$port" "the broker"
+# maven_classpath POM: the runtime classpath of POM's dependencies, resolved once per POM content.
+maven_classpath() {
+  local pom=$1 hash file
+  hash=$(sha256sum "$pom" | cut -c1-16)
+  file="$CACHE_DIR/classpath-$(basename "$(dirname "$pom")")-$hash"
+  if [ ! -s "$file" ]; then
+    require_java_tools
+    log "resolving $(basename "$(dirname "$pom")") from Maven Central (once)"
+    mkdir -p "$CACHE_DIR"
+    mvn -q -B -f "$pom" dependency:build-classpath -Dmdep.outputFile="$file.tmp" >"$RUN_DIR/logs/maven.log" 2>&1       || die "Maven could not resolve $pom (see $RUN_DIR/logs/maven.log)"
+    mv "$file.tmp" "$file"
+  fi
+  cat "$file"
 }
+
+ensure_kafka() {
+  require_java_tools
+  KAFKA_CLASSPATH=$(maven_classpath "$KAFKA_DEPLOY/pom.xml")
+}
+
+# kafka_java CLASS ARGS...: runs one of Kafka's classes (tools, the broker) on its classpath.
+kafka_java() {
+  local class=$1; shift
+  java -Xms64m -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto \
+    -Dlog4j2.configurationFile="$RUN_DIR/kafka-tools-log4j2.properties" \
+    -cp "$KAFKA_CLASSPATH" "$class" "$@"
+}
+
+# start_kafka PORT DATA_DIR: one Kafka node on 127.0.0.1:PORT (its controller on PORT+100),
+# storing in DATA_DIR (formatted when new). Logs in .run/logs/kafka-PORT.log, pid in
+# .run/kafka-PORT.pid; returns once the broker answers a metadata request.
+start_kafka() {
+  local port=$1 data=$2
+  local controller=$((port + 100)) conf="$RUN_DIR/kafka-$port"
+  if port_open "$port"; then log "a broker already listens on 127.0.0.1:$port"; return 0; fi
+  port_open "$controller" && die "port $controller (the controller of a broker on $port) is taken; stop that process and run again"
+  mkdir -p "$conf" "$data"
+  sed -e "s|@PORT@|$port|g; s|@CONTROLLER_PORT@|$controller|g; s|@DATA_DIR@|$data|g" \
+    "$KAFKA_DEPLOY/server.properties" >"$conf/server.properties"
+  sed -e "s|@LOG_FILE@|$RUN_DIR/logs/kafka-$port.log|g" "$KAFKA_DEPLOY/log4j2.properties" >"$conf/log4j2.properties"
+  sed -e "s|@LOG_FILE@|$RUN_DIR/logs/kafka-tools.log|g" "$KAFKA_DEPLOY/log4j2.properties" >"$RUN_DIR/kafka-tools-log4j2.properties"
+  if [ ! -f "$data/meta.properties" ]; then
+    local cluster_id
+    cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    log "formatting the broker's storage in $data"
+    kafka_java kafka.tools.StorageTool format --cluster-id "$cluster_id" \
+      --config "$conf/server.properties" --ignore-formatted >"$RUN_DIR/logs/kafka-$port-format.log" 2>&1 \
+      || die "formatting the broker's storage failed (see $RUN_DIR/logs/kafka-$port-format.log)"
+  fi
+  log "starting Apache Kafka on 127.0.0.1:$port"
+  # Its own session: a Ctrl-C for the components must not stop the broker before they leave it.
+  # shellcheck disable=SC2086
+  setsid java -server $KAFKA_HEAP_OPTS -XX:+UseSerialGC -XX:MaxMetaspaceSize=192m \
+    -Djava.awt.headless=true -Dlog4j2.configurationFile="$conf/log4j2.properties" \
+    -cp "$KAFKA_CLASSPATH" kafka.Kafka "$conf/server.properties" \
+    >"$RUN_DIR/logs/kafka-$port.out" 2>&1 &
+  echo $! >"$RUN_DIR/kafka-$port.pid"
+  wait_for_port "$port" "the broker" 300
+  # Ready when it answers a metadata request (the listener opens before the node is a broker).
+  for _ in $(seq 30); do
+    if kafka_java org.apache.kafka.tools.ClusterTool cluster-id --bootstrap-server "127.0.0.1:$port" \
+      >"$RUN_DIR/logs/kafka-$port-ready.log" 2>&1; then
+      return 0
+    fi
+    kill -0 "$(cat "$RUN_DIR/kafka-$port.pid")" 2>/dev/null || die "the broker exited (see $RUN_DIR/logs/kafka-$port.log)"
+    sleep 1
+  done
+  die "the broker on 127.0.0.1:$port did not answer a metadata request (see $RUN_DIR/logs/kafka-$port.log)"
+}
+
+stop_kafka() { stop_pidfile "$RUN_DIR/kafka-$1.pid"; }
 
 stop_pidfile() {
   local file=$1

@@ -90,14 +90,14 @@ pub struct ProjectorConfig {
     #[serde(default = "default_attempts")]
     pub projector_max_attempts: u32,
     /// `PROJECTOR_FETCH_MIN_BYTES`: the broker answers a fetch once it has this much (or after
-    /// `KAFKA_FETCH_WAIT_MAX_MS`); default 65536. At one byte some brokers (Nisshi) answer a
-    /// backlog a few records at a time.
+    /// `KAFKA_FETCH_WAIT_MAX_MS`); default 1, so a new event is fetched at once (a backlog still
+    /// comes in full fetches). A larger value trades latency for fewer fetches.
     #[serde(default = "default_fetch_min_bytes")]
     pub projector_fetch_min_bytes: u32,
 }
 
 const fn default_fetch_min_bytes() -> u32 {
-    65_536
+    1
 }
 
 fn default_group_prefix() -> String {

@@ -1528,10 +1528,9 @@ async fn finish(
 }
 
 /// The settings of a consumer that reads a backlog (the rebuild's): assigned partitions, no
-/// offsets committed (the checkpoint is in PostgreSQL), and large fetches. A broker answers a
-/// fetch as soon as it has `fetch.min.bytes`; at the default of one byte, some brokers (Nisshi
-/// among them) answer with a record or so per partition, and a backlog takes a round trip per
-/// record. A megabyte, or half a second at the end of the backlog, reads it in full batches.
+/// offsets committed (the checkpoint is in PostgreSQL), and large fetches: the broker answers
+/// once it has a megabyte (or after half a second at the end of the backlog), so a backlog is
+/// read in full batches whatever the broker's fetch heuristics.
 pub fn bulk_consumer_config(kafka: &KafkaConfig, group: &str) -> rdkafka::ClientConfig {
     let mut config = kafka.client_config();
     config

@@ -38,7 +38,9 @@ pub struct KafkaConfig {
     /// cluster. Values are never logged.
     #[serde(default)]
     pub kafka_properties: String,
-    /// `KAFKA_FETCH_WAIT_MAX_MS`: how long a fetch waits for data (default 100).
+    /// `KAFKA_FETCH_WAIT_MAX_MS`: how long a fetch waits when there is no data (default 500,
+    /// Kafka's own). A fetch returns as soon as data arrives, so this bounds the cost of an
+    /// idle consumer, not the latency of a busy one.
     #[serde(default = "default_fetch_wait")]
     pub kafka_fetch_wait_max_ms: u32,
 }
@@ -53,7 +55,7 @@ const fn default_replication() -> i32 {
     1
 }
 const fn default_fetch_wait() -> u32 {
-    100
+    500
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -81,7 +83,7 @@ impl KafkaConfig {
             kafka_partitions: default_partitions(),
             kafka_replication_factor: default_replication(),
             kafka_properties: String::new(),
-            kafka_fetch_wait_max_ms: 20,
+            kafka_fetch_wait_max_ms: 100,
         }
     }
 
