@@ -24,6 +24,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Deserialize;
 use serde_json::Value as Json;
 use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -41,6 +42,11 @@ pub struct RelayConfig {
     /// `RELAY_IDLE_POLL_MS`: pause when the outbox is empty (default 20).
     #[serde(default = "default_idle")]
     pub relay_idle_poll_ms: u64,
+    /// `RELAY_IDLE_WAIT_MS`: once the outbox has been empty this long, the relay stops polling
+    /// and sleeps until an append notifies it, looking again after this long at the latest
+    /// (default 1000).
+    #[serde(default = "default_idle_wait")]
+    pub relay_idle_wait_ms: u64,
     /// `RELAY_RETENTION_HOURS`: published outbox rows are deleted after this long (default 24);
     /// the events themselves stay in the event store forever.
     #[serde(default = "default_retention")]
@@ -53,6 +59,9 @@ const fn default_batch() -> i64 {
 const fn default_idle() -> u64 {
     20
 }
+const fn default_idle_wait() -> u64 {
+    1000
+}
 const fn default_retention() -> i64 {
     24
 }
@@ -62,6 +71,7 @@ impl Default for RelayConfig {
         Self {
             relay_batch_size: default_batch(),
             relay_idle_poll_ms: default_idle(),
+            relay_idle_wait_ms: default_idle_wait(),
             relay_retention_hours: default_retention(),
         }
     }
@@ -186,6 +196,9 @@ impl Relay {
         };
         tracing::info!("relay is active");
         let idle = Duration::from_millis(self.config.relay_idle_poll_ms);
+        let idle_wait = Duration::from_millis(self.config.relay_idle_wait_ms);
+        let mut wakeup = Wakeup::listen(&self.pool).await?;
+        let mut last_busy = Instant::now();
         let mut last_gauges = Instant::now() - Duration::from_secs(60);
         let mut last_prune = Instant::now();
         let mut failures: u32 = 0;
@@ -198,7 +211,11 @@ impl Relay {
                     Err(e) => Err(e),
                 },
             };
-            if last_gauges.elapsed() >= Duration::from_secs(1) {
+            let empty = matches!(round, Ok((report, _)) if report.read == 0);
+            if empty {
+                // Nothing unpublished is visible: no need to count it.
+                export_empty_gauges();
+            } else if last_gauges.elapsed() >= Duration::from_secs(1) {
                 self.export_gauges().await?;
                 last_gauges = Instant::now();
             }
@@ -210,9 +227,23 @@ impl Relay {
                 Ok((report, next)) if report.failed == 0 && report.read > 0 => {
                     failures = 0;
                     prepared = next;
+                    last_busy = Instant::now();
+                    wakeup.busy(&self.pool).await?;
                     continue;
                 }
-                Ok((report, _)) if report.failed == 0 => idle,
+                Ok((report, _)) if report.failed == 0 => {
+                    if last_busy.elapsed() < idle_wait {
+                        idle
+                    } else if !wakeup.is_waiting() {
+                        // Announce first, then look once more before sleeping: an append that
+                        // committed before the announcement is found by that look.
+                        wakeup.announce(&self.pool).await?;
+                        continue;
+                    } else {
+                        wakeup.wait(idle_wait, &shutdown).await;
+                        continue;
+                    }
+                }
                 Ok((report, _)) => {
                     failures += 1;
                     tracing::warn!(
@@ -430,6 +461,78 @@ impl Relay {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+}
+
+fn export_empty_gauges() {
+    metrics::gauge!("relay_backlog_events").set(0.0);
+    metrics::gauge!("relay_oldest_unpublished_age_seconds").set(0.0);
+}
+
+/// Notification channel of the outbox (migration `outbox_wakeup`).
+const WAKEUP_CHANNEL: &str = "backbone_outbox";
+
+/// How an idle relay sleeps without polling: it sets `outbox_relay_state.waiting`, and the
+/// outbox trigger notifies [`WAKEUP_CHANNEL`] while that is set. A busy relay clears it, so
+/// busy writers take no notification lock (see the migration `outbox_wakeup`).
+struct Wakeup {
+    listener: PgListener,
+    waiting: bool,
+}
+
+impl Wakeup {
+    /// Listens on the channel and clears `waiting` (a relay that died while waiting left it
+    /// set).
+    async fn listen(pool: &PgPool) -> Result<Self, RelayError> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(WAKEUP_CHANNEL).await?;
+        let mut wakeup = Self {
+            listener,
+            waiting: true,
+        };
+        wakeup.busy(pool).await?;
+        Ok(wakeup)
+    }
+
+    fn is_waiting(&self) -> bool {
+        self.waiting
+    }
+
+    /// From now on, every append notifies.
+    async fn announce(&mut self, pool: &PgPool) -> Result<(), RelayError> {
+        // Notifications left from before are stale: the look after this call covers them.
+        while self.listener.next_buffered().is_some() {}
+        sqlx::query("UPDATE outbox_relay_state SET waiting = true")
+            .execute(pool)
+            .await?;
+        self.waiting = true;
+        Ok(())
+    }
+
+    /// Appends stop notifying.
+    async fn busy(&mut self, pool: &PgPool) -> Result<(), RelayError> {
+        if self.waiting {
+            sqlx::query("UPDATE outbox_relay_state SET waiting = false")
+                .execute(pool)
+                .await?;
+            self.waiting = false;
+        }
+        Ok(())
+    }
+
+    /// Sleeps until a notification, `timeout` or shutdown. A lost listener connection only
+    /// means sleeping until the timeout (sqlx reconnects it on the next call).
+    async fn wait(&mut self, timeout: Duration, shutdown: &CancellationToken) {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(timeout) => {}
+            received = self.listener.recv() => {
+                if let Err(e) = received {
+                    tracing::warn!(error = %e, "outbox notifications interrupted; polling");
+                    tokio::time::sleep(timeout).await;
+                }
+            }
+        }
     }
 }
 
