@@ -42,9 +42,13 @@ pub struct RelayConfig {
     /// `RELAY_IDLE_POLL_MS`: pause when the outbox is empty (default 20).
     #[serde(default = "default_idle")]
     pub relay_idle_poll_ms: u64,
-    /// `RELAY_IDLE_WAIT_MS`: once the outbox has been empty this long, the relay stops polling
-    /// and sleeps until an append notifies it, looking again after this long at the latest
-    /// (default 1000).
+    /// `RELAY_IDLE_AFTER_MS`: once the outbox has been empty this long, the relay stops polling
+    /// and sleeps until an append notifies it (default 1000).
+    #[serde(default = "default_idle_after")]
+    pub relay_idle_after_ms: u64,
+    /// `RELAY_IDLE_WAIT_MS`: how long a sleeping relay waits for a notification before it looks
+    /// anyway (default 1000; it bounds the delay of an append that races the relay falling
+    /// asleep, and of one made while the notification connection was lost).
     #[serde(default = "default_idle_wait")]
     pub relay_idle_wait_ms: u64,
     /// `RELAY_RETENTION_HOURS`: published outbox rows are deleted after this long (default 24);
@@ -59,6 +63,9 @@ const fn default_batch() -> i64 {
 const fn default_idle() -> u64 {
     20
 }
+const fn default_idle_after() -> u64 {
+    1000
+}
 const fn default_idle_wait() -> u64 {
     1000
 }
@@ -71,6 +78,7 @@ impl Default for RelayConfig {
         Self {
             relay_batch_size: default_batch(),
             relay_idle_poll_ms: default_idle(),
+            relay_idle_after_ms: default_idle_after(),
             relay_idle_wait_ms: default_idle_wait(),
             relay_retention_hours: default_retention(),
         }
@@ -196,6 +204,7 @@ impl Relay {
         };
         tracing::info!("relay is active");
         let idle = Duration::from_millis(self.config.relay_idle_poll_ms);
+        let idle_after = Duration::from_millis(self.config.relay_idle_after_ms);
         let idle_wait = Duration::from_millis(self.config.relay_idle_wait_ms);
         let mut wakeup = Wakeup::listen(&self.pool).await?;
         let mut last_busy = Instant::now();
@@ -232,7 +241,7 @@ impl Relay {
                     continue;
                 }
                 Ok((report, _)) if report.failed == 0 => {
-                    if last_busy.elapsed() < idle_wait {
+                    if last_busy.elapsed() < idle_after {
                         idle
                     } else if !wakeup.is_waiting() {
                         // Announce first, then look once more before sleeping: an append that

@@ -236,13 +236,17 @@ impl TestEnv {
 
     /// The relay, in this process.
     pub async fn start_relay(&self) -> Running {
+        self.start_relay_with(RelayConfig::default()).await
+    }
+
+    /// The relay with `config`, in this process.
+    pub async fn start_relay_with(&self, config: RelayConfig) -> Running {
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect(&self.database_url)
             .await
             .expect("relay connects");
-        let relay = Relay::new(pool, &self.kafka, &self.registry, RelayConfig::default())
-            .expect("relay builds");
+        let relay = Relay::new(pool, &self.kafka, &self.registry, config).expect("relay builds");
         let token = CancellationToken::new();
         let handle = tokio::spawn(relay.run_until_stopped(token.clone()));
         Running {

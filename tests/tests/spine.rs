@@ -13,6 +13,7 @@ use projections::TrackingProjection;
 use rand::seq::SliceRandom;
 use serde_json::Value;
 use sqlx::Row;
+use streams::RelayConfig;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -352,6 +353,62 @@ async fn an_event_whose_transaction_commits_late_is_still_published() {
         .find(|r| r.meta.aggregate_id == late_id)
         .expect("late event published");
     assert_eq!(late.meta.event_type, "OrderCompleted");
+    relay.stop().await.expect("relay stops");
+    env.stop().await;
+}
+
+async fn relay_waits(env: &TestEnv) -> bool {
+    sqlx::query_scalar("SELECT waiting FROM outbox_relay_state")
+        .fetch_one(env.pool())
+        .await
+        .expect("relay state")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_relay_sleeps_until_an_append_wakes_it() {
+    let env = TestEnv::start("idle_relay").await;
+    let orders = env.orders();
+    // Asleep after 200 ms without events, and it would not look again for ten minutes on its
+    // own: only the append's notification can wake it within the test's patience.
+    let relay = env
+        .start_relay_with(RelayConfig {
+            relay_idle_after_ms: 200,
+            relay_idle_wait_ms: 600_000,
+            ..RelayConfig::default()
+        })
+        .await;
+    eventually(
+        Duration::from_secs(10),
+        "the relay falls asleep",
+        || async { relay_waits(&env).await.then_some(()) },
+    )
+    .await;
+
+    for round in 0..3 {
+        let id = place_order(&orders).await;
+        eventually(
+            Duration::from_secs(10),
+            &format!("append {round} published by a sleeping relay"),
+            || async {
+                let published: Option<bool> = sqlx::query_scalar(
+                    "SELECT published_at IS NOT NULL FROM outbox WHERE aggregate_id = $1",
+                )
+                .bind(&id)
+                .fetch_optional(env.pool())
+                .await
+                .expect("outbox");
+                (published == Some(true)).then_some(())
+            },
+        )
+        .await;
+        // Busy, it stops asking writers to notify; idle again, it asks once more.
+        eventually(
+            Duration::from_secs(10),
+            "the relay falls asleep again",
+            || async { relay_waits(&env).await.then_some(()) },
+        )
+        .await;
+    }
     relay.stop().await.expect("relay stops");
     env.stop().await;
 }
