@@ -3,8 +3,10 @@
 //! | stage     | baseline                                                         |
 //! |-----------|------------------------------------------------------------------|
 //! | append    | raw PostgreSQL inserts of event-sized rows, one transaction each |
-//! | relay     | raw idempotent producer of the same bytes, same settings         |
-//! | projector | raw consumer of the same topic, no decoding, no database         |
+//! | relay     | raw idempotent producer of the same bytes, same settings, and    |
+//! |           | Kafka's own `ProducerPerformance` with the same settings         |
+//! | projector | raw consumer of the same topic, no decoding, no database, and    |
+//! |           | Kafka's own `ConsumerPerformance` on the same topic              |
 //!
 //! `cargo bench -p backbone-tests --bench spine` (the test command's services must be running;
 //! `scripts/bench` starts them). `BENCH_ORDERS` sets the number of orders (default 10 000).
@@ -13,7 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backbone_tests::bench::{appends, rate, raw_consumer, wait_until, WRITERS};
+use backbone_tests::bench::{
+    appends, kafka_consumer_performance, kafka_producer_performance, rate, raw_consumer,
+    wait_until, WRITERS,
+};
 use backbone_tests::{order_request, TestEnv};
 use projections::TrackingProjection;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -134,6 +139,13 @@ async fn main() {
     };
     let raw_produce = raw_producer(&env, count, &wire_bytes, &sample[0].meta.to_headers()).await;
 
+    let tool_topic = env.kafka.topics().named("kafka-producer-performance");
+    streams::admin::ensure_topics(&env.kafka, std::slice::from_ref(&tool_topic))
+        .await
+        .expect("topic");
+    let kafka_produce = kafka_producer_performance(&env, &tool_topic, count, wire_bytes.len());
+    let kafka_consume = kafka_consumer_performance(&env, &sample[0].topic, count);
+
     let raw_consume = raw_consumer(&env, count).await;
     let projector = env.start_projector(Arc::new(TrackingProjection)).await;
     let started = Instant::now();
@@ -168,6 +180,14 @@ async fn main() {
             rate(count, raw_consume),
         ),
     ];
+    let unmeasured = "(KAFKA_CLASSPATH not set: run through scripts/bench)";
+    let tool_rows = [
+        (
+            "Kafka ProducerPerformance, same size and settings",
+            kafka_produce,
+        ),
+        ("Kafka ConsumerPerformance, the orders topic", kafka_consume),
+    ];
     println!(
         "\nspine throughput, {count} orders ({} bytes per record on the wire), {WRITERS} writers",
         wire_bytes.len()
@@ -181,6 +201,13 @@ async fn main() {
             "{stage:<24} {ours:>12.0}   {baseline:<26} {raw:>12.0}   {:>5.0}%",
             100.0 * ours / raw
         );
+    }
+    println!("raw limits of the broker itself, same run:");
+    for (tool, figure) in tool_rows {
+        match figure {
+            Some(f) => println!("  {tool:<52} {:>12.0} records/s", f.records_per_second),
+            None => println!("  {tool:<52} {unmeasured}"),
+        }
     }
     env.stop().await;
 }

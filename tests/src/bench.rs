@@ -76,3 +76,119 @@ pub async fn raw_consumer(env: &TestEnv, count: usize) -> Duration {
     assert!(bytes > 0);
     started.elapsed()
 }
+
+/// Figures printed by Kafka's own performance tools, the raw limit of the broker itself.
+#[derive(Debug, Clone, Copy)]
+pub struct KafkaToolRate {
+    pub records_per_second: f64,
+}
+
+/// Runs one of Kafka's Java tools (`scripts/bench` exports `KAFKA_CLASSPATH`, the broker's
+/// classpath resolved from `deploy/kafka/pom.xml`); `None` when the classpath is not given.
+fn kafka_tool(class: &str, args: &[String]) -> Option<String> {
+    let classpath = std::env::var("KAFKA_CLASSPATH").ok()?;
+    let output = std::process::Command::new("java")
+        .args(["-Xms256m", "-Xmx512m", "-cp", &classpath, class])
+        .args(args)
+        .output()
+        .expect("java runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{class} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(stdout)
+}
+
+/// `org.apache.kafka.tools.ProducerPerformance`: `count` records of `size` bytes to `topic` as
+/// fast as the broker takes them, with the relay's producer settings (idempotent, `acks=all`,
+/// `linger.ms=5`, lz4). Its summary line reads `N records sent, R records/sec (...)`.
+pub fn kafka_producer_performance(
+    env: &TestEnv,
+    topic: &str,
+    count: usize,
+    size: usize,
+) -> Option<KafkaToolRate> {
+    let args = [
+        "--topic",
+        topic,
+        "--num-records",
+        &count.to_string(),
+        "--record-size",
+        &size.to_string(),
+        "--throughput",
+        "-1",
+        "--producer-props",
+        &format!("bootstrap.servers={}", env.kafka.kafka_bootstrap_servers),
+        "acks=all",
+        "enable.idempotence=true",
+        "linger.ms=5",
+        "compression.type=lz4",
+    ]
+    .map(str::to_owned);
+    let out = kafka_tool("org.apache.kafka.tools.ProducerPerformance", &args)?;
+    let summary = out
+        .lines()
+        .rfind(|line| line.contains("records sent"))
+        .expect("ProducerPerformance prints a summary");
+    let rate = summary
+        .split(", ")
+        .nth(1)
+        .and_then(|part| part.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("records/sec in the summary");
+    Some(KafkaToolRate {
+        records_per_second: rate,
+    })
+}
+
+/// `org.apache.kafka.tools.ConsumerPerformance`: reads `count` records of `topic` from the
+/// beginning in a group of its own. The rate taken is `fetch.nMsg.sec`, which leaves out the
+/// group join (a one-off the projectors pay once, not per record).
+pub fn kafka_consumer_performance(
+    env: &TestEnv,
+    topic: &str,
+    count: usize,
+) -> Option<KafkaToolRate> {
+    let args = [
+        "--bootstrap-server",
+        &env.kafka.kafka_bootstrap_servers,
+        "--topic",
+        topic,
+        "--messages",
+        &count.to_string(),
+        "--group",
+        &format!(
+            "{}consumer-performance-{}",
+            env.group_prefix,
+            uuid::Uuid::new_v4()
+        ),
+        "--timeout",
+        "60000",
+    ]
+    .map(str::to_owned);
+    let out = kafka_tool("org.apache.kafka.tools.ConsumerPerformance", &args)?;
+    // A header line names the columns; the line after it holds the figures.
+    let mut lines = out.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .by_ref()
+        .find(|l| l.contains("nMsg.sec"))
+        .expect("ConsumerPerformance prints its header")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let values: Vec<&str> = lines
+        .next()
+        .expect("ConsumerPerformance prints its figures")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let column = header
+        .iter()
+        .position(|c| *c == "fetch.nMsg.sec")
+        .expect("a fetch.nMsg.sec column");
+    Some(KafkaToolRate {
+        records_per_second: values[column].parse().expect("a rate"),
+    })
+}
