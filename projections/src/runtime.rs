@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
@@ -234,7 +234,15 @@ pub struct Projector {
     dead_letter_topic: String,
     config: ProjectorConfig,
     schema: &'static str,
+    /// Set when a batch is applied; read by the lag measurement.
+    applied: std::sync::atomic::AtomicBool,
+    /// The last lag measurement that found nothing to apply, and when it was recorded.
+    caught_up: std::sync::Mutex<Option<(Vec<(String, i32, i64, i64)>, Instant)>>,
 }
+
+/// An idle projector re-records its (unchanged, zero) lag this often, so `measured_at` shows it
+/// alive; a busy one records every second.
+const IDLE_LAG_REFRESH: Duration = Duration::from_secs(15);
 
 impl std::fmt::Debug for Projector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -338,6 +346,8 @@ impl Projector {
             decoder: EventDecoder::new(registry)?,
             producer: tokio::sync::OnceCell::new(),
             producer_config,
+            applied: std::sync::atomic::AtomicBool::new(false),
+            caught_up: std::sync::Mutex::new(None),
             dead_letter_topic,
             config,
             schema,
@@ -356,6 +366,8 @@ impl Projector {
             while let Some((batch, decoded)) = pending {
                 let apply = async {
                     self.process(&batch, &decoded).await?;
+                    self.applied
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     for message in &batch {
                         // A rebalance may have taken the partition away meanwhile: the offset
                         // is then not ours to store. Nothing depends on it (the checkpoint and
@@ -381,8 +393,10 @@ impl Projector {
                     () = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                if let Err(e) = self.measure_lag().await {
-                    tracing::warn!(error = %e, "could not measure lag");
+                if self.lag_may_have_changed() {
+                    if let Err(e) = self.measure_lag().await {
+                        tracing::warn!(error = %e, "could not measure lag");
+                    }
                 }
                 if let Err(e) = self.redrive_requested().await {
                     tracing::warn!(error = %e, "re-drive failed; will retry");
@@ -755,6 +769,45 @@ impl Projector {
         Ok(())
     }
 
+    /// False when the last measurement found the projector caught up, nothing was applied
+    /// since and the broker's high watermarks are the same: the lag is still zero, and an idle
+    /// projector need not query and rewrite it every second.
+    fn lag_may_have_changed(&self) -> bool {
+        let applied = self
+            .applied
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        let marks = self.owned_marks();
+        let mut caught_up = self.caught_up.lock().unwrap_or_else(|p| p.into_inner());
+        match caught_up.as_ref() {
+            Some((last, at)) if !applied && *last == marks && at.elapsed() < IDLE_LAG_REFRESH => {
+                false
+            }
+            _ => {
+                *caught_up = None;
+                true
+            }
+        }
+    }
+
+    /// (topic, partition, low, high) of every partition this instance owns, as the consumer's
+    /// statistics last reported them.
+    fn owned_marks(&self) -> Vec<(String, i32, i64, i64)> {
+        let context = self.consumer.context();
+        self.consumer
+            .assignment()
+            .map(|assignment| {
+                assignment
+                    .elements()
+                    .iter()
+                    .filter_map(|e| {
+                        let (low, high) = context.marks(e.topic(), e.partition())?;
+                        Some((e.topic().to_owned(), e.partition(), low, high))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Measures each owned partition's lag (records not yet applied, from the broker's high
     /// watermark known to the consumer) and its age, exports them and records them for the API.
     async fn measure_lag(&self) -> Result<(), ProjectorError> {
@@ -819,6 +872,10 @@ impl Projector {
         .bind(instance())
         .execute(&self.pool)
         .await?;
+        if total == 0 {
+            *self.caught_up.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((self.owned_marks(), Instant::now()));
+        }
         Ok(())
     }
 
