@@ -200,6 +200,23 @@ impl OrderFlow {
                     + chrono::Duration::minutes(i64::from(estimated_preparation_minutes));
                 self.request_delivery(tx, event, ready_at).await
             }
+            OrderEvent::OrderReady { ready_at } => {
+                // The estimate stops waiting for the preparation the store first expected.
+                let step = "food-ready";
+                let context = self.context(event, step);
+                settle(
+                    step,
+                    self.deliveries
+                        .execute(
+                            order_id,
+                            DeliveryCommand::MarkFoodReady {
+                                ready_at,
+                            },
+                            &context,
+                        )
+                        .await,
+                )
+            }
             OrderEvent::OrderRejected { .. } | OrderEvent::OrderCancelled { .. } => {
                 disarm(tx, order_id).await?;
                 self.restore_points(tx, event).await?;
