@@ -174,7 +174,11 @@ impl Modify for Shared {
                 // Every operation takes the caller's correlation id (a malformed one is a 400)
                 // and every answer echoes it.
                 add_parameter(operation, correlation_parameter());
-                add(operation, "400", "A header, path or query parameter is not valid");
+                add(
+                    operation,
+                    "400",
+                    "A header, path or query parameter is not valid",
+                );
                 for response in operation.responses.responses.values_mut() {
                     if let RefOr::T(response) = response {
                         response.headers.insert(

@@ -209,9 +209,7 @@ impl OrderFlow {
                     self.deliveries
                         .execute(
                             order_id,
-                            DeliveryCommand::MarkFoodReady {
-                                ready_at,
-                            },
+                            DeliveryCommand::MarkFoodReady { ready_at },
                             &context,
                         )
                         .await,

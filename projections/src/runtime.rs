@@ -194,7 +194,8 @@ pub struct WatermarkContext {
     marks: std::sync::Mutex<HashMap<(String, i32), (i64, i64)>>,
     /// Per (topic, partition): each higher high watermark and when it was first seen, oldest
     /// first (pruned as the checkpoint passes them).
-    first_seen: std::sync::Mutex<HashMap<(String, i32), VecDeque<(i64, chrono::DateTime<chrono::Utc>)>>>,
+    first_seen:
+        std::sync::Mutex<HashMap<(String, i32), VecDeque<(i64, chrono::DateTime<chrono::Utc>)>>>,
 }
 
 /// High watermarks remembered per partition (an hour of statistics at one per second).
@@ -210,7 +211,10 @@ impl rdkafka::ClientContext for WatermarkContext {
                         continue;
                     }
                     let history = seen.entry((name.clone(), *partition)).or_default();
-                    if history.back().is_none_or(|(high, _)| state.hi_offset > *high) {
+                    if history
+                        .back()
+                        .is_none_or(|(high, _)| state.hi_offset > *high)
+                    {
                         history.push_back((state.hi_offset, now));
                         if history.len() > MAX_WATERMARK_HISTORY {
                             history.pop_front();
@@ -854,8 +858,8 @@ impl Projector {
         let positions: Vec<(String, i32, i64)> = sqlx::query_as(&format!(
             "SELECT topic, partition, next_offset FROM {schema}.checkpoints"
         ))
-            .fetch_all(&self.pool)
-            .await?;
+        .fetch_all(&self.pool)
+        .await?;
         let context = self.consumer.context();
         let marks: Vec<(String, i32, i64, i64)> = assignment
             .elements()

@@ -431,7 +431,7 @@ pub async fn rebuild(
     }
     let elapsed = started.elapsed();
     if build {
-    writeln!(
+        writeln!(
         out,
         "{live}: {} into {} from the {}{}: {} events read, {} applied, {} duplicates, {} after a \
          missing one (gaps), {} dead letters{}, in {:.1} s ({:.0} events/s)",
@@ -459,7 +459,7 @@ pub async fn rebuild(
         elapsed.as_secs_f64(),
         tally.read as f64 / elapsed.as_secs_f64().max(1e-9),
     )?;
-    writeln!(out, "{live}: {}", rebuild.profile.describe())?;
+        writeln!(out, "{live}: {}", rebuild.profile.describe())?;
     }
     if !completed {
         bail!(

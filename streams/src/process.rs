@@ -149,7 +149,9 @@ impl Probe {
                 if seconds <= max_seconds {
                     Ok(format!("{seconds:.1} s behind (limit {max_seconds} s)"))
                 } else {
-                    Err(format!("{seconds:.1} s behind, over the limit of {max_seconds} s"))
+                    Err(format!(
+                        "{seconds:.1} s behind, over the limit of {max_seconds} s"
+                    ))
                 }
             }
         })
@@ -273,7 +275,10 @@ pub async fn serve_ops(
         });
     }
     let router = axum::Router::new()
-        .route("/metrics", axum::routing::get(|| async { prometheus().render() }))
+        .route(
+            "/metrics",
+            axum::routing::get(|| async { prometheus().render() }),
+        )
         .route("/health/live", axum::routing::get(live))
         .route("/health/ready", axum::routing::get(ready))
         .fallback(|| async {
@@ -307,7 +312,9 @@ pub async fn serve_ops_from_env(
         return Ok(None);
     };
     let interval = Duration::from_millis(config.ready_check_interval_ms.max(100));
-    serve_ops(listen, probes, interval, shutdown).await.map(Some)
+    serve_ops(listen, probes, interval, shutdown)
+        .await
+        .map(Some)
 }
 
 /// The readiness limit on lag (`READY_MAX_LAG_SECONDS`, default 60).

@@ -1089,10 +1089,14 @@ async fn rewards_filtered_by_region_or_store_count_the_donations_of_that_regions
             .map(|totals| totals.iter().filter_map(|t| t["points"].as_i64()).sum())
             .unwrap_or_default()
     };
-    eventually(Duration::from_secs(60), "every donation projected", || async {
-        let body = get_ok(&client, &format!("{api}/analytics/rewards")).await;
-        (points(&body) == 1200).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "every donation projected",
+        || async {
+            let body = get_ok(&client, &format!("{api}/analytics/rewards")).await;
+            (points(&body) == 1200).then_some(())
+        },
+    )
     .await;
 
     for (filter, expected) in [

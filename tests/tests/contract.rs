@@ -68,7 +68,11 @@ async fn the_openapi_document_validates_with_openapi_spec_validator_and_describe
         ("/customers/{customer_id}/notifications", "kind"),
         ("/audit/{aggregate_type}/{aggregate_id}/events", "cursor"),
     ] {
-        assert_eq!(parameter(&doc, path, "get", name)["in"], "query", "{path} {name}");
+        assert_eq!(
+            parameter(&doc, path, "get", name)["in"],
+            "query",
+            "{path} {name}"
+        );
     }
     // The tracking view's items are an array of priced lines.
     let items = &doc["components"]["schemas"]["TrackingView"]["properties"]["items"];
@@ -81,8 +85,8 @@ async fn the_openapi_document_validates_with_openapi_spec_validator_and_describe
         "/admin/promotions/{code}",
         "/admin/experiments/{experiment_id}",
     ] {
-        let schema = &doc["paths"][path]["put"]["requestBody"]["content"]["application/json"]
-            ["schema"];
+        let schema =
+            &doc["paths"][path]["put"]["requestBody"]["content"]["application/json"]["schema"];
         assert!(
             schema["$ref"]
                 .as_str()
@@ -98,7 +102,12 @@ async fn the_openapi_document_validates_with_openapi_spec_validator_and_describe
         "{region}"
     );
     // Headers: the webhook signature, the correlation id on every operation and every answer.
-    let signature = parameter(&doc, "/payments/{order_id}/webhooks", "post", "Backbone-Signature");
+    let signature = parameter(
+        &doc,
+        "/payments/{order_id}/webhooks",
+        "post",
+        "Backbone-Signature",
+    );
     assert_eq!(signature["in"], "header");
     assert_eq!(signature["required"], true);
     let mut operations = 0;
@@ -117,7 +126,9 @@ async fn the_openapi_document_validates_with_openapi_spec_validator_and_describe
     }
     assert!(operations > 30, "{operations}");
     // /metrics is documented, as text.
-    assert!(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]["text/plain"].is_object());
+    assert!(
+        doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]["text/plain"].is_object()
+    );
 
     server.stop().await.expect("api stops");
     env.stop().await;
@@ -229,7 +240,12 @@ async fn cancel_takes_snake_case_and_the_old_spelling_still_works() {
             .await
             .expect("sent");
         let status = response.status().as_u16();
-        assert_eq!(status, 200, "by {by}: {}", response.text().await.unwrap_or_default());
+        assert_eq!(
+            status,
+            200,
+            "by {by}: {}",
+            response.text().await.unwrap_or_default()
+        );
     }
     // The document offers the snake_case values.
     let doc = document(&client, &api).await;

@@ -118,9 +118,8 @@ async fn once_the_store_marks_the_food_ready_the_estimate_is_the_couriers_ride_a
         (eta["remaining_meters"].as_i64()? > 600).then(|| eta.clone())
     })
     .await;
-    let minutes_left = |eta: &Value| {
-        (instant(&eta["expected_at"]) - Utc::now()).num_seconds() as f64 / 60.0
-    };
+    let minutes_left =
+        |eta: &Value| (instant(&eta["expected_at"]) - Utc::now()).num_seconds() as f64 / 60.0;
     assert!(
         minutes_left(&waiting) > 15.0,
         "waiting for the kitchen: {waiting}"
@@ -128,7 +127,13 @@ async fn once_the_store_marks_the_food_ready_the_estimate_is_the_couriers_ride_a
 
     // The store is done early: the estimate is the ride (580 m to the store, then on to the
     // customer), no longer the kitchen's 20 minutes.
-    act(&client, &api, &order_id, json!({"action": "start_preparation"})).await;
+    act(
+        &client,
+        &api,
+        &order_id,
+        json!({"action": "start_preparation"}),
+    )
+    .await;
     act(&client, &api, &order_id, json!({"action": "mark_ready"})).await;
     let ready = eventually(WAIT, "the estimate after ready", || async {
         let view = tracking(&client, &api, &order_id).await?;

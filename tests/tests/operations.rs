@@ -58,15 +58,19 @@ async fn lag_in_seconds_is_the_age_of_the_oldest_waiting_record_not_the_idle_tim
     let orders = env.orders();
 
     let first = place_order(&orders).await;
-    eventually(Duration::from_secs(60), "the first order projected", || async {
-        let found: Option<String> =
-            sqlx::query_scalar("SELECT order_id FROM tracking.orders WHERE order_id = $1")
-                .bind(&first)
-                .fetch_optional(env.pool())
-                .await
-                .ok()?;
-        found.map(|_| ())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the first order projected",
+        || async {
+            let found: Option<String> =
+                sqlx::query_scalar("SELECT order_id FROM tracking.orders WHERE order_id = $1")
+                    .bind(&first)
+                    .fetch_optional(env.pool())
+                    .await
+                    .ok()?;
+            found.map(|_| ())
+        },
+    )
     .await;
     // Idle for a while: the last applied event gets old, and nothing is behind.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -78,21 +82,29 @@ async fn lag_in_seconds_is_the_age_of_the_oldest_waiting_record_not_the_idle_tim
         .await
         .expect("lock");
     place_order(&orders).await;
-    let status = eventually(Duration::from_secs(30), "the waiting record measured", || async {
-        let body: Value = client
-            .get(format!("{api}/projections/tracking"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (body["lag_events"].as_i64()? >= 1 && body["lag_seconds"].as_f64()? >= 1.5).then_some(body)
-    })
+    let status = eventually(
+        Duration::from_secs(30),
+        "the waiting record measured",
+        || async {
+            let body: Value = client
+                .get(format!("{api}/projections/tracking"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (body["lag_events"].as_i64()? >= 1 && body["lag_seconds"].as_f64()? >= 1.5)
+                .then_some(body)
+        },
+    )
     .await;
     // The record has waited about 1.5 to 3 s; the last applied one was recorded over 6.5 s ago.
     let seconds = status["lag_seconds"].as_f64().expect("lag_seconds");
-    assert!(seconds < 5.0, "lag is the waiting record's age, not idle time: {status}");
+    assert!(
+        seconds < 5.0,
+        "lag is the waiting record's age, not idle time: {status}"
+    );
     let metrics = client
         .get(format!("{api}/metrics"))
         .send()
@@ -152,11 +164,17 @@ async fn relay_projector_and_process_manager_serve_metrics_liveness_and_readines
             (status == 200).then_some((content_type, body))
         })
         .await;
-        assert!(ready.0.starts_with("application/json"), "{binary}: {ready:?}");
+        assert!(
+            ready.0.starts_with("application/json"),
+            "{binary}: {ready:?}"
+        );
         let body: Value = serde_json::from_str(&ready.1).expect("readiness is JSON");
         assert_eq!(body["ready"], true, "{binary}: {body}");
         for check in ["database", "broker", "lag"] {
-            assert_eq!(body["checks"][check]["ok"], true, "{binary} {check}: {body}");
+            assert_eq!(
+                body["checks"][check]["ok"], true,
+                "{binary} {check}: {body}"
+            );
         }
 
         let (status, _, live) = get(&format!("{base}/health/live")).await.expect("live");
@@ -166,7 +184,10 @@ async fn relay_projector_and_process_manager_serve_metrics_liveness_and_readines
 
         let (status, content_type, _) = get(&format!("{base}/metrics")).await.expect("metrics");
         assert_eq!(status, 200, "{binary}");
-        assert!(content_type.starts_with("text/plain"), "{binary}: {content_type}");
+        assert!(
+            content_type.starts_with("text/plain"),
+            "{binary}: {content_type}"
+        );
 
         let (status, _, _) = get(&format!("{base}/no-such-path")).await.expect("answer");
         assert_eq!(status, 404, "{binary}: only its three paths are served");
@@ -178,14 +199,18 @@ async fn relay_projector_and_process_manager_serve_metrics_liveness_and_readines
     let projector = &endpoints[1].1;
     let page = eventually(Duration::from_secs(60), "the delay recorded", || async {
         let (_, _, page) = get(&format!("{projector}/metrics")).await?;
-        page.contains("projector_event_delay_seconds_bucket{").then_some(page)
+        page.contains("projector_event_delay_seconds_bucket{")
+            .then_some(page)
     })
     .await;
     assert!(
         !page.contains("quantile=\""),
         "no summaries, whose empty windows read 0:\n{page}"
     );
-    assert!(page.contains("# TYPE projector_event_delay_seconds histogram"), "{page}");
+    assert!(
+        page.contains("# TYPE projector_event_delay_seconds histogram"),
+        "{page}"
+    );
 
     drop(processes);
     env.stop().await;

@@ -848,7 +848,10 @@ async fn a_finished_rebuild_is_swapped_in_by_rebuild_swap_after_catching_up() {
 
     // Rebuilt, not swapped: the shadow is finished.
     let report = run_ok(&env, &["rebuild", "analytics"]).await;
-    assert!(report.contains("rebuilt into analytics__rebuild"), "{report}");
+    assert!(
+        report.contains("rebuilt into analytics__rebuild"),
+        "{report}"
+    );
     // Asked again without --swap: it says how to swap it in, not "unfinished".
     let refused = run_err(&env, &["rebuild", "analytics"]).await;
     assert!(
@@ -871,10 +874,14 @@ async fn a_finished_rebuild_is_swapped_in_by_rebuild_swap_after_catching_up() {
     .await
     .expect("catalog");
     assert!(old.is_some(), "the previous read model is kept");
-    eventually(Duration::from_secs(60), "every order in the swapped-in model", || async {
-        let (view, _) = analytics_view(&env).await;
-        (view.len() == 5).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "every order in the swapped-in model",
+        || async {
+            let (view, _) = analytics_view(&env).await;
+            (view.len() == 5).then_some(())
+        },
+    )
     .await;
 
     projector.stop().await.expect("projector stops");

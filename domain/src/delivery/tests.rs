@@ -1076,11 +1076,15 @@ fn food_marked_ready_early_brings_the_estimate_forward_to_the_couriers_ride() {
     // 580 m to the store and 3 km on to the customer, at 15 km/h with the detour factor: 1117 s.
     let ride = eta::travel_seconds(580.0, 15) + eta::travel_seconds(3_000.0, 15);
     assert_eq!(expected_at, mins(2) + Duration::seconds(ride));
-    assert!(expected_at < waiting.expected_at, "{expected_at} vs {waiting:?}");
+    assert!(
+        expected_at < waiting.expected_at,
+        "{expected_at} vs {waiting:?}"
+    );
     assert!(earliest_at >= mins(2) && latest_at > expected_at);
     // The window is that of the ride alone: no preparation margin is left.
     assert!(
-        (latest_at - earliest_at).num_seconds() < (waiting.latest_at - waiting.earliest_at).num_seconds(),
+        (latest_at - earliest_at).num_seconds()
+            < (waiting.latest_at - waiting.earliest_at).num_seconds(),
         "narrower than while waiting for the food"
     );
 }

@@ -61,15 +61,9 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let mut tasks = tokio::task::JoinSet::new();
     for (name, projection) in names.iter().copied().zip(projections) {
-        let projector = Projector::new(
-            projection,
-            pool.clone(),
-            &kafka,
-            &registry,
-            config.clone(),
-        )
-        .await
-        .with_context(|| format!("starting projection {name}"))?;
+        let projector = Projector::new(projection, pool.clone(), &kafka, &registry, config.clone())
+            .await
+            .with_context(|| format!("starting projection {name}"))?;
         tasks.spawn(projector.run_until_stopped(shutdown.clone()));
         if name == projections::notifications::NAME {
             // The webhook worker runs beside the notifications projection when a URL is set.
