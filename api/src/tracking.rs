@@ -186,6 +186,7 @@ pub struct TrackingQuery {
     pub position: Option<String>,
     /// Wait until the view includes this sequence of the order (`position.sequence` of an
     /// order command).
+    #[param(minimum = 1, maximum = 9_223_372_036_854_775_807_i64)]
     pub min_sequence: Option<u64>,
 }
 

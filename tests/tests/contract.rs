@@ -308,3 +308,40 @@ async fn a_method_a_route_lacks_is_405_with_allow_and_head_works_where_get_does(
     server.stop().await.expect("api stops");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_no_command_ever_returned_is_refused_at_once_rather_than_awaited() {
+    let env = TestEnv::start("positions").await;
+    let (api, server) = env.start_api().await;
+    let client = backbone_tests::client();
+    let placed: Value = client
+        .post(format!("{api}/orders"))
+        .json(&order_request(Uuid::new_v4()))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let order_id = placed["order_id"].as_str().expect("order id");
+    for query in [
+        "min_sequence=9223372036854775808".to_owned(),
+        "min_sequence=999".to_owned(),
+        format!("position=order:{order_id}:999"),
+        format!("position=order:{}:1", Uuid::new_v4()),
+    ] {
+        let started = std::time::Instant::now();
+        let response = client
+            .get(format!("{api}/orders/{order_id}/tracking?{query}"))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status().as_u16(), 400, "{query}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{query}: refused without waiting"
+        );
+    }
+    server.stop().await.expect("api stops");
+    env.stop().await;
+}
