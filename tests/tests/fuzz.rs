@@ -111,13 +111,15 @@ async fn fuzzing_every_endpoint_from_the_openapi_document_finds_no_server_error_
         .json()
         .await
         .expect("json");
-    let operations: usize = doc["paths"]
+    let operations = doc["paths"]
         .as_object()
         .expect("paths")
         .iter()
-        .filter(|(path, _)| !path.ends_with("/stream"))
-        .map(|(_, item)| item.as_object().map_or(0, serde_json::Map::len))
-        .sum();
+        // The streams are left out (above); Schemathesis leaves out the document it reads.
+        .filter(|(path, _)| !path.ends_with("/stream") && *path != "/openapi.json")
+        .flat_map(|(_, item)| item.as_object().into_iter().flat_map(|o| o.keys()))
+        .filter(|key| ["get", "put", "post", "delete", "patch"].contains(&key.as_str()))
+        .count();
     assert_eq!(cases, operations, "one test case per operation:\n{xml}");
     assert_eq!((failed, errors), (0, 0), "{xml}");
     let _ = std::fs::remove_dir_all(&report);
