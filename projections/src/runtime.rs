@@ -194,9 +194,13 @@ pub struct WatermarkContext {
     marks: std::sync::Mutex<HashMap<(String, i32), (i64, i64)>>,
     /// Per (topic, partition): each higher high watermark and when it was first seen, oldest
     /// first (pruned as the checkpoint passes them).
-    first_seen:
-        std::sync::Mutex<HashMap<(String, i32), VecDeque<(i64, chrono::DateTime<chrono::Utc>)>>>,
+    first_seen: std::sync::Mutex<HashMap<PartitionKey, VecDeque<(i64, At)>>>,
 }
+
+/// A topic and partition.
+type PartitionKey = (String, i32);
+/// An instant.
+type At = chrono::DateTime<chrono::Utc>;
 
 /// High watermarks remembered per partition (an hour of statistics at one per second).
 const MAX_WATERMARK_HISTORY: usize = 3600;
@@ -272,7 +276,7 @@ impl WatermarkContext {
 /// partition's checkpoint is the oldest record still waiting there.
 #[derive(Debug, Default)]
 struct Waiting {
-    records: std::sync::Mutex<HashMap<(String, i32), BTreeMap<i64, chrono::DateTime<chrono::Utc>>>>,
+    records: std::sync::Mutex<HashMap<PartitionKey, BTreeMap<i64, At>>>,
 }
 
 impl Waiting {
