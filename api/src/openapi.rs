@@ -1,8 +1,10 @@
 //! What every operation of the OpenAPI document shares, added in one place rather than on each
-//! handler: the bearer-token security scheme and the answers any protected endpoint can give
-//! (401, 403, 429), those of any endpoint with parameters (400) and with a body (400, 413,
-//! 415, 422). Clients and
-//! fuzzers read the document, so it must list every status the API can answer.
+//! handler: the bearer-token security scheme, the `x-correlation-id` header every operation
+//! takes and every answer echoes, the `Backbone-Signature` of the payment webhooks, and the
+//! answers any protected endpoint can give (401, 403, 429), any endpoint (400 for a malformed
+//! header or parameter, 408) and any endpoint with a body (413, 415, 422). Clients and fuzzers
+//! read the document, so it must list every status the API can answer; a test validates it
+//! with openapi-spec-validator.
 
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, Parameter, ParameterBuilder, ParameterIn};
