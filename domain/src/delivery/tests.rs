@@ -880,6 +880,10 @@ fn every_event_is_declared_in_types_at_version_one() {
         comment: None,
         rated_at: mins(60),
     });
+    samples.push(DeliveryEvent::FoodMarkedReady {
+        ready_at: mins(12),
+        marked_at: mins(12),
+    });
     let sampled: std::collections::BTreeSet<String> =
         samples.iter().map(DomainEvent::event_type).collect();
     let declared: std::collections::BTreeSet<String> = DeliveryEvent::TYPES
