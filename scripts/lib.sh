@@ -180,7 +180,7 @@ ensure_python_venv() {
   local want
   want=$(sha256sum "$req" | cut -d' ' -f1)
   if [ -x "$ROOT/.venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return 0; fi
-  log "installing the Python test clients (confluent-kafka, pytest) into .venv"
+  log "installing the Python test tools (confluent-kafka, pytest, schemathesis, openapi-spec-validator) into .venv"
   python3 -m venv "$ROOT/.venv"
   "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check -r "$req"
   echo "$want" >"$stamp"

@@ -166,6 +166,7 @@ pub async fn record_exposure(
 /// Read-your-writes only.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ProfileQuery {
     /// Wait (bounded) until the ads view has applied this event: a command's `position.token`
     /// (`<aggregate_type>:<aggregate_id>:<sequence>`, of an order, rewards or ads command).
@@ -326,6 +327,7 @@ pub async fn profile(
 /// The region and read-your-writes position of a targeting request.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TargetingQuery {
     /// The region (market) the app shows, e.g. `uk`; default: the region of the customer's
     /// last order.
@@ -457,6 +459,7 @@ pub async fn promotion(
 /// Read-your-writes only.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ResultsQuery {
     /// Wait (bounded) until the ads view has applied this event (a command's `position.token`).
     pub position: Option<String>,

@@ -569,10 +569,12 @@ pub struct RewardsQuery {
     /// Movements before this time (RFC 3339), after `from`.
     pub to: Option<String>,
     /// Only points earned, redeemed or restored on orders of this region (matched through the
-    /// order; donations belong to no order and are not filtered by region).
+    /// order), and donations by customers of this region (the region of the donor's latest
+    /// order placed before the donation).
     pub region: Option<String>,
-    /// Only points earned, redeemed or restored on orders of this store (donations are not
-    /// filtered by store).
+    /// Only points earned, redeemed or restored on orders of this store, and donations by
+    /// customers of this store (the store of the donor's latest order placed before the
+    /// donation).
     #[param(value_type = Option<Uuid>)]
     pub store_id: Option<String>,
     /// Only donations in this currency, and points moved on orders in this currency.

@@ -72,6 +72,7 @@ pub struct AuditHistory {
 /// Paging of a history.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// From a previous page's `next_cursor` (the last sequence seen).
     pub cursor: Option<String>,

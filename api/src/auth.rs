@@ -681,6 +681,20 @@ pub fn route_actions(method: &Method, route: &str) -> Option<&'static [Action]> 
     })
 }
 
+/// The methods a route has: those the access policy or the public list names for it.
+pub fn allowed_methods(route: &str) -> Vec<Method> {
+    [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ]
+    .into_iter()
+    .filter(|m| is_public(m, route) || route_actions(m, route).is_some())
+    .collect()
+}
+
 /// Routes anyone may call: probes, metrics, the API's own description, and the payment
 /// provider's webhooks (authenticated by their signature).
 pub fn is_public(method: &Method, route: &str) -> bool {
@@ -697,7 +711,36 @@ pub async fn gate(request: Request, next: Next) -> Response {
     let Some(route) = request.extensions().get::<MatchedPath>().cloned() else {
         return next.run(request).await;
     };
-    let method = request.method().clone();
+    // HEAD is GET without the body (the router answers it with the GET handler).
+    let method = if request.method() == Method::HEAD {
+        Method::GET
+    } else {
+        request.method().clone()
+    };
+    let allowed = allowed_methods(route.as_str());
+    if !allowed.contains(&method) {
+        let allow = allowed
+            .iter()
+            .flat_map(|m| {
+                if *m == Method::GET {
+                    vec!["GET", "HEAD"]
+                } else {
+                    vec![m.as_str()]
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        return ApiError::MethodNotAllowed {
+            detail: format!(
+                "{} {} is not an operation of this API; {} takes {allow}",
+                request.method(),
+                route.as_str(),
+                route.as_str()
+            ),
+            allow,
+        }
+        .into_response();
+    }
     if is_public(&method, route.as_str()) {
         return next.run(request).await;
     }

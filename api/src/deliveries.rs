@@ -18,13 +18,22 @@ use crate::orders::{accepted, parse_order_id, step_context, OrderAccepted};
 use crate::AppState;
 
 /// Why a courier could not hand the food over.
+/// snake_case like every value of the API; the PascalCase spellings of earlier versions are
+/// still accepted.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum FailureReasonDto {
+    #[serde(alias = "CustomerUnreachable")]
     CustomerUnreachable,
+    #[serde(alias = "AddressNotFound")]
     AddressNotFound,
+    #[serde(alias = "CustomerRefused")]
     CustomerRefused,
+    #[serde(alias = "OrderDamaged")]
     OrderDamaged,
+    #[serde(alias = "CourierIncident")]
     CourierIncident,
+    #[serde(alias = "Other")]
     Other,
 }
 

@@ -20,6 +20,7 @@ pub mod ads;
 pub mod analytics;
 pub mod audit;
 pub mod auth;
+pub mod correlation;
 pub mod deliveries;
 pub mod error;
 pub mod extract;
@@ -41,7 +42,7 @@ pub mod tracking;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
@@ -54,7 +55,7 @@ use domain::order::Order;
 use domain::payment::{Payment, PaymentServices};
 use domain::rewards::{RewardsLedger, RewardsServices};
 use domain::services::{Catalogue, OrderServices, SystemClock};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use sqlx::PgPool;
 use streams::{KafkaConfig, RegistryConfig};
@@ -239,27 +240,25 @@ impl std::fmt::Debug for AppState {
         audit::events,
         privacy::erase_customer,
         health::live,
-        health::ready
+        health::ready,
+        metrics_endpoint,
+        openapi
     ),
     components(schemas(error::Problem)),
-    modifiers(&SharedResponses, &IdempotencyDoc)
+    modifiers(&IdempotencyDoc, &SharedResponses)
 )]
 pub struct ApiDoc;
 
-/// The process-wide Prometheus recorder (installed once, shared by every app in the process).
+/// The process-wide Prometheus recorder (installed once, shared by every app in the process;
+/// histograms as Prometheus histograms, see [`streams::process::prometheus`]).
 pub fn prometheus() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (tests); then ours only renders.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
+    streams::process::prometheus()
 }
 
+/// Prometheus metrics, in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses(
+    (status = 200, description = "The metrics of this process", body = String, content_type = "text/plain"),
+))]
 async fn metrics_endpoint() -> String {
     prometheus().render()
 }
@@ -268,6 +267,10 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint; see /openapi.json".to_owned())
 }
 
+/// This document (OpenAPI 3.1).
+#[utoipa::path(get, path = "/openapi.json", tag = "health", responses(
+    (status = 200, description = "The OpenAPI document of this API", body = Object),
+))]
 async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
 }
@@ -389,6 +392,8 @@ pub fn router(
             Duration::from_millis(config.api_request_timeout_ms),
             time_limit,
         ))
+        // Outermost: every answer, a timeout or a refusal too, echoes the caller's id.
+        .layer(axum::middleware::from_fn(correlation::layer))
         .with_state(state)
 }
 

@@ -71,6 +71,7 @@ pub struct NotificationPage {
 /// Paging, filter and read-your-writes.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct NotificationsQuery {
     /// From a previous page's `next_cursor` (default: the first page).
     pub cursor: Option<String>,
@@ -87,6 +88,7 @@ pub struct NotificationsQuery {
 /// Where a notification stream starts.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct NotificationStreamQuery {
     /// Send the notifications after this id (default: from the beginning); the
     /// `Last-Event-ID` header of a reconnecting client takes precedence.
@@ -120,6 +122,7 @@ pub struct WebhookFailurePage {
 /// Paging of the failed webhook deliveries.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct WebhookFailuresQuery {
     /// From a previous page's `next_cursor`.
     pub cursor: Option<String>,
@@ -159,7 +162,7 @@ fn page<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> (Vec<T>, Opt
 
 /// A customer's notifications, oldest first.
 #[utoipa::path(
-    get, path = "/customers/{customer_id}/notifications", tag = "notifications",
+    get, operation_id = "list_notifications", path = "/customers/{customer_id}/notifications", tag = "notifications",
     params(("customer_id" = Uuid, Path, description = "The customer"), NotificationsQuery),
     responses(
         (status = 200, description = "A page of notifications", body = NotificationPage),
@@ -250,7 +253,7 @@ const STREAM_PAGE: i64 = 200;
 /// when the customer's notifications change (and re-reads every 2 s anyway); keep-alive comments
 /// every 15 s. A reconnecting client sends `Last-Event-ID` and resumes without repeats.
 #[utoipa::path(
-    get, path = "/customers/{customer_id}/notifications/stream", tag = "notifications",
+    get, operation_id = "stream_notifications", path = "/customers/{customer_id}/notifications/stream", tag = "notifications",
     params(
         ("customer_id" = Uuid, Path, description = "The customer"),
         ("Last-Event-ID" = Option<i64>, Header, description = "The id of the last event received (takes precedence over `after`)"),

@@ -19,7 +19,7 @@ pub use crate::positions::Position;
 use crate::AppState;
 
 /// Header carrying the correlation id of a business transaction.
-pub const CORRELATION_HEADER: &str = "x-correlation-id";
+pub use crate::correlation::CORRELATION_HEADER;
 
 /// A line of a new order.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -187,10 +187,11 @@ pub(crate) fn context(
     actor: String,
 ) -> CommandContext {
     let context = command_context(key, actor);
+    // The header was checked by [`crate::correlation::layer`]: a value here is a valid id.
     match headers
         .get(CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| Uuid::parse_str(v).ok())
+        .filter(|v| crate::correlation::is_valid(v))
     {
         Some(correlation) => context.with_correlation(correlation),
         None => context,
@@ -317,18 +318,31 @@ pub enum OrderAction {
     },
 }
 
+/// Why the store turns an order down, in snake_case like every value of the API (the
+/// PascalCase spellings of earlier versions, `ItemUnavailable`, are still accepted).
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum RejectionReasonDto {
+    #[serde(alias = "Busy")]
     Busy,
+    #[serde(alias = "ClosingEarly")]
     ClosingEarly,
+    #[serde(alias = "ItemUnavailable")]
     ItemUnavailable,
+    #[serde(alias = "Other")]
     Other,
 }
 
+/// Who cancels, in snake_case like every value of the API (the PascalCase spellings of earlier
+/// versions, `Customer`, are still accepted).
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum CancelledByDto {
+    #[serde(alias = "Customer")]
     Customer,
+    #[serde(alias = "Store")]
     Store,
+    #[serde(alias = "System")]
     System,
 }
 
@@ -440,7 +454,10 @@ pub(crate) async fn step_context(
 }
 
 /// The correlation id the order was placed with.
-async fn order_correlation(state: &AppState, order_id: OrderId) -> Result<Option<Uuid>, ApiError> {
+async fn order_correlation(
+    state: &AppState,
+    order_id: OrderId,
+) -> Result<Option<String>, ApiError> {
     let correlation: Option<String> = sqlx::query_scalar(
         "SELECT metadata->>'correlation_id' FROM events \
          WHERE aggregate_type = 'order' AND aggregate_id = $1 AND sequence = 1",
@@ -450,5 +467,5 @@ async fn order_correlation(state: &AppState, order_id: OrderId) -> Result<Option
     .await
     .map_err(ApiError::internal)?
     .flatten();
-    Ok(correlation.and_then(|c| Uuid::parse_str(&c).ok()))
+    Ok(correlation.filter(|c| !c.is_empty()))
 }

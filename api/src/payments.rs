@@ -68,13 +68,22 @@ impl WebhookVerifier {
 }
 
 /// What the provider reports.
+/// snake_case like every value of the API; the PascalCase spellings of earlier versions are
+/// still accepted.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum WebhookKindDto {
+    #[serde(alias = "Authorized")]
     Authorized,
+    #[serde(alias = "Captured")]
     Captured,
+    #[serde(alias = "Failed")]
     Failed,
+    #[serde(alias = "Voided")]
     Voided,
+    #[serde(alias = "Refunded")]
     Refunded,
+    #[serde(alias = "Other")]
     Other,
 }
 

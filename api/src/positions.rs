@@ -50,7 +50,12 @@ impl Position {
             return Err(malformed());
         };
         let sequence: u64 = sequence.parse().map_err(|_| malformed())?;
-        if aggregate_id.is_empty() || aggregate_id.len() > 100 || sequence == 0 {
+        // Sequences are positive and stored as bigint.
+        if aggregate_id.is_empty()
+            || aggregate_id.len() > 100
+            || sequence == 0
+            || i64::try_from(sequence).is_err()
+        {
             return Err(malformed());
         }
         if !AGGREGATE_TYPES.contains(&aggregate_type) {
@@ -76,8 +81,9 @@ fn followed_by(read_model: &str) -> Option<&'static [&'static str]> {
 }
 
 /// Waits until `read_model` has applied the event at `position` (no position: returns at
-/// once). Answers 400 for a malformed token or one of an aggregate type the read model does not
-/// follow, 503 with Retry-After when the wait runs out.
+/// once). Answers 400 for a malformed token, one of an aggregate type the read model does not
+/// follow, or one no command ever returned (the event store has no such event: waiting would
+/// never end), 503 with Retry-After when the wait runs out.
 pub async fn wait_for_position(
     state: &AppState,
     read_model: &'static str,
@@ -102,6 +108,7 @@ pub async fn wait_for_position(
     let sql = format!(
         "SELECT last_sequence FROM {read_model}.applied WHERE aggregate_type = $1 AND aggregate_id = $2"
     );
+    let mut first = true;
     loop {
         let reached: Option<i64> = sqlx::query_scalar(&sql)
             .bind(&position.aggregate_type)
@@ -111,6 +118,27 @@ pub async fn wait_for_position(
             .map_err(ApiError::internal)?;
         if reached.is_some_and(|r| r >= wanted) {
             return Ok(());
+        }
+        if std::mem::take(&mut first) {
+            // Not there yet: a position a command returned is committed in the store (one
+            // primary-key look-up, only on this slow path).
+            let committed: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM events \
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3)",
+            )
+            .bind(&position.aggregate_type)
+            .bind(&position.aggregate_id)
+            .bind(wanted)
+            .fetch_one(&state.pool)
+            .await
+            .map_err(ApiError::internal)?;
+            if !committed {
+                return Err(ApiError::BadRequest(format!(
+                    "position `{token}` was never committed (the {} has no event {wanted}); pass \
+                     `position.token` from a command's response",
+                    position.aggregate_type
+                )));
+            }
         }
         if Instant::now() >= deadline {
             return Err(ApiError::NotYet(format!(

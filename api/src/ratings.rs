@@ -25,6 +25,7 @@ pub struct RatingView {
 /// How many to list.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RatingsQuery {
     /// At most this many (1 to 500, default 50).
     pub limit: Option<i64>,

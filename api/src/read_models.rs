@@ -25,6 +25,7 @@ pub struct DeadLetterPage {
 /// Filters of the dead-letter list.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeadLetterQuery {
     /// `dead`, `redrive_requested` or `redriven` (default: all).
     pub status: Option<String>,
@@ -55,7 +56,7 @@ async fn known(state: &AppState, name: &str) -> Result<String, ApiError> {
 
 /// Every read model with its lag (events and seconds, per partition) and dead letters.
 #[utoipa::path(
-    get, path = "/projections", tag = "operations",
+    get, operation_id = "list_projections", path = "/projections", tag = "operations",
     responses((status = 200, description = "The read models", body = [ReadModelStatus]))
 )]
 pub async fn list(

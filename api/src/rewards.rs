@@ -75,10 +75,16 @@ pub enum RewardsAction {
 }
 
 /// Subscription tiers.
+/// snake_case like every value of the API; the PascalCase spellings of earlier versions are
+/// still accepted.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum TierDto {
+    #[serde(alias = "Standard")]
     Standard,
+    #[serde(alias = "Plus")]
     Plus,
+    #[serde(alias = "Premium")]
     Premium,
 }
 

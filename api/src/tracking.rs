@@ -28,6 +28,22 @@ pub struct MoneyView {
     pub currency: String,
 }
 
+/// One priced line of an order (the shape of the domain's priced line).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrackedLine {
+    /// Menu item code, e.g. `margherita`.
+    pub item_id: String,
+    pub name: String,
+    pub category: String,
+    pub quantity: u32,
+    /// Option codes, e.g. `extra-cheese`.
+    pub options: Vec<String>,
+    /// One unit with its options.
+    pub unit_price: MoneyView,
+    /// `unit_price` times `quantity`.
+    pub line_total: MoneyView,
+}
+
 /// One status change.
 #[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
 pub struct TimelineEntry {
@@ -77,7 +93,8 @@ pub struct TrackingView {
     pub store_id: Uuid,
     pub region: String,
     pub status: String,
-    #[schema(value_type = Object)]
+    /// The lines as placed, or as last modified, priced.
+    #[schema(value_type = Vec<TrackedLine>)]
     pub items: serde_json::Value,
     pub total: MoneyView,
     pub placed_at: DateTime<Utc>,
@@ -162,12 +179,14 @@ impl From<DeliveryRow> for DeliveryView {
 /// Read-your-writes.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TrackingQuery {
     /// Wait (up to a few seconds) until the view includes this event: `position.token` of a
     /// command's response (an order or delivery command).
     pub position: Option<String>,
     /// Wait until the view includes this sequence of the order (`position.sequence` of an
     /// order command).
+    #[param(minimum = 1, maximum = 9_223_372_036_854_775_807_i64)]
     pub min_sequence: Option<u64>,
 }
 
@@ -266,6 +285,7 @@ pub async fn tracking(
 /// Where a tracking stream starts.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// Send status changes after this sequence (default: all); the `Last-Event-ID` header of a
     /// reconnecting client takes precedence.
@@ -277,7 +297,7 @@ pub struct StreamQuery {
 /// `Last-Event-ID`); a `delivery` event carries the delivery view (courier, position, ETA)
 /// whenever it changes. The stream stays open; keep-alive comments every 15 s.
 #[utoipa::path(
-    get, path = "/orders/{order_id}/tracking/stream", tag = "orders",
+    get, operation_id = "stream_tracking", path = "/orders/{order_id}/tracking/stream", tag = "orders",
     params(("order_id" = Uuid, Path, description = "The order"), StreamQuery),
     responses(
         (status = 200, description = "An event stream (`text/event-stream`)", content_type = "text/event-stream", body = String),
@@ -366,6 +386,7 @@ pub async fn stream(
 /// Filters of the order list.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct OrderListQuery {
     /// Only this customer's orders.
     pub customer_id: Option<Uuid>,
@@ -473,7 +494,7 @@ fn own_orders(
 /// Orders as tracked, newest first, filtered by customer, store, region, status and time of
 /// placement (a store's dashboard, a customer's order history).
 #[utoipa::path(
-    get, path = "/orders", tag = "orders",
+    get, operation_id = "list_orders", path = "/orders", tag = "orders",
     params(OrderListQuery),
     responses(
         (status = 200, description = "A page of orders", body = OrderPage),

@@ -30,8 +30,10 @@ pub mod meta {
 pub struct CommandContext {
     /// Identifies the command; the idempotency key of process managers derives from it.
     pub command_id: Uuid,
-    /// Shared by everything one business transaction causes (one placed order and its effects).
-    pub correlation_id: Uuid,
+    /// Shared by everything one business transaction causes (one placed order and its effects):
+    /// the id of the command that started it, or a caller's own id (`x-correlation-id`, any
+    /// printable text; see the API).
+    pub correlation_id: String,
     /// The command or event that caused this command.
     pub causation_id: Uuid,
     /// Who issued it: `customer:<id>`, `store:<id>`, `system:<process>`.
@@ -48,7 +50,7 @@ impl CommandContext {
         let command_id = Uuid::new_v4();
         Self {
             command_id,
-            correlation_id: command_id,
+            correlation_id: command_id.to_string(),
             causation_id: command_id,
             actor: actor.into(),
             may_repeat: false,
@@ -61,7 +63,7 @@ impl CommandContext {
         let command_id = Uuid::new_v5(&COMMAND_NAMESPACE, key.as_bytes());
         Self {
             command_id,
-            correlation_id: command_id,
+            correlation_id: command_id.to_string(),
             causation_id: command_id,
             actor: actor.into(),
             may_repeat: true,
@@ -77,18 +79,15 @@ impl CommandContext {
 
     /// Continues an existing business transaction (for example from an HTTP correlation header).
     #[must_use]
-    pub fn with_correlation(mut self, correlation_id: Uuid) -> Self {
-        self.correlation_id = correlation_id;
+    pub fn with_correlation(mut self, correlation_id: impl fmt::Display) -> Self {
+        self.correlation_id = correlation_id.to_string();
         self
     }
 
     fn metadata(&self) -> HashMap<String, String> {
         HashMap::from([
             (meta::COMMAND_ID.to_owned(), self.command_id.to_string()),
-            (
-                meta::CORRELATION_ID.to_owned(),
-                self.correlation_id.to_string(),
-            ),
+            (meta::CORRELATION_ID.to_owned(), self.correlation_id.clone()),
             (meta::CAUSATION_ID.to_owned(), self.causation_id.to_string()),
             (meta::ACTOR.to_owned(), self.actor.clone()),
             (

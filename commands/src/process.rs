@@ -94,9 +94,12 @@ impl OrderFlow {
         let key = format!("{}/{step}", event.meta.event_id);
         let context = CommandContext::repeatable(format!("system:{}", self.name()), &key)
             .caused_by(event.meta.event_id);
-        match Uuid::parse_str(&event.meta.correlation_id) {
-            Ok(correlation) => context.with_correlation(correlation),
-            Err(_) => context,
+        // The business transaction goes on under whatever id it has (a client's own id is any
+        // printable text, not necessarily a UUID).
+        if event.meta.correlation_id.is_empty() {
+            context
+        } else {
+            context.with_correlation(&event.meta.correlation_id)
         }
     }
 
@@ -196,6 +199,21 @@ impl OrderFlow {
                 let ready_at = accepted_at
                     + chrono::Duration::minutes(i64::from(estimated_preparation_minutes));
                 self.request_delivery(tx, event, ready_at).await
+            }
+            OrderEvent::OrderReady { ready_at } => {
+                // The estimate stops waiting for the preparation the store first expected.
+                let step = "food-ready";
+                let context = self.context(event, step);
+                settle(
+                    step,
+                    self.deliveries
+                        .execute(
+                            order_id,
+                            DeliveryCommand::MarkFoodReady { ready_at },
+                            &context,
+                        )
+                        .await,
+                )
             }
             OrderEvent::OrderRejected { .. } | OrderEvent::OrderCancelled { .. } => {
                 disarm(tx, order_id).await?;
@@ -415,7 +433,7 @@ impl OrderFlow {
         .await?;
         for (key, order_id, correlation) in &due {
             let mut context = CommandContext::repeatable("system:deadlines", key);
-            if let Ok(correlation) = Uuid::parse_str(correlation) {
+            if !correlation.is_empty() {
                 context = context.with_correlation(correlation);
             }
             let outcome = self

@@ -969,8 +969,39 @@ pub async fn points_flow(pool: &PgPool, filter: &Filter) -> Result<PointsFlow, s
     Ok(flow)
 }
 
-/// Donations per (charity, currency) after `after`, in that order, at most `limit`. Donations
-/// belong to no order: only the time range and the currency select them.
+/// Selects donations (`m`) for `filter`. A donation belongs to no order; with a region or a
+/// store it is attributed to the donor's home at the time: the region and store of the donor's
+/// latest order placed at or before the donation (a donor without such an order belongs to no
+/// region or store, and is left out). Each donation so counts in exactly one region and store,
+/// and the per-region figures add up to the unfiltered ones (less donors who never ordered).
+fn push_donation_filter(q: &mut QueryBuilder<'_, Postgres>, filter: &Filter) {
+    if filter.places() {
+        q.push(
+            " JOIN LATERAL (SELECT o.region, o.store_id FROM analytics.orders o \
+               WHERE o.customer_id::text = m.customer_id AND o.placed_at <= m.at \
+               ORDER BY o.placed_at DESC LIMIT 1) home ON true",
+        );
+    }
+    q.push(" WHERE m.kind = 'donated'");
+    let time_and_currency = Filter {
+        region: None,
+        store_id: None,
+        ..filter.clone()
+    };
+    time_and_currency.push(q, "m", "at", false);
+    if filter.places() {
+        let place = Filter {
+            region: filter.region.clone(),
+            store_id: filter.store_id,
+            ..Filter::default()
+        };
+        place.push(q, "home", "at", true);
+    }
+}
+
+/// Donations per (charity, currency) after `after`, in that order, at most `limit`. The time
+/// range and currency select them by their own time and currency; a region or store by the
+/// donor's home at the time (see [`push_donation_filter`]).
 pub async fn donations(
     pool: &PgPool,
     filter: &Filter,
@@ -981,14 +1012,9 @@ pub async fn donations(
         "SELECT m.charity COLLATE \"C\" AS charity, m.currency COLLATE \"C\" AS currency, \
                 count(*) AS count, sum(m.points)::bigint AS points, \
                 sum(m.amount_minor)::bigint AS amount_minor \
-         FROM analytics.points_movements m WHERE m.kind = 'donated'",
+         FROM analytics.points_movements m",
     );
-    let donation_filter = Filter {
-        region: None,
-        store_id: None,
-        ..filter.clone()
-    };
-    donation_filter.push(&mut q, "m", "at", false);
+    push_donation_filter(&mut q, filter);
     if let Some((charity, currency)) = after {
         q.push(" AND (m.charity COLLATE \"C\", m.currency COLLATE \"C\") > (")
             .push_bind(charity.to_owned())
@@ -1002,21 +1028,16 @@ pub async fn donations(
     Ok(rows)
 }
 
-/// Donations per currency (every charity).
+/// Donations per currency (every charity), selected as in [`donations`].
 pub async fn donation_totals(
     pool: &PgPool,
     filter: &Filter,
 ) -> Result<Vec<(String, i64, i64, i64)>, sqlx::Error> {
     let mut q = QueryBuilder::new(
         "SELECT m.currency, count(*), sum(m.points)::bigint, sum(m.amount_minor)::bigint \
-         FROM analytics.points_movements m WHERE m.kind = 'donated'",
+         FROM analytics.points_movements m",
     );
-    let donation_filter = Filter {
-        region: None,
-        store_id: None,
-        ..filter.clone()
-    };
-    donation_filter.push(&mut q, "m", "at", false);
+    push_donation_filter(&mut q, filter);
     q.push(" GROUP BY 1 ORDER BY 1");
     let rows = q.build_query_as().fetch_all(pool).await?;
     Ok(rows)

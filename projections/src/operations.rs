@@ -18,7 +18,8 @@ pub struct PartitionLag {
     /// The partition's end as last seen by the projector.
     pub high_watermark: i64,
     pub lag_events: i64,
-    /// Age of the newest applied event when records are waiting, else 0.
+    /// Age of the oldest record not applied yet (since it was recorded in the event store), or
+    /// 0 when nothing waits.
     pub lag_seconds: f64,
     pub measured_at: DateTime<Utc>,
     /// The projector instance (`host/pid`) that owns the partition.

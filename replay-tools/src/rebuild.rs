@@ -323,7 +323,30 @@ pub async fn rebuild(
         profile: Arc::default(),
     };
     let existing = rebuild.state().await?;
+    let finished = existing.is_some() && rebuild.finished().await?;
+    // A finished rebuild asked to swap goes straight to the swap (which first catches up with
+    // what the live model applied since).
+    let mut build = true;
     let (source, state) = match existing {
+        Some(state) if finished && !args.restart && !args.resume => {
+            if state.as_of.is_some() {
+                bail!(
+                    "the rebuild in {} is finished and {}: a past state is never swapped in;                      query or `check` it, or --restart to rebuild the current state",
+                    schemas.shadow,
+                    describe_as_of(state.as_of)
+                );
+            }
+            if !args.swap {
+                bail!(
+                    "a finished rebuild of {live} is in {} ({} events applied since {}): pass                      --swap to swap it in (it first catches up with the live model), or                      --restart to discard it and start over",
+                    schemas.shadow,
+                    state.applied,
+                    state.started_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+                );
+            }
+            build = false;
+            (Source::parse(&state.source)?, Some(state))
+        }
         Some(_) if args.restart => {
             sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", schemas.shadow))
                 .execute(pool)
@@ -387,6 +410,7 @@ pub async fn rebuild(
     let started = Instant::now();
     let mut tally = Tally::default();
     let completed = match source {
+        _ if !build => true,
         Source::Topics => {
             rebuild
                 .read_topics(connections, &interrupted, &mut tally)
@@ -394,11 +418,20 @@ pub async fn rebuild(
         }
         Source::Store => rebuild.read_store(&state, &interrupted, &mut tally).await?,
     };
-    if completed {
+    if !build {
+        writeln!(
+            out,
+            "{live}: the rebuild in {} is finished ({} events applied from the {}); swapping it in",
+            schemas.shadow,
+            state.applied,
+            source.as_str()
+        )?;
+    } else if completed {
         rebuild.finish_build().await?;
     }
     let elapsed = started.elapsed();
-    writeln!(
+    if build {
+        writeln!(
         out,
         "{live}: {} into {} from the {}{}: {} events read, {} applied, {} duplicates, {} after a \
          missing one (gaps), {} dead letters{}, in {:.1} s ({:.0} events/s)",
@@ -426,7 +459,8 @@ pub async fn rebuild(
         elapsed.as_secs_f64(),
         tally.read as f64 / elapsed.as_secs_f64().max(1e-9),
     )?;
-    writeln!(out, "{live}: {}", rebuild.profile.describe())?;
+        writeln!(out, "{live}: {}", rebuild.profile.describe())?;
+    }
     if !completed {
         bail!(
             "interrupted: {} keeps everything applied up to its checkpoint; run `replay-tools \
@@ -766,6 +800,18 @@ struct Rebuild {
 
 impl Rebuild {
     /// The shadow's state; `None` without a shadow.
+    /// Whether the shadow's build finished: `rebuild_state` is made durable (logged) last, once
+    /// every table and index is in place.
+    async fn finished(&self) -> anyhow::Result<bool> {
+        let persistence: Option<String> = sqlx::query_scalar(
+            "SELECT relpersistence::text FROM pg_class WHERE oid = to_regclass($1)",
+        )
+        .bind(format!("{}.rebuild_state", self.schemas.shadow))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(persistence.as_deref() == Some("p"))
+    }
+
     async fn state(&self) -> anyhow::Result<Option<State>> {
         let shadow = &self.schemas.shadow;
         let (schema, table): (bool, bool) = sqlx::query_as(

@@ -64,6 +64,10 @@ fn samples() -> Vec<DeliveryEvent> {
         DeliveryEvent::ReturnedToStore {
             returned_at: at(1_795_003_000_000_300),
         },
+        DeliveryEvent::FoodMarkedReady {
+            ready_at: at(1_795_000_500_000_000),
+            marked_at: at(1_795_000_500_250_001),
+        },
         DeliveryEvent::DeliveryCancelled {
             reason: "store closed early — oven broke".to_owned(),
             cancelled_at: at(1_795_000_300_000_001),

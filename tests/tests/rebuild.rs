@@ -830,3 +830,61 @@ async fn a_replay_applies_each_event_once_whether_its_aggregate_is_new_or_known(
     assert_eq!(timeline, expected);
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_rebuild_is_swapped_in_by_rebuild_swap_after_catching_up() {
+    let env = TestEnv::start("rebuild_then_swap").await;
+    let relay = env.start_relay().await;
+    let projector = env.start_projector(Arc::new(AnalyticsProjection)).await;
+    let orders = env.orders();
+    for _ in 0..3 {
+        place_order(&orders).await;
+    }
+    eventually(Duration::from_secs(60), "the orders projected", || async {
+        let (view, _) = analytics_view(&env).await;
+        (view.len() >= 3).then_some(())
+    })
+    .await;
+
+    // Rebuilt, not swapped: the shadow is finished.
+    let report = run_ok(&env, &["rebuild", "analytics"]).await;
+    assert!(
+        report.contains("rebuilt into analytics__rebuild"),
+        "{report}"
+    );
+    // Asked again without --swap: it says how to swap it in, not "unfinished".
+    let refused = run_err(&env, &["rebuild", "analytics"]).await;
+    assert!(
+        refused.contains("finished") && !refused.contains("unfinished"),
+        "{refused}"
+    );
+    assert!(refused.contains("--swap"), "{refused}");
+
+    // More orders meanwhile; then `--swap` swaps the finished rebuild in, caught up.
+    for _ in 0..2 {
+        place_order(&orders).await;
+    }
+    let report = run_ok(&env, &["rebuild", "analytics", "--swap"]).await;
+    assert!(report.contains("swapped in"), "{report}");
+    assert!(!schema_exists(&env, "analytics__rebuild").await);
+    let old: Option<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'analytics\\_\\_old\\_%'",
+    )
+    .fetch_optional(env.pool())
+    .await
+    .expect("catalog");
+    assert!(old.is_some(), "the previous read model is kept");
+    eventually(
+        Duration::from_secs(60),
+        "every order in the swapped-in model",
+        || async {
+            let (view, _) = analytics_view(&env).await;
+            (view.len() == 5).then_some(())
+        },
+    )
+    .await;
+
+    projector.stop().await.expect("projector stops");
+    relay.stop().await.expect("relay stops");
+    env.stop().await;
+}

@@ -1,7 +1,8 @@
 //! The process manager process: the order flow (orders ⇄ payments ⇄ rewards) and its deadline
 //! scheduler. Configuration: `DATABASE_URL`, `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*` (it
 //! runs on the projector runtime, consumer group `<prefix>order_flow`), `CATALOGUE_PATH`
-//! (seeds an empty catalogue table; default: the built-in demo catalogue), `METRICS_LISTEN`.
+//! (seeds an empty catalogue table; default: the built-in demo catalogue), `METRICS_LISTEN` and
+//! `READY_*` (the operations endpoint, see `streams::process`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +13,14 @@ use commands::process::OrderFlow;
 use commands::{CatalogueStore, EventStoreDb};
 use domain::services::Catalogue;
 use projections::{Projector, ProjectorConfig};
-use streams::process::{connect_from_env, init_tracing, serve_metrics_from_env, shutdown_token};
+use streams::process::{
+    connect_from_env, init_tracing, ready_max_lag_seconds, serve_ops_from_env, shutdown_token,
+    Probe,
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_tracing();
-    serve_metrics_from_env()?;
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
     let catalogue = catalogue()?;
     let connections = connect_from_env(8).await?;
@@ -33,6 +36,21 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let shutdown = shutdown_token();
+    // Ready: the database and the broker answer, and no event waits for its reaction longer
+    // than READY_MAX_LAG_SECONDS on a partition this process owns.
+    serve_ops_from_env(
+        vec![
+            Probe::database(db.pool().clone()),
+            Probe::broker(&connections.kafka),
+            projections::runtime::lag_probe(
+                db.pool().clone(),
+                &[projections::Projection::name(flow.as_ref())],
+                ready_max_lag_seconds(),
+            ),
+        ],
+        shutdown.clone(),
+    )
+    .await?;
     let refresh = {
         let (catalogue, shutdown) = (catalogue.clone(), shutdown.clone());
         tokio::spawn(async move {

@@ -168,6 +168,12 @@ pub enum DeliveryCommand {
     },
     /// The courier brought the food of a failed delivery back to the store.
     ReturnToStore,
+    /// The store says the food is ready (at `ready_at`, not after now): the estimate stops
+    /// waiting for the preparation it expected. Before pickup only; later, or a second time, it
+    /// changes nothing.
+    MarkFoodReady {
+        ready_at: DateTime<Utc>,
+    },
     /// Before pickup only; afterwards the food is on its way and the delivery can only fail.
     CancelDelivery {
         reason: String,
@@ -238,11 +244,16 @@ pub enum DeliveryEvent {
         comment: Option<String>,
         rated_at: DateTime<Utc>,
     },
+    /// The store marked the food ready at `ready_at`; the delivery learned it at `marked_at`.
+    FoodMarkedReady {
+        ready_at: DateTime<Utc>,
+        marked_at: DateTime<Utc>,
+    },
 }
 
 impl DeliveryEvent {
     /// Every event type, for catalogues and tests. Never reorder or rename.
-    pub const TYPES: [&'static str; 12] = [
+    pub const TYPES: [&'static str; 13] = [
         "DeliveryRequested",
         "CourierAssigned",
         "CourierLocationUpdated",
@@ -255,6 +266,7 @@ impl DeliveryEvent {
         "ReturnedToStore",
         "DeliveryCancelled",
         "CourierRated",
+        "FoodMarkedReady",
     ];
 
     /// The status a delivery is in after this event, if the event moves it.
@@ -272,7 +284,8 @@ impl DeliveryEvent {
             Self::DeliveryCancelled { .. } => S::Cancelled,
             Self::CourierLocationUpdated { .. }
             | Self::EtaUpdated { .. }
-            | Self::CourierRated { .. } => return None,
+            | Self::CourierRated { .. }
+            | Self::FoodMarkedReady { .. } => return None,
         })
     }
 
@@ -296,7 +309,8 @@ impl DeliveryEvent {
             | Self::DeliveryCancelled {
                 cancelled_at: t, ..
             }
-            | Self::CourierRated { rated_at: t, .. } => *t,
+            | Self::CourierRated { rated_at: t, .. }
+            | Self::FoodMarkedReady { marked_at: t, .. } => *t,
         }
     }
 }
@@ -316,6 +330,7 @@ impl DomainEvent for DeliveryEvent {
             Self::ReturnedToStore { .. } => "ReturnedToStore",
             Self::DeliveryCancelled { .. } => "DeliveryCancelled",
             Self::CourierRated { .. } => "CourierRated",
+            Self::FoodMarkedReady { .. } => "FoodMarkedReady",
         };
         name.to_owned()
     }
@@ -415,6 +430,9 @@ pub struct Delivery {
     pub pickup: Option<GeoPoint>,
     pub dropoff: Option<GeoPoint>,
     pub preparation_ready_at: Option<DateTime<Utc>>,
+    /// When the store marked the food ready, once it did.
+    #[serde(default)]
+    pub food_ready_at: Option<DateTime<Utc>>,
     pub average_speed_kmh: u32,
     pub courier_id: Option<CourierId>,
     /// The newest position of the current courier by device time.
@@ -609,6 +627,26 @@ impl Delivery {
                     received_at: now,
                 }
             }
+            DeliveryCommand::MarkFoodReady { ready_at } => {
+                match self.status {
+                    S::New => return Err(DeliveryError::NotFound),
+                    S::Requested | S::CourierAssigned | S::ArrivedAtPickup => {}
+                    // Picked up or over: the food's readiness no longer matters.
+                    S::PickedUp
+                    | S::ArrivedAtDropoff
+                    | S::Delivered
+                    | S::Failed
+                    | S::Returned
+                    | S::Cancelled => return Ok(None),
+                }
+                if self.food_ready_at.is_some() {
+                    return Ok(None);
+                }
+                DeliveryEvent::FoodMarkedReady {
+                    ready_at: ready_at.min(now).trunc_subsecs(6),
+                    marked_at: now,
+                }
+            }
             DeliveryCommand::ArriveAtPickup => {
                 self.require(&[S::CourierAssigned], "arrive at the store for")?;
                 DeliveryEvent::CourierArrivedAtPickup { arrived_at: now }
@@ -758,6 +796,10 @@ impl Aggregate for Delivery {
                 self.picked_up_at = Some(picked_up_at);
             }
             DeliveryEvent::CourierRated { .. } => self.rated = true,
+            DeliveryEvent::FoodMarkedReady { ready_at, .. } => {
+                self.food_ready_at = Some(ready_at);
+                self.preparation_ready_at = Some(ready_at);
+            }
             DeliveryEvent::CourierArrivedAtPickup { .. }
             | DeliveryEvent::CourierArrivedAtDropoff { .. }
             | DeliveryEvent::DeliveredToCustomer { .. }

@@ -880,6 +880,10 @@ fn every_event_is_declared_in_types_at_version_one() {
         comment: None,
         rated_at: mins(60),
     });
+    samples.push(DeliveryEvent::FoodMarkedReady {
+        ready_at: mins(12),
+        marked_at: mins(12),
+    });
     let sampled: std::collections::BTreeSet<String> =
         samples.iter().map(DomainEvent::event_type).collect();
     let declared: std::collections::BTreeSet<String> = DeliveryEvent::TYPES
@@ -1032,4 +1036,95 @@ proptest! {
             }
         }
     }
+}
+
+// --- The store's "ready" ----------------------------------------------------------------------
+
+#[test]
+fn food_marked_ready_early_brings_the_estimate_forward_to_the_couriers_ride() {
+    // Accepted for 15 minutes of preparation; after 2 the store says ready, with the courier
+    // 580 m from the store. The estimate no longer waits 13 minutes for the food.
+    let mut history = assigned_history();
+    history.push(DeliveryEvent::CourierLocationUpdated {
+        position: north_of(store_location(), -0.58),
+        device_time: mins(2),
+        received_at: mins(2),
+    });
+    let mut before = Delivery::default();
+    for event in history.clone() {
+        before.apply(event);
+    }
+    let waiting = before.estimate(mins(2)).expect("under way");
+    let events = before
+        .decide(
+            DeliveryCommand::MarkFoodReady { ready_at: mins(2) },
+            &services_at(mins(2)),
+        )
+        .expect("accepted");
+    assert_eq!(
+        events.first(),
+        Some(&DeliveryEvent::FoodMarkedReady {
+            ready_at: mins(2),
+            marked_at: mins(2),
+        })
+    );
+    let Some(DeliveryEvent::EtaUpdated {
+        expected_at,
+        earliest_at,
+        latest_at,
+        ..
+    }) = events.get(1).cloned()
+    else {
+        panic!("a new estimate is published: {events:?}");
+    };
+    // 580 m to the store and 3 km on to the customer, at 15 km/h with the detour factor: 1117 s.
+    let ride = eta::travel_seconds(580.0, 15) + eta::travel_seconds(3_000.0, 15);
+    assert_eq!(expected_at, mins(2) + Duration::seconds(ride));
+    assert!(
+        expected_at < waiting.expected_at,
+        "{expected_at} vs {waiting:?}"
+    );
+    assert!(earliest_at >= mins(2) && latest_at > expected_at);
+    // The window is that of the ride alone: no preparation margin is left.
+    assert!(
+        (latest_at - earliest_at).num_seconds()
+            < (waiting.latest_at - waiting.earliest_at).num_seconds(),
+        "narrower than while waiting for the food"
+    );
+}
+
+#[test]
+fn food_marked_ready_again_or_after_pickup_changes_nothing_and_never_in_the_future() {
+    let mut history = assigned_history();
+    history.push(DeliveryEvent::FoodMarkedReady {
+        ready_at: mins(3),
+        marked_at: mins(3),
+    });
+    at(mins(4))
+        .given(history.clone())
+        .when(DeliveryCommand::MarkFoodReady { ready_at: mins(4) })
+        .then_expect_events(vec![]);
+    let mut picked_up = assigned_history();
+    picked_up.push(DeliveryEvent::PickedUpAtStore {
+        picked_up_at: mins(5),
+    });
+    at(mins(6))
+        .given(picked_up)
+        .when(DeliveryCommand::MarkFoodReady { ready_at: mins(6) })
+        .then_expect_events(vec![]);
+    // A clock ahead at the store does not put readiness in the future.
+    let mut delivery = Delivery::default();
+    for event in assigned_history() {
+        delivery.apply(event);
+    }
+    let events = delivery
+        .decide(
+            DeliveryCommand::MarkFoodReady { ready_at: mins(9) },
+            &services_at(mins(7)),
+        )
+        .expect("accepted");
+    assert!(matches!(
+        events.first(),
+        Some(DeliveryEvent::FoodMarkedReady { ready_at, .. }) if *ready_at == mins(7)
+    ));
 }

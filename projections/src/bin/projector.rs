@@ -1,14 +1,18 @@
 //! Projector host process: runs the projections named in `PROJECTIONS` (comma-separated;
 //! default: all of them, `tracking,ratings,analytics,ads,notifications`), each with its own
 //! consumer group. Configuration: `DATABASE_URL`,
-//! `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*`, `METRICS_LISTEN`; with `notifications`,
+//! `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*`, `METRICS_LISTEN` and `READY_*` (the operations
+//! endpoint, see `streams::process`); with `notifications`,
 //! `NOTIFICATIONS_WEBHOOK_*` (see `projections::notifier`).
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use projections::{Projection, Projector, ProjectorConfig, RatingsProjection, TrackingProjection};
-use streams::process::{connect_from_env, init_tracing, serve_metrics_from_env, shutdown_token};
+use streams::process::{
+    connect_from_env, init_tracing, ready_max_lag_seconds, serve_ops_from_env, shutdown_token,
+    Probe,
+};
 
 /// Every read model, in one process unless `PROJECTIONS` splits them.
 const DEFAULT_PROJECTIONS: &str = "tracking,ratings,analytics,ads,notifications";
@@ -29,23 +33,37 @@ fn projection(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_tracing();
-    serve_metrics_from_env()?;
     let names = std::env::var("PROJECTIONS").unwrap_or_else(|_| DEFAULT_PROJECTIONS.to_owned());
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
     let connections = connect_from_env(8).await?;
     let (pool, kafka, registry) = (connections.pool, connections.kafka, connections.registry);
     let shutdown = shutdown_token();
+    let names: Vec<&str> = names
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    let projections = names
+        .iter()
+        .map(|name| projection(name))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Ready: the database and the broker answer, and no record waits longer than
+    // READY_MAX_LAG_SECONDS on a partition this process owns.
+    let schemas: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+    serve_ops_from_env(
+        vec![
+            Probe::database(pool.clone()),
+            Probe::broker(&kafka),
+            projections::runtime::lag_probe(pool.clone(), &schemas, ready_max_lag_seconds()),
+        ],
+        shutdown.clone(),
+    )
+    .await?;
     let mut tasks = tokio::task::JoinSet::new();
-    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let projector = Projector::new(
-            projection(name)?,
-            pool.clone(),
-            &kafka,
-            &registry,
-            config.clone(),
-        )
-        .await
-        .with_context(|| format!("starting projection {name}"))?;
+    for (name, projection) in names.iter().copied().zip(projections) {
+        let projector = Projector::new(projection, pool.clone(), &kafka, &registry, config.clone())
+            .await
+            .with_context(|| format!("starting projection {name}"))?;
         tasks.spawn(projector.run_until_stopped(shutdown.clone()));
         if name == projections::notifications::NAME {
             // The webhook worker runs beside the notifications projection when a URL is set.

@@ -15,4 +15,5 @@ pub(super) const SOURCES: &[Source] = sources!("delivery":
     "ReturnedToStore" @ "1.0",
     "DeliveryCancelled" @ "1.0",
     "CourierRated" @ "1.0",
+    "FoodMarkedReady" @ "1.0",
 );
