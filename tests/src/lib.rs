@@ -507,6 +507,19 @@ pub async fn act(client: &reqwest::Client, api: &str, order_id: &str, action: se
     assert_eq!(response.status().as_u16(), 200, "{action}");
 }
 
+/// A store of the demo catalogue (and the test catalogue) in `region`: Angel in `uk`,
+/// Kreuzberg in `de-berlin`, Chelsea in `us-nyc`, and (test catalogue only) one in `test-fast`.
+/// An order's region is its store's.
+pub fn store_in(region: &str) -> Uuid {
+    match region {
+        "uk" => Uuid::from_u128(42),
+        "de-berlin" => Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0200),
+        "us-nyc" => Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0300),
+        "test-fast" => Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0400),
+        other => panic!("no test store in region {other}"),
+    }
+}
+
 /// A valid order request for the demo catalogue.
 pub fn order_request(customer: Uuid) -> serde_json::Value {
     serde_json::json!({

@@ -120,7 +120,10 @@ pub enum OrderCommand {
     PlaceOrder {
         customer_id: CustomerId,
         store_id: StoreId,
-        region: RegionCode,
+        /// The region the client expects, if it named one. The store's region decides the
+        /// order's prices, currency, tax, fees, points and promotions; a different one here is
+        /// refused rather than priced.
+        region: Option<RegionCode>,
         lines: Vec<RequestedLine>,
         delivery_address: DeliveryAddress,
         /// Whom to contact about the order, if the customer gave it.
@@ -486,6 +489,16 @@ impl Order {
                         max: 32,
                     });
                 }
+                let store_region = services.pricing.store_region(&store_id)?;
+                if let Some(named) = region.filter(|named| *named != store_region) {
+                    return Err(PricingError::NotTheStoresRegion {
+                        named,
+                        store: store_id,
+                        store_region,
+                    }
+                    .into());
+                }
+                let region = store_region;
                 let quote = waive_fee(
                     services.pricing.quote(
                         &region,
