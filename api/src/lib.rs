@@ -366,6 +366,12 @@ pub fn router(
             config.idempotency(state.pool.clone()),
             idempotency::middleware,
         ));
+    // Payment webhooks authenticate by signature, bound to their order, before idempotency and
+    // the size check: an unauthenticated one stores nothing under its key.
+    let routes = routes.layer(axum::middleware::from_fn_with_state(
+        state.webhooks.clone(),
+        payments::authenticate_webhooks,
+    ));
     // Every route's role check, before it reads anything (inside authentication, outside the
     // idempotency layer: a refused request claims no key).
     let routes = routes.layer(axum::middleware::from_fn(auth::gate));

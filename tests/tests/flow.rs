@@ -127,7 +127,7 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
         let response = backbone_tests::post_webhook(
             &api,
             &order_id,
-            &json!({"provider_event_id": "evt-auth-1", "kind": "Authorized"}),
+            &json!({"order_id": order_id, "provider_event_id": "evt-auth-1", "kind": "Authorized"}),
         )
         .await;
         assert_eq!(response.status().as_u16(), 200);

@@ -563,7 +563,7 @@ async fn webhooks_need_a_fresh_valid_signature_and_a_repeat_acts_once() {
         )
         .await
         .expect("authorized");
-    let webhook = json!({"provider_event_id": "evt-1", "kind": "Authorized"});
+    let webhook = json!({"order_id": order, "provider_event_id": "evt-1", "kind": "Authorized"});
     let bytes = serde_json::to_vec(&webhook).expect("json");
     let now = chrono::Utc::now().timestamp();
     let url = format!("{api}/payments/{order}/webhooks");
