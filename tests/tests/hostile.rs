@@ -4,9 +4,76 @@
 //! smaller abuses (unauthenticated webhook keys, unthrottled bad tokens, read-your-writes waits,
 //! SSE streams, promotion limits, token lifetimes, huge headers).
 
-use backbone_tests::{client, order_request, store_in, TestEnv};
+use std::sync::Arc;
+
+use backbone_tests::{client, order_request, store_in, TestEnv, TEST_WEBHOOK_SECRET};
+use commands::{CommandBus, CommandContext};
+use domain::payment::{Payment, PaymentCommand, PaymentServices};
+use domain::services::SystemClock;
+use domain::{Currency, CustomerId, Money, OrderId};
 use serde_json::{json, Value};
 use uuid::Uuid;
+
+/// An order whose payment the provider authorized (as the process manager would have it).
+async fn authorized_payment(env: &TestEnv) -> OrderId {
+    let order = OrderId::new();
+    let payments: CommandBus<Payment> = CommandBus::new(
+        env.store.clone(),
+        PaymentServices::new(Arc::new(SystemClock)),
+    );
+    payments
+        .execute(
+            &order.to_string(),
+            PaymentCommand::AuthorizePayment {
+                order_id: order,
+                customer_id: CustomerId::from_uuid(Uuid::new_v4()),
+                amount: Money::new(2_500, Currency::parse("GBP").expect("GBP")).expect("money"),
+                provider: "demo".to_owned(),
+                provider_reference: format!("ref-{order}"),
+            },
+            &CommandContext::new("test"),
+        )
+        .await
+        .expect("authorized");
+    order
+}
+
+/// How many provider webhooks the payment of `order` recorded.
+async fn webhooks_recorded(env: &TestEnv, order: OrderId) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'payment' AND aggregate_id = $1 \
+         AND event_type = 'ProviderWebhookRecorded'",
+    )
+    .bind(order.to_string())
+    .fetch_one(env.pool())
+    .await
+    .expect("count")
+}
+
+/// Posts `body` to `/payments/{order}/webhooks` with `signature` and `Idempotency-Key: key`.
+async fn post_signed(
+    api: &str,
+    order: OrderId,
+    body: &[u8],
+    signature: Option<String>,
+    key: Option<&str>,
+) -> reqwest::Response {
+    let mut request = reqwest::Client::new()
+        .post(format!("{api}/payments/{order}/webhooks"))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(signature) = signature {
+        request = request.header(projections::notifier::SIGNATURE_HEADER, signature);
+    }
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.expect("webhook sent")
+}
+
+fn sign_now(body: &[u8]) -> String {
+    projections::notifier::signature(TEST_WEBHOOK_SECRET, chrono::Utc::now().timestamp(), body)
+}
 
 /// The stored `OrderPlaced` payload of `order_id`.
 async fn placed_payload(env: &TestEnv, order_id: &str) -> Value {
@@ -123,6 +190,158 @@ async fn the_stores_region_decides_the_price_list_and_another_region_or_an_unkno
             "priced in the store's currency: {payload}"
         );
     }
+
+    server.stop().await.expect("API stops");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_signed_for_one_order_is_refused_on_another_and_records_nothing() {
+    let env = TestEnv::start("webhook_bound").await;
+    let (api, server) = env.start_api().await;
+    let (signed_for, target) = (authorized_payment(&env).await, authorized_payment(&env).await);
+    let void = serde_json::to_vec(
+        &json!({"order_id": signed_for, "provider_event_id": "evt-void", "kind": "Voided"}),
+    )
+    .expect("json");
+    let signature = sign_now(&void);
+
+    // The captured (body, signature) replayed on another order's path.
+    let (status, body) = problem(post_signed(&api, target, &void, Some(signature.clone()), None).await).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("order"), "{body}");
+    // A signed body that names no order is not accepted either.
+    let unbound = serde_json::to_vec(&json!({"provider_event_id": "evt-x", "kind": "Voided"}))
+        .expect("json");
+    let (status, body) =
+        problem(post_signed(&api, target, &unbound, Some(sign_now(&unbound)), None).await).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("order_id"), "{body}");
+    assert_eq!(webhooks_recorded(&env, target).await, 0, "nothing recorded on the target");
+
+    // On its own order it acts.
+    let response = post_signed(&api, signed_for, &void, Some(signature), None).await;
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(webhooks_recorded(&env, signed_for).await, 1);
+
+    server.stop().await.expect("API stops");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_webhook_stores_nothing_under_its_key_and_is_refused_before_its_size() {
+    let env = TestEnv::start("webhook_key").await;
+    let (api, server) = env.start_api().await;
+    let order = authorized_payment(&env).await;
+    let key = "provider-delivery-7";
+
+    // An unsigned 70 KB POST with the provider's key: 401 (not 413), nothing stored.
+    let big = vec![b' '; 70 * 1024];
+    let (status, body) = problem(post_signed(&api, order, &big, None, Some(key)).await).await;
+    assert_eq!(status, 401, "{body}");
+    // Badly signed, with the key: the same.
+    let webhook = serde_json::to_vec(
+        &json!({"order_id": order, "provider_event_id": "evt-1", "kind": "Authorized"}),
+    )
+    .expect("json");
+    let forged = projections::notifier::signature("guess", chrono::Utc::now().timestamp(), &webhook);
+    let (status, _) = problem(post_signed(&api, order, &webhook, Some(forged), Some(key)).await).await;
+    assert_eq!(status, 401);
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(env.pool())
+        .await
+        .expect("count");
+    assert_eq!(stored, 0, "a request that failed to authenticate stores nothing");
+
+    // The genuine webhook with the same key acts, and its repeat is replayed.
+    for attempt in 0..2 {
+        let response = post_signed(&api, order, &webhook, Some(sign_now(&webhook)), Some(key)).await;
+        assert_eq!(response.status().as_u16(), 200, "attempt {attempt}");
+    }
+    assert_eq!(webhooks_recorded(&env, order).await, 1);
+    // A signed body over the size limit still gets its 413.
+    let mut oversized = webhook.clone();
+    oversized.extend(std::iter::repeat_n(b' ', 70 * 1024));
+    let (status, _) = problem(post_signed(&api, order, &oversized, Some(sign_now(&oversized)), None).await).await;
+    assert_eq!(status, 413);
+
+    server.stop().await.expect("API stops");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_in_any_free_text_field_is_a_422_naming_the_field() {
+    let env = TestEnv::start("nul").await;
+    let (api, server) = env.start_api().await;
+    let client = client();
+    let customer = Uuid::new_v4();
+    let order = backbone_tests::place_request(&client, &api, &order_request(customer)).await;
+    let paid = authorized_payment(&env).await;
+    let nul = "late\u{0}";
+    let cases: Vec<(&str, String, Value)> = vec![
+        (
+            "reason",
+            format!("/orders/{order}/actions"),
+            json!({"action": "cancel", "by": "Customer", "reason": nul}),
+        ),
+        (
+            "reason",
+            format!("/customers/{customer}/rewards/actions"),
+            json!({"action": "adjust", "points": 10, "reason": nul, "idempotency_key": "k"}),
+        ),
+        (
+            "reason",
+            format!("/admin/customers/{customer}/erasure"),
+            json!({"reason": nul}),
+        ),
+        (
+            "delivery_address.line1",
+            "/orders".to_owned(),
+            {
+                let mut request = order_request(customer);
+                request["delivery_address"]["line1"] = json!(nul);
+                request
+            },
+        ),
+        (
+            "items[0].options[0]",
+            "/orders".to_owned(),
+            {
+                let mut request = order_request(customer);
+                request["items"][0]["options"] = json!([nul]);
+                request
+            },
+        ),
+    ];
+    for (field, path, body) in cases {
+        let (status, problem_body) =
+            problem(client.post(format!("{api}{path}")).json(&body).send().await.expect("sent"))
+                .await;
+        assert_eq!(status, 422, "{path}: {problem_body}");
+        let detail = problem_body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(&format!("`{field}`")), "{path}: {detail}");
+    }
+    // The signed webhook's detail: 422 as well (after its signature was checked).
+    let webhook = serde_json::to_vec(&json!({
+        "order_id": paid, "provider_event_id": "evt-nul", "kind": "Failed", "detail": nul
+    }))
+    .expect("json");
+    let (status, body) =
+        problem(post_signed(&api, paid, &webhook, Some(sign_now(&webhook)), None).await).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("`detail`"));
+    // In a path or a query parameter: a 400, never a 500.
+    for path in ["/ratings/st%00re", "/orders?customer_id=a%00b"] {
+        let (status, body) = problem(client.get(format!("{api}{path}")).send().await.expect("sent")).await;
+        assert!(status == 400 || status == 422 || status == 404, "{path}: {status} {body}");
+    }
+    let cancelled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type IN ('OrderCancelled', 'PointsAdjusted')",
+    )
+    .fetch_one(env.pool())
+    .await
+    .expect("count");
+    assert_eq!(cancelled, 0);
 
     server.stop().await.expect("API stops");
     env.stop().await;
