@@ -346,3 +346,226 @@ async fn a_nul_character_in_any_free_text_field_is_a_422_naming_the_field() {
     server.stop().await.expect("API stops");
     env.stop().await;
 }
+
+/// Reads from `stream` until the server closes it (EOF or reset) or `within` passes; returns
+/// what arrived and whether it was closed.
+async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return (received, false),
+            Ok(Ok(0) | Err(_)) => return (received, true),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_connections_are_closed_and_their_number_is_capped() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let env = TestEnv::start("slow").await;
+    let (api, server) = env
+        .start_api_with(api::ApiConfig {
+            api_header_read_timeout_ms: 700,
+            api_max_connections: 3,
+            ..TestEnv::api_config()
+        })
+        .await;
+    let address = api.trim_start_matches("http://").to_owned();
+
+    // A connection that sends nothing is closed after the header-read timeout.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(&address).await.expect("connects");
+    let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(10)).await;
+    assert!(closed, "a silent connection stays open");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    // Headers trickled a byte at a time (each byte well within any idle timeout) are cut off
+    // once the whole head takes longer than the header-read timeout.
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(&address).await.expect("connects");
+    let head = b"GET /health/live HTTP/1.1\r\nhost: x\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut cut_off = false;
+    for byte in head {
+        if slow.write_all(&[*byte]).await.is_err() {
+            cut_off = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (answer, closed) = read_until_closed(&mut slow, Duration::from_secs(5)).await;
+    assert!(cut_off || closed, "a trickled head is served");
+    assert!(!answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    assert!(started.elapsed() < Duration::from_secs(9), "{:?}", started.elapsed());
+
+    // The cap: three idle connections hold every slot; a fourth client waits until one closes.
+    let held: Vec<TcpStream> = futures::future::join_all(
+        (0..3).map(|_| TcpStream::connect(address.clone())),
+    )
+    .await
+    .into_iter()
+    .map(|s| s.expect("connects"))
+    .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    assert!(
+        quick.get(format!("{api}/health/live")).send().await.is_err(),
+        "a fourth connection was served while three were open"
+    );
+    drop(held);
+    // Once the slots free up (or the held ones time out), clients are served again.
+    let served = backbone_tests::eventually(Duration::from_secs(10), "a free slot", || async {
+        reqwest::get(format!("{api}/health/live")).await.ok().filter(|r| r.status().is_success())
+    })
+    .await;
+    assert_eq!(served.status().as_u16(), 200);
+
+    server.stop().await.expect("API stops");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_larger_than_allowed_gets_431_as_a_problem_document() {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::start("big_header").await;
+    let (api, server) = env.start_api().await;
+    let address = api.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connects");
+    let (mut reader, mut writer) = stream.split();
+    let mut request = b"GET /health/live HTTP/1.1\r\nhost: x\r\nx-big: ".to_vec();
+    request.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+    request.extend_from_slice(b"\r\n\r\n");
+    let write = async {
+        let _ = writer.write_all(&request).await;
+    };
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        let mut received = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            reader.read_to_end(&mut received),
+        )
+        .await;
+        received
+    };
+    let ((), received) = tokio::join!(write, read);
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(text.contains("application/problem+json"), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let problem: Value = serde_json::from_str(body).expect("a problem document");
+    assert_eq!(problem["status"], 431);
+    assert!(problem["detail"].as_str().unwrap_or_default().contains("headers"));
+    // The server goes on serving.
+    let live = reqwest::get(format!("{api}/health/live")).await.expect("live");
+    assert_eq!(live.status().as_u16(), 200);
+
+    server.stop().await.expect("API stops");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_served_from_memory_and_only_operators_see_why_it_fails() {
+    use std::net::SocketAddr;
+    let env = TestEnv::start("ready").await;
+    // A registry that does not answer: the API is not ready.
+    let server = api::ApiServer::build(
+        api::ApiConfig {
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_readiness_interval_ms: 60_000,
+            auth: backbone_tests::auth_config(),
+            ..TestEnv::api_config()
+        },
+        commands::EventStoreConfig {
+            database_url: env.database_url.clone(),
+            database_max_connections: 4,
+        },
+        env.kafka.clone(),
+        streams::RegistryConfig::local("http://127.0.0.1:9"),
+    )
+    .await
+    .expect("API starts");
+    let api = format!("http://{}", server.local_addr().expect("bound"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        server.run_until_stopped(async move { stop.cancelled().await })
+    });
+    let anonymous = reqwest::Client::new();
+    let first: Value = backbone_tests::eventually(
+        std::time::Duration::from_secs(20),
+        "the first readiness check",
+        || async {
+            let body: Value = anonymous
+                .get(format!("{api}/health/ready"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            body.get("checked_at").is_some().then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(first["ready"], false, "{first}");
+    assert_eq!(
+        first.as_object().map(|o| o.len()),
+        Some(2),
+        "anonymous callers see `ready` and `checked_at` only: {first}"
+    );
+
+    // 200 concurrent anonymous calls: all answered from the one stored check.
+    let calls = futures::future::join_all((0..200).map(|_| {
+        let anonymous = anonymous.clone();
+        let api = api.clone();
+        async move {
+            let response = anonymous
+                .get(format!("{api}/health/ready"))
+                .send()
+                .await
+                .expect("sent");
+            assert_eq!(response.status().as_u16(), 503);
+            response.json::<Value>().await.expect("json")
+        }
+    }))
+    .await;
+    assert!(calls.iter().all(|body| body["checked_at"] == first["checked_at"]));
+
+    // An operator sees which dependency failed and why; a customer does not.
+    let detailed: Value = client()
+        .get(format!("{api}/health/ready"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(detailed["registry"]["ok"], false, "{detailed}");
+    assert!(detailed["registry"]["error"].is_string(), "{detailed}");
+    assert_eq!(detailed["database"]["ok"], true, "{detailed}");
+    let customer: Value = backbone_tests::client_as(backbone_tests::Role::Customer, Uuid::new_v4())
+        .get(format!("{api}/health/ready"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert!(customer.get("registry").is_none(), "{customer}");
+
+    stop.cancel();
+    running.await.expect("task").expect("API stops");
+    env.stop().await;
+}
