@@ -124,6 +124,10 @@ pub struct ApiConfig {
     /// the background (default 5000); the endpoint serves the last result.
     #[serde(default = "default_readiness_interval")]
     pub api_readiness_interval_ms: u64,
+    /// `API_MAX_STREAMS_PER_CLIENT`: event streams (SSE) one client may hold open at once; one
+    /// more is answered 429 (default 4).
+    #[serde(default = "default_max_streams")]
+    pub api_max_streams_per_client: usize,
     /// The token settings (`AUTH_*`, see [`auth::AuthConfig`]).
     #[serde(skip)]
     pub auth: auth::AuthConfig,
@@ -152,6 +156,9 @@ const fn default_webhook_tolerance() -> i64 {
 }
 const fn default_idempotency_ttl() -> u64 {
     86_400
+}
+const fn default_max_streams() -> usize {
+    4
 }
 const fn default_readiness_interval() -> u64 {
     5_000
@@ -187,6 +194,7 @@ impl Default for ApiConfig {
             api_max_connections: default_max_connections(),
             api_max_header_bytes: default_max_header_bytes(),
             api_readiness_interval_ms: default_readiness_interval(),
+            api_max_streams_per_client: default_max_streams(),
             auth: auth::AuthConfig::default(),
         }
     }
@@ -227,6 +235,8 @@ pub struct AppState {
     pub health: Arc<health::Dependencies>,
     pub read_your_writes_wait: Duration,
     pub live: Arc<live::LiveHub>,
+    /// Open event streams per client (capped).
+    pub streams: Arc<live::StreamSlots>,
     /// Verifies payment providers' webhook signatures (`None`: webhooks are refused).
     pub webhooks: Option<Arc<payments::WebhookVerifier>>,
     /// Customers' data keys: seals personal data, reveals it for people, erases it.
@@ -417,16 +427,16 @@ pub fn router(
     // Every route's role check, before it reads anything (inside authentication, outside the
     // idempotency layer: a refused request claims no key).
     let routes = routes.layer(axum::middleware::from_fn(auth::gate));
-    let routes = match limiter {
+    let routes = match &limiter {
         Some(limiter) => routes.layer(axum::middleware::from_fn_with_state(
-            limiter,
+            limiter.clone(),
             limits::rate_limit,
         )),
         None => routes,
     };
     routes
         .layer(axum::middleware::from_fn_with_state(
-            authenticator,
+            (authenticator, limiter),
             auth::authenticate,
         ))
         .layer(DefaultBodyLimit::max(config.api_body_limit_bytes))
@@ -550,6 +560,7 @@ impl ApiServer {
             pool,
             read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
             live,
+            streams: live::StreamSlots::new(config.api_max_streams_per_client),
             webhooks: config.payments_webhook_secret.clone().map(|secret| {
                 Arc::new(payments::WebhookVerifier::new(
                     secret,
