@@ -31,7 +31,7 @@ pub struct LineRequest {
     /// 1 to 99.
     #[schema(minimum = 1, maximum = 99)]
     pub quantity: u32,
-    /// Option codes of the item, e.g. `extra-cheese`.
+    /// Option codes of the item, e.g. `extra-cheese`; each at most once (422 otherwise).
     #[serde(default)]
     #[schema(max_items = 10)]
     pub options: Vec<String>,

@@ -367,6 +367,11 @@ pub enum OrderError {
     InvalidPreparationTime,
     #[error("a contact needs a name")]
     ContactWithoutName,
+    #[error("items: option `{option}` of `{item}` is repeated; each option applies once per line (order more of the item instead)")]
+    RepeatedOption {
+        item: crate::MenuItemId,
+        option: String,
+    },
     #[error(
         "the modified order costs {requested} but {confirmed} was confirmed; \
          remove items, or cancel and place a new order"
@@ -411,6 +416,17 @@ fn validate_lines(lines: &[RequestedLine]) -> Result<(), OrderError> {
         .any(|l| l.quantity == 0 || l.quantity > MAX_QUANTITY)
     {
         return Err(OrderError::InvalidQuantity);
+    }
+    // An option is a choice (size, topping), charged once per unit: listing it again would
+    // charge it again, and on a discounted order let a customer inflate a line at will.
+    for line in lines {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(repeated) = line.options.iter().find(|o| !seen.insert(o.as_str())) {
+            return Err(OrderError::RepeatedOption {
+                item: line.item_id.clone(),
+                option: repeated.clone(),
+            });
+        }
     }
     Ok(())
 }

@@ -370,6 +370,21 @@ fn the_stores_region_prices_the_order_and_another_region_or_an_unknown_store_is_
 }
 
 #[test]
+fn an_option_listed_twice_on_a_line_is_refused() {
+    at(t0())
+        .given_no_previous_events()
+        .when(place(vec![line(
+            "margherita",
+            1,
+            &["extra-cheese", "extra-cheese"],
+        )]))
+        .then_expect_error(OrderError::RepeatedOption {
+            item: MenuItemId::parse("margherita").expect("id"),
+            option: "extra-cheese".to_owned(),
+        });
+}
+
+#[test]
 fn a_promotion_code_takes_its_share_off_before_points_and_tax() {
     let mut command = place(vec![line("margherita", 2, &["extra-cheese"])]);
     if let OrderCommand::PlaceOrder {
