@@ -569,3 +569,145 @@ async fn readiness_is_served_from_memory_and_only_operators_see_why_it_fails() {
     running.await.expect("task").expect("API stops");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_rate_limited_aud_arrays_accepted_and_long_lived_tokens_refused() {
+    use api::auth::Claims;
+    let env = TestEnv::start("tokens").await;
+    let (api, server) = env
+        .start_api_with(api::ApiConfig {
+            api_rate_limit_per_second: 1,
+            api_rate_limit_burst: 5,
+            ..TestEnv::api_config()
+        })
+        .await;
+    // Guessing tokens: after the burst, 429 instead of 401.
+    let guesser = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for n in 0..12 {
+        let response = guesser
+            .get(format!("{api}/catalogue"))
+            .bearer_auth(format!("guess-{n}"))
+            .send()
+            .await
+            .expect("sent");
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses[0], 401, "{statuses:?}");
+    assert!(statuses.contains(&429), "bad tokens are never limited: {statuses:?}");
+    server.stop().await.expect("API stops");
+
+    let (api, server) = env.start_api().await;
+    let config = backbone_tests::auth_config();
+    let get_with = |claims: Value| {
+        let api = api.clone();
+        let config = config.clone();
+        async move {
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(
+                    config
+                        .auth_jwt_secret
+                        .as_ref()
+                        .expect("secret")
+                        .expose()
+                        .as_bytes(),
+                ),
+            )
+            .expect("token");
+            problem(
+                reqwest::Client::new()
+                    .get(format!("{api}/catalogue"))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .expect("sent"),
+            )
+            .await
+        }
+    };
+    let now = chrono::Utc::now().timestamp();
+    let base = serde_json::to_value(Claims::new(&config, backbone_tests::Role::Admin, Uuid::new_v4(), 600))
+        .expect("claims");
+    // `aud` as an array naming this API (RFC 7519): accepted; an array without it: refused.
+    let mut listed = base.clone();
+    listed["aud"] = json!(["another-api", config.auth_jwt_audience]);
+    assert_eq!(get_with(listed).await.0, 200);
+    let mut elsewhere = base.clone();
+    elsewhere["aud"] = json!(["another-api"]);
+    assert_eq!(get_with(elsewhere).await.0, 401);
+    // `exp` far in the future: refused, saying why.
+    let mut forever = base.clone();
+    forever["exp"] = json!(1_i64 << 62);
+    let (status, body) = get_with(forever).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("longer"), "{body}");
+    let mut two_days = base;
+    two_days["exp"] = json!(now + 2 * 86_400);
+    assert_eq!(get_with(two_days).await.0, 401);
+
+    server.stop().await.expect("API stops");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_may_hold_only_a_few_event_streams_open() {
+    let env = TestEnv::start("streams").await;
+    let (api, server) = env
+        .start_api_with(api::ApiConfig {
+            api_max_streams_per_client: 2,
+            ..TestEnv::api_config()
+        })
+        .await;
+    let customer = Uuid::new_v4();
+    let client = backbone_tests::client_as(backbone_tests::Role::Customer, customer);
+    let open = || client.get(format!("{api}/customers/{customer}/notifications/stream")).send();
+    let first = open().await.expect("sent");
+    let second = open().await.expect("sent");
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let (status, body) = problem(open().await.expect("sent")).await;
+    assert_eq!(status, 429, "{body}");
+    // Another client is not affected; a closed stream frees its slot.
+    let other = Uuid::new_v4();
+    let response = backbone_tests::client_as(backbone_tests::Role::Customer, other)
+        .get(format!("{api}/customers/{other}/notifications/stream"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 200);
+    drop(first);
+    let again = backbone_tests::eventually(
+        std::time::Duration::from_secs(10),
+        "a freed stream slot",
+        || async { open().await.ok().filter(|r| r.status().as_u16() == 200) },
+    )
+    .await;
+    assert_eq!(again.status().as_u16(), 200);
+
+    drop((second, again, response));
+    server.stop().await.expect("API stops");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_option_repeated_on_a_line_is_refused() {
+    let env = TestEnv::start("options").await;
+    let (api, server) = env.start_api().await;
+    let mut request = order_request(Uuid::new_v4());
+    request["items"] = json!([{"item_id": "margherita", "quantity": 1,
+                               "options": vec!["large"; 10]}]);
+    let (status, body) = problem(
+        client()
+            .post(format!("{api}/orders"))
+            .json(&request)
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("`large`"), "{body}");
+    server.stop().await.expect("API stops");
+    env.stop().await;
+}
