@@ -578,8 +578,7 @@ impl Authenticator {
         Ok(Self {
             key,
             validation,
-            max_lifetime: i64::try_from(config.auth_max_token_lifetime_seconds)
-                .unwrap_or(i64::MAX),
+            max_lifetime: i64::try_from(config.auth_max_token_lifetime_seconds).unwrap_or(i64::MAX),
         })
     }
 

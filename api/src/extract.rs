@@ -117,7 +117,13 @@ fn nul_field_in_body(bytes: &[u8]) -> Option<String> {
 
 fn nul_field(value: &serde_json::Value, path: String) -> Option<String> {
     use serde_json::Value;
-    let named = |path: String| if path.is_empty() { "body".to_owned() } else { path };
+    let named = |path: String| {
+        if path.is_empty() {
+            "body".to_owned()
+        } else {
+            path
+        }
+    };
     match value {
         Value::String(text) if text.contains('\0') => Some(named(path)),
         Value::Array(items) => items

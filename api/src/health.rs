@@ -214,7 +214,8 @@ pub async fn ready(
         },
         |latest| (*latest).clone(),
     );
-    let operator = principal.is_some_and(|p| matches!(p.role, Role::Admin | Role::Analyst | Role::Auditor));
+    let operator =
+        principal.is_some_and(|p| matches!(p.role, Role::Admin | Role::Analyst | Role::Auditor));
     let readiness = if operator {
         readiness
     } else {

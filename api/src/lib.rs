@@ -609,10 +609,16 @@ impl ApiServer {
     ) -> std::io::Result<()> {
         let live = self.live;
         let _housekeeping = self.housekeeping.drop_guard();
-        serve::serve(self.listener, self.router, self.limits, shutdown, move || {
-            // Open event streams end, so the drain does not wait for them forever.
-            live.close();
-        })
+        serve::serve(
+            self.listener,
+            self.router,
+            self.limits,
+            shutdown,
+            move || {
+                // Open event streams end, so the drain does not wait for them forever.
+                live.close();
+            },
+        )
         .await
     }
 }

@@ -131,8 +131,11 @@ pub async fn authenticate_webhooks(
     parts
         .extensions
         .insert(crate::idempotency::CallerScope(PROVIDER_SCOPE.to_owned()));
-    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// Whether the signed body is about the path's order. A body without an `order_id` (or that is

@@ -1101,7 +1101,10 @@ async fn writes_without_or_with_wrong_credentials_are_refused_with_401_and_chang
         let read = intruder.get(&format!("/schemas/ids/{v1}")).await;
         assert_eq!(read.status, StatusCode::OK, "{read:?}");
         let lookup = intruder
-            .post(&format!("/subjects/{subject}"), &json!({"schema": ORDER_V1}))
+            .post(
+                &format!("/subjects/{subject}"),
+                &json!({"schema": ORDER_V1}),
+            )
             .await;
         assert_eq!(lookup.status, StatusCode::OK, "{lookup:?}");
     }
@@ -1120,7 +1123,11 @@ async fn a_registry_with_closed_reads_asks_every_client_but_health_for_credentia
     let running = Running::start_with(&database, false).await;
     let id = running.client().register_ok("orders-value", ORDER_V1).await;
     let anonymous = running.anonymous(None);
-    assert_error(&anonymous.get(&format!("/schemas/ids/{id}")).await, 401, 401);
+    assert_error(
+        &anonymous.get(&format!("/schemas/ids/{id}")).await,
+        401,
+        401,
+    );
     assert_error(&anonymous.get("/subjects").await, 401, 401);
     assert_eq!(anonymous.get("/health").await.status, StatusCode::OK);
     let read = running.client().get(&format!("/schemas/ids/{id}")).await;

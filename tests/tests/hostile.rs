@@ -144,7 +144,10 @@ async fn the_stores_region_decides_the_price_list_and_another_region_or_an_unkno
     request["promotion_code"] = json!("BERLIN5");
     let (status, body) = place(request).await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["detail"].as_str().unwrap_or_default().contains("BERLIN5"));
+    assert!(body["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("BERLIN5"));
 
     // An unknown store: refused, nothing recorded (no order, so no payment either).
     let mut request = order_request(Uuid::new_v4());
@@ -199,7 +202,10 @@ async fn the_stores_region_decides_the_price_list_and_another_region_or_an_unkno
 async fn a_webhook_signed_for_one_order_is_refused_on_another_and_records_nothing() {
     let env = TestEnv::start("webhook_bound").await;
     let (api, server) = env.start_api().await;
-    let (signed_for, target) = (authorized_payment(&env).await, authorized_payment(&env).await);
+    let (signed_for, target) = (
+        authorized_payment(&env).await,
+        authorized_payment(&env).await,
+    );
     let void = serde_json::to_vec(
         &json!({"order_id": signed_for, "provider_event_id": "evt-void", "kind": "Voided"}),
     )
@@ -207,17 +213,34 @@ async fn a_webhook_signed_for_one_order_is_refused_on_another_and_records_nothin
     let signature = sign_now(&void);
 
     // The captured (body, signature) replayed on another order's path.
-    let (status, body) = problem(post_signed(&api, target, &void, Some(signature.clone()), None).await).await;
+    let (status, body) =
+        problem(post_signed(&api, target, &void, Some(signature.clone()), None).await).await;
     assert_eq!(status, 401, "{body}");
-    assert!(body["detail"].as_str().unwrap_or_default().contains("order"), "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("order"),
+        "{body}"
+    );
     // A signed body that names no order is not accepted either.
-    let unbound = serde_json::to_vec(&json!({"provider_event_id": "evt-x", "kind": "Voided"}))
-        .expect("json");
+    let unbound =
+        serde_json::to_vec(&json!({"provider_event_id": "evt-x", "kind": "Voided"})).expect("json");
     let (status, body) =
         problem(post_signed(&api, target, &unbound, Some(sign_now(&unbound)), None).await).await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["detail"].as_str().unwrap_or_default().contains("order_id"), "{body}");
-    assert_eq!(webhooks_recorded(&env, target).await, 0, "nothing recorded on the target");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("order_id"),
+        "{body}"
+    );
+    assert_eq!(
+        webhooks_recorded(&env, target).await,
+        0,
+        "nothing recorded on the target"
+    );
 
     // On its own order it acts.
     let response = post_signed(&api, signed_for, &void, Some(signature), None).await;
@@ -244,25 +267,32 @@ async fn an_unauthenticated_webhook_stores_nothing_under_its_key_and_is_refused_
         &json!({"order_id": order, "provider_event_id": "evt-1", "kind": "Authorized"}),
     )
     .expect("json");
-    let forged = projections::notifier::signature("guess", chrono::Utc::now().timestamp(), &webhook);
-    let (status, _) = problem(post_signed(&api, order, &webhook, Some(forged), Some(key)).await).await;
+    let forged =
+        projections::notifier::signature("guess", chrono::Utc::now().timestamp(), &webhook);
+    let (status, _) =
+        problem(post_signed(&api, order, &webhook, Some(forged), Some(key)).await).await;
     assert_eq!(status, 401);
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
         .fetch_one(env.pool())
         .await
         .expect("count");
-    assert_eq!(stored, 0, "a request that failed to authenticate stores nothing");
+    assert_eq!(
+        stored, 0,
+        "a request that failed to authenticate stores nothing"
+    );
 
     // The genuine webhook with the same key acts, and its repeat is replayed.
     for attempt in 0..2 {
-        let response = post_signed(&api, order, &webhook, Some(sign_now(&webhook)), Some(key)).await;
+        let response =
+            post_signed(&api, order, &webhook, Some(sign_now(&webhook)), Some(key)).await;
         assert_eq!(response.status().as_u16(), 200, "attempt {attempt}");
     }
     assert_eq!(webhooks_recorded(&env, order).await, 1);
     // A signed body over the size limit still gets its 413.
     let mut oversized = webhook.clone();
     oversized.extend(std::iter::repeat_n(b' ', 70 * 1024));
-    let (status, _) = problem(post_signed(&api, order, &oversized, Some(sign_now(&oversized)), None).await).await;
+    let (status, _) =
+        problem(post_signed(&api, order, &oversized, Some(sign_now(&oversized)), None).await).await;
     assert_eq!(status, 413);
 
     server.stop().await.expect("API stops");
@@ -294,29 +324,27 @@ async fn a_nul_character_in_any_free_text_field_is_a_422_naming_the_field() {
             format!("/admin/customers/{customer}/erasure"),
             json!({"reason": nul}),
         ),
-        (
-            "delivery_address.line1",
-            "/orders".to_owned(),
-            {
-                let mut request = order_request(customer);
-                request["delivery_address"]["line1"] = json!(nul);
-                request
-            },
-        ),
-        (
-            "items[0].options[0]",
-            "/orders".to_owned(),
-            {
-                let mut request = order_request(customer);
-                request["items"][0]["options"] = json!([nul]);
-                request
-            },
-        ),
+        ("delivery_address.line1", "/orders".to_owned(), {
+            let mut request = order_request(customer);
+            request["delivery_address"]["line1"] = json!(nul);
+            request
+        }),
+        ("items[0].options[0]", "/orders".to_owned(), {
+            let mut request = order_request(customer);
+            request["items"][0]["options"] = json!([nul]);
+            request
+        }),
     ];
     for (field, path, body) in cases {
-        let (status, problem_body) =
-            problem(client.post(format!("{api}{path}")).json(&body).send().await.expect("sent"))
-                .await;
+        let (status, problem_body) = problem(
+            client
+                .post(format!("{api}{path}"))
+                .json(&body)
+                .send()
+                .await
+                .expect("sent"),
+        )
+        .await;
         assert_eq!(status, 422, "{path}: {problem_body}");
         let detail = problem_body["detail"].as_str().unwrap_or_default();
         assert!(detail.contains(&format!("`{field}`")), "{path}: {detail}");
@@ -329,11 +357,24 @@ async fn a_nul_character_in_any_free_text_field_is_a_422_naming_the_field() {
     let (status, body) =
         problem(post_signed(&api, paid, &webhook, Some(sign_now(&webhook)), None).await).await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["detail"].as_str().unwrap_or_default().contains("`detail`"));
+    assert!(body["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("`detail`"));
     // In a path or a query parameter: a 400, never a 500.
     for path in ["/ratings/st%00re", "/orders?customer_id=a%00b"] {
-        let (status, body) = problem(client.get(format!("{api}{path}")).send().await.expect("sent")).await;
-        assert!(status == 400 || status == 422 || status == 404, "{path}: {status} {body}");
+        let (status, body) = problem(
+            client
+                .get(format!("{api}{path}"))
+                .send()
+                .await
+                .expect("sent"),
+        )
+        .await;
+        assert!(
+            status == 400 || status == 422 || status == 404,
+            "{path}: {status} {body}"
+        );
     }
     let cancelled: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE event_type IN ('OrderCancelled', 'PointsAdjusted')",
@@ -386,7 +427,11 @@ async fn slow_and_silent_connections_are_closed_and_their_number_is_capped() {
     let mut silent = TcpStream::connect(&address).await.expect("connects");
     let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(10)).await;
     assert!(closed, "a silent connection stays open");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Headers trickled a byte at a time (each byte well within any idle timeout) are cut off
     // once the whole head takes longer than the header-read timeout.
@@ -403,30 +448,44 @@ async fn slow_and_silent_connections_are_closed_and_their_number_is_capped() {
     }
     let (answer, closed) = read_until_closed(&mut slow, Duration::from_secs(5)).await;
     assert!(cut_off || closed, "a trickled head is served");
-    assert!(!answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
-    assert!(started.elapsed() < Duration::from_secs(9), "{:?}", started.elapsed());
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
 
     // The cap: three idle connections hold every slot; a fourth client waits until one closes.
-    let held: Vec<TcpStream> = futures::future::join_all(
-        (0..3).map(|_| TcpStream::connect(address.clone())),
-    )
-    .await
-    .into_iter()
-    .map(|s| s.expect("connects"))
-    .collect();
+    let held: Vec<TcpStream> =
+        futures::future::join_all((0..3).map(|_| TcpStream::connect(address.clone())))
+            .await
+            .into_iter()
+            .map(|s| s.expect("connects"))
+            .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let quick = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
         .build()
         .expect("client");
     assert!(
-        quick.get(format!("{api}/health/live")).send().await.is_err(),
+        quick
+            .get(format!("{api}/health/live"))
+            .send()
+            .await
+            .is_err(),
         "a fourth connection was served while three were open"
     );
     drop(held);
     // Once the slots free up (or the held ones time out), clients are served again.
     let served = backbone_tests::eventually(Duration::from_secs(10), "a free slot", || async {
-        reqwest::get(format!("{api}/health/live")).await.ok().filter(|r| r.status().is_success())
+        reqwest::get(format!("{api}/health/live"))
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
     })
     .await;
     assert_eq!(served.status().as_u16(), 200);
@@ -441,7 +500,9 @@ async fn a_header_larger_than_allowed_gets_431_as_a_problem_document() {
     let env = TestEnv::start("big_header").await;
     let (api, server) = env.start_api().await;
     let address = api.trim_start_matches("http://").to_owned();
-    let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connects");
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connects");
     let (mut reader, mut writer) = stream.split();
     let mut request = b"GET /health/live HTTP/1.1\r\nhost: x\r\nx-big: ".to_vec();
     request.extend(std::iter::repeat_n(b'a', 1024 * 1024));
@@ -466,9 +527,14 @@ async fn a_header_larger_than_allowed_gets_431_as_a_problem_document() {
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
     let problem: Value = serde_json::from_str(body).expect("a problem document");
     assert_eq!(problem["status"], 431);
-    assert!(problem["detail"].as_str().unwrap_or_default().contains("headers"));
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("headers"));
     // The server goes on serving.
-    let live = reqwest::get(format!("{api}/health/live")).await.expect("live");
+    let live = reqwest::get(format!("{api}/health/live"))
+        .await
+        .expect("live");
     assert_eq!(live.status().as_u16(), 200);
 
     server.stop().await.expect("API stops");
@@ -541,7 +607,9 @@ async fn readiness_is_served_from_memory_and_only_operators_see_why_it_fails() {
         }
     }))
     .await;
-    assert!(calls.iter().all(|body| body["checked_at"] == first["checked_at"]));
+    assert!(calls
+        .iter()
+        .all(|body| body["checked_at"] == first["checked_at"]));
 
     // An operator sees which dependency failed and why; a customer does not.
     let detailed: Value = client()
@@ -594,7 +662,10 @@ async fn bad_tokens_are_rate_limited_aud_arrays_accepted_and_long_lived_tokens_r
         statuses.push(response.status().as_u16());
     }
     assert_eq!(statuses[0], 401, "{statuses:?}");
-    assert!(statuses.contains(&429), "bad tokens are never limited: {statuses:?}");
+    assert!(
+        statuses.contains(&429),
+        "bad tokens are never limited: {statuses:?}"
+    );
     server.stop().await.expect("API stops");
 
     let (api, server) = env.start_api().await;
@@ -628,8 +699,13 @@ async fn bad_tokens_are_rate_limited_aud_arrays_accepted_and_long_lived_tokens_r
         }
     };
     let now = chrono::Utc::now().timestamp();
-    let base = serde_json::to_value(Claims::new(&config, backbone_tests::Role::Admin, Uuid::new_v4(), 600))
-        .expect("claims");
+    let base = serde_json::to_value(Claims::new(
+        &config,
+        backbone_tests::Role::Admin,
+        Uuid::new_v4(),
+        600,
+    ))
+    .expect("claims");
     // `aud` as an array naming this API (RFC 7519): accepted; an array without it: refused.
     let mut listed = base.clone();
     listed["aud"] = json!(["another-api", config.auth_jwt_audience]);
@@ -642,7 +718,13 @@ async fn bad_tokens_are_rate_limited_aud_arrays_accepted_and_long_lived_tokens_r
     forever["exp"] = json!(1_i64 << 62);
     let (status, body) = get_with(forever).await;
     assert_eq!(status, 401, "{body}");
-    assert!(body["detail"].as_str().unwrap_or_default().contains("longer"), "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("longer"),
+        "{body}"
+    );
     let mut two_days = base;
     two_days["exp"] = json!(now + 2 * 86_400);
     assert_eq!(get_with(two_days).await.0, 401);
@@ -662,10 +744,17 @@ async fn a_client_may_hold_only_a_few_event_streams_open() {
         .await;
     let customer = Uuid::new_v4();
     let client = backbone_tests::client_as(backbone_tests::Role::Customer, customer);
-    let open = || client.get(format!("{api}/customers/{customer}/notifications/stream")).send();
+    let open = || {
+        client
+            .get(format!("{api}/customers/{customer}/notifications/stream"))
+            .send()
+    };
     let first = open().await.expect("sent");
     let second = open().await.expect("sent");
-    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
     let (status, body) = problem(open().await.expect("sent")).await;
     assert_eq!(status, 429, "{body}");
     // Another client is not affected; a closed stream frees its slot.
@@ -707,7 +796,13 @@ async fn an_option_repeated_on_a_line_is_refused() {
     )
     .await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["detail"].as_str().unwrap_or_default().contains("`large`"), "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`large`"),
+        "{body}"
+    );
     server.stop().await.expect("API stops");
     env.stop().await;
 }

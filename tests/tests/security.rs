@@ -326,7 +326,12 @@ async fn every_endpoint_allows_exactly_the_roles_and_owners_the_policy_names() {
     // Two stores of the catalogue (both in `uk`, the region of the order request).
     let stores: Vec<Uuid> = catalogue["catalogue"]["stores"]
         .as_object()
-        .map(|m| m.keys().filter_map(|k| k.parse::<Uuid>().ok()).take(2).collect())
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.parse::<Uuid>().ok())
+                .take(2)
+                .collect()
+        })
         .unwrap_or_default();
     let [store, other_store] = stores[..] else {
         panic!("two stores in the catalogue: {catalogue}");

@@ -53,11 +53,11 @@ impl Credentials {
     /// Whether an `Authorization` header value carries these credentials (constant time in the
     /// contents, so a guess learns nothing from the timing).
     fn accepts(&self, authorization: &HeaderValue) -> bool {
-        let Some(encoded) = authorization
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Basic ").or(value.strip_prefix("basic ")))
-        else {
+        let Some(encoded) = authorization.to_str().ok().and_then(|value| {
+            value
+                .strip_prefix("Basic ")
+                .or(value.strip_prefix("basic "))
+        }) else {
             return false;
         };
         let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
@@ -107,8 +107,7 @@ pub(crate) async fn require_credentials(
     next: Next,
 ) -> Response {
     let path = request.uri().path();
-    let open = path == "/health"
-        || (policy.anonymous_reads && is_read(request.method(), path));
+    let open = path == "/health" || (policy.anonymous_reads && is_read(request.method(), path));
     if open {
         return next.run(request).await;
     }

@@ -103,7 +103,10 @@ impl std::fmt::Debug for RegistryConfig {
             .field("database_url", &redact_password(&self.database_url))
             .field("db_schema", &self.db_schema)
             .field("listen", &self.listen)
-            .field("basic_auth", &self.basic_auth.as_ref().map(|_| "<redacted>"))
+            .field(
+                "basic_auth",
+                &self.basic_auth.as_ref().map(|_| "<redacted>"),
+            )
             .field("anonymous_reads", &self.anonymous_reads)
             .finish()
     }
