@@ -150,6 +150,15 @@ impl Principal {
     }
 }
 
+/// The caller if a valid token came (for endpoints open to anyone that show more to some).
+impl<S: Send + Sync> axum::extract::OptionalFromRequestParts<S> for Principal {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<Self>().copied())
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Principal {
     type Rejection = ApiError;
 
@@ -378,6 +387,15 @@ pub struct AuthConfig {
     /// `AUTH_CLOCK_SKEW_SECONDS`: tolerated difference between clocks for `exp`/`nbf` (default 30).
     #[serde(default = "default_skew")]
     pub auth_clock_skew_seconds: u64,
+    /// `AUTH_MAX_TOKEN_LIFETIME_SECONDS`: the longest a token may still be valid for, counted
+    /// from now (and from its `iat`, if it has one); a token expiring later is refused, so a
+    /// leaked token with `exp` far in the future is worthless (default 86400, a day).
+    #[serde(default = "default_max_lifetime")]
+    pub auth_max_token_lifetime_seconds: u64,
+}
+
+const fn default_max_lifetime() -> u64 {
+    86_400
 }
 
 fn default_algorithm() -> String {
@@ -401,6 +419,7 @@ impl Default for AuthConfig {
             auth_jwt_public_key_file: None,
             auth_jwt_issuer: default_issuer(),
             auth_jwt_audience: default_audience(),
+            auth_max_token_lifetime_seconds: default_max_lifetime(),
             auth_clock_skew_seconds: default_skew(),
         }
     }
@@ -473,11 +492,23 @@ impl Claims {
     }
 }
 
+/// The claims read from a token being verified: `aud` and `iss` are checked by the validation
+/// (an `aud` may be one string or an array, RFC 7519 4.1.3), so they are not read here.
+#[derive(Debug, Deserialize)]
+struct VerifiedClaims {
+    sub: Uuid,
+    role: Role,
+    exp: i64,
+    #[serde(default)]
+    iat: Option<i64>,
+}
+
 /// Verifies bearer tokens.
 #[derive(Clone)]
 pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
+    max_lifetime: i64,
 }
 
 impl fmt::Debug for Authenticator {
@@ -544,17 +575,34 @@ impl Authenticator {
         validation.set_issuer(&[config.auth_jwt_issuer.as_str()]);
         validation.set_audience(&[config.auth_jwt_audience.as_str()]);
         validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
-        Ok(Self { key, validation })
+        Ok(Self {
+            key,
+            validation,
+            max_lifetime: i64::try_from(config.auth_max_token_lifetime_seconds).unwrap_or(i64::MAX),
+        })
     }
 
     /// The caller a token proves, or why it proves nothing (said to the client, with no secret).
     pub fn verify(&self, token: &str) -> Result<Principal, String> {
         use jsonwebtoken::errors::ErrorKind;
-        match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
-            Ok(data) => Ok(Principal {
-                role: data.claims.role,
-                subject: data.claims.sub,
-            }),
+        match jsonwebtoken::decode::<VerifiedClaims>(token, &self.key, &self.validation) {
+            Ok(data) => {
+                let claims = data.claims;
+                let leeway = i64::try_from(self.validation.leeway).unwrap_or(0);
+                let now = chrono::Utc::now().timestamp();
+                let from = claims.iat.map_or(now, |iat| iat.min(now));
+                if claims.exp.saturating_sub(from) > self.max_lifetime.saturating_add(leeway) {
+                    return Err(format!(
+                        "the token is valid for longer than this API accepts (at most {} s from \
+                         its issue); get one with a shorter lifetime",
+                        self.max_lifetime
+                    ));
+                }
+                Ok(Principal {
+                    role: claims.role,
+                    subject: claims.sub,
+                })
+            }
             Err(e) => Err(match e.kind() {
                 ErrorKind::ExpiredSignature => "the token has expired; get a new one".to_owned(),
                 ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)".to_owned(),
@@ -585,7 +633,10 @@ pub fn mint_hs256(config: &AuthConfig, claims: &Claims) -> Result<String, AuthCo
 /// here (a bad token is a 401 whatever the route); the [`Principal`] it proves goes into the
 /// request's extensions for the handlers and the layers inside (rate limit, idempotency).
 pub async fn authenticate(
-    State(authenticator): State<Arc<Authenticator>>,
+    State((authenticator, limiter)): State<(
+        Arc<Authenticator>,
+        Option<Arc<crate::limits::ClientLimiter>>,
+    )>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -611,7 +662,16 @@ pub async fn authenticate(
             request.extensions_mut().insert(principal);
             next.run(request).await
         }
-        Err(reason) => ApiError::Unauthorized(reason).into_response(),
+        Err(reason) => {
+            // A bad token counts against its peer's rate limit (the limiter inside only sees
+            // requests that authenticated), so token guessing is throttled too.
+            if let Some(limiter) = &limiter {
+                if let Err(retry_after_secs) = limiter.check(&crate::limits::peer_key(&request)) {
+                    return crate::limits::too_many(retry_after_secs);
+                }
+            }
+            ApiError::Unauthorized(reason).into_response()
+        }
     }
 }
 

@@ -83,11 +83,73 @@ where
     T: DeserializeOwned,
     S: Send + Sync,
 {
+    let nul = nul_field_in_body(&bytes);
     let req = Request::from_parts(parts, axum::body::Body::from(bytes));
     match axum::Json::<T>::from_request(req, state).await {
+        Ok(_) if nul.is_some() => Err(nul_problem(nul.as_deref().unwrap_or_default())),
         Ok(axum::Json(value)) => Ok(value),
+        // A field the shape refuses anyway is reported as such, unless the NUL is the problem.
+        Err(JsonRejection::JsonDataError(_)) if nul.is_some() => {
+            Err(nul_problem(nul.as_deref().unwrap_or_default()))
+        }
         Err(rejection) => Err(json_problem(rejection)),
     }
+}
+
+/// The NUL character (`\u0000`) cannot be stored (PostgreSQL's text and jsonb refuse it) and
+/// has no place in any field of this API: a client mistake, answered 422 with the field's name.
+fn nul_problem(field: &str) -> ApiError {
+    ApiError::Unprocessable(format!(
+        "`{field}` contains a NUL character (\\u0000), which no field accepts; remove it"
+    ))
+}
+
+/// The first field (`reason`, `items[0].options[1]`, ...) of a JSON body whose text (or key)
+/// holds a NUL character, if the body is JSON at all.
+fn nul_field_in_body(bytes: &[u8]) -> Option<String> {
+    // Cheap test first: a NUL can only be written as the escape `\u0000` (a raw one is not JSON).
+    if !bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    nul_field(&value, String::new())
+}
+
+fn nul_field(value: &serde_json::Value, path: String) -> Option<String> {
+    use serde_json::Value;
+    let named = |path: String| {
+        if path.is_empty() {
+            "body".to_owned()
+        } else {
+            path
+        }
+    };
+    match value {
+        Value::String(text) if text.contains('\0') => Some(named(path)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_field(item, format!("{path}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            let here = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            if key.contains('\0') {
+                return Some(named(path.clone()));
+            }
+            nul_field(item, here)
+        }),
+        _ => None,
+    }
+}
+
+/// Whether a percent-encoded path or query carries a NUL character (`%00`).
+fn has_encoded_nul(text: &str) -> bool {
+    text.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
 }
 
 fn json_problem(rejection: JsonRejection) -> ApiError {
@@ -122,6 +184,12 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if has_encoded_nul(parts.uri.path()) {
+            return Err(ApiError::BadRequest(
+                "the path contains a NUL character (%00), which no identifier accepts; remove it"
+                    .to_owned(),
+            ));
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(v)| Self(v))
@@ -141,9 +209,37 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(query) = parts.uri.query() {
+            if let Some(pair) = query.split('&').find(|pair| has_encoded_nul(pair)) {
+                let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+                return Err(ApiError::BadRequest(format!(
+                    "query parameter `{name}` contains a NUL character (%00), which no \
+                     parameter accepts; remove it"
+                )));
+            }
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Query(v)| Self(v))
             .map_err(|e: QueryRejection| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_field_holding_a_nul_is_named() {
+        let body = br#"{"action":"cancel","by":"Customer","reason":"late\u0000"}"#;
+        assert_eq!(nul_field_in_body(body).as_deref(), Some("reason"));
+        let body = br#"{"items":[{"item_id":"cola","options":["a","b\u0000"]}]}"#;
+        assert_eq!(
+            nul_field_in_body(body).as_deref(),
+            Some("items[0].options[1]")
+        );
+        assert_eq!(nul_field_in_body(br#"{"reason":"fine"}"#), None);
+        assert!(has_encoded_nul("/ratings/a%00b"));
+        assert!(!has_encoded_nul("/ratings/a%20b"));
     }
 }

@@ -38,6 +38,7 @@ pub mod privacy;
 pub mod ratings;
 pub mod read_models;
 pub mod rewards;
+pub mod serve;
 pub mod tracking;
 
 use std::future::Future;
@@ -103,6 +104,31 @@ pub struct ApiConfig {
     /// `PAYMENTS_WEBHOOK_TOLERANCE_SECONDS`: how old a signed webhook may be (default 300).
     #[serde(default = "default_webhook_tolerance")]
     pub payments_webhook_tolerance_seconds: i64,
+    /// `API_HEADER_READ_TIMEOUT_MS`: the head of a request must arrive within this, counted
+    /// from when the server waits for it (a new connection, or between keep-alive requests);
+    /// otherwise the connection is closed (default 10000).
+    #[serde(default = "default_header_read_timeout")]
+    pub api_header_read_timeout_ms: u64,
+    /// `API_IDLE_TIMEOUT_MS`: a connection on which no byte moves for this long is closed
+    /// (default 60000; event streams send a keep-alive every 15 s).
+    #[serde(default = "default_idle_timeout")]
+    pub api_idle_timeout_ms: u64,
+    /// `API_MAX_CONNECTIONS`: open connections at most; beyond, new ones wait to be accepted
+    /// (default 1024).
+    #[serde(default = "default_max_connections")]
+    pub api_max_connections: usize,
+    /// `API_MAX_HEADER_BYTES`: the largest request head (request line and headers); a larger one
+    /// is answered 431 (default 65536).
+    #[serde(default = "default_max_header_bytes")]
+    pub api_max_header_bytes: usize,
+    /// `API_READINESS_INTERVAL_MS`: how often the dependencies of `/health/ready` are checked in
+    /// the background (default 5000); the endpoint serves the last result.
+    #[serde(default = "default_readiness_interval")]
+    pub api_readiness_interval_ms: u64,
+    /// `API_MAX_STREAMS_PER_CLIENT`: event streams (SSE) one client may hold open at once; one
+    /// more is answered 429 (default 4).
+    #[serde(default = "default_max_streams")]
+    pub api_max_streams_per_client: usize,
     /// The token settings (`AUTH_*`, see [`auth::AuthConfig`]).
     #[serde(skip)]
     pub auth: auth::AuthConfig,
@@ -132,6 +158,24 @@ const fn default_webhook_tolerance() -> i64 {
 const fn default_idempotency_ttl() -> u64 {
     86_400
 }
+const fn default_max_streams() -> usize {
+    4
+}
+const fn default_readiness_interval() -> u64 {
+    5_000
+}
+const fn default_header_read_timeout() -> u64 {
+    10_000
+}
+const fn default_idle_timeout() -> u64 {
+    60_000
+}
+const fn default_max_connections() -> usize {
+    1024
+}
+const fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -146,6 +190,12 @@ impl Default for ApiConfig {
             api_rate_limit_burst: default_burst(),
             payments_webhook_secret: None,
             payments_webhook_tolerance_seconds: default_webhook_tolerance(),
+            api_header_read_timeout_ms: default_header_read_timeout(),
+            api_idle_timeout_ms: default_idle_timeout(),
+            api_max_connections: default_max_connections(),
+            api_max_header_bytes: default_max_header_bytes(),
+            api_readiness_interval_ms: default_readiness_interval(),
+            api_max_streams_per_client: default_max_streams(),
             auth: auth::AuthConfig::default(),
         }
     }
@@ -186,6 +236,8 @@ pub struct AppState {
     pub health: Arc<health::Dependencies>,
     pub read_your_writes_wait: Duration,
     pub live: Arc<live::LiveHub>,
+    /// Open event streams per client (capped).
+    pub streams: Arc<live::StreamSlots>,
     /// Verifies payment providers' webhook signatures (`None`: webhooks are refused).
     pub webhooks: Option<Arc<payments::WebhookVerifier>>,
     /// Customers' data keys: seals personal data, reveals it for people, erases it.
@@ -369,19 +421,25 @@ pub fn router(
             config.idempotency(state.pool.clone()),
             idempotency::middleware,
         ));
+    // Payment webhooks authenticate by signature, bound to their order, before idempotency and
+    // the size check: an unauthenticated one stores nothing under its key.
+    let routes = routes.layer(axum::middleware::from_fn_with_state(
+        state.webhooks.clone(),
+        payments::authenticate_webhooks,
+    ));
     // Every route's role check, before it reads anything (inside authentication, outside the
     // idempotency layer: a refused request claims no key).
     let routes = routes.layer(axum::middleware::from_fn(auth::gate));
-    let routes = match limiter {
+    let routes = match &limiter {
         Some(limiter) => routes.layer(axum::middleware::from_fn_with_state(
-            limiter,
+            limiter.clone(),
             limits::rate_limit,
         )),
         None => routes,
     };
     routes
         .layer(axum::middleware::from_fn_with_state(
-            authenticator,
+            (authenticator, limiter),
             auth::authenticate,
         ))
         .layer(DefaultBodyLimit::max(config.api_body_limit_bytes))
@@ -431,6 +489,7 @@ pub enum StartError {
 pub struct ApiServer {
     listener: TcpListener,
     router: Router,
+    limits: serve::ConnectionLimits,
     live: Arc<live::LiveHub>,
     housekeeping: CancellationToken,
 }
@@ -506,6 +565,7 @@ impl ApiServer {
             pool,
             read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
             live,
+            streams: live::StreamSlots::new(config.api_max_streams_per_client),
             webhooks: config.payments_webhook_secret.clone().map(|secret| {
                 Arc::new(payments::WebhookVerifier::new(
                     secret,
@@ -513,6 +573,11 @@ impl ApiServer {
                 ))
             }),
         };
+        // Readiness is checked in the background; `/health/ready` serves the last result.
+        tokio::spawn(state.health.clone().run(
+            Duration::from_millis(config.api_readiness_interval_ms),
+            housekeeping.clone(),
+        ));
         let _ = prometheus();
         let limiter = limits::ClientLimiter::new(
             config.api_rate_limit_per_second,
@@ -523,7 +588,14 @@ impl ApiServer {
         }
         let listener = TcpListener::bind(config.api_listen).await?;
         failed_start.disarm();
+        let limits = serve::ConnectionLimits {
+            header_read_timeout: Duration::from_millis(config.api_header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(config.api_idle_timeout_ms),
+            max_connections: config.api_max_connections,
+            max_header_bytes: config.api_max_header_bytes,
+        };
         Ok(Self {
+            limits,
             live: state.live.clone(),
             router: router(state, &config, authenticator, limiter),
             listener,
@@ -542,16 +614,16 @@ impl ApiServer {
     ) -> std::io::Result<()> {
         let live = self.live;
         let _housekeeping = self.housekeeping.drop_guard();
-        axum::serve(
+        serve::serve(
             self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
+            self.router,
+            self.limits,
+            shutdown,
+            move || {
+                // Open event streams end, so the drain does not wait for them forever.
+                live.close();
+            },
         )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // Open event streams end, so the drain does not wait for them forever.
-            live.close();
-        })
         .await
     }
 }

@@ -2,7 +2,9 @@
 //! principal (role and id) or, for requests without a token (payment webhooks), by the peer's IP
 //! address. A request over the limit is answered `429` with `Retry-After` (whole seconds, at
 //! least 1) and a problem document; it never reaches a handler. Health and metrics are not
-//! limited (probes and scrapers must always get through).
+//! limited (probes and scrapers must always get through). A request whose token fails to verify
+//! is counted against its peer's bucket by the authentication layer ([`crate::auth::authenticate`]),
+//! so guessing tokens is throttled like any other traffic.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -63,7 +65,7 @@ impl ClientLimiter {
         });
     }
 
-    fn check(&self, key: &str) -> Result<(), u64> {
+    pub(crate) fn check(&self, key: &str) -> Result<(), u64> {
         self.limiter
             .check_key(&key.to_owned())
             .map_err(|not_until| {
@@ -90,27 +92,33 @@ pub async fn rate_limit(
     }
     let key = match request.extensions().get::<Principal>() {
         Some(principal) => principal.actor(),
-        None => request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or_else(
-                || "peer:unknown".to_owned(),
-                |c| format!("peer:{}", c.0.ip()),
-            ),
+        None => peer_key(&request),
     };
     match limiter.check(&key) {
         Ok(()) => next.run(request).await,
-        Err(retry_after_secs) => {
-            metrics::counter!("api_rate_limited_total").increment(1);
-            ApiError::TooManyRequests {
-                detail: format!(
-                    "too many requests from this client; retry after {retry_after_secs} s"
-                ),
-                retry_after_secs,
-            }
-            .into_response()
-        }
+        Err(retry_after_secs) => too_many(retry_after_secs),
     }
+}
+
+/// The bucket of a caller without a (valid) token: its peer's IP address.
+pub(crate) fn peer_key(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(
+            || "peer:unknown".to_owned(),
+            |c| format!("peer:{}", c.0.ip()),
+        )
+}
+
+/// The 429 answer.
+pub(crate) fn too_many(retry_after_secs: u64) -> Response {
+    metrics::counter!("api_rate_limited_total").increment(1);
+    ApiError::TooManyRequests {
+        detail: format!("too many requests from this client; retry after {retry_after_secs} s"),
+        retry_after_secs,
+    }
+    .into_response()
 }
 
 #[cfg(test)]

@@ -106,3 +106,68 @@ async fn forward(
         }
     }
 }
+
+/// How many event streams each client (the token's role and id) may hold open at once
+/// (`API_MAX_STREAMS_PER_CLIENT`): each open stream holds a connection and wakes on every
+/// change, so one client must not open them without bound. One more is answered 429.
+#[derive(Debug)]
+pub struct StreamSlots {
+    max_per_client: usize,
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One open stream of a client; the slot frees when the stream ends (its body is dropped).
+#[derive(Debug)]
+pub struct StreamSlot {
+    slots: std::sync::Arc<StreamSlots>,
+    client: String,
+}
+
+impl StreamSlots {
+    pub fn new(max_per_client: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            max_per_client,
+            open: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// A slot for `client`, or 429 when it already holds the most streams it may.
+    pub fn acquire(
+        self: &std::sync::Arc<Self>,
+        client: &str,
+    ) -> Result<StreamSlot, crate::error::ApiError> {
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| crate::error::ApiError::internal("stream slots poisoned"))?;
+        let count = open.entry(client.to_owned()).or_default();
+        if *count >= self.max_per_client {
+            return Err(crate::error::ApiError::TooManyRequests {
+                detail: format!(
+                    "this client already has {} event streams open, the most it may; close one \
+                     (or resume it with Last-Event-ID) before opening another",
+                    self.max_per_client
+                ),
+                retry_after_secs: 5,
+            });
+        }
+        *count += 1;
+        Ok(StreamSlot {
+            slots: self.clone(),
+            client: client.to_owned(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.slots.open.lock() {
+            if let Some(count) = open.get_mut(&self.client) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    open.remove(&self.client);
+                }
+            }
+        }
+    }
+}

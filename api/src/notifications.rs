@@ -277,7 +277,10 @@ pub async fn stream(
     let mut changes = state.live.subscribe();
     let after = resume_point(&state, customer, &headers, query.after.as_deref()).await?;
     let key = customer.to_string();
+    let slot = state.streams.acquire(&principal.actor())?;
     let stream = async_stream::stream! {
+        // Held while the stream is open.
+        let _slot = slot;
         let mut cursor = after;
         loop {
             let mut full_page = false;

@@ -31,7 +31,7 @@ pub struct LineRequest {
     /// 1 to 99.
     #[schema(minimum = 1, maximum = 99)]
     pub quantity: u32,
-    /// Option codes of the item, e.g. `extra-cheese`.
+    /// Option codes of the item, e.g. `extra-cheese`; each at most once (422 otherwise).
     #[serde(default)]
     #[schema(max_items = 10)]
     pub options: Vec<String>,
@@ -62,9 +62,12 @@ pub struct AddressRequest {
 pub struct PlaceOrderRequest {
     pub customer_id: Uuid,
     pub store_id: Uuid,
-    /// Region code, e.g. `uk`.
+    /// Region code, e.g. `uk`: optional, and if given it must be the store's region. The
+    /// store's region decides the prices, currency, tax, fees, points and promotions; a request
+    /// naming another region is refused (422), as is an unknown store.
+    #[serde(default)]
     #[schema(example = "uk")]
-    pub region: String,
+    pub region: Option<String>,
     #[schema(min_items = 1, max_items = 50)]
     pub items: Vec<LineRequest>,
     pub delivery_address: AddressRequest,
@@ -158,7 +161,11 @@ impl TryFrom<PlaceOrderRequest> for OrderCommand {
                 .transpose()?,
             customer_id: CustomerId::from_uuid(r.customer_id),
             store_id: StoreId::from_uuid(r.store_id),
-            region: RegionCode::parse(r.region).map_err(invalid)?,
+            region: r
+                .region
+                .map(RegionCode::parse)
+                .transpose()
+                .map_err(invalid)?,
             lines,
             delivery_address: DeliveryAddress {
                 line1: a.line1,

@@ -325,8 +325,11 @@ pub async fn stream(
             })?,
         None => query.after.unwrap_or(0),
     };
+    let slot = state.streams.acquire(&principal.actor())?;
     let mut changes = state.live.subscribe();
     let stream = async_stream::stream! {
+        // Held while the stream is open.
+        let _slot = slot;
         let mut cursor = after;
         let mut delivery_seen = -1i64;
         loop {

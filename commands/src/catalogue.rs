@@ -299,6 +299,10 @@ impl Experiments for CatalogueStore {
 }
 
 impl Pricing for CatalogueStore {
+    fn store_region(&self, store: &StoreId) -> Result<RegionCode, PricingError> {
+        self.current().store_region(store)
+    }
+
     fn quote(
         &self,
         region: &RegionCode,

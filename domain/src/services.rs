@@ -247,12 +247,24 @@ pub enum PricingError {
     UnknownPromotion(String),
     #[error("promotion code `{code}` does not apply: {reason}")]
     PromotionNotApplicable { code: String, reason: String },
+    #[error("store_id `{0}` is not a store of the catalogue; see GET /catalogue for the stores")]
+    UnknownStore(crate::StoreId),
+    #[error("region `{named}` is not the region of store `{store}` (`{store_region}`): the store's region decides prices, currency, tax, fees, points and promotions; send `{store_region}` or leave region out")]
+    NotTheStoresRegion {
+        named: RegionCode,
+        store: crate::StoreId,
+        store_region: RegionCode,
+    },
     #[error(transparent)]
     Money(#[from] MoneyError),
 }
 
 /// Prices an order. The catalogue is the real implementation; the trait lets an adapter cache it.
 pub trait Pricing: Send + Sync {
+    /// The region of a store: the one market whose prices, currency, tax, fees, points rates and
+    /// promotions apply to its orders (never the client's choice).
+    fn store_region(&self, store: &crate::StoreId) -> Result<RegionCode, PricingError>;
+
     /// Prices `lines` in `region`, with an optional promotion code and `redeem_points` rewards
     /// points taken off as discounts (the promotion first, then the points).
     fn quote(
@@ -265,6 +277,13 @@ pub trait Pricing: Send + Sync {
 }
 
 impl Pricing for Catalogue {
+    fn store_region(&self, store: &crate::StoreId) -> Result<RegionCode, PricingError> {
+        self.stores
+            .get(store)
+            .map(|settings| settings.region.clone())
+            .ok_or(PricingError::UnknownStore(*store))
+    }
+
     fn quote(
         &self,
         region: &RegionCode,

@@ -28,6 +28,17 @@ use tokio::task::JoinHandle;
 
 const SCHEMA_REGISTRY_MEDIA_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
+/// The credentials of the registries the tests start (writes need them).
+const USER: &str = "registry-tests";
+const PASSWORD: &str = "registry-tests-only-password";
+
+/// The client settings of `schema_registry_converter` for `url`, with the credentials.
+fn sr_settings(url: &str) -> SrSettings {
+    let mut builder = SrSettings::new_builder(url.to_owned());
+    builder.set_basic_authorization(USER, Some(PASSWORD));
+    builder.build().expect("client settings")
+}
+
 fn admin_url() -> String {
     std::env::var("REGISTRY_TEST_ADMIN_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
@@ -77,10 +88,17 @@ struct Running {
 
 impl Running {
     async fn start(database: &TestDatabase) -> Self {
+        Self::start_with(database, true).await
+    }
+
+    /// A registry whose reads are open (`anonymous_reads`) or need the credentials too.
+    async fn start_with(database: &TestDatabase, anonymous_reads: bool) -> Self {
         let server = RegistryServer::build(RegistryConfig {
             database_url: database.url.clone(),
             db_schema: "schema_registry".to_owned(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            basic_auth: Some(format!("{USER}:{PASSWORD}")),
+            anonymous_reads,
         })
         .await
         .expect("the registry starts");
@@ -105,10 +123,21 @@ impl Running {
             .expect("the registry stops cleanly");
     }
 
+    /// A client with the registry's credentials.
     fn client(&self) -> Http {
         Http {
             client: reqwest::Client::new(),
             base_url: self.base_url.clone(),
+            credentials: Some((USER.to_owned(), PASSWORD.to_owned())),
+        }
+    }
+
+    /// A client that presents no credentials (or `credentials`).
+    fn anonymous(&self, credentials: Option<(&str, &str)>) -> Http {
+        Http {
+            client: reqwest::Client::new(),
+            base_url: self.base_url.clone(),
+            credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
         }
     }
 }
@@ -143,6 +172,7 @@ impl Reply {
 struct Http {
     client: reqwest::Client,
     base_url: String,
+    credentials: Option<(String, String)>,
 }
 
 impl Http {
@@ -157,6 +187,9 @@ impl Http {
         let mut request = self
             .client
             .request(method, format!("{}{path}", self.base_url));
+        if let Some((user, password)) = &self.credentials {
+            request = request.basic_auth(user, Some(password));
+        }
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
@@ -288,7 +321,7 @@ async fn a_value_encoded_by_the_rust_converter_decodes_to_the_same_value() {
         ),
     ];
 
-    let encoder = AvroEncoder::new(SrSettings::new(running.base_url.clone()));
+    let encoder = AvroEncoder::new(sr_settings(&running.base_url));
     let bytes = encoder
         .encode(fields.clone(), strategy)
         .await
@@ -308,7 +341,7 @@ async fn a_value_encoded_by_the_rust_converter_decodes_to_the_same_value() {
     );
 
     // A decoder that never saw the schema fetches it by id.
-    let decoder = AvroDecoder::new(SrSettings::new(running.base_url.clone()));
+    let decoder = AvroDecoder::new(sr_settings(&running.base_url));
     let decoded = decoder
         .decode(Some(&bytes))
         .await
@@ -336,6 +369,7 @@ async fn python_confluent_clients_work_against_the_registry_unchanged() {
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
             .arg(&tests)
             .env("SCHEMA_REGISTRY_URL", url)
+            .env("SCHEMA_REGISTRY_BASIC_AUTH", format!("{USER}:{PASSWORD}"))
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
@@ -1024,4 +1058,99 @@ async fn a_schema_that_differs_by_a_default_or_a_logical_type_gets_a_new_id() {
         json!([1, 2, 3])
     );
     finish(database, running).await;
+}
+
+// -------------------------------------------------------------------------------------------
+// Access: writes need credentials
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_without_or_with_wrong_credentials_are_refused_with_401_and_change_nothing() {
+    let (database, running) = start_registry().await;
+    let admin = running.client();
+    let subject = "orders-value";
+    let v1 = admin.register_ok(subject, ORDER_V1).await;
+
+    for intruder in [
+        running.anonymous(None),
+        running.anonymous(Some((USER, "guessed-password"))),
+        running.anonymous(Some(("someone", PASSWORD))),
+    ] {
+        for reply in [
+            intruder.register(subject, ORDER_REQUIRED_FIELD).await,
+            intruder
+                .put(
+                    &format!("/config/{subject}"),
+                    &json!({"compatibility": "NONE"}),
+                )
+                .await,
+            intruder
+                .put("/config", &json!({"compatibility": "NONE"}))
+                .await,
+            intruder.delete(&format!("/subjects/{subject}")).await,
+            intruder
+                .delete(&format!("/subjects/{subject}?permanent=true"))
+                .await,
+            intruder
+                .delete(&format!("/subjects/{subject}/versions/1"))
+                .await,
+            intruder.delete(&format!("/config/{subject}")).await,
+        ] {
+            assert_error(&reply, 401, 401);
+        }
+        // Reads stay open by default: a consumer decodes without credentials.
+        let read = intruder.get(&format!("/schemas/ids/{v1}")).await;
+        assert_eq!(read.status, StatusCode::OK, "{read:?}");
+        let lookup = intruder
+            .post(
+                &format!("/subjects/{subject}"),
+                &json!({"schema": ORDER_V1}),
+            )
+            .await;
+        assert_eq!(lookup.status, StatusCode::OK, "{lookup:?}");
+    }
+
+    // Nothing changed: one version, the default compatibility, the subject still there.
+    let versions = admin.get(&format!("/subjects/{subject}/versions")).await;
+    assert_eq!(versions.body, json!([1]), "{versions:?}");
+    let config = admin.get("/config").await;
+    assert_eq!(config.body["compatibilityLevel"], "BACKWARD", "{config:?}");
+    finish(database, running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_with_closed_reads_asks_every_client_but_health_for_credentials() {
+    let database = TestDatabase::create().await;
+    let running = Running::start_with(&database, false).await;
+    let id = running.client().register_ok("orders-value", ORDER_V1).await;
+    let anonymous = running.anonymous(None);
+    assert_error(
+        &anonymous.get(&format!("/schemas/ids/{id}")).await,
+        401,
+        401,
+    );
+    assert_error(&anonymous.get("/subjects").await, 401, 401);
+    assert_eq!(anonymous.get("/health").await.status, StatusCode::OK);
+    let read = running.client().get(&format!("/schemas/ids/{id}")).await;
+    assert_eq!(read.status, StatusCode::OK, "{read:?}");
+    finish(database, running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_does_not_start_without_credentials_for_writes() {
+    let database = TestDatabase::create().await;
+    for basic_auth in [None, Some("no-colon".to_owned()), Some("user:".to_owned())] {
+        let refused = RegistryServer::build(RegistryConfig {
+            database_url: database.url.clone(),
+            db_schema: "schema_registry".to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            basic_auth,
+            anonymous_reads: true,
+        })
+        .await;
+        assert!(
+            matches!(refused, Err(RegistryError::MissingCredentials)),
+            "{refused:?}"
+        );
+    }
+    database.drop().await;
 }

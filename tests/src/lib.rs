@@ -129,10 +129,15 @@ impl TestEnv {
             database_url: database_url.clone(),
             db_schema: "schema_registry".to_owned(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            basic_auth: Some(TEST_REGISTRY_BASIC_AUTH.to_owned()),
+            anonymous_reads: true,
         })
         .await
         .expect("registry starts");
-        let registry = RegistryConfig::local(format!("http://{}", registry_server.local_addr()));
+        let registry = RegistryConfig {
+            schema_registry_basic_auth: Some(TEST_REGISTRY_BASIC_AUTH.to_owned()),
+            ..RegistryConfig::local(format!("http://{}", registry_server.local_addr()))
+        };
         let token = CancellationToken::new();
         let stop = token.clone();
         let handle = tokio::spawn(async move {
@@ -291,6 +296,7 @@ impl TestEnv {
             .env("KAFKA_TOPIC_PREFIX", &self.kafka.kafka_topic_prefix)
             .env("KAFKA_FETCH_WAIT_MAX_MS", "20")
             .env("SCHEMA_REGISTRY_URL", &self.registry.schema_registry_url)
+            .env("SCHEMA_REGISTRY_BASIC_AUTH", TEST_REGISTRY_BASIC_AUTH)
             .env("PROJECTOR_GROUP_PREFIX", &self.group_prefix)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
@@ -389,6 +395,8 @@ pub fn binary_path(binary: &str) -> PathBuf {
 
 /// The HS256 secret of the APIs the tests start (test-only).
 pub const TEST_JWT_SECRET: &str = "backbone-tests-only-hs256-secret-0123456789";
+/// The `user:password` the tests' registries want for writes (test-only).
+pub const TEST_REGISTRY_BASIC_AUTH: &str = "backbone-tests:registry-tests-only-password";
 /// The payment provider's webhook secret of the APIs the tests start (test-only).
 pub const TEST_WEBHOOK_SECRET: &str = "backbone-tests-only-webhook-secret";
 
@@ -501,6 +509,19 @@ pub async fn act(client: &reqwest::Client, api: &str, order_id: &str, action: se
         .await
         .expect("action sent");
     assert_eq!(response.status().as_u16(), 200, "{action}");
+}
+
+/// A store of the demo catalogue (and the test catalogue) in `region`: Angel in `uk`,
+/// Kreuzberg in `de-berlin`, Chelsea in `us-nyc`, and (test catalogue only) one in `test-fast`.
+/// An order's region is its store's.
+pub fn store_in(region: &str) -> Uuid {
+    match region {
+        "uk" => Uuid::from_u128(42),
+        "de-berlin" => Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0200),
+        "us-nyc" => Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0300),
+        "test-fast" => Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0400),
+        other => panic!("no test store in region {other}"),
+    }
 }
 
 /// A valid order request for the demo catalogue.

@@ -62,6 +62,7 @@ async fn place(
 ) -> (String, String) {
     let mut request = order_request(customer);
     request["region"] = json!(region);
+    request["store_id"] = json!(backbone_tests::store_in(region));
     request["items"] = json!(lines
         .iter()
         .map(|(item, quantity)| json!({"item_id": item, "quantity": quantity}))

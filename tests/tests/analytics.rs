@@ -400,7 +400,12 @@ async fn analytics_figures_match_the_orders_placed_and_the_points_moved() {
     let client = backbone_tests::client();
     let catalogue = TestEnv::catalogue();
 
-    let (islington, angel, mitte) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    // Stores of the demo catalogue: an order's region is its store's.
+    let (islington, angel, mitte) = (
+        Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0100),
+        backbone_tests::store_in("uk"),
+        backbone_tests::store_in("de-berlin"),
+    );
     let plans = vec![
         Plan {
             region: "uk",
@@ -924,6 +929,7 @@ async fn analytics_figures_match_the_orders_placed_and_the_points_moved() {
     // --- Read-your-writes: a new order in a third region shows as soon as its position does.
     let mut request = order_request(Uuid::new_v4());
     request["region"] = json!("us-nyc");
+    request["store_id"] = json!(backbone_tests::store_in("us-nyc"));
     request["items"] = json!([{"item_id": "cola", "quantity": 1}]);
     let placed_now: Value = client
         .post(format!("{api}/orders"))

@@ -250,26 +250,38 @@ async fn the_api_serves_its_openapi_document_metrics_and_health() {
         .await
         .expect("sent");
     assert_eq!(live.status().as_u16(), 200);
-    let ready = client
-        .get(format!("{api}/health/ready"))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(ready.status().as_u16(), 200);
-    let body: Value = ready.json().await.expect("json");
+    // Readiness is checked in the background and served from memory: the first check shortly
+    // after start.
+    let ready_now = |want: u16| {
+        let client = client.clone();
+        let api = api.clone();
+        async move {
+            backbone_tests::eventually(
+                std::time::Duration::from_secs(20),
+                "a readiness check",
+                || async {
+                    let ready = client
+                        .get(format!("{api}/health/ready"))
+                        .send()
+                        .await
+                        .ok()?;
+                    if ready.status().as_u16() != want {
+                        return None;
+                    }
+                    ready.json::<Value>().await.ok()
+                },
+            )
+            .await
+        }
+    };
+    let body = ready_now(200).await;
     assert_eq!(body["ready"], true, "{body}");
     assert_eq!(body["broker"]["ok"], true);
     assert_eq!(body["registry"]["ok"], true);
 
-    // With the registry gone, the API says it is not ready, and why.
+    // With the registry gone, the API says it is not ready (at the next check), and why.
     env.stop().await;
-    let ready = client
-        .get(format!("{api}/health/ready"))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(ready.status().as_u16(), 503);
-    let body: Value = ready.json().await.expect("json");
+    let body = ready_now(503).await;
     assert_eq!(body["registry"]["ok"], false, "{body}");
     server.stop().await.expect("api stops");
 }

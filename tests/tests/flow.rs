@@ -127,7 +127,7 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
         let response = backbone_tests::post_webhook(
             &api,
             &order_id,
-            &json!({"provider_event_id": "evt-auth-1", "kind": "Authorized"}),
+            &json!({"order_id": order_id, "provider_event_id": "evt-auth-1", "kind": "Authorized"}),
         )
         .await;
         assert_eq!(response.status().as_u16(), 200);
@@ -419,6 +419,7 @@ async fn an_order_cancelled_at_any_stage_or_not_accepted_in_time_has_its_payment
     deadlines.stop().await.expect("scheduler stops");
     let mut request = order_request(customers[3]);
     request["region"] = json!("test-fast");
+    request["store_id"] = json!(backbone_tests::store_in("test-fast"));
     let timed_out = place_request(&client, &api, &request).await;
     wait_for_status(&client, &api, &timed_out, "Confirmed").await;
     let pending: i64 = sqlx::query_scalar(

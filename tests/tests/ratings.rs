@@ -40,7 +40,11 @@ async fn ratings_per_item_and_store_match_the_ratings_given() {
     let (api, server) = env.start_api().await;
     let client = backbone_tests::client();
 
-    let (store_a, store_b) = (Uuid::new_v4(), Uuid::new_v4());
+    // Two stores of the demo catalogue (Angel and Islington).
+    let (store_a, store_b) = (
+        Uuid::from_u128(42),
+        Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0100),
+    );
     let given: [(Uuid, &[&str], u8); 3] = [
         (store_a, &["margherita", "cola"], 5),
         (store_a, &["margherita"], 3),

@@ -323,13 +323,21 @@ async fn every_endpoint_allows_exactly_the_roles_and_owners_the_policy_names() {
         .json()
         .await
         .expect("json");
-    let store = catalogue["catalogue"]["stores"]
+    // Two stores of the catalogue (both in `uk`, the region of the order request).
+    let stores: Vec<Uuid> = catalogue["catalogue"]["stores"]
         .as_object()
-        .and_then(|m| m.keys().next())
-        .and_then(|k| k.parse::<Uuid>().ok())
-        .expect("a store in the catalogue");
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.parse::<Uuid>().ok())
+                .take(2)
+                .collect()
+        })
+        .unwrap_or_default();
+    let [store, other_store] = stores[..] else {
+        panic!("two stores in the catalogue: {catalogue}");
+    };
     let mine = side(&env, &api, store).await;
-    let theirs = side(&env, &api, Uuid::new_v4()).await;
+    let theirs = side(&env, &api, other_store).await;
     let matrix = rows();
 
     // Every documented operation is in the matrix (health and webhooks are tested apart).
@@ -565,7 +573,7 @@ async fn webhooks_need_a_fresh_valid_signature_and_a_repeat_acts_once() {
         )
         .await
         .expect("authorized");
-    let webhook = json!({"provider_event_id": "evt-1", "kind": "Authorized"});
+    let webhook = json!({"order_id": order, "provider_event_id": "evt-1", "kind": "Authorized"});
     let bytes = serde_json::to_vec(&webhook).expect("json");
     let now = chrono::Utc::now().timestamp();
     let url = format!("{api}/payments/{order}/webhooks");

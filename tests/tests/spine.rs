@@ -427,6 +427,12 @@ async fn the_relay_refuses_to_start_with_a_contract_the_registry_finds_incompati
             env.registry.schema_registry_url
         ))
         .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .basic_auth(
+            "backbone-tests",
+            backbone_tests::TEST_REGISTRY_BASIC_AUTH
+                .split_once(':')
+                .map(|(_, p)| p),
+        )
         .json(&serde_json::json!({ "schema": earlier }))
         .send()
         .await

@@ -120,7 +120,10 @@ pub enum OrderCommand {
     PlaceOrder {
         customer_id: CustomerId,
         store_id: StoreId,
-        region: RegionCode,
+        /// The region the client expects, if it named one. The store's region decides the
+        /// order's prices, currency, tax, fees, points and promotions; a different one here is
+        /// refused rather than priced.
+        region: Option<RegionCode>,
         lines: Vec<RequestedLine>,
         delivery_address: DeliveryAddress,
         /// Whom to contact about the order, if the customer gave it.
@@ -364,6 +367,11 @@ pub enum OrderError {
     InvalidPreparationTime,
     #[error("a contact needs a name")]
     ContactWithoutName,
+    #[error("items: option `{option}` of `{item}` is repeated; each option applies once per line (order more of the item instead)")]
+    RepeatedOption {
+        item: crate::MenuItemId,
+        option: String,
+    },
     #[error(
         "the modified order costs {requested} but {confirmed} was confirmed; \
          remove items, or cancel and place a new order"
@@ -408,6 +416,17 @@ fn validate_lines(lines: &[RequestedLine]) -> Result<(), OrderError> {
         .any(|l| l.quantity == 0 || l.quantity > MAX_QUANTITY)
     {
         return Err(OrderError::InvalidQuantity);
+    }
+    // An option is a choice (size, topping), charged once per unit: listing it again would
+    // charge it again, and on a discounted order let a customer inflate a line at will.
+    for line in lines {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(repeated) = line.options.iter().find(|o| !seen.insert(o.as_str())) {
+            return Err(OrderError::RepeatedOption {
+                item: line.item_id.clone(),
+                option: repeated.clone(),
+            });
+        }
     }
     Ok(())
 }
@@ -486,6 +505,16 @@ impl Order {
                         max: 32,
                     });
                 }
+                let store_region = services.pricing.store_region(&store_id)?;
+                if let Some(named) = region.filter(|named| *named != store_region) {
+                    return Err(PricingError::NotTheStoresRegion {
+                        named,
+                        store: store_id,
+                        store_region,
+                    }
+                    .into());
+                }
+                let region = store_region;
                 let quote = waive_fee(
                     services.pricing.quote(
                         &region,

@@ -76,7 +76,15 @@ fn catalogue() -> Catalogue {
     Catalogue {
         regions,
         items,
-        stores: BTreeMap::new(),
+        stores: BTreeMap::from([(
+            store(),
+            crate::services::StoreSettings {
+                name: "Pizza Hub Angel".to_owned(),
+                region: region(),
+                latitude: 51.53,
+                longitude: -0.1,
+            },
+        )]),
         promotions: BTreeMap::from([(
             "WELCOME10".to_owned(),
             crate::services::Promotion {
@@ -129,7 +137,7 @@ fn place(lines: Vec<RequestedLine>) -> OrderCommand {
     OrderCommand::PlaceOrder {
         customer_id: customer(),
         store_id: store(),
-        region: region(),
+        region: Some(region()),
         lines,
         delivery_address: address(),
         contact: None,
@@ -318,6 +326,62 @@ fn a_confirmed_order_cannot_be_modified_above_what_was_confirmed() {
             total: gbp(1_450),
             modified_at: t0(),
         }]);
+}
+
+#[test]
+fn the_stores_region_prices_the_order_and_another_region_or_an_unknown_store_is_refused() {
+    let mut unnamed = place(vec![line("margherita", 1, &[])]);
+    if let OrderCommand::PlaceOrder { region, .. } = &mut unnamed {
+        *region = None;
+    }
+    let events = at(t0())
+        .given_no_previous_events()
+        .when(unnamed)
+        .inspect_result()
+        .expect("placed in the store's region");
+    assert!(
+        matches!(&events[..], [OrderEvent::OrderPlaced { region: placed, .. }] if *placed == region()),
+        "{events:?}"
+    );
+
+    let berlin = RegionCode::parse("de-berlin").expect("region");
+    let mut elsewhere = place(vec![line("margherita", 1, &[])]);
+    if let OrderCommand::PlaceOrder { region, .. } = &mut elsewhere {
+        *region = Some(berlin.clone());
+    }
+    at(t0())
+        .given_no_previous_events()
+        .when(elsewhere)
+        .then_expect_error(OrderError::Pricing(PricingError::NotTheStoresRegion {
+            named: berlin,
+            store: store(),
+            store_region: region(),
+        }));
+
+    let nowhere = StoreId::from_uuid(uuid::Uuid::from_u128(404));
+    let mut unknown = place(vec![line("margherita", 1, &[])]);
+    if let OrderCommand::PlaceOrder { store_id, .. } = &mut unknown {
+        *store_id = nowhere;
+    }
+    at(t0())
+        .given_no_previous_events()
+        .when(unknown)
+        .then_expect_error(OrderError::Pricing(PricingError::UnknownStore(nowhere)));
+}
+
+#[test]
+fn an_option_listed_twice_on_a_line_is_refused() {
+    at(t0())
+        .given_no_previous_events()
+        .when(place(vec![line(
+            "margherita",
+            1,
+            &["extra-cheese", "extra-cheese"],
+        )]))
+        .then_expect_error(OrderError::RepeatedOption {
+            item: MenuItemId::parse("margherita").expect("id"),
+            option: "extra-cheese".to_owned(),
+        });
 }
 
 #[test]

@@ -56,7 +56,7 @@ impl AppState {
 }
 
 /// The registry's routes, with JSON replies for unknown routes (404) and methods (405).
-pub fn router(state: AppState) -> Router {
+fn routes(state: AppState) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/health", get(health))
@@ -112,6 +112,15 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The registry's routes behind its access policy: writes (and, if so configured, reads) need
+/// the credentials (see [`super::access`]).
+pub fn router(state: AppState, access: super::access::AccessPolicy) -> Router {
+    routes(state).layer(axum::middleware::from_fn_with_state(
+        std::sync::Arc::new(access),
+        super::access::require_credentials,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

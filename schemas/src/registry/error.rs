@@ -20,6 +20,9 @@ pub enum RegistryError {
     /// A `REGISTRY_*` environment variable is missing a valid value.
     #[error("invalid registry configuration: {0}")]
     Config(#[from] envy::Error),
+    /// `REGISTRY_BASIC_AUTH` is missing or not `user:password`.
+    #[error("REGISTRY_BASIC_AUTH must be `user:password` (both non-empty): the credentials every write to the registry needs")]
+    MissingCredentials,
     /// `REGISTRY_DB_SCHEMA` is not a plain PostgreSQL identifier.
     #[error("invalid database schema name {0:?}: use lower-case letters, digits and '_', starting with a letter or '_', at most 63 characters")]
     InvalidDbSchema(String),

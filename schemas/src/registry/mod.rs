@@ -14,12 +14,14 @@
 //! - `store`: the SQL, the migrations and the locks;
 //! - `schema`: parsing a submitted Avro schema and the form that decides its identity;
 //! - `compat`: compatibility levels and the Avro schema-resolution check;
-//! - `error`: the library error and the Confluent error replies.
+//! - `error`: the library error and the Confluent error replies;
+//! - [`access`]: HTTP Basic credentials for every write (and, if configured, every read).
 //!
 //! Ids are global (one per distinct schema across subjects) and stable across restarts; a
 //! registration runs in one transaction holding an advisory lock of the registry, so concurrent
 //! registrations of the same schema get one id and versions never collide.
 
+pub mod access;
 pub mod api;
 mod compat;
 mod error;
@@ -55,6 +57,20 @@ pub struct RegistryConfig {
     /// Confluent port); port 0 picks a free port (see [`RegistryServer::local_addr`]).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// `REGISTRY_BASIC_AUTH`: `user:password` that every write (register, config, delete) must
+    /// present with HTTP Basic authentication, as Confluent clients send `basic.auth.user.info`
+    /// and ours `SCHEMA_REGISTRY_BASIC_AUTH`. Required: the registry does not start without it.
+    /// Never logged.
+    #[serde(default)]
+    pub basic_auth: Option<String>,
+    /// `REGISTRY_ANONYMOUS_READS`: whether look-ups, listings and compatibility checks need no
+    /// credentials (default `true`; `false` asks for them on every request but `/health`).
+    #[serde(default = "default_anonymous_reads")]
+    pub anonymous_reads: bool,
+}
+
+const fn default_anonymous_reads() -> bool {
+    true
 }
 
 fn default_database_url() -> String {
@@ -75,6 +91,8 @@ impl Default for RegistryConfig {
             database_url: default_database_url(),
             db_schema: default_db_schema(),
             listen: default_listen(),
+            basic_auth: None,
+            anonymous_reads: default_anonymous_reads(),
         }
     }
 }
@@ -85,6 +103,11 @@ impl std::fmt::Debug for RegistryConfig {
             .field("database_url", &redact_password(&self.database_url))
             .field("db_schema", &self.db_schema)
             .field("listen", &self.listen)
+            .field(
+                "basic_auth",
+                &self.basic_auth.as_ref().map(|_| "<redacted>"),
+            )
+            .field("anonymous_reads", &self.anonymous_reads)
             .finish()
     }
 }
@@ -114,7 +137,21 @@ impl RegistryConfig {
 
     /// Checks the values that the type system does not.
     pub fn validate(&self) -> Result<(), RegistryError> {
-        store::validate_schema_name(&self.db_schema)
+        store::validate_schema_name(&self.db_schema)?;
+        self.access().map(|_| ())
+    }
+
+    /// Who may write (and read): the credentials of `REGISTRY_BASIC_AUTH`.
+    pub fn access(&self) -> Result<access::AccessPolicy, RegistryError> {
+        let credentials = self
+            .basic_auth
+            .as_deref()
+            .and_then(access::Credentials::parse)
+            .ok_or(RegistryError::MissingCredentials)?;
+        Ok(access::AccessPolicy {
+            credentials,
+            anonymous_reads: self.anonymous_reads,
+        })
     }
 }
 
@@ -124,6 +161,7 @@ pub struct RegistryServer {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: AppState,
+    access: access::AccessPolicy,
 }
 
 impl RegistryServer {
@@ -131,6 +169,7 @@ impl RegistryServer {
     /// not answer requests until [`RegistryServer::run_until_stopped`].
     pub async fn build(config: RegistryConfig) -> Result<Self, RegistryError> {
         let state = AppState::connect(&config).await?;
+        let access = config.access()?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -149,6 +188,7 @@ impl RegistryServer {
             listener,
             local_addr,
             state,
+            access,
         })
     }
 
@@ -164,7 +204,7 @@ impl RegistryServer {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RegistryError> {
         let state = self.state.clone();
-        let app = router(self.state);
+        let app = router(self.state, self.access);
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;

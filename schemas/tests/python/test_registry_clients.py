@@ -63,11 +63,22 @@ ORDER_REQUIRED_FIELD = json.dumps(
 )
 
 
-@pytest.fixture(scope="module")
-def client():
+def registry_config():
+    """The client configuration: the registry's URL and the credentials writes need
+    (SCHEMA_REGISTRY_BASIC_AUTH, `user:password`), as Confluent's clients take them."""
     url = os.environ.get("SCHEMA_REGISTRY_URL")
     assert url, "SCHEMA_REGISTRY_URL must name the registry under test"
-    return SchemaRegistryClient({"url": url})
+    user_info = os.environ.get("SCHEMA_REGISTRY_BASIC_AUTH")
+    assert user_info, "SCHEMA_REGISTRY_BASIC_AUTH must hold the registry's user:password"
+    return {
+        "url": url,
+        "basic.auth.user.info": user_info,
+    }
+
+
+@pytest.fixture(scope="module")
+def client():
+    return SchemaRegistryClient(registry_config())
 
 
 @pytest.fixture
@@ -79,7 +90,7 @@ def test_registering_and_looking_up_a_schema(client, subject):
     schema_id = client.register_schema(subject, Schema(ORDER_V1, "AVRO"))
     assert schema_id > 0
     # A second client (no cache) registering the same schema gets the same id.
-    fresh = SchemaRegistryClient({"url": os.environ["SCHEMA_REGISTRY_URL"]})
+    fresh = SchemaRegistryClient(registry_config())
     assert fresh.register_schema(subject, Schema(ORDER_V1, "AVRO")) == schema_id
 
     found = fresh.lookup_schema(subject, Schema(ORDER_V1, "AVRO"))
@@ -187,7 +198,7 @@ def test_versions_and_subjects_are_soft_deleted_then_permanently(client, subject
         client.get_version(subject, 1)
     assert hidden.value.error_code == 40402
     # The id of a soft-deleted version still resolves: old messages stay readable.
-    fresh = SchemaRegistryClient({"url": os.environ["SCHEMA_REGISTRY_URL"]})
+    fresh = SchemaRegistryClient(registry_config())
     assert json.loads(fresh.get_schema(v1_id).schema_str) == json.loads(ORDER_V1)
 
     assert client.delete_version(subject, 1, permanent=True) == 1
@@ -210,7 +221,7 @@ def test_versions_and_subjects_are_soft_deleted_then_permanently(client, subject
 def test_the_avro_serializer_and_deserializer_round_trip_a_record(client):
     topic = f"orders-{uuid.uuid4().hex}"
     serializer = AvroSerializer(client, ORDER_V2, conf={"auto.register.schemas": True})
-    fresh = SchemaRegistryClient({"url": os.environ["SCHEMA_REGISTRY_URL"]})
+    fresh = SchemaRegistryClient(registry_config())
     deserializer = AvroDeserializer(fresh)
     context = SerializationContext(topic, MessageField.VALUE)
 
@@ -223,3 +234,18 @@ def test_the_avro_serializer_and_deserializer_round_trip_a_record(client):
     assert client.get_latest_version(f"{topic}-value").schema_id == schema_id
 
     assert deserializer(payload, context) == record
+
+
+def test_a_client_without_credentials_reads_but_cannot_write(client, subject):
+    schema_id = client.register_schema(subject, Schema(ORDER_V1, "AVRO"))
+    anonymous = SchemaRegistryClient({"url": os.environ["SCHEMA_REGISTRY_URL"]})
+    assert json.loads(anonymous.get_schema(schema_id).schema_str) == json.loads(ORDER_V1)
+    for write in (
+        lambda: anonymous.register_schema(subject, Schema(ORDER_V2, "AVRO")),
+        lambda: anonymous.set_compatibility(subject, "NONE"),
+        lambda: anonymous.delete_subject(subject, permanent=True),
+    ):
+        with pytest.raises(SchemaRegistryError) as refused:
+            write()
+        assert refused.value.http_status_code == 401
+    assert client.get_versions(subject) == [1]
