@@ -15,6 +15,7 @@ pub mod bus;
 pub mod catalogue;
 pub mod pii;
 pub mod process;
+pub mod stuck;
 pub mod store;
 
 pub use bus::{CommandBus, CommandContext, CommandError, Committed, RetryPolicy};
