@@ -37,6 +37,7 @@ pub mod privacy;
 pub mod ratings;
 pub mod read_models;
 pub mod rewards;
+pub mod stuck_flows;
 pub mod tracking;
 
 use std::future::Future;
@@ -212,6 +213,7 @@ impl std::fmt::Debug for AppState {
         tracking::stream,
         deliveries::act_on_delivery,
         rewards::act_on_rewards,
+        rewards::balance,
         ads::record_exposure,
         ads::profile,
         ads::promotion,
@@ -238,6 +240,9 @@ impl std::fmt::Debug for AppState {
         read_models::redrive_all,
         audit::events,
         privacy::erase_customer,
+        stuck_flows::list,
+        stuck_flows::retry,
+        stuck_flows::resolve,
         health::live,
         health::ready
     ),
@@ -294,6 +299,7 @@ pub fn router(
             "/customers/{customer_id}/rewards/actions",
             post(rewards::act_on_rewards),
         )
+        .route("/customers/{customer_id}/rewards", get(rewards::balance))
         .route(
             "/customers/{customer_id}/ads/exposures",
             post(ads::record_exposure),
@@ -355,6 +361,9 @@ pub fn router(
             "/admin/customers/{customer_id}/erasure",
             post(privacy::erase_customer),
         )
+        .route("/admin/stuck-flows", get(stuck_flows::list))
+        .route("/admin/stuck-flows/{id}/retry", post(stuck_flows::retry))
+        .route("/admin/stuck-flows/{id}/resolve", post(stuck_flows::resolve))
         .merge(audit::router())
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_endpoint))
