@@ -363,7 +363,10 @@ pub fn router(
         )
         .route("/admin/stuck-flows", get(stuck_flows::list))
         .route("/admin/stuck-flows/{id}/retry", post(stuck_flows::retry))
-        .route("/admin/stuck-flows/{id}/resolve", post(stuck_flows::resolve))
+        .route(
+            "/admin/stuck-flows/{id}/resolve",
+            post(stuck_flows::resolve),
+        )
         .merge(audit::router())
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics_endpoint))

@@ -108,7 +108,11 @@ pub struct StuckFlowQuery {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveRequest {
-    #[schema(example = "the store cannot deliver this far; customer informed", min_length = 1, max_length = 400)]
+    #[schema(
+        example = "the store cannot deliver this far; customer informed",
+        min_length = 1,
+        max_length = 400
+    )]
     pub reason: String,
 }
 
@@ -155,7 +159,9 @@ pub async fn list(
     }))
 }
 
-fn requested(result: Result<StuckFlow, RequestError>) -> Result<(StatusCode, axum::Json<StuckFlowView>), ApiError> {
+fn requested(
+    result: Result<StuckFlow, RequestError>,
+) -> Result<(StatusCode, axum::Json<StuckFlowView>), ApiError> {
     match result {
         Ok(record) => Ok((StatusCode::ACCEPTED, axum::Json(record.into()))),
         Err(e @ RequestError::NotFound(_)) => Err(ApiError::NotFound(format!(

@@ -15,8 +15,8 @@ pub mod bus;
 pub mod catalogue;
 pub mod pii;
 pub mod process;
-pub mod stuck;
 pub mod store;
+pub mod stuck;
 
 pub use bus::{CommandBus, CommandContext, CommandError, Committed, RetryPolicy};
 pub use catalogue::{CatalogueError, CatalogueStore};

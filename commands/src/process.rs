@@ -388,10 +388,7 @@ impl OrderFlow {
                     "void-payment",
                     order_id,
                     command,
-                    |e| {
-                        matches!(e, PaymentError::NotFound)
-                            || payment_in(e, &["Voided", "Failed"])
-                    },
+                    |e| matches!(e, PaymentError::NotFound) || payment_in(e, &["Voided", "Failed"]),
                 )
                 .await?;
                 Ok(())
@@ -503,15 +500,9 @@ impl OrderFlow {
             preparation_ready_at,
             average_speed_kmh: settings.courier_speed_kmh,
         };
-        self.step(
-            tx,
-            &self.deliveries,
-            cause,
-            step,
-            order_id,
-            command,
-            |e| matches!(e, DeliveryError::AlreadyRequested),
-        )
+        self.step(tx, &self.deliveries, cause, step, order_id, command, |e| {
+            matches!(e, DeliveryError::AlreadyRequested)
+        })
         .await?;
         Ok(())
     }
@@ -606,7 +597,8 @@ impl OrderFlow {
         let order_id = cause.aggregate_id.as_str();
         let step = "earn-points";
         let facts = self.facts(tx, order_id).await?;
-        let region = RegionCode::parse(facts.region.clone()).map_err(|e| event_error(e.to_string()))?;
+        let region =
+            RegionCode::parse(facts.region.clone()).map_err(|e| event_error(e.to_string()))?;
         let catalogue = self.catalogue.current();
         let Some(settings) = catalogue.regions.get(&region) else {
             let reason = format!("region `{region}` has no rewards rates in the catalogue");
@@ -632,10 +624,16 @@ impl OrderFlow {
             .await?;
         if earned == Outcome::Done && facts.refunded_minor > 0 {
             // A refund arrived before the points were earned: take its share back at once.
-            let refunded =
-                Money::new(facts.refunded_minor, currency).map_err(|e| event_error(e.to_string()))?;
-            self.reverse_points(tx, cause, "reverse-points-refunded-earlier", &facts, refunded)
-                .await?;
+            let refunded = Money::new(facts.refunded_minor, currency)
+                .map_err(|e| event_error(e.to_string()))?;
+            self.reverse_points(
+                tx,
+                cause,
+                "reverse-points-refunded-earlier",
+                &facts,
+                refunded,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -654,8 +652,10 @@ impl OrderFlow {
             idempotency_key: self.context(cause, step).command_id.to_string(),
         };
         let customer = facts.customer_id.to_string();
-        self.step(tx, &self.rewards, cause, step, &customer, command, |_| false)
-            .await?;
+        self.step(tx, &self.rewards, cause, step, &customer, command, |_| {
+            false
+        })
+        .await?;
         Ok(())
     }
 
@@ -777,8 +777,7 @@ impl OrderFlow {
             if claimed.status == "retry_requested" {
                 self.react(&mut tx, &cause).await?;
                 // Refused again, the record was re-opened (with the new reason) by the step.
-                if stuck::status(&mut tx, claimed.id).await?.as_deref() == Some("retry_requested")
-                {
+                if stuck::status(&mut tx, claimed.id).await?.as_deref() == Some("retry_requested") {
                     let resolution = format!("retried by {who}: the step went through");
                     stuck::close(&mut tx, claimed.id, "retried", &resolution).await?;
                 }

@@ -76,7 +76,12 @@ pub struct InvalidSetting {
     pub reason: String,
 }
 
-fn within(field: &'static str, value: u32, range: std::ops::RangeInclusive<u32>, what: &str) -> Result<(), InvalidSetting> {
+fn within(
+    field: &'static str,
+    value: u32,
+    range: std::ops::RangeInclusive<u32>,
+    what: &str,
+) -> Result<(), InvalidSetting> {
     if range.contains(&value) {
         Ok(())
     } else {
@@ -103,7 +108,12 @@ impl RegionSettings {
                 reason: "cannot be negative".to_owned(),
             });
         }
-        within("tax_basis_points", self.tax_basis_points, 0..=10_000, "100 % at most")?;
+        within(
+            "tax_basis_points",
+            self.tax_basis_points,
+            0..=10_000,
+            "100 % at most",
+        )?;
         within(
             "accept_within_minutes",
             self.accept_within_minutes,
@@ -549,6 +559,9 @@ mod tests {
             latitude: 91.0,
             ..store
         };
-        assert_eq!(nowhere.check(&catalogue).map_err(|e| e.field), Err("latitude"));
+        assert_eq!(
+            nowhere.check(&catalogue).map_err(|e| e.field),
+            Err("latitude")
+        );
     }
 }

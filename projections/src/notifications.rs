@@ -347,7 +347,8 @@ impl Projection for NotificationsProjection {
                     else {
                         continue;
                     };
-                    let mut payload = delivery_failed_payload(id, &format!("{reason:?}"), failed_at);
+                    let mut payload =
+                        delivery_failed_payload(id, &format!("{reason:?}"), failed_at);
                     match orders.get(id) {
                         Some(facts) => {
                             payload["total"] = money(facts.total_minor, &facts.currency);

@@ -223,7 +223,11 @@ fn operator() -> String {
     )
 }
 
-async fn stuck_flows(pool: &PgPool, command: StuckFlows, out: &mut impl Write) -> anyhow::Result<()> {
+async fn stuck_flows(
+    pool: &PgPool,
+    command: StuckFlows,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     use commands::stuck::{self, Request};
     match command {
         StuckFlows::List { status, order } => {
@@ -269,7 +273,10 @@ async fn stuck_flows(pool: &PgPool, command: StuckFlows, out: &mut impl Write) -
                 bail!("--reason: give 1 to 400 characters; it becomes the cancellation reason");
             }
             stuck::request(pool, id, Request::Resolve, &operator(), Some(reason)).await?;
-            writeln!(out, "{id}: resolution requested (the order will be cancelled)")?;
+            writeln!(
+                out,
+                "{id}: resolution requested (the order will be cancelled)"
+            )?;
         }
     }
     Ok(())

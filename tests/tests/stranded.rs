@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use backbone_tests::tools::replay_tools;
 use backbone_tests::{
-    act, client_as, eventually, order_request, place_request, post_webhook, Role, Running,
-    TestEnv,
+    act, client_as, eventually, order_request, place_request, post_webhook, Role, Running, TestEnv,
 };
 use commands::process::OrderFlow;
 use commands::CatalogueStore;
@@ -117,9 +116,11 @@ impl Backbone {
     }
 
     async fn wait_for_status(&self, order_id: &str, wanted: &str) {
-        eventually(WAIT, &format!("order {order_id} to be {wanted}"), || async {
-            (self.status(order_id).await.as_deref() == Some(wanted)).then_some(())
-        })
+        eventually(
+            WAIT,
+            &format!("order {order_id} to be {wanted}"),
+            || async { (self.status(order_id).await.as_deref() == Some(wanted)).then_some(()) },
+        )
         .await;
     }
 
@@ -198,7 +199,12 @@ impl Backbone {
             .as_array()
             .expect("items")
             .iter()
-            .map(|n| (n["kind"].as_str().unwrap_or_default().to_owned(), n["payload"].clone()))
+            .map(|n| {
+                (
+                    n["kind"].as_str().unwrap_or_default().to_owned(),
+                    n["payload"].clone(),
+                )
+            })
             .collect()
     }
 
@@ -239,7 +245,12 @@ async fn a_failed_and_returned_delivery_ends_the_order_voids_the_payment_gives_b
     assert_eq!(status, 200);
     let mut request = order_request(customer);
     request["redeem_points"] = json!(200);
-    let order_id = place_request(&client_as(Role::Customer, customer), &backbone.api, &request).await;
+    let order_id = place_request(
+        &client_as(Role::Customer, customer),
+        &backbone.api,
+        &request,
+    )
+    .await;
     backbone.wait_for_status(&order_id, "Confirmed").await;
     eventually(WAIT, "the redemption to be debited", || async {
         (backbone.points(customer).await["balance"] == json!(300)).then_some(())
@@ -248,13 +259,18 @@ async fn a_failed_and_returned_delivery_ends_the_order_voids_the_payment_gives_b
 
     backbone.prepare(&order_id).await;
     backbone.assign_courier(&order_id).await;
-    backbone.deliver(&order_id, json!({"action": "pick_up"})).await;
+    backbone
+        .deliver(&order_id, json!({"action": "pick_up"}))
+        .await;
     backbone.wait_for_status(&order_id, "OutForDelivery").await;
     backbone
         .deliver(&order_id, json!({"action": "arrive_at_dropoff"}))
         .await;
     backbone
-        .deliver(&order_id, json!({"action": "fail", "reason": "CustomerUnreachable"}))
+        .deliver(
+            &order_id,
+            json!({"action": "fail", "reason": "CustomerUnreachable"}),
+        )
         .await;
     backbone
         .deliver(&order_id, json!({"action": "return_to_store"}))
@@ -269,7 +285,10 @@ async fn a_failed_and_returned_delivery_ends_the_order_voids_the_payment_gives_b
     })
     .await;
     let payment = backbone.history("payment", &order_id).await;
-    assert!(!payment.contains(&"PaymentCaptured".to_owned()), "{payment:?}");
+    assert!(
+        !payment.contains(&"PaymentCaptured".to_owned()),
+        "{payment:?}"
+    );
     eventually(WAIT, "the redeemed points to be given back", || async {
         (backbone.points(customer).await["balance"] == json!(500)).then_some(())
     })
@@ -326,14 +345,22 @@ async fn a_step_that_cannot_proceed_is_a_stuck_flow_operators_list_retry_and_res
     region["points_expire_in_days"] = json!(0);
     let (status, problem) = backbone.put("/admin/regions/uk", &region).await;
     assert_eq!(status, 422, "{problem}");
-    assert!(problem["detail"].to_string().contains("points_expire_in_days"), "{problem}");
+    assert!(
+        problem["detail"]
+            .to_string()
+            .contains("points_expire_in_days"),
+        "{problem}"
+    );
     let mut nowhere = store.clone();
     nowhere["region"] = json!("xx-none");
     let (status, problem) = backbone
         .put(&format!("/admin/stores/{}", Uuid::new_v4()), &nowhere)
         .await;
     assert_eq!(status, 422, "{problem}");
-    assert!(problem["detail"].to_string().contains("region"), "{problem}");
+    assert!(
+        problem["detail"].to_string().contains("region"),
+        "{problem}"
+    );
     // So is an order whose drop-off no courier could reach from its store.
     let mut far = order_request(Uuid::new_v4());
     far["delivery_address"]["latitude"] = json!(57.48);
@@ -350,7 +377,9 @@ async fn a_step_that_cannot_proceed_is_a_stuck_flow_operators_list_retry_and_res
     let mut moved = store.clone();
     moved["latitude"] = json!(55.95);
     moved["longitude"] = json!(-3.19);
-    let (status, body) = backbone.put(&format!("/admin/stores/{store_id}"), &moved).await;
+    let (status, body) = backbone
+        .put(&format!("/admin/stores/{store_id}"), &moved)
+        .await;
     assert_eq!(status, 204, "{body}");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -390,10 +419,17 @@ async fn a_step_that_cannot_proceed_is_a_stuck_flow_operators_list_retry_and_res
     let (kept_id, given_up_id) = (id_of(&kept), id_of(&given_up));
     // Operators also see them with replay-tools and in the metrics.
     let output = replay_tools(&backbone.env, &["stuck-flows", "list"], &[]).await;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let listed = String::from_utf8_lossy(&output.stdout);
     assert_eq!(listed.lines().count(), 2, "{listed}");
-    assert!(listed.contains(&kept) && listed.contains("request-delivery"), "{listed}");
+    assert!(
+        listed.contains(&kept) && listed.contains("request-delivery"),
+        "{listed}"
+    );
     let metrics = reqwest::get(format!("{}/metrics", backbone.api))
         .await
         .expect("metrics")
@@ -420,12 +456,20 @@ async fn a_step_that_cannot_proceed_is_a_stuck_flow_operators_list_retry_and_res
         &[],
     )
     .await;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     backbone.wait_for_status(&given_up, "Cancelled").await;
-    eventually(WAIT, "the given-up order's payment to be voided", || async {
-        let payment = backbone.history("payment", &given_up).await;
-        payment.contains(&"PaymentVoided".to_owned()).then_some(())
-    })
+    eventually(
+        WAIT,
+        "the given-up order's payment to be voided",
+        || async {
+            let payment = backbone.history("payment", &given_up).await;
+            payment.contains(&"PaymentVoided".to_owned()).then_some(())
+        },
+    )
     .await;
     let cancelled = backbone
         .wait_for_notification(customer, "order_cancelled")
@@ -447,11 +491,17 @@ async fn a_step_that_cannot_proceed_is_a_stuck_flow_operators_list_retry_and_res
     assert!(resolved["resolution"].is_string());
 
     // The other is retried once the store is back where it belongs (API); it goes on.
-    let (status, body) = backbone.put(&format!("/admin/stores/{store_id}"), &store).await;
+    let (status, body) = backbone
+        .put(&format!("/admin/stores/{store_id}"), &store)
+        .await;
     assert_eq!(status, 204, "{body}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, body) = backbone
-        .post(&admin, &format!("/admin/stuck-flows/{kept_id}/retry"), &json!({}))
+        .post(
+            &admin,
+            &format!("/admin/stuck-flows/{kept_id}/retry"),
+            &json!({}),
+        )
         .await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["status"], "retry_requested");
@@ -463,12 +513,19 @@ async fn a_step_that_cannot_proceed_is_a_stuck_flow_operators_list_retry_and_res
     })
     .await;
     let delivery = backbone.history("delivery", &kept).await;
-    assert_eq!(delivery.first().map(String::as_str), Some("DeliveryRequested"));
+    assert_eq!(
+        delivery.first().map(String::as_str),
+        Some("DeliveryRequested")
+    );
     backbone.assign_courier(&kept).await;
     // Nothing is left waiting, and a finished record is not retried twice.
     assert!(backbone.stuck_flows("").await.is_empty());
     let (status, _) = backbone
-        .post(&admin, &format!("/admin/stuck-flows/{kept_id}/retry"), &json!({}))
+        .post(
+            &admin,
+            &format!("/admin/stuck-flows/{kept_id}/retry"),
+            &json!({}),
+        )
         .await;
     assert_eq!(status, 409);
 
@@ -484,9 +541,13 @@ async fn a_refund_takes_back_the_points_earned_for_what_was_refunded_and_a_custo
     backbone.wait_for_status(&order_id, "Confirmed").await;
     backbone.prepare(&order_id).await;
     backbone.assign_courier(&order_id).await;
-    backbone.deliver(&order_id, json!({"action": "pick_up"})).await;
+    backbone
+        .deliver(&order_id, json!({"action": "pick_up"}))
+        .await;
     backbone.wait_for_status(&order_id, "OutForDelivery").await;
-    backbone.deliver(&order_id, json!({"action": "deliver"})).await;
+    backbone
+        .deliver(&order_id, json!({"action": "deliver"}))
+        .await;
     backbone.wait_for_status(&order_id, "Completed").await;
 
     // The customer reads their points: one lot, with its expiry, from the completed order.
@@ -536,8 +597,12 @@ async fn a_refund_takes_back_the_points_earned_for_what_was_refunded_and_a_custo
     .await;
 
     // The rest is refunded: a fully refunded order keeps none, not even in lifetime earned.
-    let response =
-        post_webhook(&backbone.api, &order_id, &refund("refund-2", total - quarter)).await;
+    let response = post_webhook(
+        &backbone.api,
+        &order_id,
+        &refund("refund-2", total - quarter),
+    )
+    .await;
     assert_eq!(response.status().as_u16(), 200);
     let after = eventually(WAIT, "every point to be taken back", || async {
         let points = backbone.points(customer).await;

@@ -1107,7 +1107,10 @@ fn reverse(order_n: u128, refunded_minor: i64, k: &str) -> RewardsCommand {
 #[test]
 fn a_refund_takes_back_the_refunded_share_of_the_points_from_the_orders_own_lot_first() {
     // Order 2 earned 100 points on a total of 10000; lot 1 (another order) expires sooner.
-    let history = vec![earned(1, 50, t0() + days(10)), earned(2, 100, t0() + days(365))];
+    let history = vec![
+        earned(1, 50, t0() + days(10)),
+        earned(2, 100, t0() + days(365)),
+    ];
     at(t0())
         .given(history.clone())
         .when(reverse(2, 2_500, "refund-1"))
