@@ -99,6 +99,8 @@ pub struct Cause {
 }
 
 /// The events the flow reacts to.
+// `OrderPlaced` is large, but a cause is handled one at a time, never held in bulk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FlowEvent {
     Order(OrderEvent),

@@ -525,7 +525,8 @@ mod tests {
     #[test]
     fn region_values_that_would_strand_a_later_step_are_refused_naming_the_field() {
         assert_eq!(uk().check(), Ok(()));
-        let cases: [(&str, fn(&mut RegionSettings)); 5] = [
+        type Spoil = fn(&mut RegionSettings);
+        let cases: [(&str, Spoil); 5] = [
             ("points_expire_in_days", |r| r.points_expire_in_days = 0),
             ("points_per_100_minor", |r| r.points_per_100_minor = 0),
             ("courier_speed_kmh", |r| r.courier_speed_kmh = 0),
