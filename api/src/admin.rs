@@ -69,18 +69,10 @@ pub async fn put_region(
 ) -> Result<axum::http::StatusCode, ApiError> {
     principal.authorize_any(Action::ManageCatalogue)?;
     let code = RegionCode::parse(code).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
-    check(
-        settings.delivery_fee_minor >= 0,
-        "delivery_fee_minor cannot be negative",
-    )?;
-    check(
-        settings.tax_basis_points <= 10_000,
-        "tax_basis_points is at most 10000 (100 %)",
-    )?;
-    check(
-        (1..=120).contains(&settings.courier_speed_kmh),
-        "courier_speed_kmh must be between 1 and 120",
-    )?;
+    // Values the order flow would be refused with later, in the background.
+    settings
+        .check()
+        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     stored(
         state
             .catalogue
@@ -147,10 +139,9 @@ pub async fn put_store(
     let id: StoreId = store_id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("`{store_id}` is not a store id (a UUID)")))?;
-    check(
-        (-90.0..=90.0).contains(&store.latitude) && (-180.0..=180.0).contains(&store.longitude),
-        "store coordinates are out of range",
-    )?;
+    store
+        .check(&state.catalogue.current())
+        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     stored(
         state
             .catalogue

@@ -259,10 +259,16 @@ pub enum Action {
     RedriveDeadLetters,
     ReadAudit,
     EraseCustomer,
+    /// A customer's points balance and lots.
+    ViewRewards,
+    /// The order-flow steps that could not proceed.
+    ViewStuckFlows,
+    /// Retry a stuck flow, or resolve it by cancelling the order with compensation.
+    ManageStuckFlows,
 }
 
 impl Action {
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 26] = [
         Self::PlaceOrder,
         Self::CustomerOrderStep,
         Self::StoreOrderStep,
@@ -286,6 +292,9 @@ impl Action {
         Self::RedriveDeadLetters,
         Self::ReadAudit,
         Self::EraseCustomer,
+        Self::ViewRewards,
+        Self::ViewStuckFlows,
+        Self::ManageStuckFlows,
     ];
 
     /// Whether the action changes anything.
@@ -301,6 +310,8 @@ impl Action {
                 | Self::ViewCatalogue
                 | Self::ViewOperations
                 | Self::ReadAudit
+                | Self::ViewRewards
+                | Self::ViewStuckFlows
         )
     }
 
@@ -329,6 +340,9 @@ impl Action {
             Self::RedriveDeadLetters => "re-drive dead letters",
             Self::ReadAudit => "read the audit history",
             Self::EraseCustomer => "erase a customer's personal data",
+            Self::ViewRewards => "view a customer's points",
+            Self::ViewStuckFlows => "view stuck order flows",
+            Self::ManageStuckFlows => "retry or resolve stuck order flows",
         }
     }
 }
@@ -362,6 +376,9 @@ pub const fn access(action: Action, role: Role) -> Access {
         Action::RedriveDeadLetters =>    [D,      D,    D,      A,    D,      D],
         Action::ReadAudit =>             [D,      D,    D,      A,    D,      A],
         Action::EraseCustomer =>         [D,      D,    D,      A,    D,      D],
+        Action::ViewRewards =>           [O,      D,    D,      A,    D,      A],
+        Action::ViewStuckFlows =>        [D,      D,    D,      A,    D,      D],
+        Action::ManageStuckFlows =>      [D,      D,    D,      A,    D,      D],
     };
     row[role.column()]
 }
@@ -704,6 +721,7 @@ pub fn route_actions(method: &Method, route: &str) -> Option<&'static [Action]> 
         "/customers/{customer_id}/rewards/actions" if post => {
             &[A::CustomerRewardsAction, A::OperatorRewardsAction]
         }
+        "/customers/{customer_id}/rewards" if get => &[A::ViewRewards],
         "/customers/{customer_id}/ads/exposures" if post => &[A::RecordAdExposure],
         "/customers/{customer_id}/ads/profile" | "/customers/{customer_id}/ads/promotion"
             if get =>
@@ -735,6 +753,10 @@ pub fn route_actions(method: &Method, route: &str) -> Option<&'static [Action]> 
             &[A::RedriveDeadLetters]
         }
         "/admin/customers/{customer_id}/erasure" if post => &[A::EraseCustomer],
+        "/admin/stuck-flows" if get => &[A::ViewStuckFlows],
+        "/admin/stuck-flows/{id}/retry" | "/admin/stuck-flows/{id}/resolve" if post => {
+            &[A::ManageStuckFlows]
+        }
         r if put && r.starts_with("/admin/") => &[A::ManageCatalogue],
         r if get && r.starts_with("/audit/") => &[A::ReadAudit],
         _ => return None,

@@ -39,6 +39,7 @@ pub mod ratings;
 pub mod read_models;
 pub mod rewards;
 pub mod serve;
+pub mod stuck_flows;
 pub mod tracking;
 
 use std::future::Future;
@@ -265,6 +266,7 @@ impl std::fmt::Debug for AppState {
         tracking::stream,
         deliveries::act_on_delivery,
         rewards::act_on_rewards,
+        rewards::balance,
         ads::record_exposure,
         ads::profile,
         ads::promotion,
@@ -291,6 +293,9 @@ impl std::fmt::Debug for AppState {
         read_models::redrive_all,
         audit::events,
         privacy::erase_customer,
+        stuck_flows::list,
+        stuck_flows::retry,
+        stuck_flows::resolve,
         health::live,
         health::ready,
         metrics_endpoint,
@@ -349,6 +354,7 @@ pub fn router(
             "/customers/{customer_id}/rewards/actions",
             post(rewards::act_on_rewards),
         )
+        .route("/customers/{customer_id}/rewards", get(rewards::balance))
         .route(
             "/customers/{customer_id}/ads/exposures",
             post(ads::record_exposure),
@@ -409,6 +415,12 @@ pub fn router(
         .route(
             "/admin/customers/{customer_id}/erasure",
             post(privacy::erase_customer),
+        )
+        .route("/admin/stuck-flows", get(stuck_flows::list))
+        .route("/admin/stuck-flows/{id}/retry", post(stuck_flows::retry))
+        .route(
+            "/admin/stuck-flows/{id}/resolve",
+            post(stuck_flows::resolve),
         )
         .merge(audit::router())
         .route("/openapi.json", get(openapi))

@@ -30,7 +30,8 @@ pub struct NotificationView {
     /// Increases with every notification: the cursor, and the SSE event id.
     pub id: i64,
     pub customer_id: Uuid,
-    /// `order_confirmed`, `order_out_for_delivery`, `order_delivered` or `points_earned`.
+    /// `order_confirmed`, `order_out_for_delivery`, `order_delivered`, `order_rejected`,
+    /// `order_cancelled`, `delivery_failed` or `points_earned`.
     #[schema(example = "order_confirmed")]
     pub kind: String,
     /// The order it is about (for points: the order that earned them).
@@ -38,8 +39,9 @@ pub struct NotificationView {
     /// The event that caused it.
     pub event_id: Uuid,
     /// What the app shows: `order_id`, `status`, `total` {minor, currency} and `at` for order
-    /// notifications; `order_id`, `points`, `order_total`, `multiplier_bp`, `expires_at` and
-    /// `at` for points earned.
+    /// notifications (with `reason` for a rejection, `cancelled_by` and `reason` for a
+    /// cancellation, `reason` such as `CustomerUnreachable` for a failed delivery); `order_id`,
+    /// `points`, `order_total`, `multiplier_bp`, `expires_at` and `at` for points earned.
     #[schema(value_type = Object)]
     pub payload: serde_json::Value,
     /// When the causing event was recorded.
@@ -77,8 +79,8 @@ pub struct NotificationsQuery {
     pub cursor: Option<String>,
     /// Page size, 1 to 500 (default 50).
     pub limit: Option<i64>,
-    /// Only this kind: `order_confirmed`, `order_out_for_delivery`, `order_delivered` or
-    /// `points_earned`.
+    /// Only this kind: `order_confirmed`, `order_out_for_delivery`, `order_delivered`,
+    /// `order_rejected`, `order_cancelled`, `delivery_failed` or `points_earned`.
     pub kind: Option<String>,
     /// A command's `position.token` (an order or rewards command): wait (bounded) until the
     /// notifications include its effects; 503 with Retry-After if they do not yet.

@@ -235,3 +235,109 @@ pub async fn act_on_rewards(
         events: committed.event_types,
     }))
 }
+
+/// One lot of points: what it was credited with, what is left of it, and when that expires.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LotView {
+    /// The lot's number in the ledger (1, 2, ...).
+    pub lot: u32,
+    /// Points the lot was credited with.
+    pub points: u64,
+    /// Points left in it (not spent, donated, expired or taken back).
+    pub remaining: u64,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// Past its expiry: what remains is no longer spendable.
+    pub expired: bool,
+}
+
+/// A running or past subscription.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubscriptionView {
+    #[schema(example = "Plus")]
+    pub tier: String,
+    /// `Active`, `Cancelled` (runs until `until`) or `Lapsed`.
+    #[schema(example = "Active")]
+    pub status: String,
+    pub until: chrono::DateTime<chrono::Utc>,
+    /// Points multiplier in basis points (15000 = 1.5x).
+    pub multiplier_bp: u32,
+    pub free_delivery: bool,
+}
+
+/// A customer's points: the spendable balance and every lot with its expiry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RewardsBalance {
+    pub customer_id: Uuid,
+    /// Points spendable now (unexpired lots' remaining points).
+    pub balance: u64,
+    /// Points earned on orders and not taken back by a refund (what tiers use).
+    pub lifetime_earned: u64,
+    /// Lots with points left, the soonest to expire first (they are spent first).
+    pub lots: Vec<LotView>,
+    pub subscription: Option<SubscriptionView>,
+    /// Sequence of the ledger's last event: the balance as of that event.
+    pub sequence: u64,
+}
+
+/// A customer's points balance and lots with their expiry dates, read from the ledger itself
+/// (always current). A customer reads only their own.
+#[utoipa::path(
+    get, path = "/customers/{customer_id}/rewards", tag = "rewards",
+    params(("customer_id" = Uuid, Path, description = "The customer")),
+    responses(
+        (status = 200, description = "Balance and lots (zero and none for a customer who never earned)", body = RewardsBalance),
+        (status = 400, description = "Not a customer id", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Someone else's ledger", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn balance(
+    State(state): State<AppState>,
+    principal: Principal,
+    PathParams(raw_id): PathParams<String>,
+) -> Result<axum::Json<RewardsBalance>, ApiError> {
+    let customer_id = Uuid::parse_str(&raw_id)
+        .map_err(|_| ApiError::BadRequest(format!("`{raw_id}` is not a customer id (a UUID)")))?;
+    principal.authorize(Action::ViewRewards, &Owner::customer(customer_id))?;
+    let id = customer_id.to_string();
+    let sequence = state
+        .rewards
+        .current_sequence(&id)
+        .await
+        .map_err(ApiError::internal)?;
+    let now = chrono::Utc::now();
+    let mut view = state
+        .rewards
+        .state(&id, |ledger| {
+            let mut lots: Vec<LotView> = ledger
+                .lots
+                .iter()
+                .filter(|l| l.remaining > 0)
+                .map(|l| LotView {
+                    lot: l.lot,
+                    points: l.points,
+                    remaining: l.remaining,
+                    expires_at: l.expires_at,
+                    expired: l.expires_at <= now,
+                })
+                .collect();
+            lots.sort_by_key(|l| (l.expires_at, l.lot));
+            RewardsBalance {
+                customer_id,
+                balance: ledger.available_at(now),
+                lifetime_earned: ledger.lifetime_earned,
+                lots,
+                subscription: ledger.subscription.as_ref().map(|s| SubscriptionView {
+                    tier: format!("{:?}", s.tier),
+                    status: format!("{:?}", s.status),
+                    until: s.until,
+                    multiplier_bp: s.multiplier_bp,
+                    free_delivery: s.free_delivery,
+                }),
+                sequence: 0,
+            }
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    view.sequence = sequence;
+    Ok(axum::Json(view))
+}

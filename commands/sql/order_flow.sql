@@ -29,3 +29,7 @@ ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS dropoff_longitude double 
 ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS points_redeemed bigint NOT NULL DEFAULT 0;
 
 CREATE INDEX IF NOT EXISTS deadlines_due ON order_flow.deadlines (due_at) WHERE fired_at IS NULL;
+
+-- Everything refunded on the order's payment so far (points earned after a refund are taken
+-- back at once).
+ALTER TABLE order_flow.orders ADD COLUMN IF NOT EXISTS refunded_minor bigint NOT NULL DEFAULT 0;

@@ -313,4 +313,8 @@ impl Pricing for CatalogueStore {
         self.current()
             .quote(region, lines, redeem_points, promotion)
     }
+
+    fn store_location(&self, store: &domain::StoreId) -> Option<domain::delivery::GeoPoint> {
+        self.current().store_location(store)
+    }
 }

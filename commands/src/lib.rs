@@ -16,6 +16,7 @@ pub mod catalogue;
 pub mod pii;
 pub mod process;
 pub mod store;
+pub mod stuck;
 
 pub use bus::{CommandBus, CommandContext, CommandError, Committed, RetryPolicy};
 pub use catalogue::{CatalogueError, CatalogueStore};

@@ -67,6 +67,127 @@ pub struct RegionSettings {
     pub donation_minor_per_100_points: u32,
 }
 
+/// A catalogue value that would make a later step of the order flow impossible, named by its
+/// field (the admin API answers 422 with it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidSetting {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn within(
+    field: &'static str,
+    value: u32,
+    range: std::ops::RangeInclusive<u32>,
+    what: &str,
+) -> Result<(), InvalidSetting> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(InvalidSetting {
+            field,
+            reason: format!(
+                "must be between {} and {} ({what}); got {value}",
+                range.start(),
+                range.end()
+            ),
+        })
+    }
+}
+
+impl RegionSettings {
+    /// Refuses values that the aggregates would refuse later, in the background: an order
+    /// accepted under them could never earn its points, get its delivery or be paid for. The
+    /// bounds are the aggregates' own.
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        use crate::rewards::{MAX_DONATION_RATE, MAX_EARN_RATE, MAX_EXPIRY_DAYS};
+        if self.delivery_fee_minor < 0 {
+            return Err(InvalidSetting {
+                field: "delivery_fee_minor",
+                reason: "cannot be negative".to_owned(),
+            });
+        }
+        within(
+            "tax_basis_points",
+            self.tax_basis_points,
+            0..=10_000,
+            "100 % at most",
+        )?;
+        within(
+            "accept_within_minutes",
+            self.accept_within_minutes,
+            1..=24 * 60,
+            "a store needs time to accept",
+        )?;
+        within(
+            "rating_window_days",
+            self.rating_window_days,
+            1..=365,
+            "a customer needs time to rate",
+        )?;
+        within(
+            "points_per_100_minor",
+            self.points_per_100_minor,
+            1..=MAX_EARN_RATE,
+            "completed orders could not earn points",
+        )?;
+        within(
+            "points_expire_in_days",
+            self.points_expire_in_days,
+            1..=MAX_EXPIRY_DAYS,
+            "completed orders could not earn points",
+        )?;
+        within(
+            "courier_speed_kmh",
+            self.courier_speed_kmh,
+            1..=crate::delivery::MAX_AVERAGE_SPEED_KMH,
+            "accepted orders could not get a delivery",
+        )?;
+        within(
+            "redeem_minor_per_100_points",
+            self.redeem_minor_per_100_points,
+            1..=MAX_DONATION_RATE,
+            "points could not be redeemed",
+        )?;
+        within(
+            "donation_minor_per_100_points",
+            self.donation_minor_per_100_points,
+            1..=MAX_DONATION_RATE,
+            "points could not be donated",
+        )
+    }
+}
+
+impl StoreSettings {
+    /// Refuses a store no delivery could be requested from: coordinates out of range, or a
+    /// region the catalogue does not serve (the order flow reads the courier speed there).
+    pub fn check(&self, catalogue: &Catalogue) -> Result<(), InvalidSetting> {
+        let location = crate::delivery::GeoPoint {
+            latitude: self.latitude,
+            longitude: self.longitude,
+        };
+        if !location.is_valid() {
+            return Err(InvalidSetting {
+                field: "latitude",
+                reason: "latitude must be within -90..=90 and longitude within -180..=180"
+                    .to_owned(),
+            });
+        }
+        if !catalogue.regions.contains_key(&self.region) {
+            return Err(InvalidSetting {
+                field: "region",
+                reason: format!(
+                    "region `{}` is not in the catalogue; deliveries from the store could not \
+                     be requested",
+                    self.region
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 const fn default_donation_rate() -> u32 {
     50
 }
@@ -274,6 +395,12 @@ pub trait Pricing: Send + Sync {
         redeem_points: u64,
         promotion: Option<&str>,
     ) -> Result<Quote, PricingError>;
+
+    /// Where a store picks its orders up, if the catalogue knows the store (placement refuses
+    /// a drop-off no courier could reach from there).
+    fn store_location(&self, _store: &crate::StoreId) -> Option<crate::delivery::GeoPoint> {
+        None
+    }
 }
 
 impl Pricing for Catalogue {
@@ -367,6 +494,13 @@ impl Pricing for Catalogue {
             rating_window_days: settings.rating_window_days,
         })
     }
+
+    fn store_location(&self, store: &crate::StoreId) -> Option<crate::delivery::GeoPoint> {
+        self.stores.get(store).map(|s| crate::delivery::GeoPoint {
+            latitude: s.latitude,
+            longitude: s.longitude,
+        })
+    }
 }
 
 /// What the order aggregate needs from outside.
@@ -385,5 +519,69 @@ impl OrderServices {
 impl fmt::Debug for OrderServices {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OrderServices").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uk() -> RegionSettings {
+        RegionSettings {
+            currency: Currency::parse("GBP").expect("GBP"),
+            tax_basis_points: 2_000,
+            delivery_fee_minor: 299,
+            accept_within_minutes: 11,
+            rating_window_days: 7,
+            points_per_100_minor: 5,
+            points_expire_in_days: 365,
+            courier_speed_kmh: 15,
+            redeem_minor_per_100_points: 100,
+            donation_minor_per_100_points: 50,
+        }
+    }
+
+    #[test]
+    fn region_values_that_would_strand_a_later_step_are_refused_naming_the_field() {
+        assert_eq!(uk().check(), Ok(()));
+        type Spoil = fn(&mut RegionSettings);
+        let cases: [(&str, Spoil); 5] = [
+            ("points_expire_in_days", |r| r.points_expire_in_days = 0),
+            ("points_per_100_minor", |r| r.points_per_100_minor = 0),
+            ("courier_speed_kmh", |r| r.courier_speed_kmh = 0),
+            ("accept_within_minutes", |r| r.accept_within_minutes = 0),
+            ("donation_minor_per_100_points", |r| {
+                r.donation_minor_per_100_points = 0;
+            }),
+        ];
+        for (field, spoil) in cases {
+            let mut settings = uk();
+            spoil(&mut settings);
+            assert_eq!(settings.check().map_err(|e| e.field), Err(field));
+        }
+    }
+
+    #[test]
+    fn a_store_in_a_region_the_catalogue_does_not_serve_is_refused() {
+        let mut catalogue = Catalogue::default();
+        let store = StoreSettings {
+            name: "Far away".to_owned(),
+            region: RegionCode::parse("uk").expect("uk"),
+            latitude: 51.5,
+            longitude: -0.1,
+        };
+        assert_eq!(store.check(&catalogue).map_err(|e| e.field), Err("region"));
+        catalogue
+            .regions
+            .insert(RegionCode::parse("uk").expect("uk"), uk());
+        assert_eq!(store.check(&catalogue), Ok(()));
+        let nowhere = StoreSettings {
+            latitude: 91.0,
+            ..store
+        };
+        assert_eq!(
+            nowhere.check(&catalogue).map_err(|e| e.field),
+            Err("latitude")
+        );
     }
 }

@@ -1,11 +1,15 @@
 //! The notifications read model: what a customer is told, one record per customer and causing
-//! event — the order confirmed, out for delivery, delivered, and rewards points earned.
+//! event — the order confirmed, out for delivery, delivered, rejected by the store, cancelled
+//! (with who and why), its delivery failed, and rewards points earned.
 //!
 //! Records are the cursor-ordered feed behind the customer's notification list, its SSE stream
 //! (woken by a `projections::live` signal on channel [`LIVE_CHANNEL`] keyed by customer) and the
 //! webhook delivery worker ([`crate::notifier`]). The order's events do not name its customer, so
 //! the projection remembers order → customer (and the current total) from `OrderPlaced` and
 //! `OrderModified`; an order's events arrive in order, so the placement is always known first.
+//! A delivery's failure comes from another topic: if it is applied before the order's placement
+//! (a rebuild reads the topics side by side), it waits in `pending_delivery_failures` and is
+//! told when the placement arrives.
 //!
 //! Replay-safe: every row is a pure function of the events (the record's `created_at` is the
 //! event's `recorded_at`), records are unique per (customer, event) and inserted with
@@ -16,6 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use domain::delivery::DeliveryEvent;
 use domain::order::OrderEvent;
 use domain::rewards::RewardsEvent;
 use serde::Serialize;
@@ -42,15 +47,25 @@ pub enum NotificationKind {
     OrderDelivered,
     /// `PointsEarned` on the customer's rewards ledger.
     PointsEarned,
+    /// `OrderRejected`: the store turned the order down (the payment is voided).
+    OrderRejected,
+    /// `OrderCancelled`, with who cancelled and why (the payment is voided, redeemed points
+    /// given back).
+    OrderCancelled,
+    /// `DeliveryFailed`: the courier could not hand the food over.
+    DeliveryFailed,
 }
 
 impl NotificationKind {
     /// Every kind, as stored and served.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 7] = [
         Self::OrderConfirmed,
         Self::OrderOutForDelivery,
         Self::OrderDelivered,
         Self::PointsEarned,
+        Self::OrderRejected,
+        Self::OrderCancelled,
+        Self::DeliveryFailed,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -59,6 +74,9 @@ impl NotificationKind {
             Self::OrderOutForDelivery => "order_out_for_delivery",
             Self::OrderDelivered => "order_delivered",
             Self::PointsEarned => "points_earned",
+            Self::OrderRejected => "order_rejected",
+            Self::OrderCancelled => "order_cancelled",
+            Self::DeliveryFailed => "delivery_failed",
         }
     }
 
@@ -105,16 +123,49 @@ impl Records {
         payload: serde_json::Value,
         occurred_at: DateTime<Utc>,
     ) {
-        // The event store's commit time; the business time if the header is unreadable.
-        let created_at = DateTime::parse_from_rfc3339(&delivery.meta.recorded_at)
-            .map_or(occurred_at, |t| t.with_timezone(&Utc));
+        self.push_raw(
+            customer_id,
+            kind.as_str(),
+            order_id,
+            delivery.meta.event_id,
+            payload,
+            recorded_at(delivery, occurred_at),
+        );
+    }
+
+    fn push_raw(
+        &mut self,
+        customer_id: Uuid,
+        kind: &'static str,
+        order_id: Option<String>,
+        event_id: Uuid,
+        payload: serde_json::Value,
+        created_at: DateTime<Utc>,
+    ) {
         self.customer_id.push(customer_id);
-        self.kind.push(kind.as_str());
+        self.kind.push(kind);
         self.order_id.push(order_id);
-        self.event_id.push(delivery.meta.event_id);
+        self.event_id.push(event_id);
         self.payload.push(payload);
         self.created_at.push(created_at);
     }
+}
+
+/// The event store's commit time; the business time if the header is unreadable.
+fn recorded_at(delivery: &FirstDelivery<'_>, occurred_at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(&delivery.meta.recorded_at)
+        .map_or(occurred_at, |t| t.with_timezone(&Utc))
+}
+
+/// A delivery failure as told to the customer (its payload, without the order's total until
+/// the order is known).
+fn delivery_failed_payload(order_id: &str, reason: &str, at: DateTime<Utc>) -> serde_json::Value {
+    json!({
+        "order_id": order_id,
+        "status": "DeliveryFailed",
+        "reason": reason,
+        "at": at,
+    })
 }
 
 fn money(minor: i64, currency: &str) -> serde_json::Value {
@@ -122,12 +173,14 @@ fn money(minor: i64, currency: &str) -> serde_json::Value {
 }
 
 /// The order events this read model uses (others are skipped without decoding).
-const ORDER_EVENTS: [&str; 5] = [
+const ORDER_EVENTS: [&str; 7] = [
     "OrderPlaced",
     "OrderModified",
     "OrderConfirmed",
     "OrderOutForDelivery",
     "OrderDelivered",
+    "OrderRejected",
+    "OrderCancelled",
 ];
 
 impl NotificationsProjection {
@@ -139,9 +192,11 @@ impl NotificationsProjection {
         let ids: BTreeSet<&str> = deliveries
             .iter()
             .filter(|d| {
-                d.meta.aggregate_type == domain::order::AGGREGATE_TYPE
+                (d.meta.aggregate_type == domain::order::AGGREGATE_TYPE
                     && ORDER_EVENTS.contains(&d.meta.event_type.as_str())
-                    && d.meta.event_type != "OrderPlaced"
+                    && d.meta.event_type != "OrderPlaced")
+                    || (d.meta.aggregate_type == domain::delivery::AGGREGATE_TYPE
+                        && d.meta.event_type == "DeliveryFailed")
             })
             .map(|d| d.meta.aggregate_id.as_str())
             .collect();
@@ -182,6 +237,7 @@ impl Projection for NotificationsProjection {
         &[
             domain::order::AGGREGATE_TYPE,
             domain::rewards::AGGREGATE_TYPE,
+            domain::delivery::AGGREGATE_TYPE,
         ]
     }
 
@@ -244,15 +300,35 @@ impl Projection for NotificationsProjection {
                         OrderEvent::OrderDelivered { .. } => {
                             (NotificationKind::OrderDelivered, "Delivered")
                         }
+                        OrderEvent::OrderRejected { .. } => {
+                            (NotificationKind::OrderRejected, "Rejected")
+                        }
+                        OrderEvent::OrderCancelled { .. } => {
+                            (NotificationKind::OrderCancelled, "Cancelled")
+                        }
                         _ => continue,
                     };
                     let facts = orders.get(id).ok_or_else(|| unplaced(id))?;
-                    let payload = json!({
+                    let mut payload = json!({
                         "order_id": id,
                         "status": status,
                         "total": money(facts.total_minor, &facts.currency),
                         "at": at,
                     });
+                    match &event {
+                        OrderEvent::OrderRejected { reason, .. } => {
+                            payload["reason"] = json!(format!("{reason:?}"));
+                        }
+                        OrderEvent::OrderCancelled {
+                            cancelled_by,
+                            reason,
+                            ..
+                        } => {
+                            payload["cancelled_by"] = json!(format!("{cancelled_by:?}"));
+                            payload["reason"] = json!(reason);
+                        }
+                        _ => {}
+                    }
                     records.push(
                         delivery,
                         facts.customer_id,
@@ -261,6 +337,45 @@ impl Projection for NotificationsProjection {
                         payload,
                         at,
                     );
+                }
+                domain::delivery::AGGREGATE_TYPE => {
+                    if delivery.meta.event_type != "DeliveryFailed" {
+                        continue;
+                    }
+                    let DeliveryEvent::DeliveryFailed { reason, failed_at } =
+                        delivery.event::<DeliveryEvent>().map_err(event_error)?
+                    else {
+                        continue;
+                    };
+                    let mut payload =
+                        delivery_failed_payload(id, &format!("{reason:?}"), failed_at);
+                    match orders.get(id) {
+                        Some(facts) => {
+                            payload["total"] = money(facts.total_minor, &facts.currency);
+                            records.push(
+                                delivery,
+                                facts.customer_id,
+                                NotificationKind::DeliveryFailed,
+                                Some(id.to_owned()),
+                                payload,
+                                failed_at,
+                            );
+                        }
+                        None => {
+                            // Applied before the order's placement: told once it arrives.
+                            sqlx::query(
+                                "INSERT INTO pending_delivery_failures \
+                                   (order_id, event_id, payload, created_at) \
+                                 VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, event_id) DO NOTHING",
+                            )
+                            .bind(id)
+                            .bind(delivery.meta.event_id)
+                            .bind(&payload)
+                            .bind(recorded_at(delivery, failed_at))
+                            .execute(&mut **tx)
+                            .await?;
+                        }
+                    }
                 }
                 domain::rewards::AGGREGATE_TYPE => {
                     if delivery.meta.event_type != "PointsEarned" {
@@ -323,6 +438,27 @@ impl Projection for NotificationsProjection {
             .bind(&currencies)
             .execute(&mut **tx)
             .await?;
+            // Delivery failures that were applied before their order's placement.
+            let waiting: Vec<(String, Uuid, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
+                "DELETE FROM pending_delivery_failures WHERE order_id = ANY($1) \
+                 RETURNING order_id, event_id, payload, created_at",
+            )
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?;
+            for (order_id, event_id, mut payload, created_at) in waiting {
+                if let Some(facts) = orders.get(&order_id) {
+                    payload["total"] = money(facts.total_minor, &facts.currency);
+                    records.push_raw(
+                        facts.customer_id,
+                        NotificationKind::DeliveryFailed.as_str(),
+                        Some(order_id),
+                        event_id,
+                        payload,
+                        created_at,
+                    );
+                }
+            }
         }
         if records.event_id.is_empty() {
             return Ok(());
@@ -378,7 +514,8 @@ pub struct Notification {
     /// The cursor: increases with every record (in event order within a customer's records).
     pub id: i64,
     pub customer_id: Uuid,
-    /// `order_confirmed`, `order_out_for_delivery`, `order_delivered` or `points_earned`.
+    /// `order_confirmed`, `order_out_for_delivery`, `order_delivered`, `order_rejected`,
+    /// `order_cancelled`, `delivery_failed` or `points_earned`.
     pub kind: String,
     pub order_id: Option<String>,
     /// The event that caused it.

@@ -59,6 +59,42 @@ pub enum Command {
     /// Erases a customer's personal data (deletes their data key): it then reads as
     /// `[erased]` in history, exports and replays; no event changes, so `verify` still passes.
     EraseCustomer(crate::privacy::EraseArgs),
+    /// Order-flow steps that could not proceed (the process manager's refusals): list them,
+    /// retry once the cause is fixed, or resolve by cancelling the order with compensation.
+    #[command(subcommand)]
+    StuckFlows(StuckFlows),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StuckFlows {
+    /// Lists stuck flows, oldest first, as JSON lines (by default those waiting for an
+    /// operator: open, or with a retry or resolution pending).
+    List {
+        /// Only those in this state: open, retry_requested, resolve_requested, retried,
+        /// resolved, or all.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this order's.
+        #[arg(long)]
+        order: Option<String>,
+    },
+    /// Asks the process manager to apply the flow's reaction again (after the cause was
+    /// fixed); it does so within about a second.
+    Retry {
+        /// The stuck flows to retry.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+    /// Asks the process manager to cancel the order as the system with this reason: the
+    /// payment is voided, redeemed points given back, a requested delivery cancelled, the
+    /// customer told; every open stuck flow of the order is resolved.
+    Resolve {
+        /// The stuck flow.
+        id: i64,
+        /// Why (becomes the order's cancellation reason).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +180,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
         Command::Check(args) => crate::check::run(args, &pool, out).await?,
         Command::AsOf(args) => crate::asof::run(args, &pool, out).await?,
         Command::EraseCustomer(args) => crate::privacy::erase(args, &pool, out).await?,
+        Command::StuckFlows(command) => stuck_flows(&pool, command, out).await?,
         Command::DeadLetters(DeadLetters::Redrive {
             read_model: name,
             ids,
@@ -173,6 +210,73 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
             if !refused.is_empty() {
                 bail!("{}", refused.join("; "));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Who asks, as recorded with a stuck-flow request.
+fn operator() -> String {
+    format!(
+        "operator:{}",
+        std::env::var("USER").unwrap_or_else(|_| "replay-tools".to_owned())
+    )
+}
+
+async fn stuck_flows(
+    pool: &PgPool,
+    command: StuckFlows,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    use commands::stuck::{self, Request};
+    match command {
+        StuckFlows::List { status, order } => {
+            if let Some(status) = &status {
+                if status != "all" && !stuck::STATUSES.contains(&status.as_str()) {
+                    bail!(
+                        "status `{status}` is not one of all, {}",
+                        stuck::STATUSES.join(", ")
+                    );
+                }
+            }
+            let mut filter = stuck::Filter {
+                status,
+                order_id: order,
+                after: 0,
+                limit: 500,
+            };
+            loop {
+                let page = stuck::list(pool, &filter).await?;
+                let Some(last) = page.last() else { break };
+                filter.after = last.id;
+                for record in &page {
+                    writeln!(out, "{}", serde_json::to_string(record)?)?;
+                }
+            }
+        }
+        StuckFlows::Retry { ids } => {
+            let mut refused = Vec::new();
+            for id in ids {
+                match stuck::request(pool, id, Request::Retry, &operator(), None).await {
+                    Ok(_) => writeln!(out, "{id}: retry requested")?,
+                    Err(stuck::RequestError::Database(e)) => return Err(e.into()),
+                    Err(e) => refused.push(e.to_string()),
+                }
+            }
+            if !refused.is_empty() {
+                bail!("{}", refused.join("; "));
+            }
+        }
+        StuckFlows::Resolve { id, reason } => {
+            let reason = reason.trim();
+            if reason.is_empty() || reason.chars().count() > 400 {
+                bail!("--reason: give 1 to 400 characters; it becomes the cancellation reason");
+            }
+            stuck::request(pool, id, Request::Resolve, &operator(), Some(reason)).await?;
+            writeln!(
+                out,
+                "{id}: resolution requested (the order will be cancelled)"
+            )?;
         }
     }
     Ok(())

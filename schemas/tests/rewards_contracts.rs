@@ -111,6 +111,15 @@ fn samples() -> Vec<RewardsEvent> {
             idempotency_key: "billing:sub_123:lapse".to_owned(),
             lapsed_at: in_a_year,
         },
+        RewardsEvent::PointsReversed {
+            order_id: OrderId::new(),
+            refunded_total: gbp(1_468),
+            points: 150,
+            unrecovered: 70,
+            lots: lots(),
+            idempotency_key: "payment-refunded:9b1f0c1e".to_owned(),
+            reversed_at: now,
+        },
     ]
 }
 

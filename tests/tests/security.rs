@@ -272,6 +272,15 @@ fn rows() -> Vec<Row> {
             Some(|_, c| entry(c, "experiments", "welcome-offer")),
             "---A--",
         ),
+        row(M::GET, "/customers/{customer}/rewards", None, "O--A-A"),
+        row(M::GET, "/admin/stuck-flows?status=all", None, "---A--"),
+        row(M::POST, "/admin/stuck-flows/1/retry", None, "---A--"),
+        row(
+            M::POST,
+            "/admin/stuck-flows/1/resolve",
+            Some(|_, _| json!({"reason": "the store cannot deliver this far"})),
+            "---A--",
+        ),
         // Last: it erases the sides' customers.
         row(
             M::POST,

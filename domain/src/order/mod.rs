@@ -7,6 +7,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::GeoPoint;
 use crate::services::{OrderServices, PricedLine, PricingError, Quote, RequestedLine};
 use crate::{CustomerId, Money, RegionCode, StoreId};
 
@@ -373,6 +374,11 @@ pub enum OrderError {
         option: String,
     },
     #[error(
+        "the delivery address is {km} km from the store, more than the {max_km} km a store \
+         delivers; check the coordinates or order from a nearer store"
+    )]
+    TooFarForDelivery { km: u32, max_km: u32 },
+    #[error(
         "the modified order costs {requested} but {confirmed} was confirmed; \
          remove items, or cancel and place a new order"
     )]
@@ -495,6 +501,24 @@ impl Order {
                 // Only presence: the text may be a sealed envelope, never read here.
                 if contact.as_ref().is_some_and(|c| c.name.trim().is_empty()) {
                     return Err(OrderError::ContactWithoutName);
+                }
+                // A drop-off no courier could reach would strand the order once accepted.
+                if let Some(store) = services.pricing.store_location(&store_id) {
+                    let dropoff = GeoPoint {
+                        latitude: delivery_address.latitude,
+                        longitude: delivery_address.longitude,
+                    };
+                    let meters = store.distance_meters(&dropoff);
+                    let max_km = crate::delivery::MAX_DELIVERY_DISTANCE_KM;
+                    if !dropoff.is_valid() || meters > f64::from(max_km) * 1_000.0 {
+                        // At most half the Earth's circumference: fits a u32 easily.
+                        let km = if meters.is_finite() {
+                            (meters / 1_000.0).round() as u32
+                        } else {
+                            u32::MAX
+                        };
+                        return Err(OrderError::TooFarForDelivery { km, max_km });
+                    }
                 }
                 if promotion_code
                     .as_ref()
@@ -637,7 +661,17 @@ impl Order {
                 let allowed: &[S] = match by {
                     CancelledBy::Customer => &[S::Placed, S::Confirmed, S::Accepted],
                     CancelledBy::Store => &[S::Confirmed, S::Accepted, S::Preparing, S::Ready],
-                    CancelledBy::System => &[S::Placed, S::Confirmed],
+                    // The platform ends any order that has not reached the customer: a failed
+                    // or returned delivery, an operator resolving a stuck flow. Once delivered
+                    // the money is captured, and a refund is the way back.
+                    CancelledBy::System => &[
+                        S::Placed,
+                        S::Confirmed,
+                        S::Accepted,
+                        S::Preparing,
+                        S::Ready,
+                        S::OutForDelivery,
+                    ],
                 };
                 if by == CancelledBy::Customer
                     && matches!(self.status, S::Preparing | S::Ready | S::OutForDelivery)

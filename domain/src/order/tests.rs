@@ -794,3 +794,96 @@ fn an_order_remembers_where_it_goes_and_whom_to_contact() {
     assert_eq!(order.delivery_address, Some(address()));
     assert_eq!(order.contact, None);
 }
+
+fn out_for_delivery_history() -> Vec<OrderEvent> {
+    vec![
+        placed(),
+        confirmed(),
+        accepted(),
+        OrderEvent::PreparationStarted { started_at: t0() },
+        OrderEvent::OrderReady { ready_at: t0() },
+        OrderEvent::OrderOutForDelivery { departed_at: t0() },
+    ]
+}
+
+#[test]
+fn the_platform_ends_an_order_whose_delivery_failed_with_the_reason() {
+    let reason = "the delivery failed: CustomerUnreachable".to_owned();
+    at(t0())
+        .given(out_for_delivery_history())
+        .when(OrderCommand::CancelOrder {
+            by: CancelledBy::System,
+            reason: reason.clone(),
+        })
+        .then_expect_events(vec![OrderEvent::OrderCancelled {
+            cancelled_by: CancelledBy::System,
+            reason,
+            cancelled_at: t0(),
+        }]);
+    // The customer and the store still cannot once the food is on its way.
+    at(t0())
+        .given(out_for_delivery_history())
+        .when(OrderCommand::CancelOrder {
+            by: CancelledBy::Customer,
+            reason: "late".to_owned(),
+        })
+        .then_expect_error(OrderError::TooLateToCancel("OutForDelivery"));
+    at(t0())
+        .given(out_for_delivery_history())
+        .when(OrderCommand::CancelOrder {
+            by: CancelledBy::Store,
+            reason: "late".to_owned(),
+        })
+        .then_expect_error(OrderError::InvalidTransition {
+            action: "cancel",
+            status: "OutForDelivery",
+        });
+    // Once delivered, the money was captured: a refund is the way back, not a cancellation.
+    at(t0())
+        .given(delivered_history())
+        .when(OrderCommand::CancelOrder {
+            by: CancelledBy::System,
+            reason: "r".to_owned(),
+        })
+        .then_expect_error(OrderError::InvalidTransition {
+            action: "cancel",
+            status: "Delivered",
+        });
+}
+
+#[test]
+fn an_order_whose_drop_off_no_courier_could_reach_is_refused_at_placement() {
+    let mut catalogue = catalogue();
+    catalogue.stores.insert(
+        store(),
+        crate::services::StoreSettings {
+            name: "Angel".to_owned(),
+            region: region(),
+            latitude: 51.5322,
+            longitude: -0.1058,
+        },
+    );
+    let services = OrderServices::new(Arc::new(catalogue), Arc::new(FixedClock(t0())));
+    let mut far = place(vec![line("margherita", 1, &[])]);
+    if let OrderCommand::PlaceOrder {
+        delivery_address, ..
+    } = &mut far
+    {
+        // Edinburgh: 531 km from a London store.
+        delivery_address.latitude = 55.95;
+        delivery_address.longitude = -3.19;
+    }
+    TestFramework::<Order>::with(services.clone())
+        .given_no_previous_events()
+        .when(far)
+        .then_expect_error(OrderError::TooFarForDelivery {
+            km: 531,
+            max_km: crate::delivery::MAX_DELIVERY_DISTANCE_KM,
+        });
+    // Around the corner is fine.
+    let near = TestFramework::<Order>::with(services)
+        .given_no_previous_events()
+        .when(place(vec![line("margherita", 1, &[])]))
+        .inspect_result();
+    assert!(near.is_ok(), "{near:?}");
+}

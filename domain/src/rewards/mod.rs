@@ -10,7 +10,8 @@
 //! Rules kept here:
 //! - the spendable balance never goes below zero; points past their expiry are not spendable,
 //!   even before [`RewardsCommand::ExpirePoints`] records their expiry;
-//! - `lifetime_earned` (what tiers use) only grows, and only by points earned on orders;
+//! - `lifetime_earned` (what tiers use) grows only by points earned on orders, and shrinks only
+//!   when a refund takes an order's points back ([`RewardsCommand::ReverseEarnedPoints`]);
 //! - every write carries a caller-supplied idempotency key: a key seen before makes the command
 //!   a no-op that returns no events (the keys are rebuilt from the events by `apply`);
 //! - a subscription multiplies the points earned while it runs (until its end date, even once
@@ -90,6 +91,16 @@ pub enum RewardsCommand {
         order_id: OrderId,
         idempotency_key: String,
     },
+    /// The order's payment was refunded, `refunded_total` in all so far: take back the points
+    /// the order earned in the same proportion (all of them once the whole total is refunded).
+    /// Cumulative, so a repeat, or a partial refund seen after a larger one, takes nothing more.
+    /// Points already spent or expired are not clawed into a negative balance: what the
+    /// spendable balance cannot cover is written off and recorded as `unrecovered`.
+    ReverseEarnedPoints {
+        order_id: OrderId,
+        refunded_total: Money,
+        idempotency_key: String,
+    },
     /// Give points to a charity at the region's rate (`minor_per_100_points` minor units of
     /// `currency` per 100 points, rounded down).
     DonatePoints {
@@ -144,6 +155,9 @@ impl RewardsCommand {
             | Self::RestoreRedemption {
                 idempotency_key, ..
             }
+            | Self::ReverseEarnedPoints {
+                idempotency_key, ..
+            }
             | Self::DonatePoints {
                 idempotency_key, ..
             }
@@ -195,6 +209,18 @@ pub enum RewardsEvent {
         lots: Vec<LotPoints>,
         idempotency_key: String,
         restored_at: DateTime<Utc>,
+    },
+    /// Points earned on a refunded order taken back: `points` from `lots` (the order's own lot
+    /// first, then the ones expiring first), and `unrecovered` points that were already spent
+    /// or expired, written off. Both leave `lifetime_earned`.
+    PointsReversed {
+        order_id: OrderId,
+        refunded_total: Money,
+        points: u64,
+        unrecovered: u64,
+        lots: Vec<LotPoints>,
+        idempotency_key: String,
+        reversed_at: DateTime<Utc>,
     },
     PointsDonated {
         charity: CharityCode,
@@ -252,7 +278,7 @@ pub enum RewardsEvent {
 
 impl RewardsEvent {
     /// Every event type, for catalogues and tests. Never reorder or rename.
-    pub const TYPES: [&'static str; 10] = [
+    pub const TYPES: [&'static str; 11] = [
         "PointsEarned",
         "PointsRedeemed",
         "RedemptionRestored",
@@ -263,6 +289,7 @@ impl RewardsEvent {
         "SubscriptionRenewed",
         "SubscriptionCancelled",
         "SubscriptionLapsed",
+        "PointsReversed",
     ];
 
     /// The idempotency key of the command that produced this event.
@@ -275,6 +302,9 @@ impl RewardsEvent {
                 idempotency_key, ..
             }
             | Self::RedemptionRestored {
+                idempotency_key, ..
+            }
+            | Self::PointsReversed {
                 idempotency_key, ..
             }
             | Self::PointsDonated {
@@ -307,6 +337,7 @@ impl RewardsEvent {
             Self::PointsEarned { earned_at: t, .. }
             | Self::PointsRedeemed { redeemed_at: t, .. }
             | Self::RedemptionRestored { restored_at: t, .. }
+            | Self::PointsReversed { reversed_at: t, .. }
             | Self::PointsDonated { donated_at: t, .. }
             | Self::PointsExpired { expired_at: t, .. }
             | Self::PointsAdjusted { adjusted_at: t, .. }
@@ -327,6 +358,7 @@ impl RewardsEvent {
                 signed(*points)
             }
             Self::PointsRedeemed { points, .. }
+            | Self::PointsReversed { points, .. }
             | Self::PointsDonated { points, .. }
             | Self::PointsExpired { points, .. } => -signed(*points),
             Self::PointsAdjusted { points, .. } => *points,
@@ -344,6 +376,7 @@ impl DomainEvent for RewardsEvent {
             Self::PointsEarned { .. } => "PointsEarned",
             Self::PointsRedeemed { .. } => "PointsRedeemed",
             Self::RedemptionRestored { .. } => "RedemptionRestored",
+            Self::PointsReversed { .. } => "PointsReversed",
             Self::PointsDonated { .. } => "PointsDonated",
             Self::PointsExpired { .. } => "PointsExpired",
             Self::PointsAdjusted { .. } => "PointsAdjusted",
@@ -387,6 +420,12 @@ pub enum RewardsError {
     NoRedemptionForOrder(OrderId),
     #[error("the points redeemed on order {0} were already restored")]
     RedemptionAlreadyRestored(OrderId),
+    #[error("order {order_id} earned its points in {expected}; send the refunded total in {expected}, not {got}")]
+    RefundCurrencyMismatch {
+        order_id: OrderId,
+        expected: Currency,
+        got: Currency,
+    },
     #[error(
         "the donation rate must be between 1 and {MAX_DONATION_RATE} minor units per 100 points"
     )]
@@ -450,6 +489,16 @@ pub struct PointsLot {
     pub remaining: u64,
 }
 
+/// The points one order earned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderEarning {
+    pub points: u64,
+    pub lot: u32,
+    pub order_total: Money,
+    /// Taken back (or written off) because the order was refunded.
+    pub reversed: u64,
+}
+
 /// A redemption on one order, remembered so that a cancellation can give it back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Redemption {
@@ -489,11 +538,14 @@ impl Subscription {
 /// The state a customer's rewards events add up to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RewardsLedger {
+    /// What each order earned, and how much of it a refund took back.
+    #[serde(default)]
+    pub earnings: BTreeMap<OrderId, OrderEarning>,
     /// Every lot, in creation order (lot `n` at index `n - 1`).
     pub lots: Vec<PointsLot>,
     /// Sum of the lots' remaining points.
     pub balance: u64,
-    /// Every point ever earned on orders; never decreases.
+    /// Every point earned on orders and not taken back by a refund.
     pub lifetime_earned: u64,
     pub earned_orders: BTreeSet<OrderId>,
     pub redemptions: BTreeMap<OrderId, Redemption>,
@@ -577,6 +629,31 @@ impl RewardsLedger {
             left -= take;
         }
         Ok(taken)
+    }
+
+    /// Up to `points` from the spendable lots: the order's own lot first (those are the
+    /// points being taken back), then the ones expiring first. Never more than is spendable.
+    fn plan_reversal(&self, own_lot: u32, points: u64, now: DateTime<Utc>) -> Vec<LotPoints> {
+        let mut live: Vec<&PointsLot> = self
+            .lots
+            .iter()
+            .filter(|l| l.remaining > 0 && l.expires_at > now)
+            .collect();
+        live.sort_by_key(|l| (l.lot != own_lot, l.expires_at, l.lot));
+        let mut left = points;
+        let mut taken = Vec::new();
+        for lot in live {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(lot.remaining);
+            taken.push(LotPoints {
+                lot: lot.lot,
+                points: take,
+            });
+            left -= take;
+        }
+        taken
     }
 
     fn decide(
@@ -667,6 +744,42 @@ impl RewardsLedger {
                     lots: redemption.lots.clone(),
                     idempotency_key,
                     restored_at: now,
+                }
+            }
+            RewardsCommand::ReverseEarnedPoints {
+                order_id,
+                refunded_total,
+                idempotency_key,
+            } => {
+                // Nothing earned (yet): the order flow reverses right after earning when the
+                // refund came first.
+                let Some(earning) = self.earnings.get(&order_id) else {
+                    return Ok(vec![]);
+                };
+                let expected = earning.order_total.currency();
+                if refunded_total.currency() != expected {
+                    return Err(RewardsError::RefundCurrencyMismatch {
+                        order_id,
+                        expected,
+                        got: refunded_total.currency(),
+                    });
+                }
+                let due = earning
+                    .reversible(refunded_total)
+                    .saturating_sub(earning.reversed);
+                if due == 0 {
+                    return Ok(vec![]);
+                }
+                let lots = self.plan_reversal(earning.lot, due, now);
+                let points: u64 = lots.iter().map(|l| l.points).sum();
+                RewardsEvent::PointsReversed {
+                    order_id,
+                    refunded_total,
+                    points,
+                    unrecovered: due - points,
+                    lots,
+                    idempotency_key,
+                    reversed_at: now,
                 }
             }
             RewardsCommand::DonatePoints {
@@ -871,6 +984,24 @@ impl RewardsLedger {
 }
 
 /// `now + days`, for days in `1..=MAX_EXPIRY_DAYS`.
+impl OrderEarning {
+    /// The points a refund of `refunded_total` (in all) takes back: the refunded share of
+    /// the order's total, rounded down, and every point once the whole total is refunded.
+    pub fn reversible(&self, refunded_total: Money) -> u64 {
+        let total = self.order_total.minor();
+        let refunded = refunded_total.minor();
+        if refunded <= 0 {
+            return 0;
+        }
+        if total <= 0 || refunded >= total {
+            return self.points;
+        }
+        let share = u128::from(self.points) * u128::try_from(refunded).unwrap_or(0)
+            / u128::try_from(total).unwrap_or(1);
+        u64::try_from(share).unwrap_or(self.points)
+    }
+}
+
 fn expiry(now: DateTime<Utc>, days: u32) -> Result<DateTime<Utc>, RewardsError> {
     if !(1..=MAX_EXPIRY_DAYS).contains(&days) {
         return Err(RewardsError::InvalidExpiry);
@@ -929,6 +1060,7 @@ impl Aggregate for RewardsLedger {
         match event {
             RewardsEvent::PointsEarned {
                 order_id,
+                order_total,
                 points,
                 lot,
                 expires_at,
@@ -937,6 +1069,15 @@ impl Aggregate for RewardsLedger {
                 self.open_lot(lot, points, expires_at);
                 self.lifetime_earned = self.lifetime_earned.saturating_add(points);
                 self.earned_orders.insert(order_id);
+                self.earnings.insert(
+                    order_id,
+                    OrderEarning {
+                        points,
+                        lot,
+                        order_total,
+                        reversed: 0,
+                    },
+                );
             }
             RewardsEvent::PointsRedeemed {
                 order_id,
@@ -958,6 +1099,20 @@ impl Aggregate for RewardsLedger {
                 self.give_back(&lots);
                 if let Some(redemption) = self.redemptions.get_mut(&order_id) {
                     redemption.restored = true;
+                }
+            }
+            RewardsEvent::PointsReversed {
+                order_id,
+                points,
+                unrecovered,
+                lots,
+                ..
+            } => {
+                self.take(&lots);
+                let gone = points.saturating_add(unrecovered);
+                self.lifetime_earned = self.lifetime_earned.saturating_sub(gone);
+                if let Some(earning) = self.earnings.get_mut(&order_id) {
+                    earning.reversed = earning.reversed.saturating_add(gone);
                 }
             }
             RewardsEvent::PointsDonated { lots, .. } | RewardsEvent::PointsExpired { lots, .. } => {

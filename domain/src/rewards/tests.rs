@@ -863,6 +863,15 @@ fn every_event_type_is_listed_and_at_version_one() {
             idempotency_key: key("sl"),
             lapsed_at: t0(),
         },
+        RewardsEvent::PointsReversed {
+            order_id: order(1),
+            refunded_total: money(100),
+            points: 1,
+            unrecovered: 0,
+            lots: vec![lp(1, 1)],
+            idempotency_key: key("rv"),
+            reversed_at: t0(),
+        },
     ];
     let types: Vec<String> = samples.iter().map(DomainEvent::event_type).collect();
     assert_eq!(types, RewardsEvent::TYPES.map(str::to_owned));
@@ -930,9 +939,18 @@ fn any_command() -> impl Strategy<Value = RewardsCommand> {
                 idempotency_key: k,
             }
         }),
-        (order_id, any_key()).prop_map(|(order_id, k)| RewardsCommand::RestoreRedemption {
-            order_id,
-            idempotency_key: k,
+        (order_id.clone(), any_key()).prop_map(|(order_id, k)| {
+            RewardsCommand::RestoreRedemption {
+                order_id,
+                idempotency_key: k,
+            }
+        }),
+        (order_id, 0i64..60_000, any_key()).prop_map(|(order_id, refunded, k)| {
+            RewardsCommand::ReverseEarnedPoints {
+                order_id,
+                refunded_total: money(refunded),
+                idempotency_key: k,
+            }
         }),
         (0u64..3_000, 0u32..10, any_key()).prop_map(|(points, rate, k)| donate(points, rate, &k)),
         (0i64..10, any_key()).prop_map(|(back, k)| RewardsCommand::ExpirePoints {
@@ -1005,6 +1023,7 @@ fn debits(event: &RewardsEvent) -> &[LotPoints] {
         RewardsEvent::PointsRedeemed { lots, .. }
         | RewardsEvent::PointsDonated { lots, .. }
         | RewardsEvent::PointsExpired { lots, .. }
+        | RewardsEvent::PointsReversed { lots, .. }
         | RewardsEvent::PointsAdjusted { lots, .. } => lots,
         _ => &[],
     }
@@ -1067,7 +1086,130 @@ proptest! {
             prop_assert_eq!(ledger.balance, in_lots);
             prop_assert!(ledger.lots.iter().all(|l| l.remaining <= l.points));
             prop_assert!(ledger.available_at(now) <= ledger.balance);
-            prop_assert!(ledger.lifetime_earned >= before.lifetime_earned);
+            // Lifetime earned grows but by what a refund takes back; an order never has more
+            // taken back than it earned.
+            let reversed: u64 = ledger.earnings.values().map(|e| e.reversed).sum::<u64>()
+                - before.earnings.values().map(|e| e.reversed).sum::<u64>();
+            prop_assert!(ledger.lifetime_earned + reversed >= before.lifetime_earned);
+            prop_assert!(ledger.earnings.values().all(|e| e.reversed <= e.points));
         }
     }
+}
+
+fn reverse(order_n: u128, refunded_minor: i64, k: &str) -> RewardsCommand {
+    RewardsCommand::ReverseEarnedPoints {
+        order_id: order(order_n),
+        refunded_total: money(refunded_minor),
+        idempotency_key: key(k),
+    }
+}
+
+#[test]
+fn a_refund_takes_back_the_refunded_share_of_the_points_from_the_orders_own_lot_first() {
+    // Order 2 earned 100 points on a total of 10000; lot 1 (another order) expires sooner.
+    let history = vec![
+        earned(1, 50, t0() + days(10)),
+        earned(2, 100, t0() + days(365)),
+    ];
+    at(t0())
+        .given(history.clone())
+        .when(reverse(2, 2_500, "refund-1"))
+        .then_expect_events(vec![RewardsEvent::PointsReversed {
+            order_id: order(2),
+            refunded_total: money(2_500),
+            points: 25,
+            unrecovered: 0,
+            lots: vec![lp(2, 25)],
+            idempotency_key: key("refund-1"),
+            reversed_at: t0(),
+        }]);
+    // Refunds are cumulative: the whole total refunded takes back the rest, and no more.
+    let partly = RewardsEvent::PointsReversed {
+        order_id: order(2),
+        refunded_total: money(2_500),
+        points: 25,
+        unrecovered: 0,
+        lots: vec![lp(2, 25)],
+        idempotency_key: key("refund-1"),
+        reversed_at: t0(),
+    };
+    at(t0())
+        .given(vec![history[0].clone(), history[1].clone(), partly.clone()])
+        .when(reverse(2, 10_000, "refund-2"))
+        .then_expect_events(vec![RewardsEvent::PointsReversed {
+            order_id: order(2),
+            refunded_total: money(10_000),
+            points: 75,
+            unrecovered: 0,
+            lots: vec![lp(2, 75)],
+            idempotency_key: key("refund-2"),
+            reversed_at: t0(),
+        }]);
+    // The same refunded total again (a redelivered refund) takes nothing more.
+    at(t0())
+        .given(vec![history[0].clone(), history[1].clone(), partly])
+        .when(reverse(2, 2_500, "refund-1-again"))
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn a_fully_refunded_order_keeps_none_of_its_points_nor_its_lifetime_credit() {
+    let mut ledger = RewardsLedger::default();
+    ledger.apply(earned(1, 40, t0() + days(365)));
+    let events = ledger
+        .decide(reverse(1, 4_000, "refund"), &services_at(t0()))
+        .expect("reversed");
+    for event in events {
+        ledger.apply(event);
+    }
+    assert_eq!(ledger.balance, 0);
+    assert_eq!(ledger.lifetime_earned, 0);
+    assert_eq!(ledger.earnings[&order(1)].reversed, 40);
+}
+
+#[test]
+fn points_already_spent_are_taken_from_other_lots_and_what_is_left_is_written_off() {
+    // Order 1 earned 100 (all redeemed on order 9); order 2 earned 30 since.
+    let history = vec![
+        earned(1, 100, t0() + days(365)),
+        redeemed(9, vec![lp(1, 100)]),
+        earned(2, 30, t0() + days(365)),
+    ];
+    at(t0())
+        .given(history)
+        .when(reverse(1, 10_000, "refund"))
+        .then_expect_events(vec![RewardsEvent::PointsReversed {
+            order_id: order(1),
+            refunded_total: money(10_000),
+            points: 30,
+            unrecovered: 70,
+            lots: vec![lp(2, 30)],
+            idempotency_key: key("refund"),
+            reversed_at: t0(),
+        }]);
+}
+
+#[test]
+fn a_refund_of_an_order_that_earned_nothing_yet_changes_nothing() {
+    at(t0())
+        .given(vec![earned(1, 100, t0() + days(365))])
+        .when(reverse(7, 500, "refund"))
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn a_refund_in_another_currency_is_refused() {
+    let eur = Money::new(500, Currency::parse("EUR").expect("EUR")).expect("amount");
+    at(t0())
+        .given(vec![earned(1, 100, t0() + days(365))])
+        .when(RewardsCommand::ReverseEarnedPoints {
+            order_id: order(1),
+            refunded_total: eur,
+            idempotency_key: key("refund"),
+        })
+        .then_expect_error(RewardsError::RefundCurrencyMismatch {
+            order_id: order(1),
+            expected: gbp(),
+            got: Currency::parse("EUR").expect("EUR"),
+        });
 }

@@ -13,4 +13,5 @@ pub(super) const SOURCES: &[Source] = sources!("rewards":
     "SubscriptionRenewed" @ "1.0",
     "SubscriptionCancelled" @ "1.0",
     "SubscriptionLapsed" @ "1.0",
+    "PointsReversed" @ "1.0",
 );
