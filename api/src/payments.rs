@@ -160,7 +160,8 @@ fn bound_to(path_order: &str, body: &[u8]) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::Unauthorized(format!(
-            "the signed webhook is about order {named}, not the order of this path              ({path_order}): post it to /payments/{{its order_id}}/webhooks"
+            "the signed webhook is about order {named}, not the order of this path \
+             ({path_order}): post it to /payments/{{its order_id}}/webhooks"
         )))
     }
 }

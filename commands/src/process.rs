@@ -109,9 +109,10 @@ pub enum FlowEvent {
 }
 
 /// Event types the flow reacts to (others are skipped without decoding).
-const REACTS_TO: [&str; 14] = [
+const REACTS_TO: [&str; 15] = [
     "OrderPlaced",
     "OrderAccepted",
+    "OrderReady",
     "OrderRejected",
     "OrderCancelled",
     "OrderModified",

@@ -524,6 +524,21 @@ pub fn store_in(region: &str) -> Uuid {
     }
 }
 
+/// A delivery address a few hundred metres from [`store_in`]`(region)`'s store (a store
+/// delivers within 100 km).
+pub fn address_in(region: &str) -> serde_json::Value {
+    let (line1, city, postcode, latitude, longitude) = match region {
+        "uk" | "test-fast" => ("1 High Street", "London", "N1 1AA", 51.5, -0.1),
+        "de-berlin" => ("Oranienstraße 1", "Berlin", "10999", 52.5, 13.41),
+        "us-nyc" => ("200 W 20th St", "New York", "10011", 40.743, -73.998),
+        other => panic!("no test address in region {other}"),
+    };
+    serde_json::json!({
+        "line1": line1, "city": city, "postcode": postcode,
+        "latitude": latitude, "longitude": longitude
+    })
+}
+
 /// A valid order request for the demo catalogue.
 pub fn order_request(customer: Uuid) -> serde_json::Value {
     serde_json::json!({

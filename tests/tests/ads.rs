@@ -63,6 +63,7 @@ async fn place(
     let mut request = order_request(customer);
     request["region"] = json!(region);
     request["store_id"] = json!(backbone_tests::store_in(region));
+    request["delivery_address"] = backbone_tests::address_in(region);
     request["items"] = json!(lines
         .iter()
         .map(|(item, quantity)| json!({"item_id": item, "quantity": quantity}))

@@ -267,6 +267,7 @@ async fn run(client: &reqwest::Client, api: &str, plan: &Plan) -> (String, Uuid)
     let customer = Uuid::new_v4();
     let mut request = order_request(customer);
     request["store_id"] = json!(plan.store);
+    request["delivery_address"] = backbone_tests::address_in(plan.region);
     request["region"] = json!(plan.region);
     request["items"] = lines_json(&plan.lines);
     request["redeem_points"] = json!(plan.redeem_points);
@@ -930,6 +931,7 @@ async fn analytics_figures_match_the_orders_placed_and_the_points_moved() {
     let mut request = order_request(Uuid::new_v4());
     request["region"] = json!("us-nyc");
     request["store_id"] = json!(backbone_tests::store_in("us-nyc"));
+    request["delivery_address"] = backbone_tests::address_in("us-nyc");
     request["items"] = json!([{"item_id": "cola", "quantity": 1}]);
     let placed_now: Value = client
         .post(format!("{api}/orders"))
@@ -1065,7 +1067,8 @@ async fn rewards_filtered_by_region_or_store_count_the_donations_of_that_regions
     place_request(&client, &api, &order_request(london)).await;
     let mut request = order_request(new_york);
     request["region"] = json!("us-nyc");
-    request["store_id"] = json!(Uuid::from_u128(43));
+    request["store_id"] = json!(backbone_tests::store_in("us-nyc"));
+    request["delivery_address"] = backbone_tests::address_in("us-nyc");
     request["items"] = json!([{"item_id": "cola", "quantity": 1}]);
     place_request(&client, &api, &request).await;
     for (donor, charity, region, points) in [
@@ -1109,7 +1112,10 @@ async fn rewards_filtered_by_region_or_store_count_the_donations_of_that_regions
         ("region=uk".to_owned(), 300),
         ("region=us-nyc".to_owned(), 400),
         (format!("store_id={london_store}"), 300),
-        (format!("store_id={}", Uuid::from_u128(43)), 400),
+        (
+            format!("store_id={}", backbone_tests::store_in("us-nyc")),
+            400,
+        ),
         ("region=de-berlin".to_owned(), 0),
     ] {
         let body = get_ok(&client, &format!("{api}/analytics/rewards?{filter}")).await;

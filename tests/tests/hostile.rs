@@ -171,13 +171,14 @@ async fn the_stores_region_decides_the_price_list_and_another_region_or_an_unkno
     assert_eq!(events, 0, "a refused placement records nothing");
 
     // Without a region (or with the store's own) the store's region prices it.
-    for (store, region, currency) in [
-        (store_in("uk"), None, "GBP"),
-        (store_in("de-berlin"), Some("de-berlin"), "EUR"),
-        (store_in("us-nyc"), None, "USD"),
+    for (home, region, currency) in [
+        ("uk", None, "GBP"),
+        ("de-berlin", Some("de-berlin"), "EUR"),
+        ("us-nyc", None, "USD"),
     ] {
         let mut request = order_request(Uuid::new_v4());
-        request["store_id"] = json!(store);
+        request["store_id"] = json!(store_in(home));
+        request["delivery_address"] = backbone_tests::address_in(home);
         match region {
             Some(region) => request["region"] = json!(region),
             None => {

@@ -583,7 +583,7 @@ async fn a_refund_takes_back_the_points_earned_for_what_was_refunded_and_a_custo
     let quarter = total / 4;
     let refund = |id: &str, minor: i64| {
         json!({"provider_event_id": id, "kind": "Refunded", "refund_id": id,
-               "amount": {"minor": minor, "currency": "GBP"}})
+               "order_id": order_id, "amount": {"minor": minor, "currency": "GBP"}})
     };
     let response = post_webhook(&backbone.api, &order_id, &refund("refund-1", quarter)).await;
     assert_eq!(response.status().as_u16(), 200);
