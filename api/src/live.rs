@@ -136,7 +136,10 @@ impl StreamSlots {
     }
 
     /// Slots of another kind (read-your-writes waits): `refusal` words the 429.
-    pub fn with_refusal(max_per_client: usize, refusal: fn(usize) -> String) -> std::sync::Arc<Self> {
+    pub fn with_refusal(
+        max_per_client: usize,
+        refusal: fn(usize) -> String,
+    ) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Self {
             max_per_client,
             refusal,

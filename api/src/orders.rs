@@ -1,9 +1,9 @@
 //! Order commands (write side) and the tracking view (read side).
 
-use commands::promotions::ClaimError;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use commands::promotions::ClaimError;
 use commands::{CommandContext, Committed};
 use domain::order::{CancelledBy, DeliveryAddress, OrderCommand, RejectionReason};
 use domain::services::RequestedLine;

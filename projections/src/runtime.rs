@@ -338,7 +338,7 @@ pub struct Projector {
     /// Set when a batch is applied; read by the lag measurement.
     applied: std::sync::atomic::AtomicBool,
     /// The last lag measurement that found nothing to apply, and when it was recorded.
-    caught_up: std::sync::Mutex<Option<(Vec<(String, i32, i64, i64)>, Instant)>>,
+    caught_up: std::sync::Mutex<Option<(Vec<HighWatermark>, Instant)>>,
     /// Records received and not applied yet (for the age of the oldest waiting record).
     waiting: Waiting,
 }
@@ -1199,6 +1199,9 @@ pub enum ReplayVerdict {
     /// Beyond the next sequence: an earlier event of its aggregate is missing; not applied.
     Gap,
 }
+
+/// One owned partition's (topic, partition, low and high watermark) as a lag measurement saw them.
+type HighWatermark = (String, i32, i64, i64);
 
 /// The live-update channel (see [`crate::live`]) on which the projector of `read_model`
 /// announces, per aggregate, that it applied more of its events: the signal's key is

@@ -42,7 +42,8 @@ async fn placed_with(pool: &PgPool, customer: Uuid, code: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_concurrent_welcome10_placements_of_one_customer_give_exactly_one_discounted_order() {
+async fn twenty_concurrent_welcome10_placements_of_one_customer_give_exactly_one_discounted_order()
+{
     let env = TestEnv::start("promo_once").await;
     let (api, server) = env.start_api().await;
     let customer = Uuid::new_v4();
@@ -124,7 +125,10 @@ async fn a_refused_placement_or_a_crashed_claim_does_not_burn_the_customers_one_
     assert_eq!(status, 422, "a claim in flight is reserved: {body}");
     claim(600.0).await.expect("stale claim");
     let (status, body) = place(&client(), &api, &with_code(crashed, "WELCOME10")).await;
-    assert_eq!(status, 201, "a stale claim without its order is free: {body}");
+    assert_eq!(
+        status, 201,
+        "a stale claim without its order is free: {body}"
+    );
     assert_eq!(placed_with(env.pool(), crashed, "WELCOME10").await, 1);
     // Once its order exists the claim stands, however old.
     sqlx::query("UPDATE promotion_claims SET claimed_at = now() - interval '1 day'")

@@ -78,9 +78,7 @@ async fn a_waiting_query_answers_once_the_projector_applies_not_at_its_deadline(
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!waiter.is_finished(), "nothing applied yet: it waits");
     let started = Instant::now();
-    let projector = env
-        .start_projector(Arc::new(NotificationsProjection))
-        .await;
+    let projector = env.start_projector(Arc::new(NotificationsProjection)).await;
     let (status, answered) = waiter.await.expect("waiter");
     assert_eq!(status, 200);
     let took = answered.duration_since(started);
@@ -102,13 +100,17 @@ async fn a_client_over_its_wait_limit_gets_429_with_retry_after_and_others_still
     let (greedy, patient) = (Uuid::new_v4(), Uuid::new_v4());
     let greedy_client = client_as(Role::Customer, greedy);
     let patient_client = client_as(Role::Customer, patient);
-    let waits: Vec<_> = [(&greedy_client, greedy), (&greedy_client, greedy), (&patient_client, patient)]
-        .into_iter()
-        .map(|(c, customer)| {
-            let (c, api, position) = (c.clone(), api.clone(), position.clone());
-            tokio::spawn(async move { notifications(&c, &api, customer, Some(&position)).await.0 })
-        })
-        .collect();
+    let waits: Vec<_> = [
+        (&greedy_client, greedy),
+        (&greedy_client, greedy),
+        (&patient_client, patient),
+    ]
+    .into_iter()
+    .map(|(c, customer)| {
+        let (c, api, position) = (c.clone(), api.clone(), position.clone());
+        tokio::spawn(async move { notifications(&c, &api, customer, Some(&position)).await.0 })
+    })
+    .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, took, response) =
         notifications(&greedy_client, &api, greedy, Some(&position)).await;
@@ -121,7 +123,10 @@ async fn a_client_over_its_wait_limit_gets_429_with_retry_after_and_others_still
     );
     let problem: Value = response.json().await.expect("a problem document");
     assert!(
-        problem["detail"].as_str().unwrap_or_default().contains("waiting"),
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("waiting"),
         "{problem}"
     );
     // A query that needs no wait is not limited.
