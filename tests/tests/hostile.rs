@@ -171,13 +171,21 @@ async fn the_stores_region_decides_the_price_list_and_another_region_or_an_unkno
     assert_eq!(events, 0, "a refused placement records nothing");
 
     // Without a region (or with the store's own) the store's region prices it.
-    for (store, region, currency) in [
-        (store_in("uk"), None, "GBP"),
-        (store_in("de-berlin"), Some("de-berlin"), "EUR"),
-        (store_in("us-nyc"), None, "USD"),
+    // (Each delivered near its store: a store delivers within 100 km.)
+    for (store, region, currency, (latitude, longitude)) in [
+        (store_in("uk"), None, "GBP", (51.5, -0.1)),
+        (
+            store_in("de-berlin"),
+            Some("de-berlin"),
+            "EUR",
+            (52.5, 13.4),
+        ),
+        (store_in("us-nyc"), None, "USD", (40.75, -74.0)),
     ] {
         let mut request = order_request(Uuid::new_v4());
         request["store_id"] = json!(store);
+        request["delivery_address"]["latitude"] = json!(latitude);
+        request["delivery_address"]["longitude"] = json!(longitude);
         match region {
             Some(region) => request["region"] = json!(region),
             None => {
