@@ -307,6 +307,10 @@ pub mod bodies {
         pub regions: Option<Vec<String>>,
         /// Whether the code can be used now.
         pub active: bool,
+        /// Whether each customer may use it on one order only (default false): a second
+        /// order of the same customer naming it is refused (422 naming `promotion_code`).
+        #[serde(default)]
+        pub once_per_customer: Option<bool>,
     }
 
     /// One arm of an experiment.

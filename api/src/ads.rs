@@ -271,7 +271,7 @@ pub async fn profile(
 ) -> Result<axum::Json<ProfileView>, ApiError> {
     let customer_id = parse_customer(&raw_id)?;
     principal.authorize(Action::ViewAdProfile, &Owner::customer(customer_id))?;
-    wait_for_position(&state, READ_MODEL, query.position.as_deref()).await?;
+    wait_for_position(&state, &principal, READ_MODEL, query.position.as_deref()).await?;
     let profile = model::profile(&state.pool, customer_id)
         .await
         .map_err(ApiError::internal)?
@@ -417,7 +417,7 @@ pub async fn promotion(
                 })
         })
         .transpose()?;
-    wait_for_position(&state, READ_MODEL, query.position.as_deref()).await?;
+    wait_for_position(&state, &principal, READ_MODEL, query.position.as_deref()).await?;
     let region = match region {
         Some(region) => Some(region),
         None => model::profile(&state.pool, customer_id)
@@ -531,7 +531,7 @@ pub async fn results(
     principal.authorize_any(Action::ViewAnalytics)?;
     let id = ExperimentId::parse(raw_id.as_str())
         .map_err(|e| ApiError::BadRequest(format!("experiment id: {e}")))?;
-    wait_for_position(&state, READ_MODEL, query.position.as_deref()).await?;
+    wait_for_position(&state, &principal, READ_MODEL, query.position.as_deref()).await?;
     let catalogue = state.catalogue.current();
     let configured = catalogue.experiments.get(&id);
     let mut measured = model::results(&state.pool, id.as_str())

@@ -275,7 +275,7 @@ pub async fn summary(
     let limit = parse_limit(query.limit.as_deref())?;
     let scope = format!("summary:{}", group_by.as_str());
     let after = decode_cursor(&scope, query.cursor.as_deref())?;
-    wait_for_position(&state, READ_MODEL, query.position.as_deref()).await?;
+    wait_for_position(&state, &principal, READ_MODEL, query.position.as_deref()).await?;
 
     let after_ref = after.as_ref().map(|(k, c)| (k.as_str(), c.as_str()));
     let mut rows = timed(
@@ -415,7 +415,7 @@ pub async fn cancellations(
         query.currency.as_deref(),
     )?;
     let limit = parse_limit(query.limit.as_deref())?;
-    wait_for_position(&state, READ_MODEL, query.position.as_deref()).await?;
+    wait_for_position(&state, &principal, READ_MODEL, query.position.as_deref()).await?;
     let found = timed(
         "cancellations",
         analytics::cancellations(&state.pool, &filter, limit),
@@ -533,7 +533,7 @@ pub async fn top_items(
         query.currency.as_deref(),
     )?;
     let limit = parse_limit(query.limit.as_deref())?;
-    wait_for_position(&state, READ_MODEL, query.position.as_deref()).await?;
+    wait_for_position(&state, &principal, READ_MODEL, query.position.as_deref()).await?;
     let items = timed(
         "top_items",
         analytics::top_items(&state.pool, &filter, by, limit),
@@ -677,7 +677,7 @@ pub async fn rewards(
     )?;
     let limit = parse_limit(query.limit.as_deref())?;
     let after = decode_cursor("rewards:donations", query.cursor.as_deref())?;
-    wait_for_position(&state, READ_MODEL, query.position.as_deref()).await?;
+    wait_for_position(&state, &principal, READ_MODEL, query.position.as_deref()).await?;
     let flow = timed("rewards", analytics::points_flow(&state.pool, &filter)).await?;
     let after_ref = after.as_ref().map(|(k, c)| (k.as_str(), c.as_str()));
     let mut donations = timed(

@@ -81,9 +81,15 @@ pub struct ApiConfig {
     /// `API_REQUEST_TIMEOUT_MS`: requests taking longer are answered 408 (default 10000).
     #[serde(default = "default_timeout")]
     pub api_request_timeout_ms: u64,
-    /// `API_READ_YOUR_WRITES_WAIT_MS`: how long a query with `min_sequence` waits (default 3000).
+    /// `API_READ_YOUR_WRITES_WAIT_MS`: how long a query with `position` waits at most for its read
+    /// model to apply that event (default 3000); it wakes on the projector's signal, not a timer.
     #[serde(default = "default_ryw")]
     pub api_read_your_writes_wait_ms: u64,
+    /// `API_MAX_WAITS_PER_CLIENT`: read-your-writes waits (queries with `position` that the read
+    /// model has not reached yet) one client may have in flight at once; one more is answered
+    /// 429 (default 8).
+    #[serde(default = "default_max_waits")]
+    pub api_max_waits_per_client: usize,
     /// `API_IDEMPOTENCY_TTL_SECONDS`: how long the response to a request with an
     /// `Idempotency-Key` is kept and replayed; after that the key is forgotten (default 86400).
     #[serde(default = "default_idempotency_ttl")]
@@ -147,6 +153,9 @@ const fn default_timeout() -> u64 {
 const fn default_ryw() -> u64 {
     3_000
 }
+const fn default_max_waits() -> usize {
+    8
+}
 const fn default_rate() -> u32 {
     50
 }
@@ -185,6 +194,7 @@ impl Default for ApiConfig {
             api_body_limit_bytes: default_body_limit(),
             api_request_timeout_ms: default_timeout(),
             api_read_your_writes_wait_ms: default_ryw(),
+            api_max_waits_per_client: default_max_waits(),
             api_idempotency_ttl_seconds: default_idempotency_ttl(),
             catalogue_path: None,
             api_rate_limit_per_second: default_rate(),
@@ -236,6 +246,10 @@ pub struct AppState {
     pub pool: PgPool,
     pub health: Arc<health::Dependencies>,
     pub read_your_writes_wait: Duration,
+    /// Uses of once-per-customer promotions.
+    pub promotion_claims: commands::promotions::PromotionClaims,
+    /// Read-your-writes waits in flight per client (capped).
+    pub waits: Arc<live::StreamSlots>,
     pub live: Arc<live::LiveHub>,
     /// Open event streams per client (capped).
     pub streams: Arc<live::StreamSlots>,
@@ -574,10 +588,18 @@ impl ApiServer {
             catalogue,
             health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),
             pii: Arc::new(commands::pii::PiiVault::new(pool.clone())),
+            // A claim whose order has not appeared stays reserved for longer than any placement
+            // may run (the request timeout), then frees.
+            promotion_claims: commands::promotions::PromotionClaims::new(
+                pool.clone(),
+                Duration::from_millis(config.api_request_timeout_ms.saturating_mul(2))
+                    .max(Duration::from_secs(60)),
+            ),
             pool,
             read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
             live,
             streams: live::StreamSlots::new(config.api_max_streams_per_client),
+            waits: positions::wait_slots(config.api_max_waits_per_client),
             webhooks: config.payments_webhook_secret.clone().map(|secret| {
                 Arc::new(payments::WebhookVerifier::new(
                     secret,

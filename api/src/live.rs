@@ -113,6 +113,8 @@ async fn forward(
 #[derive(Debug)]
 pub struct StreamSlots {
     max_per_client: usize,
+    /// The 429's detail, given the limit.
+    refusal: fn(usize) -> String,
     open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
@@ -125,8 +127,22 @@ pub struct StreamSlot {
 
 impl StreamSlots {
     pub fn new(max_per_client: usize) -> std::sync::Arc<Self> {
+        Self::with_refusal(max_per_client, |max| {
+            format!(
+                "this client already has {max} event streams open, the most it may; close one \
+                 (or resume it with Last-Event-ID) before opening another"
+            )
+        })
+    }
+
+    /// Slots of another kind (read-your-writes waits): `refusal` words the 429.
+    pub fn with_refusal(
+        max_per_client: usize,
+        refusal: fn(usize) -> String,
+    ) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Self {
             max_per_client,
+            refusal,
             open: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -143,11 +159,7 @@ impl StreamSlots {
         let count = open.entry(client.to_owned()).or_default();
         if *count >= self.max_per_client {
             return Err(crate::error::ApiError::TooManyRequests {
-                detail: format!(
-                    "this client already has {} event streams open, the most it may; close one \
-                     (or resume it with Last-Event-ID) before opening another",
-                    self.max_per_client
-                ),
+                detail: (self.refusal)(self.max_per_client),
                 retry_after_secs: 5,
             });
         }

@@ -183,7 +183,7 @@ pub async fn list(
     let limit = crate::paging::limit(query.limit)?;
     let after = crate::paging::id_cursor(query.cursor.as_deref())?;
     let kind = parse_kind(query.kind.as_deref())?;
-    wait_for_position(&state, model::NAME, query.position.as_deref()).await?;
+    wait_for_position(&state, &principal, model::NAME, query.position.as_deref()).await?;
     let rows = model::list(&state.pool, customer, after, limit + 1, kind)
         .await
         .map_err(ApiError::internal)?;

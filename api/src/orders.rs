@@ -3,6 +3,7 @@
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use commands::promotions::ClaimError;
 use commands::{CommandContext, Committed};
 use domain::order::{CancelledBy, DeliveryAddress, OrderCommand, RejectionReason};
 use domain::services::RequestedLine;
@@ -260,6 +261,36 @@ pub async fn place_order(
     // A retry with the same Idempotency-Key names the same order (even after a crash between
     // the commit and the response).
     let order_id = key.map_or_else(OrderId::new, |IdempotencyKey(id)| OrderId::from_uuid(id));
+    // A once-per-customer promotion is claimed for this order before it is appended: of
+    // concurrent placements of one customer, one gets it and the others are refused (422), so
+    // nobody is charged a price other than the one they asked for.
+    let limited = match &command {
+        OrderCommand::PlaceOrder {
+            promotion_code: Some(code),
+            ..
+        } if state
+            .catalogue
+            .current()
+            .promotions
+            .get(code)
+            .is_some_and(|p| p.once_per_customer) =>
+        {
+            Some(code.clone())
+        }
+        _ => None,
+    };
+    if let Some(code) = &limited {
+        state
+            .promotion_claims
+            .claim(code, &customer, &order_id.to_string())
+            .await
+            .map_err(|e| match e {
+                ClaimError::Used { .. } => ApiError::Unprocessable(format!(
+                    "promotion_code: {e}; place the order without it"
+                )),
+                ClaimError::Database(e) => ApiError::internal(e),
+            })?;
+    }
     let committed = state
         .orders
         .execute(
@@ -267,8 +298,18 @@ pub async fn place_order(
             command,
             &context(&headers, key, actor),
         )
-        .await
-        .map_err(command_error)?;
+        .await;
+    if let (Err(_), Some(code)) = (&committed, &limited) {
+        // Refused (or failed): the use goes back unless the order exists after all.
+        if let Err(e) = state
+            .promotion_claims
+            .release(code, &customer, &order_id.to_string())
+            .await
+        {
+            tracing::warn!(error = %e, "promotion claim not released; it frees after its grace period");
+        }
+    }
+    let committed = committed.map_err(command_error)?;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/orders/{order_id}/tracking"))],

@@ -6,11 +6,14 @@
 //! the same transaction as the read model's rows, so "reached" means the rows are there. It
 //! works for every read model alike, whichever aggregate the command changed.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use tokio::sync::broadcast;
 
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -80,12 +83,31 @@ fn followed_by(read_model: &str) -> Option<&'static [&'static str]> {
     })
 }
 
+/// The per-client cap on read-your-writes waits (`API_MAX_WAITS_PER_CLIENT`).
+pub fn wait_slots(max_per_client: usize) -> std::sync::Arc<crate::live::StreamSlots> {
+    crate::live::StreamSlots::with_refusal(max_per_client, |max| {
+        format!(
+            "this client already has {max} queries waiting for a `position`, the most it may; \
+             retry once one of them has answered"
+        )
+    })
+}
+
 /// Waits until `read_model` has applied the event at `position` (no position: returns at
 /// once). Answers 400 for a malformed token, one of an aggregate type the read model does not
 /// follow, or one no command ever returned (the event store has no such event: waiting would
-/// never end), 503 with Retry-After when the wait runs out.
+/// never end), 429 when the caller already has `API_MAX_WAITS_PER_CLIENT` waits in flight, 503
+/// with Retry-After when the wait runs out.
+///
+/// A wait does not poll. The projector runtime signals `applied.<read model>` with the
+/// aggregate's key in the transaction that moves its position (delivered on commit), and the
+/// process's one `LISTEN` connection ([`crate::live::LiveHub`]) fans the signals out; a waiter
+/// re-reads the dedup table only when a signal may concern its aggregate (its own key, a
+/// lagging receiver, a reconnect of the listener), and once more at its deadline, since a
+/// signal sent while the listener reconnects is lost.
 pub async fn wait_for_position(
     state: &AppState,
+    principal: &Principal,
     read_model: &'static str,
     position: Option<&str>,
 ) -> Result<(), ApiError> {
@@ -108,43 +130,70 @@ pub async fn wait_for_position(
     let sql = format!(
         "SELECT last_sequence FROM {read_model}.applied WHERE aggregate_type = $1 AND aggregate_id = $2"
     );
-    let mut first = true;
-    loop {
+    let reached = || async {
         let reached: Option<i64> = sqlx::query_scalar(&sql)
             .bind(&position.aggregate_type)
             .bind(&position.aggregate_id)
             .fetch_optional(&state.pool)
             .await
             .map_err(ApiError::internal)?;
-        if reached.is_some_and(|r| r >= wanted) {
+        Ok::<bool, ApiError>(reached.is_some_and(|r| r >= wanted))
+    };
+    // Subscribed before the first look, so a signal sent right after it is not missed.
+    let mut signals = state.live.subscribe();
+    if reached().await? {
+        return Ok(());
+    }
+    // Not there yet: a position a command returned is committed in the store (one primary-key
+    // look-up, only on this slow path).
+    let committed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3)",
+    )
+    .bind(&position.aggregate_type)
+    .bind(&position.aggregate_id)
+    .bind(wanted)
+    .fetch_one(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
+    if !committed {
+        return Err(ApiError::BadRequest(format!(
+            "position `{token}` was never committed (the {} has no event {wanted}); pass \
+             `position.token` from a command's response",
+            position.aggregate_type
+        )));
+    }
+    // Only a request that really waits takes one of its client's slots.
+    let _slot = state.waits.acquire(&principal.actor())?;
+    let channel = projections::runtime::applied_channel(read_model);
+    let key = format!("{}:{}", position.aggregate_type, position.aggregate_id);
+    loop {
+        // Re-checked after the slot was taken, and after each signal that may concern us.
+        if reached().await? {
             return Ok(());
         }
-        if std::mem::take(&mut first) {
-            // Not there yet: a position a command returned is committed in the store (one
-            // primary-key look-up, only on this slow path).
-            let committed: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM events \
-                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3)",
-            )
-            .bind(&position.aggregate_type)
-            .bind(&position.aggregate_id)
-            .bind(wanted)
-            .fetch_one(&state.pool)
-            .await
-            .map_err(ApiError::internal)?;
-            if !committed {
-                return Err(ApiError::BadRequest(format!(
-                    "position `{token}` was never committed (the {} has no event {wanted}); pass \
-                     `position.token` from a command's response",
-                    position.aggregate_type
-                )));
+        let woken = tokio::time::timeout_at(deadline.into(), async {
+            loop {
+                match signals.recv().await {
+                    Ok(change) if change.concerns(&channel, &key) => return true,
+                    Ok(_) => {}
+                    // Signals were dropped: ours may have been one of them.
+                    Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                    // The hub closed (shutting down): nothing more will come.
+                    Err(broadcast::error::RecvError::Closed) => return false,
+                }
             }
+        })
+        .await;
+        if woken != Ok(true) {
+            break;
         }
-        if Instant::now() >= deadline {
-            return Err(ApiError::NotYet(format!(
-                "the {read_model} view has not applied {token} yet; retry shortly with the same position"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The deadline (or the end of the signals): one last look, for a signal that was lost.
+    if reached().await? {
+        return Ok(());
+    }
+    Err(ApiError::NotYet(format!(
+        "the {read_model} view has not applied {token} yet; retry shortly with the same position"
+    )))
 }

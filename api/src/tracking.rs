@@ -270,7 +270,7 @@ pub async fn tracking(
     authorize_order(&state, &principal, Action::ViewOrder, &order_id).await?;
     let by_sequence = query.min_sequence.map(|s| format!("order:{order_id}:{s}"));
     for position in [query.position.as_deref(), by_sequence.as_deref()] {
-        wait_for_position(&state, "tracking", position).await?;
+        wait_for_position(&state, &principal, "tracking", position).await?;
     }
     match load(&state, &order_id).await? {
         Some(view) => Ok(axum::Json(view)),
@@ -526,7 +526,7 @@ pub async fn list(
         domain::RegionCode::parse(region)
             .map_err(|e| ApiError::BadRequest(format!("region: {e}")))?;
     }
-    wait_for_position(&state, "tracking", query.position.as_deref()).await?;
+    wait_for_position(&state, &principal, "tracking", query.position.as_deref()).await?;
     let (after_at, after_id) = after.unzip();
     let rows: Vec<OrderSummary> = sqlx::query_as(
         "SELECT order_id, customer_id, store_id, region, status, total_minor, currency, \

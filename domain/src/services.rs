@@ -271,6 +271,11 @@ pub struct Promotion {
     pub regions: Vec<RegionCode>,
     /// Whether the code can be used now.
     pub active: bool,
+    /// Whether each customer may use it on one order only (the first placed; a cancelled order
+    /// used it too). Enforced by the command side's promotion claims, not by the order
+    /// aggregate, which sees one order at a time.
+    #[serde(default)]
+    pub once_per_customer: bool,
 }
 
 impl Catalogue {

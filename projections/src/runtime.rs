@@ -338,7 +338,7 @@ pub struct Projector {
     /// Set when a batch is applied; read by the lag measurement.
     applied: std::sync::atomic::AtomicBool,
     /// The last lag measurement that found nothing to apply, and when it was recorded.
-    caught_up: std::sync::Mutex<Option<(Vec<(String, i32, i64, i64)>, Instant)>>,
+    caught_up: std::sync::Mutex<Option<(Vec<HighWatermark>, Instant)>>,
     /// Records received and not applied yet (for the age of the oldest waiting record).
     waiting: Waiting,
 }
@@ -649,6 +649,8 @@ impl Projector {
         let mut dead = Vec::new();
         let mut recorded_ats = Vec::with_capacity(batch.len());
         let mut recorded: HashMap<(&str, i32), &str> = HashMap::new();
+        // `<aggregate_type>:<aggregate_id>` of each aggregate this batch moves forward.
+        let mut moved: HashSet<String> = HashSet::new();
         for ((message, event), who) in batch.iter().zip(decoded).zip(identities) {
             checkpoints.insert((message.topic(), message.partition()), message.offset() + 1);
             let verdict = match &who {
@@ -685,6 +687,7 @@ impl Projector {
                 // Applied or dead-lettered, this event is done with: the aggregate's next
                 // events go on (a re-drive applies a dead letter later, once).
                 last.insert((aggregate_type.clone(), aggregate_id.clone()), *sequence);
+                moved.insert(format!("{aggregate_type}:{aggregate_id}"));
             }
             let error = match (event, &dead_letter) {
                 (Err(e), _) | (Ok(_), Some(e)) => Some(e.clone()),
@@ -737,6 +740,13 @@ impl Projector {
         for letter in &dead {
             self.publish_dead_letter(letter).await?;
         }
+        // Read-your-writes waiters in the API wake on this (`applied.<read model>`, one signal
+        // per aggregate moved, delivered on commit) instead of polling `applied`. A NOTIFY
+        // serializes the commits of the transactions that notify (PostgreSQL takes one
+        // database-wide lock on its notification queue at commit): acceptable for a
+        // projector's few batch commits a second, never for the command side.
+        let moved: Vec<String> = moved.into_iter().collect();
+        crate::live::notify(&mut tx, &applied_channel(schema), &moved).await?;
         tx.commit().await?;
         metrics::counter!("projector_applied_total", "projection" => schema).increment(applied);
         metrics::counter!("projector_duplicates_total", "projection" => schema)
@@ -1188,6 +1198,16 @@ pub enum ReplayVerdict {
     Duplicate,
     /// Beyond the next sequence: an earlier event of its aggregate is missing; not applied.
     Gap,
+}
+
+/// One owned partition's (topic, partition, low and high watermark) as a lag measurement saw them.
+type HighWatermark = (String, i32, i64, i64);
+
+/// The live-update channel (see [`crate::live`]) on which the projector of `read_model`
+/// announces, per aggregate, that it applied more of its events: the signal's key is
+/// `<aggregate_type>:<aggregate_id>`, and the new position is in `<read_model>.applied`.
+pub fn applied_channel(read_model: &str) -> String {
+    format!("applied.{read_model}")
 }
 
 /// Applies replayed events in `tx` exactly as a projector applies records: the per-aggregate

@@ -92,6 +92,7 @@ fn catalogue() -> Catalogue {
                 min_subtotal_minor: 1_500,
                 regions: vec![],
                 active: true,
+                once_per_customer: true,
             },
         )]),
         experiments: BTreeMap::new(),
