@@ -115,15 +115,20 @@ impl Probe {
         })
     }
 
-    /// The broker answers a metadata request.
+    /// The broker answers a metadata request. One client serves every round: a new one per
+    /// check would open a connection (and librdkafka's threads) every few seconds, idle or not.
     pub fn broker(kafka: &crate::KafkaConfig) -> Self {
-        let config = kafka.client_config();
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let client: Result<Arc<BaseConsumer>, String> = kafka
+            .client_config()
+            .create()
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         Self::new("broker", move || {
-            let config = config.clone();
+            let client = client.clone();
             async move {
+                let consumer = client?;
                 tokio::task::spawn_blocking(move || {
-                    use rdkafka::consumer::{BaseConsumer, Consumer};
-                    let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
                     consumer
                         .fetch_metadata(None, Duration::from_secs(3))
                         .map(|m| format!("{} broker(s)", m.brokers().len()))
@@ -170,7 +175,7 @@ pub struct OpsConfig {
     #[serde(default = "default_max_lag")]
     pub ready_max_lag_seconds: f64,
     /// `READY_CHECK_INTERVAL_MS`: how often readiness is checked in the background; the
-    /// endpoint answers from memory (default 2000).
+    /// endpoint answers from memory (default 5000).
     #[serde(default = "default_check_interval")]
     pub ready_check_interval_ms: u64,
 }
@@ -179,7 +184,7 @@ const fn default_max_lag() -> f64 {
     60.0
 }
 const fn default_check_interval() -> u64 {
-    2_000
+    5_000
 }
 
 impl OpsConfig {
