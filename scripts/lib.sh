@@ -39,6 +39,10 @@ ensure_postgres() {
   local version conf
   version=$(ls /etc/postgresql | sort -V | tail -n1)
   conf="/etc/postgresql/$version/main"
+  # Debian gives a new cluster the first free port from 5432 on: use the one it has.
+  PG_PORT=$(pg_lsclusters -h 2>/dev/null | awk -v v="$version" '$1 == v && $2 == "main" { print $3; exit }')
+  PG_PORT=${PG_PORT:-5432}
+  PG_ADMIN_URL="postgres://postgres@$PG_HOST:$PG_PORT/postgres"
   # Development and test machines only: trust connections from this machine (replication too,
   # for Debezium in the benchmarks). Production databases are configured by their operators.
   as_root sed -i -E 's/^(host\s+(all|replication)\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/; s/^(local\s+(all|replication)\s+\S+\s+)peer/\1trust/' "$conf/pg_hba.conf"
