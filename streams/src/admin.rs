@@ -19,6 +19,8 @@ pub enum AdminError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error("topic {topic} was created but the broker's metadata did not show it within 30 s")]
+    NotVisible { topic: String },
 }
 
 /// Creates `topics` with the configured partitions and replication; existing topics are left
@@ -45,5 +47,42 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
             Err((topic, code)) => return Err(AdminError::Create { topic, code }),
         }
     }
-    Ok(())
+    wait_until_visible(config, topics).await
+}
+
+/// Returns once the broker's metadata shows every one of `topics` with its partitions. Kafka
+/// acknowledges a creation when the controller has recorded it, a moment before the brokers'
+/// metadata shows it; a consumer that subscribes in between sees no such topic and gets no
+/// partitions of it until its next metadata refresh, minutes later.
+async fn wait_until_visible(config: &KafkaConfig, topics: &[String]) -> Result<(), AdminError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = config.client_config().create()?;
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for topic in &topics {
+            loop {
+                let visible = client
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .is_ok_and(|metadata| {
+                        metadata.topics().iter().any(|t| {
+                            t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                        })
+                    });
+                if visible {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(AdminError::NotVisible {
+                        topic: topic.clone(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    })
+    .await
+    // Only a panic of the closure fails the join.
+    .unwrap_or(Err(AdminError::Client(KafkaError::Canceled)))
 }
