@@ -500,6 +500,15 @@ pub async fn place_request(
     placed["order_id"].as_str().expect("an order id").to_owned()
 }
 
+/// The JSON body of a GET, or `None` if the request or the body failed: for probes that
+/// [`eventually`] retries.
+pub async fn json_of(
+    client: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+) -> Option<serde_json::Value> {
+    client.get(url).send().await.ok()?.json().await.ok()
+}
+
 /// Takes one step on an order over HTTP (`POST /orders/{id}/actions`) and expects it to succeed.
 pub async fn act(client: &reqwest::Client, api: &str, order_id: &str, action: serde_json::Value) {
     let response = client

@@ -267,14 +267,11 @@ async fn exposures_conversions_profiles_and_targeting_match_what_customers_did()
         Duration::from_secs(60),
         "the experiment results",
         || async {
-            let results: Value = client
-                .get(format!("{api}/ads/experiments/{WELCOME}/results"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let results: Value = backbone_tests::json_of(
+                &client,
+                format!("{api}/ads/experiments/{WELCOME}/results"),
+            )
+            .await?;
             let variants = results["variants"].as_array()?;
             let exposures: i64 = variants
                 .iter()
@@ -401,16 +398,11 @@ async fn exposures_conversions_profiles_and_targeting_match_what_customers_did()
         Duration::from_secs(30),
         "the traveller's profile",
         || async {
-            let profile: Value = client
-                .get(format!(
-                    "{api}/customers/{traveller}/ads/profile?position={token}"
-                ))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let profile: Value = backbone_tests::json_of(
+                &client,
+                format!("{api}/customers/{traveller}/ads/profile?position={token}"),
+            )
+            .await?;
             (profile["orders_count"] == 2).then_some(profile)
         },
     )
@@ -631,14 +623,11 @@ async fn only_orders_within_the_window_after_the_first_exposure_convert_whicheve
         Duration::from_secs(60),
         "three orders in the view",
         || async {
-            let profile: Value = client
-                .get(format!("{api}/customers/{orders_first}/ads/profile"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let profile: Value = backbone_tests::json_of(
+                &client,
+                format!("{api}/customers/{orders_first}/ads/profile"),
+            )
+            .await?;
             (profile["orders_count"] == 3).then_some(())
         },
     )
@@ -652,14 +641,11 @@ async fn only_orders_within_the_window_after_the_first_exposure_convert_whicheve
         Duration::from_secs(60),
         "the exposure in the view",
         || async {
-            let profile: Value = client
-                .get(format!("{api}/customers/{exposure_first}/ads/profile"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let profile: Value = backbone_tests::json_of(
+                &client,
+                format!("{api}/customers/{exposure_first}/ads/profile"),
+            )
+            .await?;
             (profile["experiments"].as_array()?.len() == 1).then_some(())
         },
     )

@@ -150,14 +150,8 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
     )
     .await;
     let modified_total = eventually(WAIT, "the tracking view to show the new total", || async {
-        let view: Value = client
-            .get(format!("{api}/orders/{order_id}/tracking"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let view: Value =
+            backbone_tests::json_of(&client, format!("{api}/orders/{order_id}/tracking")).await?;
         let total = view["total"]["minor"].as_i64()?;
         (total != before).then_some(total)
     })
@@ -196,14 +190,8 @@ async fn a_placed_order_is_paid_confirmed_captured_and_completed_on_its_own() {
     }
     // The tracking view follows the delivery: courier, last position, ETA with its interval.
     let view: Value = eventually(WAIT, "the delivery in the tracking view", || async {
-        let view: Value = client
-            .get(format!("{api}/orders/{order_id}/tracking"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let view: Value =
+            backbone_tests::json_of(&client, format!("{api}/orders/{order_id}/tracking")).await?;
         (view["delivery"]["courier_position"]["latitude"] == json!(51.51)).then_some(view)
     })
     .await;

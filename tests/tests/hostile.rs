@@ -574,14 +574,8 @@ async fn readiness_is_served_from_memory_and_only_operators_see_why_it_fails() {
         std::time::Duration::from_secs(20),
         "the first readiness check",
         || async {
-            let body: Value = anonymous
-                .get(format!("{api}/health/ready"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let body: Value =
+                backbone_tests::json_of(&anonymous, format!("{api}/health/ready")).await?;
             body.get("checked_at").is_some().then_some(body)
         },
     )

@@ -86,14 +86,8 @@ async fn lag_in_seconds_is_the_age_of_the_oldest_waiting_record_not_the_idle_tim
         Duration::from_secs(30),
         "the waiting record measured",
         || async {
-            let body: Value = client
-                .get(format!("{api}/projections/tracking"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let body: Value =
+                backbone_tests::json_of(&client, format!("{api}/projections/tracking")).await?;
             (body["lag_events"].as_i64()? >= 1 && body["lag_seconds"].as_f64()? >= 1.5)
                 .then_some(body)
         },
@@ -119,14 +113,8 @@ async fn lag_in_seconds_is_the_age_of_the_oldest_waiting_record_not_the_idle_tim
     // Released, it catches up, and nothing is behind.
     blocker.rollback().await.expect("unlocked");
     eventually(Duration::from_secs(30), "caught up", || async {
-        let body: Value = client
-            .get(format!("{api}/projections/tracking"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let body: Value =
+            backbone_tests::json_of(&client, format!("{api}/projections/tracking")).await?;
         (body["lag_events"].as_i64()? == 0 && body["lag_seconds"].as_f64()? == 0.0).then_some(())
     })
     .await;
