@@ -891,7 +891,7 @@ impl Projector {
         let applied = self
             .applied
             .swap(false, std::sync::atomic::Ordering::Relaxed);
-        let marks = self.owned_marks();
+        let marks = self.owned_marks().unwrap_or_default();
         let mut caught_up = self.caught_up.lock().unwrap_or_else(|p| p.into_inner());
         match caught_up.as_ref() {
             Some((last, at)) if !applied && *last == marks && at.elapsed() < IDLE_LAG_REFRESH => {
@@ -906,21 +906,17 @@ impl Projector {
 
     /// (topic, partition, low, high) of every partition this instance owns, as the consumer's
     /// statistics last reported them.
-    fn owned_marks(&self) -> Vec<(String, i32, i64, i64)> {
+    fn owned_marks(&self) -> Result<Vec<(String, i32, i64, i64)>, ProjectorError> {
         let context = self.consumer.context();
-        self.consumer
-            .assignment()
-            .map(|assignment| {
-                assignment
-                    .elements()
-                    .iter()
-                    .filter_map(|e| {
-                        let (low, high) = context.marks(e.topic(), e.partition())?;
-                        Some((e.topic().to_owned(), e.partition(), low, high))
-                    })
-                    .collect()
+        let assignment = self.consumer.assignment()?;
+        Ok(assignment
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                let (low, high) = context.marks(e.topic(), e.partition())?;
+                Some((e.topic().to_owned(), e.partition(), low, high))
             })
-            .unwrap_or_default()
+            .collect())
     }
 
     /// Measures each owned partition's lag (records not yet applied, from the broker's high
@@ -931,7 +927,7 @@ impl Projector {
     /// event store if the consumer already received it, else at least since a high watermark
     /// above it was first seen. No records waiting: 0.
     async fn measure_lag(&self) -> Result<(), ProjectorError> {
-        let assignment = self.consumer.assignment()?;
+        let marks = self.owned_marks()?;
         let schema = self.schema;
         let positions: Vec<(String, i32, i64)> = sqlx::query_as(&format!(
             "SELECT topic, partition, next_offset FROM {schema}.checkpoints"
@@ -939,18 +935,11 @@ impl Projector {
         .fetch_all(&self.pool)
         .await?;
         let context = self.consumer.context();
-        let marks: Vec<(String, i32, i64, i64)> = assignment
-            .elements()
-            .iter()
-            .filter_map(|e| {
-                let (low, high) = context.marks(e.topic(), e.partition())?;
-                Some((e.topic().to_owned(), e.partition(), low, high))
-            })
-            .collect();
         let now = chrono::Utc::now();
         let (mut topics, mut partitions, mut highs, mut nexts, mut lags, mut ages) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut total, mut oldest) = (0i64, 0f64);
+        let measured = marks.clone();
         for (topic, partition, low, high) in marks {
             let known = positions
                 .iter()
@@ -998,7 +987,7 @@ impl Projector {
         .await?;
         if total == 0 {
             *self.caught_up.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((self.owned_marks(), Instant::now()));
+                Some((measured, Instant::now()));
         }
         Ok(())
     }
