@@ -52,7 +52,8 @@ struct TestDatabase {
 
 impl TestDatabase {
     async fn create() -> Self {
-        let name = format!("reg_{}", uuid::Uuid::new_v4().simple());
+        let run = std::env::var("TEST_RUN_ID").unwrap_or_else(|_| "0".to_owned());
+        let name = format!("reg_{run}_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url())
             .await
             .expect("PostgreSQL is reachable with REGISTRY_TEST_ADMIN_URL");

@@ -38,6 +38,12 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// The test run a database belongs to (`scripts/test` sets it to its process id), so a run drops
+/// its own leftovers and never a concurrent run's.
+pub fn test_run_id() -> String {
+    std::env::var("TEST_RUN_ID").unwrap_or_else(|_| "0".to_owned())
+}
+
 /// The broker under test.
 pub fn bootstrap() -> String {
     std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
@@ -105,7 +111,7 @@ impl TestEnv {
     pub async fn start(name: &str) -> Self {
         init_logs();
         let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
-        let database = format!("bt_{name}_{tag}");
+        let database = format!("bt_{}_{name}_{tag}", test_run_id());
         let mut admin = PgConnection::connect(&admin_url())
             .await
             .expect("the test PostgreSQL server is reachable");
