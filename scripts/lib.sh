@@ -179,7 +179,7 @@ stop_pidfile() {
 
 # The Python clients the registry is tested with (confluent-kafka from PyPI), in .venv.
 ensure_python_venv() {
-  local req="$ROOT/schemas/tests/python/requirements.txt"
+  local req="$ROOT/schemas/registry/tests/python/requirements.txt"
   local stamp="$ROOT/.venv/.requirements.sha256"
   local want
   want=$(sha256sum "$req" | cut -d' ' -f1)

@@ -564,11 +564,9 @@ impl ApiServer {
             });
         }
         let services = OrderServices::new(catalogue.clone(), clock.clone());
-        projections::ensure_schema(&projections::TrackingProjection, &pool).await?;
-        projections::ensure_schema(&projections::RatingsProjection, &pool).await?;
-        projections::ensure_schema(&projections::AnalyticsProjection, &pool).await?;
-        projections::ensure_schema(&projections::NotificationsProjection, &pool).await?;
-        projections::ensure_schema(&projections::AdsProjection, &pool).await?;
+        for read_model in projections::read_models::all() {
+            streams::consumer::ensure_schema(read_model.as_ref(), &pool).await?;
+        }
         let live = Arc::new(live::LiveHub::start(&pool).await?);
         let state = AppState {
             orders: Arc::new(CommandBus::new(db.clone(), services)),

@@ -1,5 +1,5 @@
 //! Live updates for Server-Sent Events: one `LISTEN` connection per API process fans the read
-//! models' change signals ([`projections::live`]) out to every open stream.
+//! models' change signals ([`streams::consumer::live`]) out to every open stream.
 //!
 //! A signal only says "this key of this read model changed"; each stream then re-reads the read
 //! model after its own cursor, so a missed signal (a lagging receiver, a reconnect) can delay
@@ -45,7 +45,7 @@ impl LiveHub {
     /// Starts listening on the read models' channel.
     pub async fn start(pool: &PgPool) -> Result<Self, sqlx::Error> {
         let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen(projections::live::CHANNEL).await?;
+        listener.listen(streams::consumer::live::CHANNEL).await?;
         let (sender, _) = broadcast::channel(1024);
         let stop = CancellationToken::new();
         tokio::spawn(forward(listener, sender.clone(), stop.clone()));

@@ -2,7 +2,7 @@
 //! `<aggregate_type>:<aggregate_id>:<sequence>`; a query that passes it as `position` waits
 //! (bounded) until its read model has applied that event.
 //!
-//! The check is the projector runtime's own dedup table (`<read model>.applied`), written in
+//! The check is the consumer runtime's own dedup table (`<read model>.applied`), written in
 //! the same transaction as the read model's rows, so "reached" means the rows are there. It
 //! works for every read model alike, whichever aggregate the command changed.
 
@@ -73,14 +73,11 @@ impl Position {
 
 const AGGREGATE_TYPES: [&str; 5] = ["order", "delivery", "payment", "rewards", "ads"];
 
-/// The aggregate types whose events a read model follows (`None`: not known here).
+/// The aggregate types whose events a read model follows (`None`: not a read model).
 fn followed_by(read_model: &str) -> Option<&'static [&'static str]> {
-    Some(match read_model {
-        "tracking" | "ratings" => &["order", "delivery"],
-        "analytics" | "notifications" => &["order", "rewards"],
-        "ads" => &["order", "rewards", "ads"],
-        _ => return None,
-    })
+    projections::read_models::by_name(read_model)
+        .ok()
+        .map(|projection| projection.aggregate_types())
 }
 
 /// The per-client cap on read-your-writes waits (`API_MAX_WAITS_PER_CLIENT`).
@@ -99,7 +96,7 @@ pub fn wait_slots(max_per_client: usize) -> std::sync::Arc<crate::live::StreamSl
 /// never end), 429 when the caller already has `API_MAX_WAITS_PER_CLIENT` waits in flight, 503
 /// with Retry-After when the wait runs out.
 ///
-/// A wait does not poll. The projector runtime signals `applied.<read model>` with the
+/// A wait does not poll. The consumer runtime signals `applied.<read model>` with the
 /// aggregate's key in the transaction that moves its position (delivered on commit), and the
 /// process's one `LISTEN` connection ([`crate::live::LiveHub`]) fans the signals out; a waiter
 /// re-reads the dedup table only when a signal may concern its aggregate (its own key, a
@@ -165,7 +162,7 @@ pub async fn wait_for_position(
     }
     // Only a request that really waits takes one of its client's slots.
     let _slot = state.waits.acquire(&principal.actor())?;
-    let channel = projections::runtime::applied_channel(read_model);
+    let channel = streams::consumer::applied_channel(read_model);
     let key = format!("{}:{}", position.aggregate_type, position.aggregate_id);
     loop {
         // Re-checked after the slot was taken, and after each signal that may concern us.

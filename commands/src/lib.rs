@@ -14,7 +14,6 @@
 pub mod bus;
 pub mod catalogue;
 pub mod pii;
-pub mod process;
 pub mod promotions;
 pub mod store;
 pub mod stuck;

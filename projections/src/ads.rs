@@ -33,7 +33,7 @@ use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::runtime::{FirstDelivery, Projection, ProjectionError};
+use streams::consumer::{FirstDelivery, Projection, ProjectionError};
 
 /// The z value of a two-sided 95 % interval.
 pub const Z_95: f64 = 1.959_963_984_540_054;
@@ -258,7 +258,7 @@ impl Projection for AdsProjection {
         refresh_profiles(tx, &touched).await?;
         attribute(tx, &touched).await?;
         let keys: Vec<String> = touched.iter().map(Uuid::to_string).collect();
-        crate::live::notify(tx, "ads", &keys).await?;
+        streams::consumer::live::notify(tx, "ads", &keys).await?;
         Ok(())
     }
 }

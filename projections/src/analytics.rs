@@ -37,7 +37,7 @@ use domain::services::PricedLine;
 use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
 use uuid::Uuid;
 
-use crate::runtime::{FirstDelivery, Projection, ProjectionError};
+use streams::consumer::{FirstDelivery, Projection, ProjectionError};
 
 /// Order and rewards analytics for dashboards.
 #[derive(Debug, Default, Clone, Copy)]

@@ -3,7 +3,7 @@
 //! (with who and why), its delivery failed, and rewards points earned.
 //!
 //! Records are the cursor-ordered feed behind the customer's notification list, its SSE stream
-//! (woken by a `projections::live` signal on channel [`LIVE_CHANNEL`] keyed by customer) and the
+//! (woken by a `streams::consumer::live` signal on channel [`LIVE_CHANNEL`] keyed by customer) and the
 //! webhook delivery worker ([`crate::notifier`]). The order's events do not name its customer, so
 //! the projection remembers order → customer (and the current total) from `OrderPlaced` and
 //! `OrderModified`; an order's events arrive in order, so the placement is always known first.
@@ -28,7 +28,7 @@ use serde_json::json;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::runtime::{FirstDelivery, Projection, ProjectionError};
+use streams::consumer::{FirstDelivery, Projection, ProjectionError};
 
 /// The read model's name: its schema and consumer-group suffix.
 pub const NAME: &str = "notifications";
@@ -503,7 +503,7 @@ impl Projection for NotificationsProjection {
             .into_iter()
             .map(|c| c.to_string())
             .collect();
-        crate::live::notify(tx, LIVE_CHANNEL, &customers).await?;
+        streams::consumer::live::notify(tx, LIVE_CHANNEL, &customers).await?;
         Ok(())
     }
 }

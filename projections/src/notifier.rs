@@ -300,7 +300,7 @@ impl Notifier {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| NotifierError::Config(format!("HTTP client: {e}")))?;
-        crate::runtime::ensure_schema(&NotificationsProjection, &pool).await?;
+        streams::consumer::ensure_schema(&NotificationsProjection, &pool).await?;
         // Exported from the start (at 0), so alerts on them work before the first POST.
         metrics::describe_counter!(
             "notifications_webhook_sent_total",
@@ -541,7 +541,7 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken) {
                 }
             }
         };
-        if let Err(e) = listener.listen(crate::live::CHANNEL).await {
+        if let Err(e) = listener.listen(streams::consumer::live::CHANNEL).await {
             tracing::warn!(error = %e, "webhook worker cannot LISTEN; polling only");
             tokio::select! {
                 () = stop.cancelled() => return,

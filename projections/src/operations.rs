@@ -76,7 +76,7 @@ pub enum RedriveRequest {
     NotFound,
 }
 
-/// The read models in this database: every schema with the projector runtime's tables.
+/// The read models in this database: every schema with the consumer runtime's tables.
 pub async fn read_models(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT d.table_schema::text FROM information_schema.tables d \

@@ -10,7 +10,7 @@ use domain::delivery::DeliveryEvent;
 use domain::order::OrderEvent;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::runtime::{FirstDelivery, Projection, ProjectionError};
+use streams::consumer::{FirstDelivery, Projection, ProjectionError};
 
 /// How many "virtual" ratings at the kind's overall mean every subject starts with.
 pub const PRIOR_WEIGHT: f64 = 10.0;

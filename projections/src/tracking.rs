@@ -12,7 +12,7 @@ use domain::order::OrderEvent;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::runtime::{FirstDelivery, Projection, ProjectionError};
+use streams::consumer::{FirstDelivery, Projection, ProjectionError};
 
 /// Order tracking, as a customer's app shows it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -244,7 +244,8 @@ impl Projection for TrackingProjection {
         }
         let changed: std::collections::BTreeSet<String> =
             events.iter().map(|e| e.meta.aggregate_id.clone()).collect();
-        crate::live::notify(tx, "tracking", &changed.into_iter().collect::<Vec<_>>()).await?;
+        streams::consumer::live::notify(tx, "tracking", &changed.into_iter().collect::<Vec<_>>())
+            .await?;
         Ok(())
     }
 }

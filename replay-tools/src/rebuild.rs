@@ -6,8 +6,8 @@
 //! A read model lives in the schema named after it; the shadow is the schema `<name>__rebuild`.
 //! Handlers name their tables without a schema (`INSERT INTO orders ...`) and every transaction
 //! that runs them first points its `search_path` at one schema and nothing else
-//! ([`projections::runtime::use_schema`]): the live one in the projector, the shadow here (the
-//! runtime's dedup, then `Projection::apply_batch`: [`projections::runtime::apply_replayed`]).
+//! ([`streams::consumer::use_schema`]): the live one in the projector, the shadow here (the
+//! runtime's dedup, then `Projection::apply_batch`: [`streams::consumer::apply_replayed`]).
 //! A table missing from that schema is an error, never another schema's table. The live
 //! projector and the API never wait on the rebuild, and the rebuild's transactions run side by
 //! side: from the topics, `--appliers` transactions (default 2) each apply the partitions
@@ -84,15 +84,15 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
-use projections::runtime::{
-    apply_replayed, create_tables, use_schema, ReplayVerdict, ReplayedEvent,
-};
-use projections::{Projection, ProjectionError, ProjectorConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value as Json;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use streams::consumer::{
+    apply_replayed, create_tables, use_schema, Projection, ProjectionError, ProjectorConfig,
+    ReplayVerdict, ReplayedEvent,
+};
 use streams::{DecodedEvent, EventDecoder, EventMeta, KafkaConfig, RegistryConfig, Topics};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -173,24 +173,6 @@ pub const DEFAULT_BATCH_SIZE: u32 = 10_000;
 
 /// Tables made durable side by side at the end of a rebuild.
 const FINISHING_SIDE_BY_SIDE: usize = 3;
-
-/// The read models a rebuild knows.
-pub const READ_MODELS: [&str; 5] = ["tracking", "ratings", "analytics", "ads", "notifications"];
-
-/// A read model's projection, by name.
-pub fn projection(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
-    Ok(match name {
-        "tracking" => Arc::new(projections::TrackingProjection),
-        "ratings" => Arc::new(projections::RatingsProjection),
-        "analytics" => Arc::new(projections::AnalyticsProjection),
-        "ads" => Arc::new(projections::AdsProjection),
-        "notifications" => Arc::new(projections::NotificationsProjection),
-        other => bail!(
-            "unknown read model `{other}`; known: {}",
-            READ_MODELS.join(", ")
-        ),
-    })
-}
 
 /// The shadow schema a rebuild of `live` builds.
 pub fn shadow_name(live: &str) -> String {
@@ -293,7 +275,7 @@ pub async fn rebuild(
     interrupted: CancellationToken,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let projection = projection(&args.read_model)?;
+    let projection = projections::read_models::by_name(&args.read_model)?;
     let as_of = args.as_of.as_deref().map(parse_time).transpose()?;
     let live = projection.name();
     let schemas = Schemas::of(live);
@@ -306,7 +288,7 @@ pub async fn rebuild(
         .fetch_one(pool)
         .await?;
     if !live_exists {
-        projections::ensure_schema(projection.as_ref(), pool)
+        streams::consumer::ensure_schema(projection.as_ref(), pool)
             .await
             .with_context(|| format!("creating the live read model {live}"))?;
     }

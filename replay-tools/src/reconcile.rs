@@ -2,7 +2,7 @@
 //!
 //! Three places should agree on how far every aggregate got: the event store (its last
 //! sequence), the topic copy (the highest sequence in its records' headers) and each read model
-//! that follows the aggregate's type (the projector runtime's `<schema>.applied`, written in the
+//! that follows the aggregate's type (the consumer runtime's `<schema>.applied`, written in the
 //! transaction that changes the read model, so it is the one row shape every read model shares).
 //! Per aggregate type, the event counts (a read model's: the sum of its last applied sequences)
 //! and a checksum (SHA-256 over the `(aggregate id, last sequence)` pairs sorted bytewise) are
@@ -17,7 +17,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context};
 use futures::TryStreamExt;
-use projections::{operations, Projection};
+use projections::operations;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use streams::{EventMeta, KafkaConfig};
@@ -39,14 +39,7 @@ pub struct ReconcileArgs {
 /// The aggregate types a read model follows: those of the project's projections, else (a read
 /// model this tool does not know) the types found in its `applied` table.
 async fn followed_types(pool: &PgPool, name: &str) -> anyhow::Result<Vec<String>> {
-    let known: [&dyn Projection; 5] = [
-        &projections::TrackingProjection,
-        &projections::RatingsProjection,
-        &projections::AnalyticsProjection,
-        &projections::AdsProjection,
-        &projections::NotificationsProjection,
-    ];
-    if let Some(projection) = known.iter().find(|p| p.name() == name) {
+    if let Ok(projection) = projections::read_models::by_name(name) {
         return Ok(projection
             .aggregate_types()
             .iter()

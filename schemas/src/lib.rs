@@ -13,7 +13,6 @@
 pub mod contracts;
 pub mod direct;
 mod mapping;
-pub mod registry;
 pub mod upcasters;
 
 pub use contracts::{split_payload, Contracts, EventContract};

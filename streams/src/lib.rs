@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod codec;
 pub mod config;
+pub mod consumer;
 pub mod headers;
 pub mod process;
 pub mod relay;

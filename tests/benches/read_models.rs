@@ -20,9 +20,10 @@ use std::time::Instant;
 use backbone_tests::bench::{appends, rate, raw_consumer, wait_until, WRITERS};
 use backbone_tests::TestEnv;
 use projections::{
-    AdsProjection, AnalyticsProjection, NotificationsProjection, Projection, ProjectorConfig,
-    RatingsProjection, TrackingProjection,
+    AdsProjection, AnalyticsProjection, NotificationsProjection, RatingsProjection,
+    TrackingProjection,
 };
+use streams::consumer::{Projection, ProjectorConfig};
 
 fn read_models() -> Vec<Arc<dyn Projection>> {
     vec![
@@ -205,7 +206,7 @@ async fn main() {
     );
     for projection in read_models() {
         let name = projection.name();
-        let projector = projections::Projector::new(
+        let projector = streams::consumer::Projector::new(
             projection,
             env.pool().clone(),
             &env.kafka,

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use backbone_tests::{act, eventually, order_request, place_request, Running, TestEnv};
 use chrono::{DateTime, Utc};
-use commands::process::OrderFlow;
 use commands::CatalogueStore;
 use domain::services::Catalogue;
+use flows::OrderFlow;
 use projections::TrackingProjection;
 use serde_json::{json, Value};
 use uuid::Uuid;

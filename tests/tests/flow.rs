@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use backbone_tests::Running;
 use backbone_tests::{act, eventually, order_request, place_request, TestEnv};
-use commands::process::OrderFlow;
 use commands::CatalogueStore;
 use domain::services::Catalogue;
+use flows::OrderFlow;
 use projections::TrackingProjection;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;

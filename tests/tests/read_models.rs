@@ -1,4 +1,4 @@
-//! The projector runtime and the query API around every read model: poison records and their
+//! The consumer runtime and the query API around every read model: poison records and their
 //! re-drive, a partition replayed from offset 0, read-your-writes positions and the live
 //! tracking stream, all over the real pipeline.
 
@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use backbone_tests::tools::raw_records;
 use backbone_tests::{act, binary_path, eventually, order_request, place_request, TestEnv};
-use projections::{FirstDelivery, Projection, ProjectionError, TrackingProjection};
+use projections::TrackingProjection;
 use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde_json::{json, Value};
 use sqlx::{Postgres, Transaction};
+use streams::consumer::{FirstDelivery, Projection, ProjectionError};
 use uuid::Uuid;
 
 /// A read model whose handler fails for the events listed in `flaky.broken` (a bug), until the
@@ -82,7 +83,7 @@ async fn poison_records_are_dead_lettered_and_redriven_once_after_the_fix() {
     let env = TestEnv::start("poison").await;
     let pool = env.pool().clone();
     let relay = env.start_relay().await;
-    projections::ensure_schema(&FlakyProjection, &pool)
+    streams::consumer::ensure_schema(&FlakyProjection, &pool)
         .await
         .expect("schema");
     let (api, server) = env.start_api().await;

@@ -14,9 +14,9 @@ use backbone_tests::tools::cli_command;
 use backbone_tests::{confirm_payment, eventually, place_order, TestEnv};
 use chrono::{DateTime, SecondsFormat, Utc};
 use domain::order::OrderEvent;
-use projections::runtime::{apply_replayed, create_tables, ReplayVerdict, ReplayedEvent};
 use projections::{AnalyticsProjection, TrackingProjection};
 use serde_json::Value;
+use streams::consumer::{apply_replayed, create_tables, ReplayVerdict, ReplayedEvent};
 use streams::{DecodedEvent, EventMeta};
 
 /// `replay-tools` configured for this environment, as an operator would run it, its output

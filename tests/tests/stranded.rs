@@ -16,9 +16,9 @@ use backbone_tests::tools::replay_tools;
 use backbone_tests::{
     act, client_as, eventually, order_request, place_request, post_webhook, Role, Running, TestEnv,
 };
-use commands::process::OrderFlow;
 use commands::CatalogueStore;
 use domain::services::Catalogue;
+use flows::OrderFlow;
 use projections::{NotificationsProjection, TrackingProjection};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;

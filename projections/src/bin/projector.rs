@@ -1,39 +1,22 @@
-//! Projector host process: runs the projections named in `PROJECTIONS` (comma-separated;
-//! default: all of them, `tracking,ratings,analytics,ads,notifications`), each with its own
+//! Projector host process: runs the read models named in `PROJECTIONS` (comma-separated;
+//! default: all of them, see `projections::read_models`), each with its own
 //! consumer group. Configuration: `DATABASE_URL`,
 //! `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*`, `METRICS_LISTEN` and `READY_*` (the operations
 //! endpoint, see `streams::process`); with `notifications`,
 //! `NOTIFICATIONS_WEBHOOK_*` (see `projections::notifier`).
 
-use std::sync::Arc;
-
-use anyhow::{bail, Context};
-use projections::{Projection, Projector, ProjectorConfig, RatingsProjection, TrackingProjection};
+use anyhow::Context;
+use projections::read_models;
+use streams::consumer::{lag_probe, Projector, ProjectorConfig, ProjectorError};
 use streams::process::{
     connect_from_env, init_tracing, ready_max_lag_seconds, serve_ops_from_env, shutdown_token,
     Probe,
 };
 
-/// Every read model, in one process unless `PROJECTIONS` splits them.
-const DEFAULT_PROJECTIONS: &str = "tracking,ratings,analytics,ads,notifications";
-
-fn projection(name: &str) -> anyhow::Result<Arc<dyn Projection>> {
-    match name {
-        "tracking" => Ok(Arc::new(TrackingProjection)),
-        "ratings" => Ok(Arc::new(RatingsProjection)),
-        "notifications" => Ok(Arc::new(projections::NotificationsProjection)),
-        "analytics" => Ok(Arc::new(projections::AnalyticsProjection)),
-        "ads" => Ok(Arc::new(projections::AdsProjection)),
-        other => bail!(
-            "unknown projection `{other}`; known: tracking, ratings, notifications, analytics, ads"
-        ),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_tracing();
-    let names = std::env::var("PROJECTIONS").unwrap_or_else(|_| DEFAULT_PROJECTIONS.to_owned());
+    let names = std::env::var("PROJECTIONS").unwrap_or_else(|_| read_models::names().join(","));
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
     let connections = connect_from_env(8).await?;
     let (pool, kafka, registry) = (connections.pool, connections.kafka, connections.registry);
@@ -45,8 +28,8 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let projections = names
         .iter()
-        .map(|name| projection(name))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|name| read_models::by_name(name))
+        .collect::<Result<Vec<_>, _>>()?;
     // Ready: the database and the broker answer, and no record waits longer than
     // READY_MAX_LAG_SECONDS on a partition this process owns.
     let schemas: Vec<&str> = projections.iter().map(|p| p.name()).collect();
@@ -54,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
         vec![
             Probe::database(pool.clone()),
             Probe::broker(&kafka),
-            projections::runtime::lag_probe(pool.clone(), &schemas, ready_max_lag_seconds()),
+            lag_probe(pool.clone(), &schemas, ready_max_lag_seconds()),
         ],
         shutdown.clone(),
     )
@@ -75,9 +58,10 @@ async fn main() -> anyhow::Result<()> {
                     .context("starting the notification webhook worker")?;
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
-                    notifier.run_until_stopped(stop).await.map_err(|e| {
-                        projections::ProjectorError::Config(format!("webhook worker: {e}"))
-                    })
+                    notifier
+                        .run_until_stopped(stop)
+                        .await
+                        .map_err(|e| ProjectorError::Config(format!("webhook worker: {e}")))
                 });
             }
         }

@@ -1,6 +1,6 @@
 //! The process manager process: the order flow (orders ⇄ payments ⇄ rewards) and its deadline
 //! scheduler. Configuration: `DATABASE_URL`, `KAFKA_*`, `SCHEMA_REGISTRY_*`, `PROJECTOR_*` (it
-//! runs on the projector runtime, consumer group `<prefix>order_flow`), `CATALOGUE_PATH`
+//! runs on the consumer runtime, consumer group `<prefix>order_flow`), `CATALOGUE_PATH`
 //! (seeds an empty catalogue table; default: the built-in demo catalogue), `METRICS_LISTEN` and
 //! `READY_*` (the operations endpoint, see `streams::process`).
 
@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use commands::catalogue::seed_catalogue;
-use commands::process::OrderFlow;
 use commands::{CatalogueStore, EventStoreDb};
 use domain::services::Catalogue;
-use projections::{Projector, ProjectorConfig};
+use flows::OrderFlow;
+use streams::consumer::{lag_probe, Projection, Projector, ProjectorConfig};
 use streams::process::{
     connect_from_env, init_tracing, ready_max_lag_seconds, serve_ops_from_env, shutdown_token,
     Probe,
@@ -42,11 +42,7 @@ async fn main() -> anyhow::Result<()> {
         vec![
             Probe::database(db.pool().clone()),
             Probe::broker(&connections.kafka),
-            projections::runtime::lag_probe(
-                db.pool().clone(),
-                &[projections::Projection::name(flow.as_ref())],
-                ready_max_lag_seconds(),
-            ),
+            lag_probe(db.pool().clone(), &[flow.name()], ready_max_lag_seconds()),
         ],
         shutdown.clone(),
     )

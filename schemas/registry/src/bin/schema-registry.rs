@@ -2,12 +2,12 @@
 //!
 //! Configured by environment variables (`REGISTRY_DATABASE_URL`, `REGISTRY_DB_SCHEMA`,
 //! `REGISTRY_LISTEN`, `REGISTRY_BASIC_AUTH` (required: the writers' `user:password`),
-//! `REGISTRY_ANONYMOUS_READS`; see `schemas::registry::RegistryConfig`) and `RUST_LOG` for the log filter
+//! `REGISTRY_ANONYMOUS_READS`; see `registry::RegistryConfig`) and `RUST_LOG` for the log filter
 //! (default `info`). Stops gracefully on SIGINT or SIGTERM: no new connections, requests in
 //! flight finish, the database pool closes.
 
 use anyhow::Context;
-use schemas::registry::{RegistryConfig, RegistryServer};
+use registry::{RegistryConfig, RegistryServer};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]

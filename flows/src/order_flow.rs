@@ -1,11 +1,11 @@
 //! Process managers: react to events on the topics by issuing commands to other aggregates.
 //!
-//! A process manager runs on the projector runtime (its own consumer group, per-aggregate
+//! A process manager runs on the consumer runtime (its own consumer group, per-aggregate
 //! dedup, checkpoints, dead letters), so it sees every event once per aggregate and in order,
 //! and keeps its own state in the same transaction as its checkpoint. Its reactions are
 //! *repeatable* commands: the command id is derived from the causing event id and the step, so
 //! a redelivered event, or a crash between the command's commit and the checkpoint, issues
-//! nothing new (see [`CommandContext::repeatable`]). The correlation id of the causing event is
+//! nothing new (see [`commands::CommandContext::repeatable`]). The correlation id of the causing event is
 //! carried into every command it causes.
 //!
 //! [`OrderFlow`] links orders, payments, deliveries and rewards:
@@ -27,7 +27,7 @@
 //!
 //! A step that cannot proceed (the target refuses for a reason other than "already done" or
 //! "moot", or the catalogue lacks what the step needs) becomes a stuck-flow record
-//! ([`crate::stuck`]) in the same transaction, for operators to retry or resolve.
+//! ([`commands::stuck`]) in the same transaction, for operators to retry or resolve.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,16 +42,14 @@ use domain::payment::{Payment, PaymentCommand, PaymentError, PaymentEvent, Payme
 use domain::rewards::{RewardsCommand, RewardsError, RewardsLedger, RewardsServices};
 use domain::services::{OrderServices, SystemClock};
 use domain::{Currency, Money, OrderId, RegionCode, StoreId};
-use projections::{FirstDelivery, Projection, ProjectionError};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Postgres, Transaction};
+use streams::consumer::{FirstDelivery, Projection, ProjectionError};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bus::{CommandBus, CommandContext, CommandError};
-use crate::catalogue::CatalogueStore;
-use crate::store::EventStoreDb;
-use crate::stuck;
+use commands::stuck;
+use commands::{CatalogueStore, CommandBus, CommandContext, CommandError, EventStoreDb};
 
 /// The payment provider the flow authorizes with. Development and tests use the built-in demo
 /// provider, which approves every authorization; a real provider adapter goes here.

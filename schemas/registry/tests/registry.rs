@@ -14,13 +14,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use apache_avro::types::Value as AvroValue;
+use registry::{RegistryConfig, RegistryError, RegistryServer};
 use reqwest::{Method, StatusCode};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
-use schemas::registry::{RegistryConfig, RegistryError, RegistryServer};
 use serde_json::{json, Value};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::oneshot;

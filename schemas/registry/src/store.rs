@@ -3,7 +3,7 @@
 //! All tables live in the registry's own PostgreSQL schema (`REGISTRY_DB_SCHEMA`): every pooled
 //! connection has its `search_path` set to it, so the queries below name tables unqualified and
 //! the registry can share a database with other services. Migrations are the `.sql` files of
-//! `schemas/migrations/registry`, applied at start-up in one transaction that holds a
+//! `schemas/registry/migrations`, applied at start-up in one transaction that holds a
 //! transaction-level advisory lock, and recorded in the registry's own bookkeeping table
 //! (`registry_migrations`), so they never collide with another migrator of the same database
 //! and two registries starting together apply them once.
@@ -22,11 +22,8 @@ use super::error::RegistryError;
 use super::schema::SchemaReference;
 
 /// The migrations, in order: (version, name, SQL). Append only; never edit an applied one.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/registry/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
 
 /// Connections the registry holds at most (it serves few, short requests).
 const MAX_CONNECTIONS: u32 = 10;

@@ -1,0 +1,522 @@
+//! One consumer's loop: consume, decode, dedup, apply, checkpoint, in one transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::FutureProducer;
+use rdkafka::Message;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+
+use super::lag::{HighWatermark, Waiting};
+use super::replay::{locked_positions, store_positions};
+use super::*;
+use crate::{DecodeError, DecodedEvent, EventDecoder, EventMeta, KafkaConfig, RegistryConfig};
+
+/// Why a projector stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("decoder: {0}")]
+    Decoder(#[from] DecodeError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("projection: {0}")]
+    Projection(#[from] ProjectionError),
+    #[error("topics: {0}")]
+    Topics(#[from] crate::admin::AdminError),
+}
+
+/// The topic (without the configured prefix) that receives a copy of every dead-lettered
+/// record, with the projection and the error in `dead-letter-*` headers.
+pub const DEAD_LETTER_TOPIC: &str = "dead-letters";
+
+/// Closes a consumer (leaving its group) without waiting forever: librdkafka's close blocks
+/// until the broker answers, and a broker that is gone (stopped by the same Ctrl-C) never does.
+/// The checkpoint is in PostgreSQL, so nothing depends on the close succeeding.
+async fn leave_group(consumer: StreamConsumer<WatermarkContext>) {
+    let (done, closed) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        drop(consumer);
+        let _ = done.send(());
+    });
+    if tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the broker did not confirm that the consumer left its group");
+    }
+}
+
+/// One projection's consumer loop.
+pub struct Projector {
+    pub(super) projection: Arc<dyn Projection>,
+    pub(super) pool: PgPool,
+    pub(super) consumer: StreamConsumer<WatermarkContext>,
+    pub(super) decoder: EventDecoder,
+    /// The dead-letter topic's producer, made on the first dead letter: an idle rdkafka
+    /// producer's polling thread costs CPU, and most projectors never dead-letter anything.
+    pub(super) producer: tokio::sync::OnceCell<FutureProducer>,
+    pub(super) producer_config: rdkafka::ClientConfig,
+    pub(super) dead_letter_topic: String,
+    pub(super) config: ProjectorConfig,
+    pub(super) schema: &'static str,
+    /// Set when a batch is applied; read by the lag measurement.
+    pub(super) applied: std::sync::atomic::AtomicBool,
+    /// The last lag measurement that found nothing to apply, and when it was recorded.
+    pub(super) caught_up: std::sync::Mutex<Option<(Vec<HighWatermark>, Instant)>>,
+    /// Records received and not applied yet (for the age of the oldest waiting record).
+    pub(super) waiting: Waiting,
+}
+
+impl std::fmt::Debug for Projector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projector")
+            .field("projection", &self.projection.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Records and their decoding (a poison record decodes to its error).
+type DecodedBatch<'c> = (Vec<BorrowedMessage<'c>>, Vec<Result<DecodedEvent, String>>);
+
+enum Verdict {
+    Apply,
+    Duplicate,
+    Gap,
+}
+
+/// Who an event is: from the decoded event, or from the headers of a record whose value does not
+/// decode.
+pub(super) type Identity = (String, String, i64);
+
+fn identity(
+    message: &BorrowedMessage<'_>,
+    event: &Result<DecodedEvent, String>,
+) -> Option<Identity> {
+    let meta = match event {
+        Ok(event) => std::borrow::Cow::Borrowed(&event.meta),
+        Err(_) => std::borrow::Cow::Owned(EventMeta::from_headers(message.headers()).ok()?),
+    };
+    Some((
+        meta.aggregate_type.clone(),
+        meta.aggregate_id.clone(),
+        i64::try_from(meta.sequence).unwrap_or(i64::MAX),
+    ))
+}
+
+/// A record to dead-letter in the batch's transaction.
+pub(super) struct DeadLetter<'m> {
+    pub(super) message: &'m BorrowedMessage<'m>,
+    pub(super) identity: Option<Identity>,
+    pub(super) event_type: Option<String>,
+    pub(super) error: String,
+}
+
+impl Projector {
+    /// Creates the read model's tables and subscribes its consumer group.
+    pub async fn new(
+        projection: Arc<dyn Projection>,
+        pool: PgPool,
+        kafka: &KafkaConfig,
+        registry: &RegistryConfig,
+        config: ProjectorConfig,
+    ) -> Result<Self, ProjectorError> {
+        let schema = projection.name();
+        ensure_schema(projection.as_ref(), &pool).await?;
+
+        let topics = kafka.topics();
+        let topic_names: Vec<String> = projection
+            .aggregate_types()
+            .iter()
+            .map(|a| {
+                topics
+                    .for_aggregate(a)
+                    .ok_or_else(|| ProjectorError::Config(format!("no topic for aggregate {a}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let consumer: StreamConsumer<WatermarkContext> = kafka
+            .client_config()
+            .set("statistics.interval.ms", "1000")
+            .set(
+                "fetch.min.bytes",
+                config.projector_fetch_min_bytes.to_string(),
+            )
+            .set(
+                "group.id",
+                format!("{}{}", config.projector_group_prefix, projection.name()),
+            )
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", "1000")
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "fetch.wait.max.ms",
+                kafka.kafka_fetch_wait_max_ms.to_string(),
+            )
+            .set("session.timeout.ms", "10000")
+            // A third of the session timeout, as Kafka advises: an idle group costs the broker
+            // one heartbeat every 3 s per member.
+            .set("heartbeat.interval.ms", "3000")
+            .create_with_context(WatermarkContext::default())?;
+        let refs: Vec<&str> = topic_names.iter().map(String::as_str).collect();
+        consumer.subscribe(&refs)?;
+        let dead_letter_topic = topics.named(DEAD_LETTER_TOPIC);
+        crate::admin::ensure_topics(kafka, std::slice::from_ref(&dead_letter_topic)).await?;
+        let producer_config = crate::relay::producer_config(kafka);
+        Ok(Self {
+            projection,
+            pool,
+            consumer,
+            decoder: EventDecoder::new(registry)?,
+            producer: tokio::sync::OnceCell::new(),
+            producer_config,
+            applied: std::sync::atomic::AtomicBool::new(false),
+            caught_up: std::sync::Mutex::new(None),
+            dead_letter_topic,
+            config,
+            schema,
+            waiting: Waiting::default(),
+        })
+    }
+
+    /// Consumes until `shutdown`; the batch in flight is committed before returning.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProjectorError> {
+        tracing::info!(projection = self.projection.name(), "projector started");
+        let consume = async {
+            // While one batch is applied in PostgreSQL, the next is fetched and decoded.
+            let mut pending = self.next_batch(&shutdown).await?;
+            while let Some((batch, decoded)) = pending {
+                let apply = async {
+                    self.process(&batch, &decoded).await?;
+                    self.applied
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    for message in &batch {
+                        // A rebalance may have taken the partition away meanwhile: the offset
+                        // is then not ours to store. Nothing depends on it (the checkpoint and
+                        // the dedup are in PostgreSQL); the new owner skips what is applied.
+                        if let Err(e) = self.consumer.store_offset_from_message(message) {
+                            tracing::debug!(error = %e, partition = message.partition(), "offset not stored");
+                        }
+                    }
+                    Ok::<(), ProjectorError>(())
+                };
+                let (applied, next) = tokio::join!(apply, self.next_batch(&shutdown));
+                applied?;
+                pending = next?;
+            }
+            Ok::<(), ProjectorError>(())
+        };
+        let side_work = async {
+            // Lag is measured and re-drives are served beside the consumer loop.
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if self.lag_may_have_changed() {
+                    if let Err(e) = self.measure_lag().await {
+                        tracing::warn!(error = %e, "could not measure lag");
+                    }
+                }
+                if let Err(e) = self.redrive_requested().await {
+                    tracing::warn!(error = %e, "re-drive failed; will retry");
+                }
+            }
+        };
+        let (consumed, ()) = tokio::join!(
+            async {
+                let result = consume.await;
+                // The consumer loop ending (error or shutdown) ends the side work too.
+                shutdown.cancel();
+                result
+            },
+            side_work
+        );
+        consumed?;
+        // Hand the final positions to the group before leaving it.
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %e, "nothing to commit on shutdown");
+        }
+        let name = self.projection.name();
+        leave_group(self.consumer).await;
+        tracing::info!(projection = name, "projector stopped");
+        Ok(())
+    }
+
+    /// The next batch of records, decoded: waits for the first, then takes what is already
+    /// there, up to the batch size. `None` once shutdown is requested.
+    async fn next_batch(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<DecodedBatch<'_>>, ProjectorError> {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            message = self.consumer.recv() => message?,
+        };
+        let mut batch = vec![first];
+        while batch.len() < self.config.projector_batch_size {
+            match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
+                Ok(Ok(message)) => batch.push(message),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => break,
+            }
+        }
+        let mut decoded = Vec::with_capacity(batch.len());
+        for message in &batch {
+            decoded.push(self.decode_with_retry(message).await);
+        }
+        self.waiting.note(&batch, &decoded);
+        Ok(Some((batch, decoded)))
+    }
+
+    async fn process(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        decoded: &[Result<DecodedEvent, String>],
+    ) -> Result<(), ProjectorError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.apply_batch(batch, decoded, None).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < self.config.projector_max_attempts => {
+                    tracing::warn!(error = %e, attempt, "batch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "batch failed; isolating the failing events");
+                    return self.apply_one_by_one(batch, decoded).await;
+                }
+            }
+        }
+    }
+
+    /// Decodes a record; retries while the registry is unreachable, since those bytes will decode
+    /// once it is back. Any other failure is a poison record.
+    async fn decode_with_retry(
+        &self,
+        message: &BorrowedMessage<'_>,
+    ) -> Result<DecodedEvent, String> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.decoder.decode(message).await {
+                Ok(event) => return Ok(event),
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "registry unavailable; retrying decode");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    async fn apply_one_by_one(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        decoded: &[Result<DecodedEvent, String>],
+    ) -> Result<(), ProjectorError> {
+        for index in 0..batch.len() {
+            let mut last_error = None;
+            for attempt in 1..=self.config.projector_max_attempts {
+                match self
+                    .apply_batch(&batch[index..=index], &decoded[index..=index], None)
+                    .await
+                {
+                    Ok(()) => {
+                        last_error = None;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "event failed");
+                        last_error = Some(e.to_string());
+                    }
+                }
+            }
+            if let Some(error) = last_error {
+                self.apply_batch(&batch[index..=index], &decoded[index..=index], Some(error))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction: dedup, apply, dead-letter poison records, checkpoint, record sequences.
+    /// With `dead_letter` set, the (single) record is dead-lettered with that error instead.
+    async fn apply_batch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        decoded: &[Result<DecodedEvent, String>],
+        dead_letter: Option<String>,
+    ) -> Result<(), ProjectionError> {
+        let schema = self.schema;
+        let mut tx = self.pool.begin().await?;
+        use_schema(&mut tx, schema).await?;
+        let identities: Vec<Option<Identity>> = batch
+            .iter()
+            .zip(decoded)
+            .map(|(message, event)| identity(message, event))
+            .collect();
+        let mut last: HashMap<(String, String), i64> =
+            self.load_sequences(&mut tx, &identities).await?;
+        let mut checkpoints: HashMap<(&str, i32), i64> = HashMap::new();
+        let (mut applied, mut duplicates) = (0u64, 0u64);
+        let mut deliveries = Vec::with_capacity(batch.len());
+        let mut dead = Vec::new();
+        let mut recorded_ats = Vec::with_capacity(batch.len());
+        let mut recorded: HashMap<(&str, i32), &str> = HashMap::new();
+        // `<aggregate_type>:<aggregate_id>` of each aggregate this batch moves forward.
+        let mut moved: HashSet<String> = HashSet::new();
+        for ((message, event), who) in batch.iter().zip(decoded).zip(identities) {
+            checkpoints.insert((message.topic(), message.partition()), message.offset() + 1);
+            let verdict = match &who {
+                Some((aggregate_type, aggregate_id, sequence)) => {
+                    let current = last
+                        .get(&(aggregate_type.clone(), aggregate_id.clone()))
+                        .copied()
+                        .unwrap_or(0);
+                    match *sequence {
+                        s if s <= current => Verdict::Duplicate,
+                        s if s == current + 1 => Verdict::Apply,
+                        _ => Verdict::Gap,
+                    }
+                }
+                // Not ours to order (no readable headers): dead-lettered below.
+                None => Verdict::Apply,
+            };
+            match verdict {
+                Verdict::Duplicate => {
+                    duplicates += 1;
+                    continue;
+                }
+                Verdict::Gap => {
+                    // The relay re-sends an aggregate's events from the first unacknowledged
+                    // one, so the missing events and this one arrive again, in order.
+                    metrics::counter!("projector_sequence_gaps_total", "projection" => schema)
+                        .increment(1);
+                    tracing::warn!(?who, "sequence gap; waiting for redelivery");
+                    continue;
+                }
+                Verdict::Apply => {}
+            }
+            if let Some((aggregate_type, aggregate_id, sequence)) = &who {
+                // Applied or dead-lettered, this event is done with: the aggregate's next
+                // events go on (a re-drive applies a dead letter later, once).
+                last.insert((aggregate_type.clone(), aggregate_id.clone()), *sequence);
+                moved.insert(format!("{aggregate_type}:{aggregate_id}"));
+            }
+            let error = match (event, &dead_letter) {
+                (Err(e), _) | (Ok(_), Some(e)) => Some(e.clone()),
+                (Ok(_), None) => None,
+            };
+            if let Some(error) = error {
+                dead.push(DeadLetter {
+                    message,
+                    identity: who,
+                    event_type: event.as_ref().ok().map(|e| e.meta.event_type.clone()),
+                    error,
+                });
+                continue;
+            }
+            let Ok(event) = event else { continue };
+            deliveries.push(FirstDelivery { event });
+            applied += 1;
+            recorded_ats.push(event.meta.recorded_at.as_str());
+            recorded.insert(
+                (message.topic(), message.partition()),
+                event.meta.recorded_at.as_str(),
+            );
+        }
+        self.projection.apply_batch(&mut tx, &deliveries).await?;
+        for letter in &dead {
+            self.record_dead_letter(&mut tx, letter).await?;
+        }
+        self.store_sequences(&mut tx, &last).await?;
+        for ((topic, partition), next_offset) in &checkpoints {
+            let recorded_at = recorded
+                .get(&(*topic, *partition))
+                .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok());
+            sqlx::query(&format!(
+                "INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
+                 VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (topic, partition) DO UPDATE \
+                 SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
+                     last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
+                     updated_at = clock_timestamp()"
+            ))
+            .bind(topic)
+            .bind(partition)
+            .bind(next_offset)
+            .bind(recorded_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // The copy on the dead-letter topic is acknowledged before the transaction commits: a
+        // failure here retries the batch, so the topic misses nothing the table has.
+        for letter in &dead {
+            self.publish_dead_letter(letter).await?;
+        }
+        // Read-your-writes waiters in the API wake on this (`applied.<read model>`, one signal
+        // per aggregate moved, delivered on commit) instead of polling `applied`. A NOTIFY
+        // serializes the commits of the transactions that notify (PostgreSQL takes one
+        // database-wide lock on its notification queue at commit): acceptable for a
+        // projector's few batch commits a second, never for the command side.
+        let moved: Vec<String> = moved.into_iter().collect();
+        super::live::notify(&mut tx, &applied_channel(schema), &moved).await?;
+        tx.commit().await?;
+        metrics::counter!("projector_applied_total", "projection" => schema).increment(applied);
+        metrics::counter!("projector_duplicates_total", "projection" => schema)
+            .increment(duplicates);
+        // End-to-end delay of each applied event: recorded in the store → applied here.
+        let now = chrono::Utc::now();
+        let delay = metrics::histogram!("projector_event_delay_seconds", "projection" => schema);
+        for recorded in recorded_ats {
+            if let Ok(recorded) = chrono::DateTime::parse_from_rfc3339(recorded) {
+                delay.record(
+                    now.signed_duration_since(recorded)
+                        .num_microseconds()
+                        .unwrap_or(0) as f64
+                        / 1e6,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_sequences(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        identities: &[Option<Identity>],
+    ) -> Result<HashMap<(String, String), i64>, ProjectionError> {
+        let keys = identities
+            .iter()
+            .flatten()
+            .map(|(t, i, _)| (t.as_str(), i.as_str()));
+        let rows = locked_positions(tx, self.schema, keys).await?;
+        Ok(rows.into_iter().map(|(t, i, s)| ((t, i), s)).collect())
+    }
+
+    async fn store_sequences(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        last: &HashMap<(String, String), i64>,
+    ) -> Result<(), ProjectionError> {
+        let positions = last
+            .iter()
+            .map(|((t, i), s)| ((t.as_str(), i.as_str()), *s));
+        store_positions(tx, self.schema, positions).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,54 @@
+//! A consumer's PostgreSQL schema: its tables and the runtime's bookkeeping.
+
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::*;
+
+/// Creates a projection's tables and the runtime's bookkeeping (idempotent). Readers of the read
+/// model (the API) call it too, so a query before the first projector start is a 404, not an
+/// error.
+pub async fn ensure_schema(projection: &dyn Projection, pool: &PgPool) -> Result<(), sqlx::Error> {
+    let schema = projection.name();
+    let mut tx = pool.begin().await?;
+    // Processes starting at once must not race on CREATE.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema)
+        .execute(&mut *tx)
+        .await?;
+    let runtime_sql = include_str!("../../sql/consumer.sql").replace("{schema}", schema);
+    sqlx::raw_sql(&runtime_sql).execute(&mut *tx).await?;
+    sqlx::raw_sql(projection.schema_sql())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Points the transaction's unqualified names at `schema`: handlers name their tables without a
+/// schema (`INSERT INTO orders ...`), so the same handlers write the live read model in the
+/// projector and a shadow in a rebuild. Only `schema` and `pg_catalog` are searched: a table
+/// missing from it is an error, never another schema's table of the same name.
+pub async fn use_schema(
+    tx: &mut Transaction<'static, Postgres>,
+    schema: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('search_path', quote_ident($1), true)")
+        .bind(schema)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Creates a projection's tables and the runtime's bookkeeping inside `tx`, under the
+/// projection's name (`replay-tools rebuild` runs it while its shadow schema carries that name
+/// within the transaction, so the projection's own SQL builds the shadow unchanged).
+pub async fn create_tables(
+    projection: &dyn Projection,
+    tx: &mut Transaction<'static, Postgres>,
+) -> Result<(), sqlx::Error> {
+    let runtime_sql = include_str!("../../sql/consumer.sql").replace("{schema}", projection.name());
+    sqlx::raw_sql(&runtime_sql).execute(&mut **tx).await?;
+    sqlx::raw_sql(projection.schema_sql())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
