@@ -6,13 +6,11 @@
 //! schema version of the stored payload (`event_version`, not upcast) and the payload (the stored
 //! body without its event-type tag, its sealed personal data revealed or shown as `[erased]`). Pages follow the sequence: pass `next_cursor` as `cursor`.
 //!
-//! **Access.** Every audit route is built in [`router`], so the `auditor` role check (issue #7)
-//! is one `route_layer` there, covering each of them and nothing else.
+//! **Access.** The handler asks the caller's principal for [`Action::ReadAudit`] before it reads
+//! anything; the route table (`crate::auth`) lists the roles that hold it.
 
 use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
-use chrono::{DateTime, SecondsFormat, Utc};
+use commands::log::{self, AuditedEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use utoipa::{IntoParams, ToSchema};
@@ -23,12 +21,6 @@ use crate::error::{ApiError, Problem};
 use crate::extract::{PathParams, QueryParams};
 use crate::paging;
 use crate::AppState;
-
-/// The audit routes. The place for the `auditor` role check (issue #7):
-/// `.route_layer(axum::middleware::from_fn(require_auditor))` on this router.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/audit/{aggregate_type}/{aggregate_id}/events", get(events))
-}
 
 /// One recorded event with its metadata.
 #[derive(Debug, Serialize, ToSchema)]
@@ -80,49 +72,25 @@ pub struct HistoryQuery {
     pub limit: Option<i64>,
 }
 
-#[derive(sqlx::FromRow)]
-struct Row {
-    sequence: i64,
-    event_id: Uuid,
-    event_type: String,
-    event_version: String,
-    payload: Json,
-    metadata: Json,
-    recorded_at: DateTime<Utc>,
-}
-
 /// The aggregate types of the backbone.
 fn aggregate_types() -> impl Iterator<Item = &'static str> {
     streams::config::AGGREGATE_TOPICS.iter().map(|(a, _)| *a)
 }
 
-impl From<Row> for AuditEvent {
-    fn from(row: Row) -> Self {
-        let text = |key: &str| {
-            row.metadata
-                .get(key)
-                .and_then(Json::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-        };
-        let payload = match row.payload {
-            Json::Object(mut map) if map.len() == 1 && map.contains_key(&row.event_type) => {
-                map.remove(&row.event_type).unwrap_or(Json::Null)
-            }
-            other => other,
-        };
+impl From<AuditedEvent> for AuditEvent {
+    fn from(event: AuditedEvent) -> Self {
         Self {
-            sequence: row.sequence,
-            event_id: row.event_id,
-            occurred_at: text("occurred_at"),
-            recorded_at: row.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-            actor: text("actor"),
-            correlation_id: text("correlation_id"),
-            causation_id: text("causation_id"),
-            command_id: text("command_id"),
-            event_type: row.event_type,
-            event_version: row.event_version,
-            payload,
+            sequence: event.sequence,
+            event_id: event.event_id,
+            event_type: event.event_type,
+            event_version: event.event_version,
+            occurred_at: event.occurred_at,
+            recorded_at: event.recorded_at,
+            actor: event.actor,
+            correlation_id: event.correlation_id,
+            causation_id: event.causation_id,
+            command_id: event.command_id,
+            payload: event.payload,
         }
     }
 }
@@ -164,36 +132,28 @@ pub async fn events(
         .to_string();
     let limit = paging::limit(query.limit)?;
     let after = paging::id_cursor(query.cursor.as_deref())?;
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT sequence, event_id, event_type, event_version, payload, metadata, recorded_at \
-         FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 \
-         ORDER BY sequence \
-         LIMIT $4",
+    let rows = log::aggregate_page(
+        &state.pool,
+        &aggregate_type,
+        &aggregate_id,
+        after,
+        limit + 1,
     )
-    .bind(&aggregate_type)
-    .bind(&aggregate_id)
-    .bind(after)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
     .await
     .map_err(ApiError::internal)?;
-    if rows.is_empty() {
-        let exists: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = $1 AND aggregate_id = $2)",
-        )
-        .bind(&aggregate_type)
-        .bind(&aggregate_id)
-        .fetch_one(&state.pool)
-        .await
-        .map_err(ApiError::internal)?;
-        if !exists {
-            return Err(ApiError::NotFound(format!(
-                "no events for {aggregate_type} {aggregate_id}"
-            )));
-        }
+    if rows.is_empty()
+        && !log::aggregate_exists(&state.pool, &aggregate_type, &aggregate_id)
+            .await
+            .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::NotFound(format!(
+            "no events for {aggregate_type} {aggregate_id}"
+        )));
     }
-    let mut events: Vec<AuditEvent> = rows.into_iter().map(AuditEvent::from).collect();
+    let mut events: Vec<AuditEvent> = rows
+        .into_iter()
+        .map(|stored| AuditEvent::from(AuditedEvent::from(stored)))
+        .collect();
     // Personal data as people may see it: plaintext, or `[erased]`, never the envelopes.
     state
         .pii

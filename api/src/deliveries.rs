@@ -14,7 +14,7 @@ use crate::auth::{authorize_order, Action, Principal};
 use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
 use crate::idempotency::IdempotencyKey;
-use crate::orders::{accepted, parse_order_id, step_context, OrderAccepted};
+use crate::orders::{accepted, parse_order_id, step_context, OrderCommandResult};
 use crate::AppState;
 
 /// Why a courier could not hand the food over.
@@ -142,7 +142,7 @@ impl TryFrom<DeliveryAction> for (DeliveryCommand, Action) {
     params(("order_id" = Uuid, Path, description = "The order whose delivery it is")),
     request_body = DeliveryAction,
     responses(
-        (status = 200, description = "The step was recorded", body = OrderAccepted),
+        (status = 200, description = "The step was recorded", body = OrderCommandResult),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No delivery for this order (yet)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not possible in the delivery's current state", body = Problem, content_type = "application/problem+json"),
@@ -156,7 +156,7 @@ pub async fn act_on_delivery(
     key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<DeliveryAction>,
-) -> Result<axum::Json<OrderAccepted>, ApiError> {
+) -> Result<axum::Json<OrderCommandResult>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
     let (command, action) = <(DeliveryCommand, Action)>::try_from(action)?;
     authorize_order(&state, &principal, action, &order_id.to_string()).await?;

@@ -38,6 +38,7 @@ pub mod privacy;
 pub mod ratings;
 pub mod read_models;
 pub mod rewards;
+pub mod routes;
 pub mod serve;
 pub mod stuck_flows;
 pub mod tracking;
@@ -48,7 +49,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
 use axum::Router;
 use commands::{CatalogueStore, CommandBus, EventStoreDb};
 use domain::ads::{AdAudience, AdsServices};
@@ -68,6 +68,7 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::idempotency::IdempotencyDoc;
 use crate::openapi::Shared as SharedResponses;
+use crate::routes::Routes;
 
 /// API settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -346,6 +347,199 @@ async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
 }
 
+/// Every operation of the API with who may call it (see [`routes`]).
+pub fn routes() -> Routes {
+    use auth::Action as A;
+    use routes::Gate::{Needs, Public};
+    Routes::new()
+        .post("/orders", Needs(&[A::PlaceOrder]), orders::place_order)
+        .get("/orders", Needs(&[A::ListOrders]), tracking::list)
+        .post(
+            "/orders/{order_id}/actions",
+            Needs(&[
+                A::CustomerOrderStep,
+                A::StoreOrderStep,
+                A::CourierOrderStep,
+                A::SystemOrderStep,
+            ]),
+            orders::act_on_order,
+        )
+        .get(
+            "/orders/{order_id}/tracking",
+            Needs(&[A::ViewOrder]),
+            tracking::tracking,
+        )
+        .get(
+            "/orders/{order_id}/tracking/stream",
+            Needs(&[A::ViewOrder]),
+            tracking::stream,
+        )
+        .post(
+            "/deliveries/{order_id}/actions",
+            Needs(&[
+                A::CourierDeliveryStep,
+                A::DispatchDeliveryStep,
+                A::RateCourier,
+            ]),
+            deliveries::act_on_delivery,
+        )
+        .post(
+            "/customers/{customer_id}/rewards/actions",
+            Needs(&[A::CustomerRewardsAction, A::OperatorRewardsAction]),
+            rewards::act_on_rewards,
+        )
+        .get(
+            "/customers/{customer_id}/rewards",
+            Needs(&[A::ViewRewards]),
+            rewards::balance,
+        )
+        .post(
+            "/customers/{customer_id}/ads/exposures",
+            Needs(&[A::RecordAdExposure]),
+            ads::record_exposure,
+        )
+        .get(
+            "/customers/{customer_id}/ads/profile",
+            Needs(&[A::ViewAdProfile]),
+            ads::profile,
+        )
+        .get(
+            "/customers/{customer_id}/ads/promotion",
+            Needs(&[A::ViewAdProfile]),
+            ads::promotion,
+        )
+        .get(
+            "/ads/experiments/{experiment_id}/results",
+            Needs(&[A::ViewAnalytics]),
+            ads::results,
+        )
+        .post(
+            "/payments/{order_id}/webhooks",
+            Public,
+            payments::receive_webhook,
+        )
+        .get("/catalogue", Needs(&[A::ViewCatalogue]), admin::catalogue)
+        .get(
+            "/ratings/{kind}",
+            Needs(&[A::ViewRatings]),
+            ratings::ratings,
+        )
+        .get(
+            "/analytics/summary",
+            Needs(&[A::ViewAnalytics]),
+            analytics::summary,
+        )
+        .get(
+            "/analytics/cancellations",
+            Needs(&[A::ViewAnalytics]),
+            analytics::cancellations,
+        )
+        .get(
+            "/analytics/top-items",
+            Needs(&[A::ViewAnalytics]),
+            analytics::top_items,
+        )
+        .get(
+            "/analytics/rewards",
+            Needs(&[A::ViewAnalytics]),
+            analytics::rewards,
+        )
+        .get(
+            "/customers/{customer_id}/notifications",
+            Needs(&[A::ViewNotifications]),
+            notifications::list,
+        )
+        .get(
+            "/customers/{customer_id}/notifications/stream",
+            Needs(&[A::ViewNotifications]),
+            notifications::stream,
+        )
+        .get(
+            "/admin/notifications/webhook-failures",
+            Needs(&[A::ViewOperations]),
+            notifications::webhook_failures,
+        )
+        .get(
+            "/projections",
+            Needs(&[A::ViewOperations]),
+            read_models::list,
+        )
+        .get(
+            "/projections/{name}",
+            Needs(&[A::ViewOperations]),
+            read_models::show,
+        )
+        .get(
+            "/projections/{name}/dead-letters",
+            Needs(&[A::ViewOperations]),
+            read_models::dead_letters,
+        )
+        .post(
+            "/projections/{name}/dead-letters/redrive",
+            Needs(&[A::RedriveDeadLetters]),
+            read_models::redrive_all,
+        )
+        .post(
+            "/projections/{name}/dead-letters/{id}/redrive",
+            Needs(&[A::RedriveDeadLetters]),
+            read_models::redrive,
+        )
+        .put(
+            "/admin/regions/{code}",
+            Needs(&[A::ManageCatalogue]),
+            admin::put_region,
+        )
+        .put(
+            "/admin/menu/items/{item_id}",
+            Needs(&[A::ManageCatalogue]),
+            admin::put_item,
+        )
+        .put(
+            "/admin/stores/{store_id}",
+            Needs(&[A::ManageCatalogue]),
+            admin::put_store,
+        )
+        .put(
+            "/admin/promotions/{code}",
+            Needs(&[A::ManageCatalogue]),
+            admin::put_promotion,
+        )
+        .put(
+            "/admin/experiments/{experiment_id}",
+            Needs(&[A::ManageCatalogue]),
+            admin::put_experiment,
+        )
+        .post(
+            "/admin/customers/{customer_id}/erasure",
+            Needs(&[A::EraseCustomer]),
+            privacy::erase_customer,
+        )
+        .get(
+            "/admin/stuck-flows",
+            Needs(&[A::ViewStuckFlows]),
+            stuck_flows::list,
+        )
+        .post(
+            "/admin/stuck-flows/{id}/retry",
+            Needs(&[A::ManageStuckFlows]),
+            stuck_flows::retry,
+        )
+        .post(
+            "/admin/stuck-flows/{id}/resolve",
+            Needs(&[A::ManageStuckFlows]),
+            stuck_flows::resolve,
+        )
+        .get(
+            "/audit/{aggregate_type}/{aggregate_id}/events",
+            Needs(&[A::ReadAudit]),
+            audit::events,
+        )
+        .get("/openapi.json", Public, openapi)
+        .get("/metrics", Public, metrics_endpoint)
+        .get("/health/live", Public, health::live)
+        .get("/health/ready", Public, health::ready)
+}
+
 /// The router with every route and layer. Layers from the outside in: request timeout, body
 /// limit, authentication (the principal), rate limit (per principal or peer), the role gate
 /// ([`auth::gate`]), idempotency.
@@ -355,92 +549,8 @@ pub fn router(
     authenticator: Arc<auth::Authenticator>,
     limiter: Option<Arc<limits::ClientLimiter>>,
 ) -> Router {
-    let routes = Router::new()
-        .route("/orders", post(orders::place_order).get(tracking::list))
-        .route("/orders/{order_id}/actions", post(orders::act_on_order))
-        .route("/orders/{order_id}/tracking", get(tracking::tracking))
-        .route("/orders/{order_id}/tracking/stream", get(tracking::stream))
-        .route(
-            "/deliveries/{order_id}/actions",
-            post(deliveries::act_on_delivery),
-        )
-        .route(
-            "/customers/{customer_id}/rewards/actions",
-            post(rewards::act_on_rewards),
-        )
-        .route("/customers/{customer_id}/rewards", get(rewards::balance))
-        .route(
-            "/customers/{customer_id}/ads/exposures",
-            post(ads::record_exposure),
-        )
-        .route("/customers/{customer_id}/ads/profile", get(ads::profile))
-        .route(
-            "/customers/{customer_id}/ads/promotion",
-            get(ads::promotion),
-        )
-        .route(
-            "/ads/experiments/{experiment_id}/results",
-            get(ads::results),
-        )
-        .route(
-            "/payments/{order_id}/webhooks",
-            post(payments::receive_webhook),
-        )
-        .route("/catalogue", get(admin::catalogue))
-        .route("/ratings/{kind}", get(ratings::ratings))
-        .route("/analytics/summary", get(analytics::summary))
-        .route("/analytics/cancellations", get(analytics::cancellations))
-        .route("/analytics/top-items", get(analytics::top_items))
-        .route("/analytics/rewards", get(analytics::rewards))
-        .route(
-            "/customers/{customer_id}/notifications",
-            get(notifications::list),
-        )
-        .route(
-            "/customers/{customer_id}/notifications/stream",
-            get(notifications::stream),
-        )
-        .route(
-            "/admin/notifications/webhook-failures",
-            get(notifications::webhook_failures),
-        )
-        .route("/projections", get(read_models::list))
-        .route("/projections/{name}", get(read_models::show))
-        .route(
-            "/projections/{name}/dead-letters",
-            get(read_models::dead_letters),
-        )
-        .route(
-            "/projections/{name}/dead-letters/redrive",
-            post(read_models::redrive_all),
-        )
-        .route(
-            "/projections/{name}/dead-letters/{id}/redrive",
-            post(read_models::redrive),
-        )
-        .route("/admin/regions/{code}", put(admin::put_region))
-        .route("/admin/menu/items/{item_id}", put(admin::put_item))
-        .route("/admin/stores/{store_id}", put(admin::put_store))
-        .route("/admin/promotions/{code}", put(admin::put_promotion))
-        .route(
-            "/admin/experiments/{experiment_id}",
-            put(admin::put_experiment),
-        )
-        .route(
-            "/admin/customers/{customer_id}/erasure",
-            post(privacy::erase_customer),
-        )
-        .route("/admin/stuck-flows", get(stuck_flows::list))
-        .route("/admin/stuck-flows/{id}/retry", post(stuck_flows::retry))
-        .route(
-            "/admin/stuck-flows/{id}/resolve",
-            post(stuck_flows::resolve),
-        )
-        .merge(audit::router())
-        .route("/openapi.json", get(openapi))
-        .route("/metrics", get(metrics_endpoint))
-        .route("/health/live", get(health::live))
-        .route("/health/ready", get(health::ready))
+    let (routes, policy) = routes().into_parts();
+    let routes = routes
         .fallback(not_found)
         // Inside authentication (its `CallerScope`), the body limit and the timeout.
         .layer(axum::middleware::from_fn_with_state(
@@ -455,7 +565,7 @@ pub fn router(
     ));
     // Every route's role check, before it reads anything (inside authentication, outside the
     // idempotency layer: a refused request claims no key).
-    let routes = routes.layer(axum::middleware::from_fn(auth::gate));
+    let routes = routes.layer(axum::middleware::from_fn_with_state(policy, auth::gate));
     let routes = match &limiter {
         Some(limiter) => routes.layer(axum::middleware::from_fn_with_state(
             limiter.clone(),

@@ -182,7 +182,7 @@ impl TryFrom<PlaceOrderRequest> for OrderCommand {
 
 /// The result of an order command.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct OrderAccepted {
+pub struct OrderCommandResult {
     pub order_id: Uuid,
     pub position: Position,
     /// Events the command appended.
@@ -210,8 +210,8 @@ pub(crate) fn accepted(
     order_id: OrderId,
     aggregate_type: &str,
     committed: Committed,
-) -> OrderAccepted {
-    OrderAccepted {
+) -> OrderCommandResult {
+    OrderCommandResult {
         order_id: order_id.as_uuid(),
         position: Position::new(
             aggregate_type,
@@ -227,7 +227,7 @@ pub(crate) fn accepted(
     post, path = "/orders", tag = "orders",
     request_body = PlaceOrderRequest,
     responses(
-        (status = 201, description = "The order was placed", body = OrderAccepted),
+        (status = 201, description = "The order was placed", body = OrderCommandResult),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The customer's personal data was erased", body = Problem, content_type = "application/problem+json"),
@@ -454,7 +454,7 @@ impl OrderAction {
     params(("order_id" = Uuid, Path, description = "The order")),
     request_body = OrderAction,
     responses(
-        (status = 200, description = "The step was recorded", body = OrderAccepted),
+        (status = 200, description = "The step was recorded", body = OrderCommandResult),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not possible in the order's current state", body = Problem, content_type = "application/problem+json"),
@@ -468,7 +468,7 @@ pub async fn act_on_order(
     key: Option<IdempotencyKey>,
     PathParams(raw_id): PathParams<String>,
     Body(action): Body<OrderAction>,
-) -> Result<axum::Json<OrderAccepted>, ApiError> {
+) -> Result<axum::Json<OrderCommandResult>, ApiError> {
     let order_id = parse_order_id(&raw_id)?;
     let (command, action) = action.into_command()?;
     authorize_order(&state, &principal, action, &order_id.to_string()).await?;

@@ -13,6 +13,7 @@
 
 pub mod bus;
 pub mod catalogue;
+pub mod log;
 pub mod pii;
 pub mod promotions;
 pub mod store;

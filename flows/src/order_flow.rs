@@ -446,7 +446,11 @@ impl OrderFlow {
                 Ok(())
             }
             OrderEvent::OrderCompleted { .. } => self.earn_points(tx, cause).await,
-            _ => Ok(()),
+            // Listed, not `_`: a new order event (a tip, a surcharge) must be decided here.
+            OrderEvent::OrderConfirmed { .. }
+            | OrderEvent::PreparationStarted { .. }
+            | OrderEvent::OrderOutForDelivery { .. }
+            | OrderEvent::OrderRated { .. } => Ok(()),
         }
     }
 
@@ -603,7 +607,16 @@ impl OrderFlow {
                 },
                 &["Cancelled", "Rejected", "Completed"],
             ),
-            _ => return Ok(()),
+            // Listed, not `_`: a new delivery event must be decided here.
+            DeliveryEvent::DeliveryRequested { .. }
+            | DeliveryEvent::CourierAssigned { .. }
+            | DeliveryEvent::CourierLocationUpdated { .. }
+            | DeliveryEvent::EtaUpdated { .. }
+            | DeliveryEvent::CourierArrivedAtPickup { .. }
+            | DeliveryEvent::CourierArrivedAtDropoff { .. }
+            | DeliveryEvent::DeliveryCancelled { .. }
+            | DeliveryEvent::CourierRated { .. }
+            | DeliveryEvent::FoodMarkedReady { .. } => return Ok(()),
         };
         self.step(tx, &self.orders, cause, step, order_id, command, |e| {
             order_in(e, moot)

@@ -110,10 +110,10 @@ struct Batch {
 }
 
 impl Batch {
-    fn add(&mut self, delivery: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
-        let id = delivery.meta.aggregate_id.as_str();
-        match delivery.meta.aggregate_type.as_str() {
-            "order" => match delivery.event::<OrderEvent>().map_err(event_error)? {
+    fn add(&mut self, record: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
+        let id = record.meta.aggregate_id.as_str();
+        match record.meta.aggregate_type.as_str() {
+            "order" => match record.event::<OrderEvent>().map_err(event_error)? {
                 OrderEvent::OrderPlaced {
                     customer_id,
                     region,
@@ -141,7 +141,15 @@ impl Batch {
                 OrderEvent::OrderRejected { .. } => {
                     self.ended.insert(id.to_owned(), "rejected");
                 }
-                _ => {}
+                // Listed, not `_`: a new order event that changes spend must be decided here.
+                OrderEvent::OrderConfirmed { .. }
+                | OrderEvent::OrderAccepted { .. }
+                | OrderEvent::PreparationStarted { .. }
+                | OrderEvent::OrderReady { .. }
+                | OrderEvent::OrderOutForDelivery { .. }
+                | OrderEvent::OrderDelivered { .. }
+                | OrderEvent::OrderCompleted { .. }
+                | OrderEvent::OrderRated { .. } => {}
             },
             "rewards" => {
                 let customer = customer_of(id)?;
@@ -162,7 +170,7 @@ impl Batch {
                     RewardsEvent::SubscriptionLapsed { .. } => s.status = Some("lapsed"),
                     _ => {}
                 };
-                let event = delivery.event::<RewardsEvent>().map_err(event_error)?;
+                let event = record.event::<RewardsEvent>().map_err(event_error)?;
                 if matches!(
                     event,
                     RewardsEvent::SubscriptionStarted { .. }
@@ -184,7 +192,7 @@ impl Batch {
                     attribution_window_hours,
                     exposed_at,
                     ..
-                } = delivery.event::<AdsEvent>().map_err(event_error)?;
+                } = record.event::<AdsEvent>().map_err(event_error)?;
                 self.exposed
                     .entry((experiment_id.to_string(), customer))
                     .and_modify(|e| {
@@ -241,8 +249,8 @@ impl Projection for AdsProjection {
         events: &[FirstDelivery<'_>],
     ) -> Result<(), ProjectionError> {
         let mut batch = Batch::default();
-        for delivery in events {
-            batch.add(delivery)?;
+        for record in events {
+            batch.add(record)?;
         }
         // Customers whose profile or attribution may have changed.
         let mut touched: Vec<Uuid> = batch.placed.customer_id.clone();

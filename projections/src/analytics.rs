@@ -185,7 +185,14 @@ impl Movements {
                 Some((charity.to_string(), amount)),
                 donated_at,
             ),
-            _ => return,
+            // Listed, not `_`: a new movement of points must be decided here.
+            RewardsEvent::PointsReversed { .. }
+            | RewardsEvent::PointsExpired { .. }
+            | RewardsEvent::PointsAdjusted { .. }
+            | RewardsEvent::SubscriptionStarted { .. }
+            | RewardsEvent::SubscriptionRenewed { .. }
+            | RewardsEvent::SubscriptionCancelled { .. }
+            | RewardsEvent::SubscriptionLapsed { .. } => return,
         };
         self.customer_id.push(customer_id.to_owned());
         self.sequence.push(sequence);
@@ -246,12 +253,12 @@ impl Projection for AnalyticsProjection {
         let mut order_ids: Vec<&str> = Vec::new();
         let mut changes: HashMap<&str, Change> = HashMap::new();
         let mut movements = Movements::default();
-        for delivery in events {
-            let id = delivery.meta.aggregate_id.as_str();
-            let sequence = i64::try_from(delivery.meta.sequence).unwrap_or(i64::MAX);
-            match delivery.meta.aggregate_type.as_str() {
+        for record in events {
+            let id = record.meta.aggregate_id.as_str();
+            let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
+            match record.meta.aggregate_type.as_str() {
                 "order" => {
-                    let event: OrderEvent = delivery.event().map_err(event_error)?;
+                    let event: OrderEvent = record.event().map_err(event_error)?;
                     let change = changes.entry(id).or_insert_with(|| {
                         order_ids.push(id);
                         Change::default()
@@ -325,7 +332,7 @@ impl Projection for AnalyticsProjection {
                     }
                 }
                 "rewards" => {
-                    let event: RewardsEvent = delivery.event().map_err(event_error)?;
+                    let event: RewardsEvent = record.event().map_err(event_error)?;
                     movements.push(id, sequence, event);
                 }
                 _ => {}

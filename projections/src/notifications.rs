@@ -116,7 +116,7 @@ struct Records {
 impl Records {
     fn push(
         &mut self,
-        delivery: &FirstDelivery<'_>,
+        record: &FirstDelivery<'_>,
         customer_id: Uuid,
         kind: NotificationKind,
         order_id: Option<String>,
@@ -127,9 +127,9 @@ impl Records {
             customer_id,
             kind.as_str(),
             order_id,
-            delivery.meta.event_id,
+            record.meta.event_id,
             payload,
-            recorded_at(delivery, occurred_at),
+            recorded_at(record, occurred_at),
         );
     }
 
@@ -152,8 +152,8 @@ impl Records {
 }
 
 /// The event store's commit time; the business time if the header is unreadable.
-fn recorded_at(delivery: &FirstDelivery<'_>, occurred_at: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(&delivery.meta.recorded_at)
+fn recorded_at(record: &FirstDelivery<'_>, occurred_at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(&record.meta.recorded_at)
         .map_or(occurred_at, |t| t.with_timezone(&Utc))
 }
 
@@ -262,14 +262,14 @@ impl Projection for NotificationsProjection {
         // Orders placed or repriced in this batch: written back once, as they end up.
         let mut changed: BTreeSet<String> = BTreeSet::new();
         let mut records = Records::default();
-        for delivery in events {
-            let id = delivery.meta.aggregate_id.as_str();
-            match delivery.meta.aggregate_type.as_str() {
+        for record in events {
+            let id = record.meta.aggregate_id.as_str();
+            match record.meta.aggregate_type.as_str() {
                 domain::order::AGGREGATE_TYPE => {
-                    if !ORDER_EVENTS.contains(&delivery.meta.event_type.as_str()) {
+                    if !ORDER_EVENTS.contains(&record.meta.event_type.as_str()) {
                         continue;
                     }
-                    let event: OrderEvent = delivery.event().map_err(event_error)?;
+                    let event: OrderEvent = record.event().map_err(event_error)?;
                     let at = event.occurred_at();
                     let (kind, status) = match &event {
                         OrderEvent::OrderPlaced {
@@ -330,7 +330,7 @@ impl Projection for NotificationsProjection {
                         _ => {}
                     }
                     records.push(
-                        delivery,
+                        record,
                         facts.customer_id,
                         kind,
                         Some(id.to_owned()),
@@ -339,11 +339,11 @@ impl Projection for NotificationsProjection {
                     );
                 }
                 domain::delivery::AGGREGATE_TYPE => {
-                    if delivery.meta.event_type != "DeliveryFailed" {
+                    if record.meta.event_type != "DeliveryFailed" {
                         continue;
                     }
                     let DeliveryEvent::DeliveryFailed { reason, failed_at } =
-                        delivery.event::<DeliveryEvent>().map_err(event_error)?
+                        record.event::<DeliveryEvent>().map_err(event_error)?
                     else {
                         continue;
                     };
@@ -353,7 +353,7 @@ impl Projection for NotificationsProjection {
                         Some(facts) => {
                             payload["total"] = money(facts.total_minor, &facts.currency);
                             records.push(
-                                delivery,
+                                record,
                                 facts.customer_id,
                                 NotificationKind::DeliveryFailed,
                                 Some(id.to_owned()),
@@ -369,16 +369,16 @@ impl Projection for NotificationsProjection {
                                  VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, event_id) DO NOTHING",
                             )
                             .bind(id)
-                            .bind(delivery.meta.event_id)
+                            .bind(record.meta.event_id)
                             .bind(&payload)
-                            .bind(recorded_at(delivery, failed_at))
+                            .bind(recorded_at(record, failed_at))
                             .execute(&mut **tx)
                             .await?;
                         }
                     }
                 }
                 domain::rewards::AGGREGATE_TYPE => {
-                    if delivery.meta.event_type != "PointsEarned" {
+                    if record.meta.event_type != "PointsEarned" {
                         continue;
                     }
                     let customer_id = Uuid::parse_str(id).map_err(|_| {
@@ -392,7 +392,7 @@ impl Projection for NotificationsProjection {
                         expires_at,
                         earned_at,
                         ..
-                    } = delivery.event::<RewardsEvent>().map_err(event_error)?
+                    } = record.event::<RewardsEvent>().map_err(event_error)?
                     {
                         let payload = json!({
                             "order_id": order_id.to_string(),
@@ -403,7 +403,7 @@ impl Projection for NotificationsProjection {
                             "at": earned_at,
                         });
                         records.push(
-                            delivery,
+                            record,
                             customer_id,
                             NotificationKind::PointsEarned,
                             Some(order_id.to_string()),

@@ -93,23 +93,23 @@ impl Projection for TrackingProjection {
         let mut latest: HashMap<&str, Latest> = HashMap::new();
         let mut repriced: HashMap<&str, Repriced> = HashMap::new();
         let mut deliveries: HashMap<&str, DeliveryChange> = HashMap::new();
-        for delivery in events {
-            if delivery.meta.aggregate_type == "delivery" {
-                let event: DeliveryEvent = delivery
+        for record in events {
+            if record.meta.aggregate_type == "delivery" {
+                let event: DeliveryEvent = record
                     .event()
                     .map_err(|e| ProjectionError::Event(e.to_string()))?;
-                let sequence = i64::try_from(delivery.meta.sequence).unwrap_or(i64::MAX);
+                let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
                 deliveries
-                    .entry(delivery.meta.aggregate_id.as_str())
+                    .entry(record.meta.aggregate_id.as_str())
                     .or_default()
                     .absorb(&event, sequence);
                 continue;
             }
-            let event: OrderEvent = delivery
+            let event: OrderEvent = record
                 .event()
                 .map_err(|e| ProjectionError::Event(e.to_string()))?;
-            let order_id = delivery.meta.aggregate_id.as_str();
-            let sequence = i64::try_from(delivery.meta.sequence).unwrap_or(i64::MAX);
+            let order_id = record.meta.aggregate_id.as_str();
+            let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
             let at = event.occurred_at();
             let status = event.status_after().map(|s| s.as_str());
             if let OrderEvent::OrderPlaced {
@@ -157,7 +157,7 @@ impl Projection for TrackingProjection {
             if let Some(status) = status {
                 timeline.order_id.push(order_id.to_owned());
                 timeline.sequence.push(sequence);
-                timeline.event_type.push(delivery.meta.event_type.clone());
+                timeline.event_type.push(record.meta.event_type.clone());
                 timeline.status.push(status);
                 timeline.at.push(at);
             }

@@ -9,8 +9,9 @@
 use std::io::Write;
 
 use anyhow::{bail, Context};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::SecondsFormat;
 use clap::Args;
+use commands::log::StoredEvent;
 use cqrs_es::Aggregate;
 use serde_json::{json, Value as Json};
 use sqlx::PgPool;
@@ -32,7 +33,7 @@ pub struct AsOfArgs {
 }
 
 /// The aggregate types, and how each is replayed.
-type Replay = fn(&[Stored]) -> anyhow::Result<Json>;
+type Replay = fn(&[StoredEvent]) -> anyhow::Result<Json>;
 
 const AGGREGATES: [(&str, Replay); 5] = [
     (
@@ -57,16 +58,6 @@ const AGGREGATES: [(&str, Replay); 5] = [
     ),
 ];
 
-/// One stored event.
-#[derive(Debug, sqlx::FromRow)]
-struct Stored {
-    sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: Json,
-    recorded_at: DateTime<Utc>,
-}
-
 /// Prints the aggregate's state at the instant.
 pub async fn run(args: AsOfArgs, pool: &PgPool, out: &mut impl Write) -> anyhow::Result<()> {
     let Some((aggregate_type, replay)) = AGGREGATES
@@ -80,14 +71,7 @@ pub async fn run(args: AsOfArgs, pool: &PgPool, out: &mut impl Write) -> anyhow:
         );
     };
     let at = parse_time(&args.time)?;
-    let events: Vec<Stored> = sqlx::query_as(
-        "SELECT sequence, event_type, event_version, payload, recorded_at FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
-    )
-    .bind(aggregate_type)
-    .bind(&args.aggregate_id)
-    .fetch_all(pool)
-    .await?;
+    let events = commands::log::aggregate_history(pool, aggregate_type, &args.aggregate_id).await?;
     let Some(first) = events.first() else {
         bail!(
             "no {aggregate_type} `{}` in the event store",
@@ -126,14 +110,10 @@ pub async fn run(args: AsOfArgs, pool: &PgPool, out: &mut impl Write) -> anyhow:
 }
 
 /// Folds events into a fresh aggregate with its own `apply`.
-fn replay<A: Aggregate>(events: &[Stored]) -> anyhow::Result<Json> {
+fn replay<A: Aggregate>(events: &[StoredEvent]) -> anyhow::Result<Json> {
     let mut state = A::default();
     for event in events {
-        let (_, payload) = schemas::upcast(
-            &event.event_type,
-            &event.event_version,
-            event.payload.clone(),
-        );
+        let (_, payload) = event.upcast();
         let domain_event: A::Event = serde_json::from_value(payload).with_context(|| {
             format!(
                 "event #{} ({} {}) does not read as a {} event",

@@ -52,7 +52,7 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
 use streams::headers::{CHAIN_HASH, CHAIN_PREV};
-use streams::{EventDecoder, EventMeta, KafkaConfig, RegistryConfig};
+use streams::{EventDecoder, EventMeta, KafkaConfig, Published, RegistryConfig};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -290,9 +290,10 @@ impl Findings {
     }
 }
 
-/// One stored event with its chain columns.
+/// One stored event with its chain columns, its payload and metadata as the text the chain
+/// hashes.
 #[derive(Debug, sqlx::FromRow)]
-struct StoredEvent {
+struct ChainedEvent {
     aggregate_type: String,
     aggregate_id: String,
     sequence: i64,
@@ -306,7 +307,7 @@ struct StoredEvent {
     chain_hash: Option<Vec<u8>>,
 }
 
-impl StoredEvent {
+impl ChainedEvent {
     fn content(&self, sequence: i64) -> EventContent<'_> {
         EventContent {
             aggregate_type: &self.aggregate_type,
@@ -346,7 +347,7 @@ enum Base {
 }
 
 /// Checks one aggregate's events (sorted by stored sequence) and records what is wrong.
-fn check_aggregate(rows: &[StoredEvent], findings: &mut Findings) {
+fn check_aggregate(rows: &[ChainedEvent], findings: &mut Findings) {
     let Some(first) = rows.first() else { return };
     let (aggregate_type, aggregate_id) =
         (first.aggregate_type.as_str(), first.aggregate_id.as_str());
@@ -596,11 +597,11 @@ pub async fn verify_store(
         Some((t, i)) => (t.clone(), i.clone(), -1_i64),
         None => (String::new(), String::new(), -1_i64),
     };
-    let mut current: Vec<StoredEvent> = Vec::new();
+    let mut current: Vec<ChainedEvent> = Vec::new();
     let (mut events, mut aggregates) = (0_u64, 0_u64);
     let mut stopped_at: Option<(String, String)> = None;
     loop {
-        let rows: Vec<StoredEvent> = sqlx::query_as(&format!(
+        let rows: Vec<ChainedEvent> = sqlx::query_as(&format!(
             "SELECT {STORED_COLUMNS} FROM events \
              WHERE (aggregate_type, aggregate_id, sequence) > ($1, $2, $3) \
              ORDER BY aggregate_type, aggregate_id, sequence LIMIT $4"
@@ -1227,7 +1228,7 @@ pub async fn verify_topics(
             ids.push(meta.aggregate_id.as_str());
             seqs.push(i64::try_from(meta.sequence).unwrap_or(i64::MAX));
         }
-        let stored: Vec<StoredEvent> = sqlx::query_as(&format!(
+        let stored: Vec<ChainedEvent> = sqlx::query_as(&format!(
             "SELECT {} FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(t, i, s) \
              JOIN events e ON e.aggregate_type = k.t AND e.aggregate_id = k.i AND e.sequence = k.s",
             STORED_COLUMNS
@@ -1242,7 +1243,7 @@ pub async fn verify_topics(
         .fetch_all(pool)
         .await
         .context("reading the stored events of a batch of records")?;
-        let stored: HashMap<(&str, &str, i64), &StoredEvent> = stored
+        let stored: HashMap<(&str, &str, i64), &ChainedEvent> = stored
             .iter()
             .map(|e| {
                 (
@@ -1361,11 +1362,11 @@ pub async fn verify_topics(
                 Ok(decoded) => {
                     let expected = relayed_form(contracts, row);
                     match expected {
-                        Ok((version, body)) => {
+                        Ok((published, body)) => {
                             if decoded.payload().ok().as_ref() != Some(&body) || decoded.contract.event_type != row.event_type {
                                 findings.event(t, i, sequence, "content-differs", format!("{location}: its body is not the stored event's payload"));
                             }
-                            if metadata_differs(&decoded.meta, row, &version) {
+                            if metadata_differs(&decoded.meta, &published.meta) {
                                 findings.event(t, i, sequence, "metadata-differs", format!("{location}: its metadata headers are not the stored event's metadata"));
                             }
                         }
@@ -1484,38 +1485,47 @@ fn check_copy_link(
     }
 }
 
-/// The stored event as the relay sends it: its version after upcasting and its payload body
-/// through the Avro mapping.
+/// The stored event as the relay sends it ([`Published`]), and its body through the Avro mapping.
 fn relayed_form(
     contracts: &schemas::Contracts,
-    row: &StoredEvent,
-) -> anyhow::Result<(String, Json)> {
-    let payload: Json = serde_json::from_str(&row.payload)?;
-    let (version, payload) = schemas::upcast(&row.event_type, &row.event_version, payload);
-    let (contract, avro) = contracts.payload_to_avro(&row.aggregate_type, &payload)?;
-    Ok((version, contract.from_avro_as_is(&avro)?))
+    row: &ChainedEvent,
+) -> anyhow::Result<(Published, Json)> {
+    let published = Published::of(commands::log::StoredEvent {
+        aggregate_type: row.aggregate_type.clone(),
+        aggregate_id: row.aggregate_id.clone(),
+        sequence: row.sequence,
+        event_type: row.event_type.clone(),
+        event_version: row.event_version.clone(),
+        payload: serde_json::from_str(&row.payload)?,
+        metadata: serde_json::from_str(&row.metadata).unwrap_or(Json::Null),
+        event_id: row.event_id,
+        recorded_at: row.recorded_at,
+    });
+    let (contract, avro) = contracts.payload_to_avro(&row.aggregate_type, &published.payload)?;
+    let body = contract.from_avro_as_is(&avro)?;
+    Ok((published, body))
 }
 
-fn metadata_differs(meta: &EventMeta, row: &StoredEvent, version: &str) -> bool {
-    let stored: Json = serde_json::from_str(&row.metadata).unwrap_or(Json::Null);
-    let text = |key: &str| stored.get(key).and_then(Json::as_str).unwrap_or_default();
-    meta.event_id != row.event_id
-        || meta.event_type != row.event_type
-        || meta.event_version != version
-        || meta.occurred_at != text("occurred_at")
-        || meta.correlation_id != text("correlation_id")
-        || meta.causation_id != text("causation_id")
-        || meta.actor != text("actor")
-        || meta.command_id != text("command_id")
-        || meta.recorded_at != row.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true)
+/// Whether a record's metadata headers differ from the published form's (its identity, checked
+/// through the hash chain, aside).
+fn metadata_differs(meta: &EventMeta, published: &EventMeta) -> bool {
+    meta.event_id != published.event_id
+        || meta.event_type != published.event_type
+        || meta.event_version != published.event_version
+        || meta.occurred_at != published.occurred_at
+        || meta.correlation_id != published.correlation_id
+        || meta.causation_id != published.causation_id
+        || meta.actor != published.actor
+        || meta.command_id != published.command_id
+        || meta.recorded_at != published.recorded_at
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn event(sequence: i64, prev: Hash, payload: &str) -> StoredEvent {
-        let mut row = StoredEvent {
+    fn event(sequence: i64, prev: Hash, payload: &str) -> ChainedEvent {
+        let mut row = ChainedEvent {
             aggregate_type: "order".into(),
             aggregate_id: "a1".into(),
             sequence,
@@ -1533,8 +1543,8 @@ mod tests {
         row
     }
 
-    fn chain(n: i64) -> Vec<StoredEvent> {
-        let mut rows: Vec<StoredEvent> = Vec::new();
+    fn chain(n: i64) -> Vec<ChainedEvent> {
+        let mut rows: Vec<ChainedEvent> = Vec::new();
         let mut prev = GENESIS;
         for s in 1..=n {
             let row = event(s, prev, &format!("{{\"n\":{s}}}"));
@@ -1544,7 +1554,7 @@ mod tests {
         rows
     }
 
-    fn named(rows: &[StoredEvent]) -> Vec<(i64, String)> {
+    fn named(rows: &[ChainedEvent]) -> Vec<(i64, String)> {
         let mut findings = Findings::default();
         check_aggregate(rows, &mut findings);
         findings

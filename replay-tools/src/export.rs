@@ -69,6 +69,7 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, ValueEnum};
+use commands::log::{StoredEvent, STORED_COLUMNS};
 use futures::TryStreamExt;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -81,6 +82,7 @@ use schemas::{Contracts, EventContract};
 use serde::Serialize;
 use serde_json::Value as Json;
 use sqlx::postgres::PgPoolOptions;
+use streams::Published;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -566,19 +568,6 @@ async fn pump(
 // ---------------------------------------------------------------------------------------------
 // The event store
 
-#[derive(sqlx::FromRow)]
-struct StoredEvent {
-    event_id: Uuid,
-    aggregate_type: String,
-    aggregate_id: String,
-    sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: Json,
-    metadata: Json,
-    recorded_at: DateTime<Utc>,
-}
-
 const STORE_FILTER: &str = "($1::text IS NULL OR aggregate_type = $1) \
      AND (cardinality($2::text[]) = 0 OR event_type = ANY($2)) \
      AND ($3::text IS NULL OR aggregate_id = $3) \
@@ -615,10 +604,8 @@ async fn read_store(
             return Ok(());
         }
         let sql = format!(
-            "SELECT event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-                    payload, metadata, recorded_at \
-             FROM events WHERE {STORE_FILTER} \
-             ORDER BY recorded_at, aggregate_type, aggregate_id, sequence"
+            "SELECT {STORED_COLUMNS} FROM events e WHERE {STORE_FILTER} \
+             ORDER BY e.recorded_at, e.aggregate_type, e.aggregate_id, e.sequence"
         );
         let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
             .bind(&filter.aggregate_type)
@@ -652,50 +639,39 @@ async fn read_store(
 
 /// A stored event as the relay publishes it: upcast, mapped through its contract.
 fn from_store(stored: StoredEvent, contracts: &Contracts) -> ExportRow {
-    let text = |key: &str| {
-        stored
-            .metadata
-            .get(key)
-            .and_then(Json::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-    };
-    let occurred_at = text("occurred_at").and_then(|t| parse_instant(&t).ok());
-    let (correlation_id, causation_id, actor, command_id) = (
-        text("correlation_id"),
-        text("causation_id"),
-        text("actor"),
-        text("command_id"),
+    let (event_id, aggregate_type, aggregate_id, sequence, recorded_at) = (
+        stored.event_id,
+        stored.aggregate_type.clone(),
+        stored.aggregate_id.clone(),
+        stored.sequence,
+        stored.recorded_at,
     );
-    let (version, upcast) =
-        schemas::upcast(&stored.event_type, &stored.event_version, stored.payload);
-    let body = match upcast {
-        Json::Object(mut map) if map.len() == 1 && map.contains_key(&stored.event_type) => {
-            map.remove(&stored.event_type).unwrap_or(Json::Null)
-        }
-        other => other,
-    };
+    let published = Published::of(stored);
+    let body = published.body();
+    let Published { meta, .. } = published;
+    let text = |value: String| Some(value).filter(|v| !v.is_empty());
+    let occurred_at = parse_instant(&meta.occurred_at).ok();
     let (event_version, payload, payload_as_stored) = match contracts
-        .get(&stored.aggregate_type, &stored.event_type)
+        .get(&aggregate_type, &meta.event_type)
         .and_then(|c| Ok((c, c.to_avro(&body)?)))
         .and_then(|(c, avro)| Ok((c, c.from_avro_as_is(&avro)?)))
     {
         Ok((contract, json)) => (contract.event_version.to_owned(), json, false),
-        Err(_) => (version, body, true),
+        Err(_) => (meta.event_version, body, true),
     };
     ExportRow {
-        event_id: stored.event_id,
-        aggregate_type: stored.aggregate_type,
-        aggregate_id: stored.aggregate_id,
-        sequence: stored.sequence,
-        event_type: stored.event_type,
+        event_id,
+        aggregate_type,
+        aggregate_id,
+        sequence,
+        event_type: meta.event_type,
         event_version,
         occurred_at,
-        recorded_at: stored.recorded_at,
-        correlation_id,
-        causation_id,
-        actor,
-        command_id,
+        recorded_at,
+        correlation_id: text(meta.correlation_id),
+        causation_id: text(meta.causation_id),
+        actor: text(meta.actor),
+        command_id: text(meta.command_id),
         payload,
         payload_as_stored,
     }

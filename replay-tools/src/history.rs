@@ -12,10 +12,7 @@
 use std::io::Write;
 
 use anyhow::bail;
-use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, ValueEnum};
-use serde::Serialize;
-use serde_json::Value as Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -44,33 +41,7 @@ pub struct HistoryArgs {
 }
 
 /// One event of the history.
-#[derive(Debug, Clone, Serialize)]
-pub struct HistoryEvent {
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub sequence: i64,
-    pub event_id: Uuid,
-    pub event_type: String,
-    pub event_version: String,
-    pub occurred_at: Option<String>,
-    pub recorded_at: String,
-    pub actor: Option<String>,
-    pub correlation_id: Option<String>,
-    pub causation_id: Option<String>,
-    pub command_id: Option<String>,
-    pub payload: Json,
-}
-
-#[derive(sqlx::FromRow)]
-struct Row {
-    sequence: i64,
-    event_id: Uuid,
-    event_type: String,
-    event_version: String,
-    payload: Json,
-    metadata: Json,
-    recorded_at: DateTime<Utc>,
-}
+pub type HistoryEvent = commands::log::AuditedEvent;
 
 /// Events per query.
 const PAGE: i64 = 500;
@@ -100,56 +71,13 @@ pub async fn page(
     after_sequence: i64,
     limit: i64,
 ) -> Result<Vec<HistoryEvent>, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT sequence, event_id, event_type, event_version, payload, metadata, recorded_at \
-         FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 \
-         ORDER BY sequence \
-         LIMIT $4",
+    Ok(
+        commands::log::aggregate_page(pool, aggregate_type, aggregate_id, after_sequence, limit)
+            .await?
+            .into_iter()
+            .map(HistoryEvent::from)
+            .collect(),
     )
-    .bind(aggregate_type)
-    .bind(aggregate_id)
-    .bind(after_sequence)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let text = |key: &str| {
-                row.metadata
-                    .get(key)
-                    .and_then(Json::as_str)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-            };
-            HistoryEvent {
-                aggregate_type: aggregate_type.to_owned(),
-                aggregate_id: aggregate_id.to_owned(),
-                sequence: row.sequence,
-                event_id: row.event_id,
-                occurred_at: text("occurred_at"),
-                recorded_at: row.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-                actor: text("actor"),
-                correlation_id: text("correlation_id"),
-                causation_id: text("causation_id"),
-                command_id: text("command_id"),
-                payload: body(row.payload, &row.event_type),
-                event_type: row.event_type,
-                event_version: row.event_version,
-            }
-        })
-        .collect())
-}
-
-/// The stored payload without its event-type tag (`{"OrderPlaced": {...}}` → `{...}`).
-fn body(payload: Json, event_type: &str) -> Json {
-    match payload {
-        Json::Object(mut map) if map.len() == 1 && map.contains_key(event_type) => {
-            map.remove(event_type).unwrap_or(Json::Null)
-        }
-        other => other,
-    }
 }
 
 /// Runs `replay-tools history`.
@@ -269,16 +197,5 @@ mod tests {
         );
         assert!(parse_aggregate("spaceship", &id.to_string()).is_err());
         assert!(parse_aggregate("order", "not-a-uuid").is_err());
-    }
-
-    #[test]
-    fn the_event_type_tag_is_taken_off_the_payload() {
-        let stored = serde_json::json!({"OrderAccepted": {"by": "store"}});
-        assert_eq!(
-            body(stored, "OrderAccepted"),
-            serde_json::json!({"by": "store"})
-        );
-        let untagged = serde_json::json!({"a": 1, "b": 2});
-        assert_eq!(body(untagged.clone(), "OrderAccepted"), untagged);
     }
 }

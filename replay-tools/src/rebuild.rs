@@ -82,21 +82,22 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, ValueEnum};
+use commands::log::{StoredEvent, STORED_COLUMNS};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::Value as Json;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use streams::consumer::{
     apply_replayed, create_tables, use_schema, Projection, ProjectionError, ProjectorConfig,
     ReplayVerdict, ReplayedEvent,
 };
-use streams::{DecodedEvent, EventDecoder, EventMeta, KafkaConfig, RegistryConfig, Topics};
+use streams::{
+    DecodedEvent, EventDecoder, EventMeta, KafkaConfig, Published, RegistryConfig, Topics,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::progress;
 
@@ -687,48 +688,11 @@ impl Item {
     }
 }
 
-/// A row of the event store.
-#[derive(Debug, sqlx::FromRow)]
-struct StoredEvent {
-    aggregate_type: String,
-    aggregate_id: String,
-    sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: Json,
-    metadata: Json,
-    event_id: Uuid,
-    recorded_at: DateTime<Utc>,
-}
-
-const STORED_COLUMNS: &str = "e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
-     e.event_version, e.payload, e.metadata, e.event_id, e.recorded_at";
-
 /// The decoded event a topic record of this stored event decodes to: the relay's upcast and
 /// metadata, and the Avro value of the contract (as the relay encodes it).
 fn store_item(row: StoredEvent, topics: &Topics, advances: bool) -> Item {
-    let StoredEvent {
-        aggregate_type,
-        aggregate_id,
-        sequence,
-        event_type,
-        event_version,
-        payload,
-        metadata,
-        event_id,
-        recorded_at,
-    } = row;
-    let (version, payload) = schemas::upcast(&event_type, &event_version, payload);
-    let meta = EventMeta {
-        event_id,
-        aggregate_type,
-        aggregate_id,
-        sequence: u64::try_from(sequence).unwrap_or_default(),
-        event_type,
-        event_version: version,
-        ..EventMeta::default()
-    }
-    .with_stored(&metadata, recorded_at);
+    let recorded_at = row.recorded_at;
+    let Published { meta, payload } = Published::of(row);
     let topic = topics
         .for_aggregate(&meta.aggregate_type)
         .unwrap_or_default();

@@ -16,9 +16,11 @@ pub mod config;
 pub mod consumer;
 pub mod headers;
 pub mod process;
+pub mod published;
 pub mod relay;
 
 pub use codec::{DecodeError, DecodedEvent, EventDecoder, EventEncoder};
 pub use config::{KafkaConfig, RegistryConfig, Topics};
 pub use headers::EventMeta;
+pub use published::Published;
 pub use relay::{Relay, RelayConfig, RelayError};

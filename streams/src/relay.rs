@@ -18,20 +18,19 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use commands::log::{StoredEvent, STORED_COLUMNS};
 use futures::future::join_all;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Deserialize;
-use serde_json::Value as Json;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::codec::{EncodeError, EventEncoder};
 use crate::config::{KafkaConfig, RegistryConfig, Topics};
 use crate::headers::{self, EventMeta};
+use crate::published::Published;
 
 /// Relay settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -126,15 +125,8 @@ const RELAY_LOCK_KEY: i64 = 0x6f75_7462_6f78; // "outbox"
 #[derive(sqlx::FromRow)]
 struct OutboxRow {
     id: i64,
-    aggregate_type: String,
-    aggregate_id: String,
-    sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: Json,
-    metadata: Json,
-    event_id: Uuid,
-    recorded_at: DateTime<Utc>,
+    #[sqlx(flatten)]
+    event: StoredEvent,
     chain_prev: Vec<u8>,
     chain_hash: Vec<u8>,
 }
@@ -302,16 +294,14 @@ impl Relay {
 
     /// Reads the oldest unpublished rows (except `in_flight`) and encodes them.
     async fn prepare(&self, in_flight: &[i64]) -> Result<Vec<Outgoing>, RelayError> {
-        let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT o.id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
-                    e.event_version, e.payload, e.metadata, e.event_id, e.recorded_at, \
-                    e.chain_prev, e.chain_hash \
+        let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
+            "SELECT o.id, {STORED_COLUMNS}, e.chain_prev, e.chain_hash \
              FROM outbox o \
              JOIN events e USING (aggregate_type, aggregate_id, sequence) \
              WHERE o.published_at IS NULL AND o.id <> ALL($2) \
              ORDER BY o.id \
-             LIMIT $1",
-        )
+             LIMIT $1"
+        ))
         .bind(self.config.relay_batch_size)
         .bind(in_flight)
         .fetch_all(&self.pool)
@@ -328,47 +318,29 @@ impl Relay {
     async fn encode(&self, row: OutboxRow) -> Outgoing {
         let OutboxRow {
             id,
-            aggregate_type,
-            aggregate_id,
-            sequence,
-            event_type,
-            event_version,
-            payload,
-            metadata,
-            event_id,
-            recorded_at,
+            event,
             chain_prev,
             chain_hash,
         } = row;
-        let topic = self.topics.for_aggregate(&aggregate_type);
-        let (version, payload) = schemas::upcast(&event_type, &event_version, payload);
+        let Published { meta, payload } = Published::of(event);
+        let topic = self.topics.for_aggregate(&meta.aggregate_type);
         let bytes = match &topic {
             Some(topic) => match self
                 .encoder
-                .encode_payload(topic, &aggregate_type, &payload)
+                .encode_payload(topic, &meta.aggregate_type, &payload)
                 .await
             {
                 Ok((_, bytes)) => Some(bytes),
                 Err(e) => {
-                    tracing::error!(error = %e, %event_id, "cannot encode event");
+                    tracing::error!(error = %e, event_id = %meta.event_id, "cannot encode event");
                     None
                 }
             },
             None => {
-                tracing::error!(%aggregate_type, "no topic for aggregate type");
+                tracing::error!(aggregate_type = %meta.aggregate_type, "no topic for aggregate type");
                 None
             }
         };
-        let meta = EventMeta {
-            event_id,
-            aggregate_type,
-            aggregate_id,
-            sequence: u64::try_from(sequence).unwrap_or_default(),
-            event_type,
-            event_version: version,
-            ..EventMeta::default()
-        }
-        .with_stored(&metadata, recorded_at);
         Outgoing {
             id,
             record: topic.zip(bytes),
