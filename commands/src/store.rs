@@ -6,8 +6,12 @@ use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+/// The database every component uses when `DATABASE_URL` is unset: the development one
+/// `scripts/run-backbone` creates.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/backbone";
+
 /// Connection settings of the event store, from the environment.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct EventStoreConfig {
     /// `DATABASE_URL`: PostgreSQL URL of the event store.
     #[serde(default = "default_url")]
@@ -17,8 +21,31 @@ pub struct EventStoreConfig {
     pub database_max_connections: u32,
 }
 
+/// The URL without its password: what logs and panics may show.
+pub fn redacted_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((credentials, host)) => {
+                let user = credentials.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_owned(),
+        },
+        None => "***".to_owned(),
+    }
+}
+
+impl std::fmt::Debug for EventStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStoreConfig")
+            .field("database_url", &redacted_url(&self.database_url))
+            .field("database_max_connections", &self.database_max_connections)
+            .finish()
+    }
+}
+
 fn default_url() -> String {
-    "postgres://postgres@127.0.0.1:5432/backbone".to_owned()
+    DEFAULT_DATABASE_URL.to_owned()
 }
 
 const fn default_pool() -> u32 {
@@ -82,5 +109,28 @@ impl EventStoreDb {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{redacted_url, EventStoreConfig};
+
+    #[test]
+    fn the_config_never_shows_the_password() {
+        let config = EventStoreConfig {
+            database_url: "postgres://backbone:s3cret@db.internal:5432/backbone".to_owned(),
+            database_max_connections: 4,
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("backbone:***@db.internal:5432/backbone"),
+            "{shown}"
+        );
+        assert_eq!(
+            redacted_url("postgres://postgres@127.0.0.1:5432/backbone"),
+            "postgres://postgres:***@127.0.0.1:5432/backbone"
+        );
     }
 }

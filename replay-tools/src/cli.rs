@@ -15,7 +15,7 @@ pub struct Cli {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/backbone",
+        default_value = commands::store::DEFAULT_DATABASE_URL,
         hide_env_values = true
     )]
     pub database_url: String,

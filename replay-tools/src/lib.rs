@@ -1,6 +1,9 @@
 //! # replay-tools: for operators, analysts and auditors
 //!
-//! Reads the event history and the read models' bookkeeping without issuing commands: the read
+//! Works beside the pipeline on the event history, the topics and the read models. It never
+//! appends to the event log; what it writes is named by its subcommand: a shadow read model and
+//! its swap (`rebuild --swap`), chain anchors (`anchor`), re-drive and stuck-flow requests, and a
+//! customer's erasure (deleting the key that seals their personal data). It covers the read
 //! models' lag and dead letters (the command-line twin of `/projections`), rebuilding a read
 //! model into a shadow schema and swapping it in ([`rebuild`], [`check`]), state as of an
 //! instant ([`asof`]), exporting events to JSONL, CSV and Parquet ([`export`]), an aggregate's
@@ -8,7 +11,9 @@
 //! store, topics and read models ([`reconcile`]), and erasing a customer's personal data
 //! ([`privacy`]; what is shown to people reveals it, or shows it as `[erased]`).
 //!
-//! Place in the flow: beside the pipeline, reading the database the projectors write.
+//! Place in the flow: beside the pipeline; it reads the log through `commands::log`, maps events
+//! to their published form through `streams::Published`, and knows the read models from
+//! `projections::read_models`.
 
 pub mod asof;
 pub mod chain;

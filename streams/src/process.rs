@@ -381,7 +381,7 @@ pub struct Connections {
 /// if they are missing.
 pub async fn connect_from_env(max_connections: u32) -> anyhow::Result<Connections> {
     let database_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/backbone".to_owned());
+        .unwrap_or_else(|_| commands::store::DEFAULT_DATABASE_URL.to_owned());
     let kafka = crate::KafkaConfig::from_env().context("KAFKA_* settings")?;
     let registry = crate::RegistryConfig::from_env().context("SCHEMA_REGISTRY_* settings")?;
     let pool = PgPoolOptions::new()

@@ -217,11 +217,17 @@ impl Relay {
                 // Nothing unpublished is visible: no need to count it.
                 export_empty_gauges();
             } else if last_gauges.elapsed() >= Duration::from_secs(1) {
-                self.export_gauges().await?;
+                // Gauges are for dashboards: a failed count must not stop publishing.
+                if let Err(e) = self.export_gauges().await {
+                    tracing::warn!(error = %e, "could not count the backlog for the gauges");
+                }
                 last_gauges = Instant::now();
             }
             if last_prune.elapsed() >= Duration::from_secs(60) {
-                self.prune().await?;
+                // Housekeeping: a failed prune is retried next minute, publishing goes on.
+                if let Err(e) = self.prune().await {
+                    tracing::warn!(error = %e, "could not prune published outbox rows");
+                }
                 last_prune = Instant::now();
             }
             let pause = match round {

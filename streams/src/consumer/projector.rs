@@ -192,6 +192,9 @@ impl Projector {
         shutdown: CancellationToken,
     ) -> Result<(), ProjectorError> {
         tracing::info!(projection = self.projection.name(), "projector started");
+        // Ends the side work when the consumer loop ends, without cancelling the caller's token
+        // (other tasks of the process may share it).
+        let done = shutdown.child_token();
         let consume = async {
             // While one batch is applied in PostgreSQL, the next is fetched and decoded.
             let mut pending = self.next_batch(&shutdown).await?;
@@ -222,7 +225,7 @@ impl Projector {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = done.cancelled() => return,
                     _ = tick.tick() => {}
                 }
                 if self.lag_may_have_changed() {
@@ -239,7 +242,7 @@ impl Projector {
             async {
                 let result = consume.await;
                 // The consumer loop ending (error or shutdown) ends the side work too.
-                shutdown.cancel();
+                done.cancel();
                 result
             },
             side_work
