@@ -3,7 +3,7 @@
 //! consumer of the same topics with the rebuild's consumer settings in the same run (no
 //! decoding, no database; run before and after the rebuilds, the faster is the baseline).
 //!
-//! The day: `BENCH_DAY_ORDERS` orders (default 10,000) generated through the command bus by
+//! The day: `BENCH_DAY_ORDERS` orders (default 6,000) generated through the command bus by
 //! `backbone_tests::bench::day_of_orders`: 60 stores in six regions, placed over the 24 hours
 //! of yesterday with lunch and dinner peaks, paid, accepted, prepared, delivered with the
 //! courier's positions, completed and rewarded, some cancelled, rejected, failed, refunded and
@@ -55,7 +55,7 @@ async fn raw_consumer(env: &TestEnv, topics: &[String], count: usize) -> Duratio
 #[allow(clippy::print_stdout)]
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let day_orders = env_number("BENCH_DAY_ORDERS", 10_000);
+    let day_orders = env_number("BENCH_DAY_ORDERS", 6_000);
     let models =
         std::env::var("BENCH_REBUILD_MODEL").unwrap_or_else(|_| "analytics,tracking".to_owned());
     let batch_size = env_number("BENCH_REBUILD_BATCH", DEFAULT_BATCH_SIZE as usize);

@@ -53,7 +53,9 @@ pub async fn appends(env: &TestEnv, count: usize) -> Duration {
             }
         });
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(writer) = tasks.join_next().await {
+        writer.expect("every order placed");
+    }
     started.elapsed()
 }
 
