@@ -247,7 +247,15 @@ async fn main() {
         assert_eq!(dead, 0, "{name} dead-lettered events of a valid day");
         let (until_first, at_first) = first.unwrap_or_default();
         let capacity = rate(count - at_first, elapsed.saturating_sub(until_first));
-        rows.push((name, types, count, raw, until_first, elapsed, capacity));
+        rows.push((
+            name,
+            types,
+            count,
+            raw.steady_rate(count),
+            until_first,
+            elapsed,
+            capacity,
+        ));
     }
     print!("\n{}", day.describe());
     println!(
@@ -270,18 +278,17 @@ async fn main() {
     );
     for (name, types, count, raw, until_first, elapsed, capacity) in rows {
         println!(
-            "{name:<14} {:<24} {count:>8} {:>14.0} {capacity:>11.0} {:>6.1}% {:>13.1}s {:>11.1}s",
+            "{name:<14} {:<24} {count:>8} {raw:>14.0} {capacity:>11.0} {:>6.1}% {:>13.1}s {:>11.1}s",
             types.join("+"),
-            rate(count, raw),
-            100.0 * capacity / rate(count, raw),
+            100.0 * capacity / raw,
             until_first.as_secs_f64(),
             elapsed.as_secs_f64(),
         );
     }
     println!(
-        "projector/s: events applied between its first applied event and its last; \"first \
-         applied\" and \"all applied\" count from the projector's start (the group join and the \
-         first fetch come before the first)"
+        "both rates run from the first record (raw consumer) or the first applied event \
+         (projector) to the last, leaving out the assignment or group join and the first fetch; \
+         \"first applied\" and \"all applied\" count from the projector's start"
     );
     env.stop().await;
 }

@@ -48,7 +48,7 @@ async fn raw_consumer(env: &TestEnv, topics: &[String], count: usize) -> Duratio
         &env.kafka,
         &format!("{}raw-{}", env.group_prefix, uuid::Uuid::new_v4()),
     );
-    raw_consumer_of(env, config, topics, count).await
+    raw_consumer_of(env, config, topics, count).await.total
 }
 
 // A benchmark reports on stdout.

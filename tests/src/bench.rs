@@ -273,6 +273,24 @@ pub async fn applied_events(pool: &sqlx::PgPool, schema: &str) -> usize {
     usize::try_from(n.unwrap_or(0)).unwrap_or(0)
 }
 
+/// How long a raw consumer took: to its first record, and to its last.
+#[derive(Debug, Clone, Copy)]
+pub struct RawRead {
+    pub until_first: Duration,
+    pub total: Duration,
+}
+
+impl RawRead {
+    /// Records per second between the first record and the last (`count` read in all): the
+    /// steady rate, without the assignment and the first fetch.
+    pub fn steady_rate(&self, count: usize) -> f64 {
+        rate(
+            count.saturating_sub(1),
+            self.total.saturating_sub(self.until_first),
+        )
+    }
+}
+
 /// A raw consumer (own group, no decoding, no database) reading `count` records of `topics`,
 /// every partition assigned from the beginning, with `config`'s fetch settings.
 pub async fn raw_consumer_of(
@@ -280,7 +298,7 @@ pub async fn raw_consumer_of(
     config: rdkafka::ClientConfig,
     topics: &[String],
     count: usize,
-) -> Duration {
+) -> RawRead {
     let consumer: StreamConsumer = config.create().expect("consumer");
     let mut assignment = rdkafka::TopicPartitionList::new();
     for topic in topics {
@@ -293,13 +311,20 @@ pub async fn raw_consumer_of(
     consumer.assign(&assignment).expect("assign");
     let started = Instant::now();
     let (mut seen, mut bytes) = (0, 0usize);
+    let mut until_first = Duration::ZERO;
     while seen < count {
         let message = consumer.recv().await.expect("record");
+        if seen == 0 {
+            until_first = started.elapsed();
+        }
         bytes += message.payload().map_or(0, <[u8]>::len);
         seen += 1;
     }
     assert!(count == 0 || bytes > 0);
-    started.elapsed()
+    RawRead {
+        until_first,
+        total: started.elapsed(),
+    }
 }
 
 /// The catalogue of a generated day: the demo menu in six regions (the demo's three and three
