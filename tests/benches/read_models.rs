@@ -7,7 +7,7 @@
 //!    had applied every order, and the end-to-end delay of each event (recorded in the store →
 //!    applied to the read model), p50/p99 (and the bucket bound of the slowest), from the
 //!    runtime's `projector_event_delay_seconds` histogram.
-//! 2. **Capacity on a backlog**: a generated day of `BENCH_DAY_ORDERS` orders (default 2,000;
+//! 2. **Capacity on a backlog**: a generated day of `BENCH_DAY_ORDERS` orders (default 6,000;
 //!    every event type of the lifecycle, see `backbone_tests::bench::day_of_orders`) is
 //!    appended and relayed first; then, per read model, a raw consumer reads every record of
 //!    that model's topics (no decoding, no database, the projector's fetch settings), and the
@@ -133,7 +133,7 @@ const PRODUCTION_FETCH_WAIT_MS: u32 = 500;
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let load = env_number("BENCH_LOAD_ORDERS", 20_000);
-    let day_orders = env_number("BENCH_DAY_ORDERS", 2_000);
+    let day_orders = env_number("BENCH_DAY_ORDERS", 6_000);
     let metrics = api::prometheus();
 
     // 1. Under load, with the production consumer settings (`KAFKA_FETCH_WAIT_MAX_MS`'s
