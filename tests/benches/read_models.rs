@@ -2,38 +2,31 @@
 //! the same run:
 //!
 //! 1. **Under load**: the relay and all five projectors run while 16 writers place orders as
-//!    fast as the command side takes them. Per read model: events/s applied over the run, and
-//!    the end-to-end delay of each event (recorded in the store → applied to the read model),
-//!    p50/p99 (and the bucket bound of the slowest), from the runtime's
-//!    `projector_event_delay_seconds` histogram.
-//! 2. **Catch-up**: a backlog of `BENCH_BACKLOG` events (default 100 000) on the orders topic;
-//!    a raw consumer reads it (no decoding, no database), then each read model rebuilds from
-//!    it alone, with its own consumer group.
+//!    fast as the command side takes them. This shows whether the read models keep pace with
+//!    the writers, not what they could take: the rate is the writers'. Per read model: when it
+//!    had applied every order, and the end-to-end delay of each event (recorded in the store →
+//!    applied to the read model), p50/p99 (and the bucket bound of the slowest), from the
+//!    runtime's `projector_event_delay_seconds` histogram.
+//! 2. **Capacity on a backlog**: a generated day of `BENCH_DAY_ORDERS` orders (default 6,000;
+//!    every event type of the lifecycle, see `backbone_tests::bench::day_of_orders`) is
+//!    appended and relayed first; then, per read model, a raw consumer reads every record of
+//!    that model's topics (no decoding, no database, the projector's fetch settings), and the
+//!    model's projector, started after, applies the same records alone with its own consumer
+//!    group. Its rate is taken from its first applied event to its last (the group join before
+//!    is shown apart).
 //!
 //! `scripts/bench` runs it with the test command's services (`--bench read_models`).
 //! `BENCH_LOAD_ORDERS` sets the orders of part 1 (default 20 000).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Instant;
 
-use backbone_tests::bench::{appends, rate, raw_consumer, wait_until, WRITERS};
-use backbone_tests::TestEnv;
-use projections::{
-    AdsProjection, AnalyticsProjection, NotificationsProjection, RatingsProjection,
-    TrackingProjection,
+use backbone_tests::bench::{
+    appends, applied_events, day_of_orders, events_of, load_average, rate, raw_consumer_of,
+    relay_backlog, topics_of, wait_until, WRITERS,
 };
-use streams::consumer::{Projection, ProjectorConfig};
-
-fn read_models() -> Vec<Arc<dyn Projection>> {
-    vec![
-        Arc::new(TrackingProjection),
-        Arc::new(RatingsProjection),
-        Arc::new(AnalyticsProjection),
-        Arc::new(AdsProjection),
-        Arc::new(NotificationsProjection),
-    ]
-}
+use backbone_tests::TestEnv;
+use streams::consumer::ProjectorConfig;
 
 /// Order events a read model has applied (one event per order in this benchmark).
 async fn applied(env: &TestEnv, schema: &str) -> usize {
@@ -126,16 +119,17 @@ const PRODUCTION_FETCH_WAIT_MS: u32 = 500;
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let load = env_number("BENCH_LOAD_ORDERS", 20_000);
-    let backlog = env_number("BENCH_BACKLOG", 100_000);
+    let day_orders = env_number("BENCH_DAY_ORDERS", 6_000);
     let metrics = api::prometheus();
 
     // 1. Under load, with the production consumer settings (`KAFKA_FETCH_WAIT_MAX_MS`'s
     // default; a fetch returns as soon as a record is there).
+    let load_at_start = load_average();
     let mut env = TestEnv::start("rmload").await;
     env.kafka.kafka_fetch_wait_max_ms = PRODUCTION_FETCH_WAIT_MS;
     let relay = env.start_relay().await;
     let mut running = Vec::new();
-    for projection in read_models() {
+    for projection in projections::read_models::all() {
         running.push((projection.name(), env.start_projector(projection).await));
     }
     let started = Instant::now();
@@ -157,19 +151,21 @@ async fn main() {
     relay.stop().await.expect("relay stops");
     println!(
         "\nread models under load: {load} orders placed by {WRITERS} writers at {:.0} orders/s \
-         (relay and the five projectors running in the same process)",
-        rate(load, writing)
+         (relay and the five projectors running in the same process); load average \
+         {load_at_start} at the start, {} at the end",
+        rate(load, writing),
+        load_average()
     );
+    println!("(the writers set the pace here: a read model's capacity is part 2's figure)");
     println!(
-        "{:<14} {:>10} {:>14} {:>10} {:>10} {:>10}",
-        "read model", "events/s", "done after s", "delay p50", "p99", "max ≤"
+        "{:<14} {:>17} {:>10} {:>10} {:>10}",
+        "read model", "all applied after", "delay p50", "p99", "max ≤"
     );
     for (name, elapsed) in &caught_up {
         let q = quantiles.get(*name).cloned().unwrap_or_default();
         let at = |k: &str| q.get(k).copied().unwrap_or(f64::NAN);
         println!(
-            "{name:<14} {:>10.0} {:>14.1} {:>9.3}s {:>9.3}s {:>9.3}s",
-            rate(load, *elapsed),
+            "{name:<14} {:>16.1}s {:>9.3}s {:>9.3}s {:>9.3}s",
             elapsed.as_secs_f64(),
             at("0.5"),
             at("0.99"),
@@ -178,34 +174,31 @@ async fn main() {
     }
     env.stop().await;
 
-    // 2. Catch-up on a backlog.
+    // 2. Capacity on a backlog: a day of orders on the topics before any projector starts.
+    let load_at_start = load_average();
     let mut env = TestEnv::start("rmbacklog").await;
     env.kafka.kafka_fetch_wait_max_ms = PRODUCTION_FETCH_WAIT_MS;
-    let writing = appends(&env, backlog).await;
-    let relay = env.start_relay().await;
-    wait_until("the relay", async || {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                .fetch_one(env.pool())
-                .await
-                .expect("outbox");
-        left == 0
-    })
-    .await;
-    relay.stop().await.expect("relay stops");
-    let raw = raw_consumer(&env, backlog).await;
-    println!(
-        "\ncatch-up on a backlog of {backlog} order events (written at {:.0}/s); raw consumer \
-         {:.0} events/s",
-        rate(backlog, writing),
-        rate(backlog, raw)
-    );
-    println!(
-        "{:<14} {:>10} {:>14}",
-        "read model", "events/s", "of raw consumer"
-    );
-    for projection in read_models() {
+    let day = day_of_orders(&env, day_orders).await;
+    let relayed = relay_backlog(&env).await;
+    let mut rows = Vec::new();
+    for projection in projections::read_models::all() {
         let name = projection.name();
+        let types = projection.aggregate_types();
+        let topics = topics_of(&env, types);
+        let count = events_of(env.pool(), types).await;
+        let mut config = env.kafka.client_config();
+        config
+            .set(
+                "group.id",
+                format!("{}raw-{name}-{}", env.group_prefix, uuid::Uuid::new_v4()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("fetch.min.bytes", "1")
+            .set(
+                "fetch.wait.max.ms",
+                env.kafka.kafka_fetch_wait_max_ms.to_string(),
+            );
+        let raw = raw_consumer_of(&env, config, &topics, count).await;
         let projector = streams::consumer::Projector::new(
             projection,
             env.pool().clone(),
@@ -221,15 +214,67 @@ async fn main() {
         let token = tokio_util::sync::CancellationToken::new();
         let started = Instant::now();
         let handle = tokio::spawn(projector.run_until_stopped(token.clone()));
-        wait_until(name, async || applied(&env, name).await >= backlog).await;
+        let mut first: Option<(std::time::Duration, usize)> = None;
+        wait_until(name, async || {
+            let applied = applied_events(env.pool(), name).await;
+            if first.is_none() && applied > 0 {
+                first = Some((started.elapsed(), applied));
+            }
+            applied >= count
+        })
+        .await;
         let elapsed = started.elapsed();
         token.cancel();
         handle.await.expect("joined").expect("projector ran");
+        let dead: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {name}.dead_letters"))
+            .fetch_one(env.pool())
+            .await
+            .expect("dead letters");
+        assert_eq!(dead, 0, "{name} dead-lettered events of a valid day");
+        let (until_first, at_first) = first.unwrap_or_default();
+        let capacity = rate(count - at_first, elapsed.saturating_sub(until_first));
+        rows.push((
+            name,
+            types,
+            count,
+            raw.steady_rate(count),
+            until_first,
+            elapsed,
+            capacity,
+        ));
+    }
+    print!("\n{}", day.describe());
+    println!(
+        "capacity on a backlog: the day above relayed at {:.0} events/s, then per read model a \
+         raw consumer of its topics and its projector started after, one at a time; load \
+         average {load_at_start} at the start, {} at the end",
+        rate(day.events, relayed),
+        load_average()
+    );
+    println!(
+        "{:<14} {:<24} {:>8} {:>14} {:>11} {:>7} {:>14} {:>12}",
+        "read model",
+        "topics",
+        "events",
+        "raw consumer/s",
+        "projector/s",
+        "of raw",
+        "first applied",
+        "all applied"
+    );
+    for (name, types, count, raw, until_first, elapsed, capacity) in rows {
         println!(
-            "{name:<14} {:>10.0} {:>13.0}%",
-            rate(backlog, elapsed),
-            100.0 * raw.as_secs_f64() / elapsed.as_secs_f64()
+            "{name:<14} {:<24} {count:>8} {raw:>14.0} {capacity:>11.0} {:>6.1}% {:>13.1}s {:>11.1}s",
+            types.join("+"),
+            100.0 * capacity / raw,
+            until_first.as_secs_f64(),
+            elapsed.as_secs_f64(),
         );
     }
+    println!(
+        "both rates run from the first record (raw consumer) or the first applied event \
+         (projector) to the last, leaving out the assignment or group join and the first fetch; \
+         \"first applied\" and \"all applied\" count from the projector's start"
+    );
     env.stop().await;
 }

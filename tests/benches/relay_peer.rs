@@ -42,7 +42,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backbone_tests::bench::{appends, wait_until};
+use backbone_tests::bench::{appends, load_average, wait_until};
 use backbone_tests::{place_order, TestEnv};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -387,6 +387,7 @@ async fn slot_active(env: &TestEnv, slot: &str) -> bool {
 // A benchmark reports on stdout.
 #[allow(clippy::print_stdout)]
 async fn run(env: &TestEnv) {
+    let load_at_start = load_average();
     let count: usize = env_number("BENCH_ORDERS", 10_000);
     let latency_rate: u32 = env_number("BENCH_LATENCY_RATE", 200);
     let latency_seconds: u32 = env_number("BENCH_LATENCY_SECONDS", 20);
@@ -486,8 +487,10 @@ async fn run(env: &TestEnv) {
 
     println!(
         "\nrelay vs Debezium: backlog of {events} events ({count} orders appended in {:.1} s), \
-         then {latency_rate} orders/s for {latency_seconds} s each",
-        append.as_secs_f64()
+         then {latency_rate} orders/s for {latency_seconds} s each; load average \
+         {load_at_start} at the start, {} at the end",
+        append.as_secs_f64(),
+        load_average()
     );
     println!(
         "{:<10} {:>10} {:>12} {:>9} {:>9} {:>9} {:>10}   record",
