@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use backbone_tests::bench::{
     appends, kafka_consumer_performance, kafka_producer_performance, load_average, rate,
-    raw_consumer, wait_until, WRITERS,
+    raw_consumer, relay_backlog, wait_until, WRITERS,
 };
 use backbone_tests::{admin_url, TestEnv};
 use commands::store::{EventStoreConfig, EventStoreDb};
@@ -187,19 +187,7 @@ async fn main() {
         .await
         .expect("twin dropped");
 
-    let relay = env.start_relay().await;
-    let started = Instant::now();
-    wait_until("relay", async || {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                .fetch_one(env.pool())
-                .await
-                .expect("outbox");
-        left == 0
-    })
-    .await;
-    let relay_time = started.elapsed();
-    relay.stop().await.expect("relay stops");
+    let relay_time = relay_backlog(&env).await;
 
     let sample = env
         .read_topic("order", Duration::from_secs(30), |r| !r.is_empty())
