@@ -124,8 +124,22 @@ pub enum CommandError<E: std::error::Error> {
     /// Other writers kept changing the aggregate; the caller may retry.
     #[error("the aggregate kept changing under {attempts} attempts; retry the request")]
     Contended { attempts: u32 },
+    /// The store failed (connection, query, an event that does not deserialize).
     #[error("event store failure: {0}")]
-    Store(String),
+    Store(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+/// The store's failure inside a framework error, with its source kept (loading an aggregate
+/// never breaks a business rule or conflicts, so those two only travel as their message).
+fn store_failure<E: std::error::Error>(
+    error: AggregateError<E>,
+) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+    match error {
+        AggregateError::DatabaseConnectionError(e)
+        | AggregateError::DeserializationError(e)
+        | AggregateError::UnexpectedError(e) => e,
+        other => other.to_string().into(),
+    }
 }
 
 /// Bounded retries of optimistic-concurrency conflicts, with full jitter.
@@ -283,10 +297,17 @@ where
                         .increment(1);
                     return Err(CommandError::Rejected(e));
                 }
-                (Err(other), _) => {
+                (
+                    Err(
+                        AggregateError::DatabaseConnectionError(e)
+                        | AggregateError::DeserializationError(e)
+                        | AggregateError::UnexpectedError(e),
+                    ),
+                    _,
+                ) => {
                     metrics::counter!("commands_total", "aggregate_type" => A::TYPE, "outcome" => "failed")
                         .increment(1);
-                    return Err(CommandError::Store(other.to_string()));
+                    return Err(CommandError::Store(e));
                 }
             }
         }
@@ -302,7 +323,7 @@ where
             None => self
                 .current_sequence(aggregate_id)
                 .await
-                .map_err(|e| CommandError::Store(e.to_string()))?,
+                .map_err(|e| CommandError::Store(e.into()))?,
         };
         Ok(Committed {
             aggregate_id: aggregate_id.to_owned(),
@@ -331,7 +352,7 @@ where
         .bind(context.command_id.to_string())
         .fetch_all(self.store.pool())
         .await
-        .map_err(|e| CommandError::Store(e.to_string()))?;
+        .map_err(|e| CommandError::Store(e.into()))?;
         let Some((last, _)) = rows.last() else {
             return Ok(None);
         };
@@ -357,7 +378,7 @@ where
         let mut context = event_store::<A>(&self.store)
             .load_aggregate(aggregate_id)
             .await
-            .map_err(|e| CommandError::Store(e.to_string()))?;
+            .map_err(|e| CommandError::Store(store_failure(e)))?;
         Ok(read(context.aggregate()))
     }
 
