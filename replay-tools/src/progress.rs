@@ -27,31 +27,8 @@ pub fn bar(what: &str, total: Option<u64>) -> ProgressBar {
 }
 
 /// A token cancelled by the first Ctrl-C (SIGINT) or SIGTERM: long commands check it between
-/// batches, finish the batch in hand, record where they stopped and exit.
+/// batches, finish the batch in hand, record where they stopped and exit. The same signal
+/// handling as every backbone process (`streams::process::shutdown_token`).
 pub fn interrupted() -> CancellationToken {
-    let token = CancellationToken::new();
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(_) => {
-                        let _ = ctrl_c.await;
-                        cancel.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        cancel.cancel();
-    });
-    token
+    streams::process::shutdown_token()
 }
