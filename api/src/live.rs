@@ -27,6 +27,30 @@ impl Change {
     }
 }
 
+/// Waits until `key` of `channel` changes, or `at_most` passes (a stream re-reads anyway then:
+/// a lost signal delays an update, never loses it). `false` when the hub closed: the stream ends.
+pub async fn changed(
+    changes: &mut broadcast::Receiver<Change>,
+    channel: &str,
+    key: &str,
+    at_most: std::time::Duration,
+) -> bool {
+    let deadline = tokio::time::sleep(at_most);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => return true,
+            change = changes.recv() => match change {
+                Ok(change) if change.concerns(channel, key) => return true,
+                Ok(_) => {}
+                // Missed signals may have concerned this key: re-read.
+                Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                Err(broadcast::error::RecvError::Closed) => return false,
+            },
+        }
+    }
+}
+
 /// The process's fan-out of change signals.
 #[derive(Debug)]
 pub struct LiveHub {

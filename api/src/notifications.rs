@@ -307,18 +307,8 @@ pub async fn stream(
                 continue;
             }
             // Wake on this customer's change signal, or re-read every 2 s anyway.
-            let deadline = tokio::time::sleep(Duration::from_secs(2));
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    () = &mut deadline => break,
-                    change = changes.recv() => match change {
-                        Ok(change) if change.concerns(model::LIVE_CHANNEL, &key) => break,
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    },
-                }
+            if !crate::live::changed(&mut changes, model::LIVE_CHANNEL, &key, Duration::from_secs(2)).await {
+                return;
             }
         }
     };
