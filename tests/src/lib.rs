@@ -636,3 +636,28 @@ pub async fn blocked_on_a_lock(pool: &PgPool, application_name: &str, statement:
     )
     .await;
 }
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves no process
+/// behind; [`sigkill`] it to kill it at a chosen moment.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backbone_tests::{eventually, json_of, order_request, place_request, sigkill, TestEnv};
+use backbone_tests::{
+    eventually, json_of, order_request, place_request, sigkill, KillOnDrop, TestEnv,
+};
 use projections::TrackingProjection;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -55,7 +57,7 @@ async fn a_declined_payment_cancels_the_order_as_the_system_and_gives_the_points
     let env = TestEnv::start("declined").await;
     let relay = env.start_relay().await;
     let tracking = env.start_projector(Arc::new(TrackingProjection)).await;
-    let mut manager = env.spawn_process("process-manager", &[]);
+    let mut manager = KillOnDrop(env.spawn_process("process-manager", &[]));
     let (api, server) = env.start_api().await;
     let client = backbone_tests::client();
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use backbone_tests::tools::cli_command;
 use backbone_tests::{
     blocked_on_a_lock, confirm_payment, end_sessions_of, eventually, place_order, sigkill,
-    with_application_name, TestEnv,
+    with_application_name, KillOnDrop, TestEnv,
 };
 use projections::TrackingProjection;
 use serde_json::Value;
@@ -22,9 +22,14 @@ use sqlx::Connection;
 /// `replay-tools` for this environment, its sessions named `application_name`.
 fn replay_tools(env: &TestEnv, application_name: &str, args: &[&str]) -> std::process::Command {
     let url = with_application_name(&env.database_url, application_name);
-    let mut command = cli_command(env, args, &[("DATABASE_URL", url.as_str())]);
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    command
+    cli_command(env, args, &[("DATABASE_URL", url.as_str())])
+}
+
+/// `replay-tools` started in the background (its output, a progress bar, discarded).
+fn spawn(env: &TestEnv, application_name: &str, args: &[&str]) -> KillOnDrop {
+    let mut command = replay_tools(env, application_name, args);
+    command.stdout(Stdio::null()).stderr(Stdio::null());
+    KillOnDrop(command.spawn().expect("replay-tools starts"))
 }
 
 async fn run_ok(env: &TestEnv, args: &[&str]) -> String {
@@ -121,13 +126,11 @@ async fn a_rebuild_killed_mid_build_and_mid_finish_resumes_to_the_same_read_mode
     projector.stop().await.expect("projector stops");
 
     // Mid-build: small batches, killed once some are committed.
-    let mut building = replay_tools(
+    let mut building = spawn(
         &env,
         "rebuild-1",
         &["rebuild", "tracking", "--batch-size", "3"],
-    )
-    .spawn()
-    .expect("replay-tools starts");
+    );
     eventually(Duration::from_secs(60), "the rebuild under way", || async {
         let applied: Option<i64> =
             sqlx::query_scalar("SELECT applied FROM tracking__rebuild.rebuild_state")
@@ -164,9 +167,7 @@ async fn a_rebuild_killed_mid_build_and_mid_finish_resumes_to_the_same_read_mode
         .execute(&mut *hold)
         .await
         .expect("locked");
-    let mut finishing = replay_tools(&env, "rebuild-2", &["rebuild", "tracking", "--resume"])
-        .spawn()
-        .expect("replay-tools starts");
+    let mut finishing = spawn(&env, "rebuild-2", &["rebuild", "tracking", "--resume"]);
     blocked_on_a_lock(
         env.pool(),
         "rebuild-2",

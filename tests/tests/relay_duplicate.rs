@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use backbone_tests::{
     blocked_on_a_lock, end_sessions_of, eventually, place_order, sigkill, with_application_name,
-    TestEnv,
+    KillOnDrop, TestEnv,
 };
 use rdkafka::consumer::Consumer;
 use sqlx::Connection;
@@ -47,7 +47,7 @@ async fn a_relay_killed_after_the_acknowledgement_publishes_again_and_the_copy_i
     for _ in 0..ORDERS {
         ids.push(place_order(&orders).await);
     }
-    let mut projector = env.spawn_process("projector", &[("PROJECTIONS", "analytics")]);
+    let mut projector = KillOnDrop(env.spawn_process("projector", &[("PROJECTIONS", "analytics")]));
 
     // Hold the outbox rows: the relay can read and send them, not mark them.
     let mut holder = sqlx::PgConnection::connect(&env.database_url)
@@ -62,7 +62,7 @@ async fn a_relay_killed_after_the_acknowledgement_publishes_again_and_the_copy_i
     assert_eq!(locked.len(), ORDERS);
 
     let first_url = with_application_name(&env.database_url, "relay-first");
-    let mut relay = env.spawn_process("relay", &[("DATABASE_URL", first_url.as_str())]);
+    let mut relay = KillOnDrop(env.spawn_process("relay", &[("DATABASE_URL", first_url.as_str())]));
     // Acknowledged: every event is on the topic; and blocked marking them.
     env.read_topic("order", Duration::from_secs(60), |records| {
         records.len() == ORDERS
@@ -83,7 +83,7 @@ async fn a_relay_killed_after_the_acknowledgement_publishes_again_and_the_copy_i
         "acknowledged but never marked"
     );
 
-    let mut relay = env.spawn_process("relay", &[]);
+    let mut relay = KillOnDrop(env.spawn_process("relay", &[]));
     let records = env
         .read_topic("order", Duration::from_secs(60), |records| {
             records.len() == 2 * ORDERS

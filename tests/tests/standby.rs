@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use backbone_tests::{
-    confirm_payment, eventually, place_order, sigkill, with_application_name, TestEnv,
+    confirm_payment, eventually, place_order, sigkill, with_application_name, KillOnDrop, TestEnv,
 };
 use uuid::Uuid;
 
@@ -32,12 +32,12 @@ async fn lock_holder(env: &TestEnv) -> Option<String> {
     .expect("pg_locks")
 }
 
-fn relay(env: &TestEnv, name: &str) -> std::process::Child {
+fn relay(env: &TestEnv, name: &str) -> KillOnDrop {
     let url = with_application_name(&env.database_url, name);
-    env.spawn_process(
+    KillOnDrop(env.spawn_process(
         "relay",
         &[("DATABASE_URL", url.as_str()), ("RELAY_BATCH_SIZE", "20")],
-    )
+    ))
 }
 
 async fn unpublished(env: &TestEnv) -> i64 {
