@@ -592,7 +592,8 @@ pub fn sigkill(child: &mut Child) {
 pub async fn end_sessions_of(pool: &PgPool, application_name: &str) {
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+         WHERE application_name = $1 AND datname = current_database() \
+           AND pid <> pg_backend_pid()",
     )
     .bind(application_name)
     .execute(pool)
@@ -603,7 +604,8 @@ pub async fn end_sessions_of(pool: &PgPool, application_name: &str) {
         &format!("the sessions of {application_name} to end"),
         || async {
             let left: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND datname = current_database()",
             )
             .bind(application_name)
             .fetch_one(pool)
@@ -624,7 +626,8 @@ pub async fn blocked_on_a_lock(pool: &PgPool, application_name: &str, statement:
         || async {
             let blocked: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $1 \
-                 AND wait_event_type = 'Lock' AND query LIKE $2 || '%')",
+                 AND datname = current_database() AND wait_event_type = 'Lock' \
+                 AND query LIKE $2 || '%')",
             )
             .bind(application_name)
             .bind(statement)

@@ -18,12 +18,14 @@ use uuid::Uuid;
 const LOCK_CLASSID: i64 = 0x6f75;
 const LOCK_OBJID: i64 = 0x7462_6f78;
 
-/// The `application_name` of the session holding the relay's lock, if any.
+/// The `application_name` of the session holding the relay's lock in this test's database (the
+/// server's other databases have relays of their own), if any.
 async fn lock_holder(env: &TestEnv) -> Option<String> {
     sqlx::query_scalar(
         "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
          WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = $1 \
-           AND l.objid::bigint = $2 AND l.objsubid = 1",
+           AND l.objid::bigint = $2 AND l.objsubid = 1 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .bind(LOCK_CLASSID)
     .bind(LOCK_OBJID)
@@ -68,7 +70,7 @@ async fn the_standby_relay_takes_over_when_the_active_one_is_killed_and_nothing_
         || async {
             let tried: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'relay-b' \
-                 AND query LIKE '%pg_try_advisory_lock%')",
+                 AND datname = current_database() AND query LIKE '%pg_try_advisory_lock%')",
             )
             .fetch_one(env.pool())
             .await
