@@ -193,7 +193,7 @@ async fn a_catalogue_change_made_on_one_api_instance_reaches_another_within_its_
         || async { (price(&client, &second).await == Some(changed)).then_some(()) },
     )
     .await;
-    println!(
+    eprintln!(
         "reached the other instance after {:?}",
         changed_at.elapsed()
     );

@@ -182,7 +182,7 @@ async fn the_standby_relay_takes_over_when_the_active_one_is_killed_and_nothing_
         published, last,
         "every event of every order is on the topic"
     );
-    println!(
+    eprintln!(
         "{} records for {} events ({copies} re-sent copies); {waiting_at_kill} rows waited at the kill",
         records.len(),
         stored.len()
