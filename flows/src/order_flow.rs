@@ -11,7 +11,8 @@
 //! [`OrderFlow`] links orders, payments, deliveries and rewards:
 //! - order placed → debit the points it redeems (if that fails, cancel the order), authorize
 //!   the payment (built-in demo provider) and arm the accept-by deadline; payment authorized →
-//!   confirm the order;
+//!   confirm the order; payment declined → cancel the order as the system with the decline as
+//!   its reason (which gives the points back as below);
 //! - accept-by deadline passed (durable, see [`OrderFlow::fire_due_deadlines`]) → expire the
 //!   order, which cancels it if the store has not accepted;
 //! - order rejected or cancelled → cancel its delivery if one was requested, void the payment
@@ -52,8 +53,22 @@ use commands::stuck;
 use commands::{CatalogueStore, CommandBus, CommandContext, CommandError, EventStoreDb};
 
 /// The payment provider the flow authorizes with. Development and tests use the built-in demo
-/// provider, which approves every authorization; a real provider adapter goes here.
+/// provider, which approves every authorization but those of its test customers
+/// ([`DEMO_DECLINED_CUSTOMER_PREFIX`]); a real provider adapter goes here.
 pub const DEMO_PROVIDER: &str = "demo";
+
+/// The demo provider's test customers: it declines every authorization for a customer whose id
+/// starts with this, as card networks' test cards decline, so the decline path can be driven in
+/// development and tests (`dec1ded0-0000-4000-8000-000000000001`). Real ids are random v4 UUIDs:
+/// about one in four billion starts so, which only a deployment on the demo provider can meet.
+pub const DEMO_DECLINED_CUSTOMER_PREFIX: &str = "dec1ded0-";
+
+/// Why the demo provider declines an authorization for `customer_id`, if it does.
+fn demo_decline(customer_id: &str) -> Option<&'static str> {
+    customer_id
+        .starts_with(DEMO_DECLINED_CUSTOMER_PREFIX)
+        .then_some("card_declined (the demo provider's test customer)")
+}
 
 /// Orders ⇄ payments ⇄ deliveries ⇄ rewards.
 pub struct OrderFlow {
@@ -328,6 +343,25 @@ impl OrderFlow {
                         }
                         Err(e) => return Err(ProjectionError::Event(format!("{step}: {e}"))),
                     }
+                }
+                if let Some(decline) = demo_decline(&customer_id.to_string()) {
+                    // Nothing was authorized, so nothing is recorded on the payment: the order
+                    // cannot be paid for, and its cancellation gives the redeemed points back.
+                    let command = OrderCommand::CancelOrder {
+                        by: CancelledBy::System,
+                        reason: format!("the payment was declined: {decline}"),
+                    };
+                    self.step(
+                        tx,
+                        &self.orders,
+                        cause,
+                        "cancel-declined-payment",
+                        order_id,
+                        command,
+                        |e| order_in(e, &["Cancelled", "Rejected"]),
+                    )
+                    .await?;
+                    return Ok(());
                 }
                 let command = PaymentCommand::AuthorizePayment {
                     order_id: parse_order_id(order_id)?,

@@ -570,3 +570,97 @@ pub fn order_request(customer: Uuid) -> serde_json::Value {
         }
     })
 }
+
+/// `database_url` with the PostgreSQL `application_name` set to `name`, so a test can find a
+/// process's sessions (`pg_stat_activity`, `pg_locks`) and tell two processes apart.
+pub fn with_application_name(database_url: &str, name: &str) -> String {
+    let separator = if database_url.contains('?') { '&' } else { '?' };
+    format!("{database_url}{separator}application_name={name}")
+}
+
+/// SIGKILL: no shutdown path of the process runs. Waits until it is reaped.
+pub fn sigkill(child: &mut Child) {
+    child.kill().expect("SIGKILL sent");
+    child.wait().expect("reaped");
+}
+
+/// Ends the PostgreSQL sessions of a killed process (named by its `application_name`) and waits
+/// until they are gone. A backend notices its client's death only when it next talks to it: a
+/// statement of the dead process that waits on a lock would otherwise still run, and commit,
+/// once the lock is released, as no real crash of that process could after its connections
+/// dropped.
+pub async fn end_sessions_of(pool: &PgPool, application_name: &str) {
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1 AND datname = current_database() \
+           AND pid <> pg_backend_pid()",
+    )
+    .bind(application_name)
+    .execute(pool)
+    .await
+    .expect("sessions terminated");
+    eventually(
+        Duration::from_secs(30),
+        &format!("the sessions of {application_name} to end"),
+        || async {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND datname = current_database()",
+            )
+            .bind(application_name)
+            .fetch_one(pool)
+            .await
+            .ok()?;
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until a session of `application_name` runs a statement starting with `statement` and
+/// is blocked on a lock.
+pub async fn blocked_on_a_lock(pool: &PgPool, application_name: &str, statement: &str) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{application_name} to block on a lock in `{statement}`"),
+        || async {
+            let blocked: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $1 \
+                 AND datname = current_database() AND wait_event_type = 'Lock' \
+                 AND query LIKE $2 || '%')",
+            )
+            .bind(application_name)
+            .bind(statement)
+            .fetch_one(pool)
+            .await
+            .ok()?;
+            blocked.then_some(())
+        },
+    )
+    .await;
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves no process
+/// behind; [`sigkill`] it to kill it at a chosen moment.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
