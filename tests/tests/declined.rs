@@ -1,6 +1,6 @@
 //! A declined payment end to end, over HTTP with the real process manager: the demo provider
 //! declines every authorization for its test customers (ids starting `dec1ded0-`,
-//! `commands::process::DEMO_DECLINED_CUSTOMER_PREFIX`). Such an order, placed with points
+//! `flows::order_flow::DEMO_DECLINED_CUSTOMER_PREFIX`). Such an order, placed with points
 //! redeemed, is cancelled by the system with the decline as its reason, no payment is recorded
 //! and the points come back, while an order of another customer placed beside it is paid and
 //! confirmed.

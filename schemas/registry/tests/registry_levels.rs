@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 
-use schemas::registry::{RegistryConfig, RegistryServer};
+use registry::{RegistryConfig, RegistryServer};
 use serde_json::{json, Value};
 use sqlx::{Connection, Executor, PgConnection};
 
