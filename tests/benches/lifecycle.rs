@@ -14,7 +14,9 @@
 //! Closed loop (`LIFECYCLE_IN_FLIGHT` orders in flight, default 64) or, with `LIFECYCLE_RATE`
 //! (orders/s), open loop (a new order every 1/rate s whatever the backbone does). A warm-up
 //! (`LIFECYCLE_WARMUP_SECONDS`, default 15), then the measured window (`LIFECYCLE_SECONDS`,
-//! default 60). Polls for a status every `LIFECYCLE_POLL_MS` (default 50 ms). Prints completed
+//! default 60). The customer waits for a status on the order's live stream (Server-Sent Events),
+//! or with `LIFECYCLE_POLL_MS` by polling the tracking view that often; dispatch retries an
+//! assignment every 50 ms until the delivery exists. Prints completed
 //! orders/s, each command's p50/p99/max, placed → Confirmed and → Completed, each asynchronous
 //! hop, each read model's lag p99, the CPU share of every process; then checks that every order
 //! placed reached `Completed` and `replay-tools reconcile` finds 0 differences (fails otherwise);
@@ -46,6 +48,8 @@ struct Ctx {
     stores: Vec<(Uuid, String)>,
     dispatchers: Vec<String>,
     poll: Duration,
+    /// Waits on the live stream (the default) rather than polling.
+    stream: bool,
     samples: Mutex<Samples>,
     placed: Mutex<Vec<String>>,
     next: AtomicU64,
@@ -144,9 +148,81 @@ const ORDER_OF_STATUS: [&str; 8] = [
     "Completed",
 ];
 
-/// Polls the order's tracking view (as the customer) until its status is `wanted` or later.
+/// Waits (as the customer) until the order's status is `wanted` or later: on its live stream
+/// (`GET /orders/{id}/tracking/stream`, Server-Sent Events, as the apps do) or, with
+/// `LIFECYCLE_POLL_MS` set, by polling the tracking view.
 async fn wait_for(ctx: &Ctx, bearer: &str, order: &str, wanted: &str) -> Result<(), String> {
-    let rank = |s: &str| ORDER_OF_STATUS.iter().position(|x| *x == s);
+    if ctx.stream {
+        return watch_for(ctx, bearer, order, wanted).await;
+    }
+    poll_for(ctx, bearer, order, wanted).await
+}
+
+fn rank(status: &str) -> Option<usize> {
+    ORDER_OF_STATUS.iter().position(|x| *x == status)
+}
+
+/// The live stream from the order's first status change on, until one is `wanted` or later.
+async fn watch_for(ctx: &Ctx, bearer: &str, order: &str, wanted: &str) -> Result<(), String> {
+    let want = rank(wanted).expect("a known status");
+    let url = format!("{}/orders/{order}/tracking/stream", ctx.api);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    'connect: loop {
+        let response = ctx
+            .http
+            .get(&url)
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                ctx.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            other => return Err(format!("{url}: {other}")),
+        }
+        let mut response = response;
+        let mut buffer = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("order {order} not {wanted} in 300 s"));
+            }
+            let chunk = match tokio::time::timeout(left, response.chunk()).await {
+                Ok(Ok(Some(chunk))) => chunk,
+                // The stream ended or broke: reconnect (it replays from the start).
+                Ok(Ok(None) | Err(_)) => continue 'connect,
+                Err(_) => return Err(format!("order {order} not {wanted} in 300 s")),
+            };
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let event: String = buffer.drain(..end + 2).collect();
+                if !event.lines().any(|l| l.trim() == "event: status") {
+                    continue;
+                }
+                let data: String = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect();
+                let entry: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                let now = entry["status"].as_str().unwrap_or("");
+                if now == "Cancelled" || now == "Rejected" {
+                    return Err(format!("order {order} ended {now}"));
+                }
+                if rank(now).is_some_and(|r| r >= want) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Polls the order's tracking view until its status is `wanted` or later.
+async fn poll_for(ctx: &Ctx, bearer: &str, order: &str, wanted: &str) -> Result<(), String> {
     let want = rank(wanted).expect("a known status");
     let url = format!("{}/orders/{order}/tracking", ctx.api);
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -303,7 +379,9 @@ async fn main() {
     let rate: f64 = env_or("LIFECYCLE_RATE", 0.0);
     let warmup = Duration::from_secs_f64(env_or("LIFECYCLE_WARMUP_SECONDS", 15.0));
     let window = Duration::from_secs_f64(env_or("LIFECYCLE_SECONDS", 60.0));
-    let poll = Duration::from_millis(env_or("LIFECYCLE_POLL_MS", 50));
+    let poll_ms: u64 = env_or("LIFECYCLE_POLL_MS", 0);
+    let stream = poll_ms == 0;
+    let poll = Duration::from_millis(if stream { 50 } else { poll_ms });
     let broker_port: u16 = backbone_tests::bootstrap()
         .rsplit(':')
         .next()
@@ -333,6 +411,7 @@ async fn main() {
             .map(|i| token(Role::Admin, Uuid::from_u128(0xd15_0000 + i as u128)))
             .collect(),
         poll,
+        stream,
         samples: Mutex::new(Samples::default()),
         placed: Mutex::new(Vec::new()),
         next: AtomicU64::new(0),
@@ -342,16 +421,21 @@ async fn main() {
         stop: AtomicBool::new(false),
     });
 
+    let waits = if stream {
+        "on the live stream".to_owned()
+    } else {
+        format!("polling every {poll_ms} ms")
+    };
     let mode = if rate > 0.0 {
         format!("open loop, {rate} orders/s arriving")
     } else {
         format!("closed loop, {in_flight} in flight")
     };
     println!(
-        "{mode}; warm-up {:.0} s, measured {:.0} s, polls every {} ms",
+        "{mode}; warm-up {:.0} s, measured {:.0} s, customers wait {}",
         warmup.as_secs_f64(),
         window.as_secs_f64(),
-        poll.as_millis()
+        waits
     );
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -403,8 +487,7 @@ async fn main() {
     backbone.assert_running();
     let window_s = (to - from).as_secs_f64();
 
-    let samples = ctx.samples.lock().expect("samples");
-    let summary = samples.summary(from, to);
+    let summary = ctx.samples.lock().expect("samples").summary(from, to);
     let get = |name: &str| {
         summary
             .iter()
@@ -451,10 +534,7 @@ async fn main() {
     ] {
         line(name, get(name));
     }
-    println!(
-        "order timeline (as the client sees it, polling every {} ms):",
-        poll.as_millis()
-    );
+    println!("order timeline (as the client sees it, waiting {waits}):");
     for name in [
         "placed → Confirmed",
         "mark_ready → courier assigned",
@@ -463,7 +543,6 @@ async fn main() {
     ] {
         line(name, get(name));
     }
-    drop(samples);
 
     println!("asynchronous hops (cause committed → the process manager's reaction committed):");
     for hop in hops(&backbone.pool, db_from, db_to).await {
