@@ -114,15 +114,18 @@ impl Backbone {
         wait_for_http(&format!("{}/subjects", this.registry), "the registry").await;
         this.spawn("relay", &[]);
         this.spawn("projector", &[]);
-        this.spawn("process-manager", &[("CATALOGUE_PATH", catalogue.clone())]);
         let mut env = vec![
             ("API_LISTEN", format!("127.0.0.1:{api_port}")),
             ("AUTH_JWT_SECRET", TEST_JWT_SECRET.to_owned()),
-            ("CATALOGUE_PATH", catalogue),
+            ("CATALOGUE_PATH", catalogue.clone()),
         ];
         env.extend(api_env.iter().cloned());
         this.spawn("api", &env);
         wait_for_http(&format!("{}/health/ready", this.api), "the API").await;
+        // The process manager starts once the API has seeded the empty catalogue table: started
+        // together, it could load the table while the API was still filling it and miss stores
+        // until its next refresh (5 s; an order placed meanwhile got a stuck flow).
+        this.spawn("process-manager", &[("CATALOGUE_PATH", catalogue)]);
         this
     }
 
