@@ -759,6 +759,15 @@ pub async fn gate(State(policy): State<Arc<Policy>>, request: Request, next: Nex
 /// Whom an order belongs to: its customer, its store and the courier of its delivery. `None`
 /// when there is no such order.
 pub async fn order_owner(state: &AppState, order_id: &str) -> Result<Option<Owner>, ApiError> {
+    owner_of_order(state, order_id, true).await
+}
+
+/// [`order_owner`], reading the delivery (another aggregate replayed) only `with_courier`.
+async fn owner_of_order(
+    state: &AppState,
+    order_id: &str,
+    with_courier: bool,
+) -> Result<Option<Owner>, ApiError> {
     let (customer, store) = state
         .orders
         .state(order_id, |order| {
@@ -771,6 +780,13 @@ pub async fn order_owner(state: &AppState, order_id: &str) -> Result<Option<Owne
         .map_err(|e| ApiError::internal(e.to_string()))?;
     if customer.is_none() {
         return Ok(None);
+    }
+    if !with_courier {
+        return Ok(Some(Owner {
+            customer,
+            store,
+            courier: None,
+        }));
     }
     let courier = state
         .deliveries
@@ -797,7 +813,10 @@ pub async fn authorize_order(
     if principal.sees_all(action) {
         return Ok(());
     }
-    match order_owner(state, order_id).await? {
+    // Only a courier's claim needs the delivery's courier: the others own the order through
+    // its customer or store, and an owner without a courier grants a courier nothing.
+    let with_courier = principal.role == Role::Courier;
+    match owner_of_order(state, order_id, with_courier).await? {
         Some(owner) => principal.authorize(action, &owner),
         None if access(action, principal.role) == Access::Own => {
             Err(ApiError::NotFound(format!("no order `{order_id}`")))
