@@ -55,38 +55,44 @@ pub struct CatalogueStore {
 impl CatalogueStore {
     /// Loads the catalogue, seeding an empty table with `seed`.
     pub async fn load(pool: PgPool, seed: &Catalogue) -> Result<Self, CatalogueError> {
-        let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM catalogue_entries")
-            .fetch_one(&pool)
-            .await?;
         let store = Self {
             pool,
             snapshot: RwLock::new(Arc::new(Catalogue::default())),
         };
-        if entries == 0 {
-            store.seed(seed).await?;
-        }
+        store.seed_if_empty(seed).await?;
         store.refresh().await?;
         Ok(store)
     }
 
-    async fn seed(&self, seed: &Catalogue) -> Result<(), CatalogueError> {
+    /// Seeds an empty table in one transaction, under a lock: processes starting together (the
+    /// API and the process manager) never see the table half seeded, and seed it once.
+    async fn seed_if_empty(&self, seed: &Catalogue) -> Result<(), CatalogueError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('catalogue_entries:seed'))")
+            .execute(&mut *tx)
+            .await?;
+        let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM catalogue_entries")
+            .fetch_one(&mut *tx)
+            .await?;
+        if entries > 0 {
+            return Ok(());
+        }
         for (code, settings) in &seed.regions {
-            self.write("region", code.as_str(), settings, "seed")
-                .await?;
+            write(&mut *tx, "region", code.as_str(), settings, "seed").await?;
         }
         for (id, item) in &seed.items {
-            self.write("item", id.as_str(), item, "seed").await?;
+            write(&mut *tx, "item", id.as_str(), item, "seed").await?;
         }
         for (id, store) in &seed.stores {
-            self.write("store", &id.to_string(), store, "seed").await?;
+            write(&mut *tx, "store", &id.to_string(), store, "seed").await?;
         }
         for (code, promotion) in &seed.promotions {
-            self.write("promotion", code, promotion, "seed").await?;
+            write(&mut *tx, "promotion", code, promotion, "seed").await?;
         }
         for (id, experiment) in &seed.experiments {
-            self.write("experiment", id.as_str(), experiment, "seed")
-                .await?;
+            write(&mut *tx, "experiment", id.as_str(), experiment, "seed").await?;
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -171,24 +177,7 @@ impl CatalogueStore {
         value: &T,
         actor: &str,
     ) -> Result<(), CatalogueError> {
-        let value = serde_json::to_value(value).map_err(|e| CatalogueError::Invalid {
-            kind: kind.to_owned(),
-            key: key.to_owned(),
-            reason: e.to_string(),
-        })?;
-        sqlx::query(
-            "INSERT INTO catalogue_entries (kind, key, value, updated_by) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (kind, key) DO UPDATE \
-             SET value = excluded.value, updated_by = excluded.updated_by, \
-                 updated_at = clock_timestamp()",
-        )
-        .bind(kind)
-        .bind(key)
-        .bind(value)
-        .bind(actor)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        write(&self.pool, kind, key, value, actor).await
     }
 
     /// Creates or replaces a region's settings.
@@ -317,4 +306,32 @@ impl Pricing for CatalogueStore {
     fn store_location(&self, store: &domain::StoreId) -> Option<domain::delivery::GeoPoint> {
         self.current().store_location(store)
     }
+}
+
+/// Creates or replaces one entry.
+async fn write<'c, T: Serialize>(
+    executor: impl sqlx::PgExecutor<'c>,
+    kind: &str,
+    key: &str,
+    value: &T,
+    actor: &str,
+) -> Result<(), CatalogueError> {
+    let value = serde_json::to_value(value).map_err(|e| CatalogueError::Invalid {
+        kind: kind.to_owned(),
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    sqlx::query(
+        "INSERT INTO catalogue_entries (kind, key, value, updated_by) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (kind, key) DO UPDATE \
+         SET value = excluded.value, updated_by = excluded.updated_by, \
+             updated_at = clock_timestamp()",
+    )
+    .bind(kind)
+    .bind(key)
+    .bind(value)
+    .bind(actor)
+    .execute(executor)
+    .await?;
+    Ok(())
 }
