@@ -531,6 +531,18 @@ fn parse_assignment(bytes: &[u8]) -> Option<Vec<(String, i32)>> {
     Some(assigned)
 }
 
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves no process
+/// behind.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Path of a workspace binary next to the running test executable.
 pub fn binary_path(binary: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
