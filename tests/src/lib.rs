@@ -409,13 +409,15 @@ impl TestEnv {
             .committed_offsets(wanted, Duration::from_secs(10))
             .expect("the broker answers for the group");
         (0..self.kafka.kafka_partitions)
-            .map(|partition| match committed.find_partition(topic, partition) {
-                Some(element) => match element.offset() {
-                    Offset::Offset(offset) => offset,
-                    _ => -1,
+            .map(
+                |partition| match committed.find_partition(topic, partition) {
+                    Some(element) => match element.offset() {
+                        Offset::Offset(offset) => offset,
+                        _ => -1,
+                    },
+                    None => -1,
                 },
-                None => -1,
-            })
+            )
             .collect()
     }
 

@@ -152,7 +152,8 @@ async fn killing_the_relay_and_the_projector_mid_stream_loses_nothing_and_double
             }
         }));
     }
-    let writing = |writers: &[tokio::task::JoinHandle<()>]| writers.iter().all(|w| !w.is_finished());
+    let writing =
+        |writers: &[tokio::task::JoinHandle<()>]| writers.iter().all(|w| !w.is_finished());
 
     // Three rounds: each kills the relay while it has rows to publish, and the projector while
     // records wait for it, the writers going on all along.
@@ -324,8 +325,7 @@ async fn two_projector_instances_share_the_partitions_and_a_killed_ones_move_to_
             "the survivor owning every partition",
             || async {
                 let owners = owners(&env, read_model)?;
-                (owners.len() == partitions && owners.values().all(|o| o == "second"))
-                    .then_some(())
+                (owners.len() == partitions && owners.values().all(|o| o == "second")).then_some(())
             },
         )
         .await;

@@ -231,7 +231,10 @@ fn sent_in_clear(value: &mut Value) {
                 match field.as_str() {
                     Some(text) if text.starts_with("pii:v1:") => {
                         let sent = &order_request(Uuid::nil())["delivery_address"][name.as_str()];
-                        assert!(sent.is_string(), "an envelope the test did not send: {name}");
+                        assert!(
+                            sent.is_string(),
+                            "an envelope the test did not send: {name}"
+                        );
                         *field = sent.clone();
                     }
                     _ => sent_in_clear(field),

@@ -147,9 +147,15 @@ async fn fuzzing_every_endpoint_from_the_openapi_document_finds_no_server_error_
         .filter(|(_, sent)| **sent > 0)
         .map(|(operation, _)| operation.clone())
         .collect();
-    assert_eq!(exercised, documented, "every operation exercised, and no other");
+    assert_eq!(
+        exercised, documented,
+        "every operation exercised, and no other"
+    );
     let total: usize = requests.values().sum();
-    eprintln!("schemathesis sent {total} requests over {} operations; checks: {checks:?}", exercised.len());
+    eprintln!(
+        "schemathesis sent {total} requests over {} operations; checks: {checks:?}",
+        exercised.len()
+    );
     // At least what the minimum of one example per phase sends (about 2,800 requests; 50, the
     // default, about 4,700): a run that skipped its phases would send far fewer.
     assert!(total >= 2_000, "{total} requests: {requests:?}");
@@ -163,7 +169,10 @@ async fn fuzzing_every_endpoint_from_the_openapi_document_finds_no_server_error_
             .get(&(check.to_owned(), "success".to_owned()))
             .copied()
             .unwrap_or(0);
-        assert!(passed >= total / 2, "{check} ran on {passed} of {total} responses");
+        assert!(
+            passed >= total / 2,
+            "{check} ran on {passed} of {total} responses"
+        );
     }
     let failed: Vec<_> = checks
         .iter()
@@ -178,7 +187,10 @@ async fn fuzzing_every_endpoint_from_the_openapi_document_finds_no_server_error_
         "one test case per operation:\n{xml}"
     );
     assert_eq!(
-        (xml.matches("<failure").count(), xml.matches("<error").count()),
+        (
+            xml.matches("<failure").count(),
+            xml.matches("<error").count()
+        ),
         (0, 0),
         "{xml}"
     );

@@ -337,10 +337,14 @@ async fn a_retry_after_a_crash_between_commit_and_response_answers_the_same_orde
         ],
     );
     let doomed = format!("http://{listen}");
-    eventually(Duration::from_secs(60), "the API process to listen", || async {
-        let live = reqwest::get(format!("{doomed}/health/live")).await.ok()?;
-        live.status().is_success().then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the API process to listen",
+        || async {
+            let live = reqwest::get(format!("{doomed}/health/live")).await.ok()?;
+            live.status().is_success().then_some(())
+        },
+    )
     .await;
     let key = Uuid::new_v4().to_string();
     let customer = Uuid::new_v4();
@@ -401,12 +405,11 @@ async fn a_retry_after_a_crash_between_commit_and_response_answers_the_same_orde
         .expect("the dead process's claim");
     assert_eq!(state, "in_flight", "the claim the dead process left");
     let appended = events(&env).await;
-    let placed: String = sqlx::query_scalar(
-        "SELECT aggregate_id FROM events WHERE event_type = 'OrderPlaced'",
-    )
-    .fetch_one(env.pool())
-    .await
-    .expect("the committed order");
+    let placed: String =
+        sqlx::query_scalar("SELECT aggregate_id FROM events WHERE event_type = 'OrderPlaced'")
+            .fetch_one(env.pool())
+            .await
+            .expect("the committed order");
 
     // The caller retries on another instance (a short request timeout: a duplicate waits at
     // most 80 % of it; a claim is stale after 2×). While the dead process's claim is fresh the

@@ -562,12 +562,7 @@ async fn an_order_notifies_its_customer_in_order_once_by_list_stream_and_webhook
     let sent = received_ids(&inbox);
     webhook_marker(&client, &api, customer, &inbox, false).await;
     let mut expected_ids = sent.clone();
-    expected_ids.push(
-        received_ids(&inbox)
-            .last()
-            .expect("the marker")
-            .clone(),
-    );
+    expected_ids.push(received_ids(&inbox).last().expect("the marker").clone());
     assert_eq!(received_ids(&inbox), expected_ids, "nothing sent again");
 
     // A read model rebuilt from scratch has its records unclaimed again: the delivery log

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use api::ApiConfig;
+use async_trait::async_trait;
 use backbone_tests::tools::raw_records;
 use backbone_tests::{act, binary_path, eventually, order_request, place_request, TestEnv};
 use projections::{FirstDelivery, Projection, ProjectionError, TrackingProjection};

@@ -14,12 +14,12 @@ use backbone_tests::tools::cli_command;
 use backbone_tests::{
     confirm_payment, eventually, place_order, status_after, KillOnDrop, Running, TestEnv,
 };
-use tokio_util::sync::CancellationToken;
 use chrono::{DateTime, SecondsFormat, Utc};
 use projections::runtime::{apply_replayed, create_tables, ReplayVerdict, ReplayedEvent};
 use projections::{AnalyticsProjection, TrackingProjection};
 use serde_json::{json, Value};
 use streams::{DecodedEvent, EventMeta};
+use tokio_util::sync::CancellationToken;
 
 /// `replay-tools` configured for this environment, as an operator would run it, its output
 /// captured.
@@ -574,20 +574,14 @@ async fn as_of_an_instant_between_two_events_shows_the_state_before_the_later_on
     let state: Value = serde_json::from_str(&printed).expect("JSON");
     assert_eq!(state["sequence"], 1, "{printed}");
     assert_eq!(state["later_events"], 1, "{printed}");
-    assert_eq!(
-        state["state"]["status"],
-        json!(before)
-    );
+    assert_eq!(state["state"]["status"], json!(before));
     let placed: Value = first.2["OrderPlaced"].clone();
     assert_eq!(state["state"]["total"], placed["total"], "{printed}");
     let now = rfc3339(Utc::now());
     let printed = run_ok(&env, &["as-of", "order", &order, &now]).await;
     let state: Value = serde_json::from_str(&printed).expect("JSON");
     assert_eq!(state["sequence"], 2);
-    assert_eq!(
-        state["state"]["status"],
-        json!(after)
-    );
+    assert_eq!(state["state"]["status"], json!(after));
 
     // Mistakes a user can make: a clear message and a non-zero exit.
     let too_early = rfc3339(first.1 - chrono::Duration::seconds(1));
@@ -679,7 +673,10 @@ async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twi
     let settings = [
         ("PROJECTIONS", "notifications"),
         ("NOTIFICATIONS_WEBHOOK_URL", url.as_str()),
-        ("NOTIFICATIONS_WEBHOOK_SECRET", "rebuild-test-webhook-secret"),
+        (
+            "NOTIFICATIONS_WEBHOOK_SECRET",
+            "rebuild-test-webhook-secret",
+        ),
         ("NOTIFICATIONS_WEBHOOK_POLL_MS", "100"),
     ];
     let orders = env.orders();
@@ -745,7 +742,10 @@ async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twi
         .fetch_one(env.pool())
         .await
         .expect("the rebuilt record");
-        assert!(claimed, "a record the worker had is claimed in the new model");
+        assert!(
+            claimed,
+            "a record the worker had is claimed in the new model"
+        );
         assert_eq!(id, *notification, "the log points at the rebuilt record");
     }
     // The rebuilt records are numbered anew: the statuses, whichever record has which.
@@ -773,7 +773,11 @@ async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twi
     .await;
     let got = got.lock().expect("inbox").clone();
     let distinct: BTreeSet<&String> = got.iter().collect();
-    assert_eq!((got.len(), distinct.len()), (5, 5), "each sent once: {got:?}");
+    assert_eq!(
+        (got.len(), distinct.len()),
+        (5, 5),
+        "each sent once: {got:?}"
+    );
     assert_eq!(got[0], in_flight);
 
     drop(projector);
