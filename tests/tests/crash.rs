@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backbone_tests::{confirm_payment, eventually, place_order, status_after, TestEnv};
+use backbone_tests::{
+    confirm_payment, eventually, place_order, status_after, KillOnDrop, TestEnv,
+};
 
 type View = BTreeMap<String, (String, i64, Vec<(i64, String)>)>;
 
@@ -125,10 +127,10 @@ async fn published_events(env: &TestEnv) -> i64 {
         .expect("outbox")
 }
 
-fn kill(child: &mut std::process::Child) {
+fn kill(child: &mut KillOnDrop) {
     // SIGKILL: no shutdown path runs.
-    child.kill().expect("kill");
-    child.wait().expect("reaped");
+    child.0.kill().expect("kill");
+    child.0.wait().expect("reaped");
 }
 
 const RELAY: &[(&str, &str)] = &[("RELAY_BATCH_SIZE", "5")];
@@ -141,8 +143,8 @@ const PROJECTOR: &[(&str, &str)] = &[
 async fn killing_the_relay_and_the_projector_mid_stream_loses_nothing_and_doubles_nothing() {
     let env = TestEnv::start("crash").await;
     let orders = env.orders();
-    let mut relay = env.spawn_process("relay", RELAY);
-    let mut projector = env.spawn_process("projector", PROJECTOR);
+    let mut relay = KillOnDrop(env.spawn_process("relay", RELAY));
+    let mut projector = KillOnDrop(env.spawn_process("projector", PROJECTOR));
 
     // Orders (every other one confirmed) until the kills are over, three writers at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -190,7 +192,7 @@ async fn killing_the_relay_and_the_projector_mid_stream_loses_nothing_and_double
             stranded > 0,
             "round {round}: the relay died with rows to publish"
         );
-        relay = env.spawn_process("relay", RELAY);
+        relay = KillOnDrop(env.spawn_process("relay", RELAY));
         relay_from = published_events(&env).await;
 
         // The projector: killed with published events it had not applied (it applies nothing
@@ -215,7 +217,7 @@ async fn killing_the_relay_and_the_projector_mid_stream_loses_nothing_and_double
             applied.0 < published && applied.1 < published,
             "round {round}: the projector died with records to apply ({applied:?} of {published})"
         );
-        projector = env.spawn_process("projector", PROJECTOR);
+        projector = KillOnDrop(env.spawn_process("projector", PROJECTOR));
         projector_from = applied.0;
     }
 
@@ -293,8 +295,8 @@ async fn two_projector_instances_share_the_partitions_and_a_killed_ones_move_to_
             ("KAFKA_PROPERTIES", client),
         ]
     };
-    let mut first = env.spawn_process("projector", &settings("client.id=first"));
-    let mut second = env.spawn_process("projector", &settings("client.id=second"));
+    let mut first = KillOnDrop(env.spawn_process("projector", &settings("client.id=first")));
+    let mut second = KillOnDrop(env.spawn_process("projector", &settings("client.id=second")));
     // Both read models read two topics.
     let partitions = 2 * usize::try_from(env.kafka.kafka_partitions).expect("partitions");
 

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use api::ApiConfig;
-use backbone_tests::{eventually, order_request, place_request, TestEnv, TEST_JWT_SECRET};
+use backbone_tests::{
+    eventually, order_request, place_request, KillOnDrop, TestEnv, TEST_JWT_SECRET,
+};
 use serde_json::{json, Value};
 use sqlx::Connection;
 use uuid::Uuid;
@@ -328,14 +330,14 @@ async fn a_retry_after_a_crash_between_commit_and_response_answers_the_same_orde
     let listen = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port");
-    let mut process = env.spawn_process(
+    let mut process = KillOnDrop(env.spawn_process(
         "api",
         &[
             ("API_LISTEN", &listen.to_string()),
             ("AUTH_JWT_SECRET", TEST_JWT_SECRET),
             ("API_RATE_LIMIT_PER_SECOND", "0"),
         ],
-    );
+    ));
     let doomed = format!("http://{listen}");
     eventually(
         Duration::from_secs(60),
@@ -379,8 +381,8 @@ async fn a_retry_after_a_crash_between_commit_and_response_answers_the_same_orde
         },
     )
     .await;
-    process.kill().expect("SIGKILL");
-    process.wait().expect("reaped");
+    process.0.kill().expect("SIGKILL");
+    process.0.wait().expect("reaped");
     assert!(
         request.await.expect("request task").is_err(),
         "the caller got no response"
