@@ -93,6 +93,9 @@ impl Running {
     }
 }
 
+/// Partitions as (topic, partition).
+pub type Partitions = Vec<(String, i32)>;
+
 /// One isolated backbone: its own database, topic prefix, consumer groups and registry.
 #[derive(Debug)]
 pub struct TestEnv {
@@ -469,7 +472,7 @@ impl TestEnv {
     /// The members of consumer group `group` as the broker's group coordinator describes them
     /// once the group is stable: each member's `client.id` and the partitions assigned to it.
     /// `None` while the group rebalances (or the broker does not answer).
-    pub fn group_members(&self, group: &str) -> Option<Vec<(String, Vec<(String, i32)>)>> {
+    pub fn group_members(&self, group: &str) -> Option<Vec<(String, Partitions)>> {
         let consumer = self.group_client(&format!("{}describer", self.group_prefix));
         let groups = consumer
             .fetch_group_list(Some(group), Duration::from_secs(10))
@@ -497,7 +500,7 @@ impl TestEnv {
 
 /// The partitions of a member's assignment in the consumer protocol's encoding (version i16;
 /// topics as an i32 count of (string with i16 length, i32 count of i32 partitions); user data).
-fn parse_assignment(bytes: &[u8]) -> Option<Vec<(String, i32)>> {
+fn parse_assignment(bytes: &[u8]) -> Option<Partitions> {
     struct Reader<'b>(&'b [u8]);
     impl Reader<'_> {
         fn take<const N: usize>(&mut self) -> Option<[u8; N]> {

@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backbone_tests::{
-    confirm_payment, eventually, place_order, status_after, KillOnDrop, TestEnv,
-};
+use backbone_tests::{confirm_payment, eventually, place_order, status_after, KillOnDrop, TestEnv};
 
 type View = BTreeMap<String, (String, i64, Vec<(i64, String)>)>;
 
@@ -254,7 +252,11 @@ async fn killing_the_relay_and_the_projector_mid_stream_loses_nothing_and_double
         "each order counted once in analytics"
     );
     for schema in ["tracking", "analytics"] {
-        assert_eq!(dead_letters(&env, schema).await, 0, "{schema}: nothing refused");
+        assert_eq!(
+            dead_letters(&env, schema).await,
+            0,
+            "{schema}: nothing refused"
+        );
     }
 
     let unpublished: i64 =
@@ -363,7 +365,11 @@ async fn two_projector_instances_share_the_partitions_and_a_killed_ones_move_to_
         "nothing lost, nothing doubled"
     );
     for schema in ["tracking", "analytics"] {
-        assert_eq!(dead_letters(&env, schema).await, 0, "{schema}: nothing refused");
+        assert_eq!(
+            dead_letters(&env, schema).await,
+            0,
+            "{schema}: nothing refused"
+        );
     }
 
     kill(&mut second);

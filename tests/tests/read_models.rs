@@ -551,19 +551,17 @@ async fn a_query_with_a_position_waits_until_the_read_model_has_it() {
         tokio::spawn(async move { get_json(&client, &url).await })
     };
     let (mut first, mut second) = (query(), query());
-    let waiting = loop {
-        tokio::select! {
+    let waiting = tokio::select! {
             answer = &mut first => {
                 let (status, refused) = answer.expect("query task");
                 assert_eq!(status, 429, "{refused}");
-                break second;
+                second
             }
             answer = &mut second => {
                 let (status, refused) = answer.expect("query task");
                 assert_eq!(status, 429, "{refused}");
-                break first;
+                first
             }
-        }
     };
     let projector = env.start_projector(Arc::new(TrackingProjection)).await;
     let (status, view) = waiting.await.expect("query task");
