@@ -22,7 +22,7 @@ use api::{ApiConfig, ApiServer};
 use commands::{CommandBus, EventStoreConfig, EventStoreDb};
 use domain::order::Order;
 use domain::services::{Catalogue, OrderServices, SystemClock};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use registry::{RegistryConfig as RegistryServerConfig, RegistryServer};
 use sqlx::postgres::PgPoolOptions;
@@ -93,6 +93,9 @@ impl Running {
         self.handle.await?
     }
 }
+
+/// Partitions as (topic, partition).
+pub type Partitions = Vec<(String, i32)>;
 
 /// One isolated backbone: its own database, topic prefix, consumer groups and registry.
 #[derive(Debug)]
@@ -384,10 +387,154 @@ impl TestEnv {
         consumer
     }
 
+    /// A consumer that only talks to the broker about `group` (it never joins it).
+    fn group_client(&self, group: &str) -> BaseConsumer {
+        self.kafka
+            .client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("a group client")
+    }
+
+    /// The consumer group of read model `read_model` (`<prefix><read model>`).
+    pub fn group_of(&self, read_model: &str) -> String {
+        format!("{}{read_model}", self.group_prefix)
+    }
+
+    /// The offsets `group` has committed on the broker for each partition of `topic` (-1: none).
+    pub fn committed_offsets(&self, group: &str, topic: &str) -> Vec<i64> {
+        let consumer = self.group_client(group);
+        let mut wanted = TopicPartitionList::new();
+        for partition in 0..self.kafka.kafka_partitions {
+            wanted.add_partition(topic, partition);
+        }
+        let committed = consumer
+            .committed_offsets(wanted, Duration::from_secs(10))
+            .expect("the broker answers for the group");
+        (0..self.kafka.kafka_partitions)
+            .map(
+                |partition| match committed.find_partition(topic, partition) {
+                    Some(element) => match element.offset() {
+                        Offset::Offset(offset) => offset,
+                        _ => -1,
+                    },
+                    None => -1,
+                },
+            )
+            .collect()
+    }
+
+    /// Each partition's high watermark (the offset the next record will take), from the broker.
+    pub fn high_watermarks(&self, topic: &str) -> Vec<i64> {
+        let consumer = self.group_client(&format!("{}watermarks", self.group_prefix));
+        (0..self.kafka.kafka_partitions)
+            .map(|partition| {
+                consumer
+                    .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                    .expect("watermarks")
+                    .1
+            })
+            .collect()
+    }
+
+    /// Commits offset 0 for every partition of `topics` on behalf of `group`, as an operator
+    /// resetting a group does (`kafka-consumer-groups --reset-offsets --to-earliest`): the group
+    /// must have no member. Retried until the broker shows the group back at 0.
+    pub async fn rewind_group(&self, group: &str, topics: &[String]) {
+        eventually(
+            Duration::from_secs(60),
+            &format!("group {group} rewound to offset 0"),
+            || async {
+                let consumer = self.group_client(group);
+                let mut rewound = TopicPartitionList::new();
+                for topic in topics {
+                    for partition in 0..self.kafka.kafka_partitions {
+                        rewound
+                            .add_partition_offset(topic, partition, Offset::Offset(0))
+                            .expect("partition");
+                    }
+                }
+                // Refused while the group still has members (they leave on their way out).
+                consumer.commit(&rewound, CommitMode::Sync).ok()?;
+                topics
+                    .iter()
+                    .all(|topic| {
+                        self.committed_offsets(group, topic)
+                            .iter()
+                            .all(|&offset| offset == 0)
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// The members of consumer group `group` as the broker's group coordinator describes them
+    /// once the group is stable: each member's `client.id` and the partitions assigned to it.
+    /// `None` while the group rebalances (or the broker does not answer).
+    pub fn group_members(&self, group: &str) -> Option<Vec<(String, Partitions)>> {
+        let consumer = self.group_client(&format!("{}describer", self.group_prefix));
+        let groups = consumer
+            .fetch_group_list(Some(group), Duration::from_secs(10))
+            .ok()?;
+        let info = groups.groups().iter().find(|g| g.name() == group)?;
+        if info.state() != "Stable" {
+            return None;
+        }
+        info.members()
+            .iter()
+            .map(|member| {
+                Some((
+                    member.client_id().to_owned(),
+                    parse_assignment(member.assignment()?)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Stops the registry.
     pub async fn stop(self) {
         let _ = self.registry_server.stop().await;
     }
+}
+
+/// The partitions of a member's assignment in the consumer protocol's encoding (version i16;
+/// topics as an i32 count of (string with i16 length, i32 count of i32 partitions); user data).
+fn parse_assignment(bytes: &[u8]) -> Option<Partitions> {
+    struct Reader<'b>(&'b [u8]);
+    impl Reader<'_> {
+        fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+            let (head, rest) = self.0.split_at_checked(N)?;
+            self.0 = rest;
+            head.try_into().ok()
+        }
+        fn i16(&mut self) -> Option<i16> {
+            self.take::<2>().map(i16::from_be_bytes)
+        }
+        fn i32(&mut self) -> Option<i32> {
+            self.take::<4>().map(i32::from_be_bytes)
+        }
+        fn string(&mut self) -> Option<String> {
+            let length = usize::try_from(self.i16()?).ok()?;
+            let (head, rest) = self.0.split_at_checked(length)?;
+            self.0 = rest;
+            String::from_utf8(head.to_vec()).ok()
+        }
+    }
+    let mut reader = Reader(bytes);
+    let mut assigned = Vec::new();
+    if bytes.is_empty() {
+        return Some(assigned);
+    }
+    reader.i16()?;
+    for _ in 0..reader.i32()? {
+        let topic = reader.string()?;
+        for _ in 0..reader.i32()? {
+            assigned.push((topic.clone(), reader.i32()?));
+        }
+    }
+    Some(assigned)
 }
 
 /// Path of a workspace binary next to the running test executable.
@@ -463,6 +610,88 @@ pub async fn post_webhook(
         .send()
         .await
         .expect("webhook sent")
+}
+
+/// The status an order has after an event of type `event_type`, or `None` for the events that
+/// change no status; written from the README's lifecycle, not read from the domain's code, so
+/// the tests that expect a status do not take it from the code under test.
+pub fn status_after(event_type: &str) -> Option<&'static str> {
+    Some(match event_type {
+        "OrderPlaced" => "Placed",
+        "OrderConfirmed" => "Confirmed",
+        "OrderAccepted" => "Accepted",
+        "OrderRejected" => "Rejected",
+        "PreparationStarted" => "Preparing",
+        "OrderReady" => "Ready",
+        "OrderOutForDelivery" => "OutForDelivery",
+        "OrderDelivered" => "Delivered",
+        "OrderCompleted" => "Completed",
+        "OrderCancelled" => "Cancelled",
+        "OrderModified" | "OrderRated" => return None,
+        other => panic!("{other} is no order event"),
+    })
+}
+
+/// The variant `customer` (in `region`) gets in `experiment` of the catalogue's `experiments`
+/// (JSON), or `None` if the experiment does not take them; written out from the README's
+/// definition rather than read from the domain: the experiment must be active and target the
+/// region; the customer's bucket is the first 8 bytes (big-endian) of
+/// SHA-256(`layer:<layer>:<customer>`) mod 10,000, and the experiments of a layer own consecutive
+/// ranges of `traffic_bp` buckets in id order; the variant is the first 8 bytes of
+/// SHA-256(`variant:<experiment>:<customer>`) mod the total weight, walked over the weights.
+pub fn assigned_variant(
+    experiments: &serde_json::Value,
+    experiment: &str,
+    customer: Uuid,
+    region: &str,
+) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let hash = |text: String| {
+        let digest = Sha256::digest(text.as_bytes());
+        u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+    };
+    let configured = &experiments[experiment];
+    let regions = configured["regions"].as_array().expect("regions");
+    if configured["active"] != serde_json::json!(true)
+        || !(regions.is_empty() || regions.contains(&serde_json::json!(region)))
+    {
+        return None;
+    }
+    let layer = configured["layer"].as_str().expect("layer");
+    let bucket = hash(format!("layer:{layer}:{customer}")) % 10_000;
+    let mut ids: Vec<&String> = experiments
+        .as_object()
+        .expect("experiments")
+        .iter()
+        .filter(|(_, e)| e["layer"] == serde_json::json!(layer))
+        .map(|(id, _)| id)
+        .collect();
+    ids.sort();
+    let mut start = 0;
+    for id in ids {
+        let end = (start + experiments[id]["traffic_bp"].as_u64().expect("traffic")).min(10_000);
+        if id == experiment {
+            if !(start..end).contains(&bucket) {
+                return None;
+            }
+            break;
+        }
+        start = end;
+    }
+    let variants = configured["variants"].as_array().expect("variants");
+    let total: u64 = variants
+        .iter()
+        .map(|v| v["weight"].as_u64().expect("weight"))
+        .sum();
+    let mut point = hash(format!("variant:{experiment}:{customer}")) % total;
+    for variant in variants {
+        let weight = variant["weight"].as_u64().expect("weight");
+        if point < weight {
+            return Some(variant["name"].as_str().expect("name").to_owned());
+        }
+        point -= weight;
+    }
+    None
 }
 
 /// Places a demo order through the command bus; returns its id.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backbone_tests::{act, eventually, order_request, TestEnv};
+use backbone_tests::{act, assigned_variant, eventually, order_request, TestEnv};
 use chrono::{DateTime, TimeZone, Utc};
 use commands::{CommandBus, CommandContext};
 use domain::ads::{AdAudience, AdsCommand, AdsServices, ExperimentId};
@@ -149,15 +149,9 @@ async fn exposures_conversions_profiles_and_targeting_match_what_customers_did()
 
     // Customers the assignment puts in the welcome offer (both variants), and some it leaves out.
     // Some outsiders fall in the Berlin experiment of the same layer.
-    let berlin_member = |customer: Uuid| {
-        domain::ads::assign(
-            &config.experiments,
-            BERLIN,
-            CustomerId::from_uuid(customer),
-            &RegionCode::parse("de-berlin").expect("region"),
-        )
-        .is_ok()
-    };
+    let experiments = &catalogue["experiments"];
+    let berlin_member =
+        |customer: Uuid| assigned_variant(experiments, BERLIN, customer, "de-berlin").is_some();
     let mut members: Vec<(Uuid, String)> = Vec::new();
     let mut outsiders: Vec<Uuid> = Vec::new();
     while members.len() < 16 || outsiders.len() < 4 || {
@@ -166,14 +160,9 @@ async fn exposures_conversions_profiles_and_targeting_match_what_customers_did()
         treated < 3 || members.len() - treated < 3 || in_berlin < 2
     } {
         let customer = Uuid::new_v4();
-        match domain::ads::assign(
-            &config.experiments,
-            WELCOME,
-            CustomerId::from_uuid(customer),
-            &uk(),
-        ) {
-            Ok(assignment) => members.push((customer, assignment.variant)),
-            Err(_) => outsiders.push(customer),
+        match assigned_variant(experiments, WELCOME, customer, "uk") {
+            Some(variant) => members.push((customer, variant)),
+            None => outsiders.push(customer),
         }
     }
 
@@ -600,15 +589,9 @@ async fn only_orders_within_the_window_after_the_first_exposure_convert_whicheve
     let window = chrono::Duration::hours(i64::from(
         catalogue.experiments[WELCOME].attribution_window_hours,
     ));
-    let mut members = std::iter::repeat_with(Uuid::new_v4).filter(|c| {
-        domain::ads::assign(
-            &catalogue.experiments,
-            WELCOME,
-            CustomerId::from_uuid(*c),
-            &uk(),
-        )
-        .is_ok()
-    });
+    let experiments = serde_json::to_value(&catalogue.experiments).expect("json");
+    let mut members = std::iter::repeat_with(Uuid::new_v4)
+        .filter(|c| assigned_variant(&experiments, WELCOME, *c, "uk").is_some());
     let (orders_first, exposure_first) = (
         members.next().expect("a member"),
         members.next().expect("a member"),

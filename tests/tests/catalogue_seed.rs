@@ -20,7 +20,11 @@ async fn processes_starting_together_each_see_the_whole_seeded_catalogue() {
         let (pool, seed) = (env.pool().clone(), seed.clone());
         tokio::spawn(async move { CatalogueStore::load(pool, &seed).await })
     });
-    for (n, load) in futures::future::join_all(loads).await.into_iter().enumerate() {
+    for (n, load) in futures::future::join_all(loads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
         let store = load.expect("task").expect("the catalogue loads");
         let seen = store.current();
         assert_eq!(
@@ -45,6 +49,10 @@ async fn processes_starting_together_each_see_the_whole_seeded_catalogue() {
         .fetch_one(env.pool())
         .await
         .expect("count");
-    assert_eq!(rows, i64::try_from(expected).expect("small"), "seeded once, whole");
+    assert_eq!(
+        rows,
+        i64::try_from(expected).expect("small"),
+        "seeded once, whole"
+    );
     env.stop().await;
 }

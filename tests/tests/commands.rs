@@ -1,8 +1,8 @@
 //! The command bus against the real event store: repeatable commands act once.
 
 use backbone_tests::{place_order, TestEnv};
-use commands::CommandContext;
-use domain::order::OrderCommand;
+use commands::{CommandContext, CommandError};
+use domain::order::{OrderCommand, OrderError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_repeatable_command_sent_twenty_times_at_once_appends_once() {
@@ -62,6 +62,24 @@ async fn a_repeatable_command_sent_twenty_times_at_once_appends_once() {
             &other,
         )
         .await;
-    assert!(refused.is_err());
+    // Refused by the order itself (a payment is confirmed once), not by the bus or the store.
+    assert!(
+        matches!(
+            refused,
+            Err(CommandError::Rejected(OrderError::InvalidTransition {
+                action: "confirm payment for",
+                status: "Confirmed",
+            }))
+        ),
+        "{refused:?}"
+    );
+    let confirmations: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'OrderConfirmed'",
+    )
+    .bind(&order_id)
+    .fetch_one(env.pool())
+    .await
+    .expect("count");
+    assert_eq!(confirmations, 1, "the refused command appended nothing");
     env.stop().await;
 }

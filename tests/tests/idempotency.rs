@@ -5,8 +5,11 @@
 use std::time::Duration;
 
 use api::ApiConfig;
-use backbone_tests::{order_request, place_request, TestEnv};
+use backbone_tests::{
+    eventually, order_request, place_request, KillOnDrop, TestEnv, TEST_JWT_SECRET,
+};
 use serde_json::{json, Value};
+use sqlx::Connection;
 use uuid::Uuid;
 
 const KEY: &str = "idempotency-key";
@@ -56,6 +59,25 @@ async fn orders_placed_for(env: &TestEnv, customer: Uuid) -> i64 {
     .await
     .expect("orders counted")
 }
+
+/// Waits until every stored key has expired by the database's clock (the one the API compares
+/// `expires_at` with), instead of sleeping for a TTL.
+async fn keys_expired(env: &TestEnv) {
+    eventually(Duration::from_secs(30), "the keys to expire", || async {
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM idempotency_keys WHERE expires_at > clock_timestamp()",
+        )
+        .fetch_one(env.pool())
+        .await
+        .ok()?;
+        (live == 0 && stored_keys(env).await > 0).then_some(())
+    })
+    .await;
+}
+
+/// A key's TTL in the expiry tests: long enough for a loaded machine to send the replay that
+/// must come while it is fresh; the tests then wait for the expiry itself.
+const SHORT_TTL_SECONDS: u64 = 3;
 
 async fn stored_keys(env: &TestEnv) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
@@ -203,7 +225,7 @@ async fn an_expired_key_acts_again() {
     let env = TestEnv::start("idem_expiry").await;
     let (api, server) = env
         .start_api_with(ApiConfig {
-            api_idempotency_ttl_seconds: 1,
+            api_idempotency_ttl_seconds: SHORT_TTL_SECONDS,
             ..TestEnv::api_config()
         })
         .await;
@@ -216,7 +238,7 @@ async fn an_expired_key_acts_again() {
         answer(post_order(&api, &key, &order_request(first_customer)).await).await;
     assert_eq!(replayed.as_deref(), Some("true"), "replayed while fresh");
 
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    keys_expired(&env).await;
 
     // Forgotten: a different request with the key is a new request, not a 422.
     let second_customer = Uuid::new_v4();
@@ -228,9 +250,9 @@ async fn an_expired_key_acts_again() {
     assert_eq!(orders_placed_for(&env, second_customer).await, 1);
 
     // Expired keys are purged (the API does so every minute; here at once).
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    keys_expired(&env).await;
     let purged = ApiConfig {
-        api_idempotency_ttl_seconds: 1,
+        api_idempotency_ttl_seconds: SHORT_TTL_SECONDS,
         ..TestEnv::api_config()
     }
     .idempotency(env.pool().clone())
@@ -249,7 +271,7 @@ async fn an_expired_key_with_the_very_same_request_is_still_recognised_by_the_ev
     let env = TestEnv::start("idem_expiry_same").await;
     let (api, server) = env
         .start_api_with(ApiConfig {
-            api_idempotency_ttl_seconds: 1,
+            api_idempotency_ttl_seconds: SHORT_TTL_SECONDS,
             ..TestEnv::api_config()
         })
         .await;
@@ -258,7 +280,7 @@ async fn an_expired_key_with_the_very_same_request_is_still_recognised_by_the_ev
     let (_, _, first) = answer(post_order(&api, &key, &order_request(customer)).await).await;
     let appended = events(&env).await;
 
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    keys_expired(&env).await;
 
     // The table forgot the key, so the handler runs again; but the order id and the command id
     // derive from the caller, the key and the request, so the event store answers with the
@@ -274,50 +296,157 @@ async fn an_expired_key_with_the_very_same_request_is_still_recognised_by_the_ev
     env.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The advisory lock the crash test holds to stop the API between its commit and its response.
+const HOLD: i64 = 0x1de9_c4a5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retry_after_a_crash_between_commit_and_response_answers_the_same_order() {
     let env = TestEnv::start("idem_crash").await;
-    // A short request timeout: a duplicate waits at most 80 % of it; a claim is stale after 2×.
+    // The API as a process, to be killed with SIGKILL where it stores the response: after the
+    // command's transaction committed, before it answered. It gets there and stops because
+    // the test holds an advisory lock that a trigger on storing a response waits for.
+    let mut hold = sqlx::PgConnection::connect(&env.database_url)
+        .await
+        .expect("connects");
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(HOLD)
+        .execute(&mut hold)
+        .await
+        .expect("lock held");
+    sqlx::query(&format!(
+        "CREATE FUNCTION hold_the_response() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_advisory_xact_lock({HOLD}); RETURN NEW; END $$"
+    ))
+    .execute(env.pool())
+    .await
+    .expect("function");
+    sqlx::query(
+        "CREATE TRIGGER hold_the_response BEFORE UPDATE ON idempotency_keys FOR EACH ROW \
+         WHEN (NEW.state = 'done') EXECUTE FUNCTION hold_the_response()",
+    )
+    .execute(env.pool())
+    .await
+    .expect("trigger");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let mut process = KillOnDrop(env.spawn_process(
+        "api",
+        &[
+            ("API_LISTEN", &listen.to_string()),
+            ("AUTH_JWT_SECRET", TEST_JWT_SECRET),
+            ("API_RATE_LIMIT_PER_SECOND", "0"),
+        ],
+    ));
+    let doomed = format!("http://{listen}");
+    eventually(
+        Duration::from_secs(60),
+        "the API process to listen",
+        || async {
+            let live = reqwest::get(format!("{doomed}/health/live")).await.ok()?;
+            live.status().is_success().then_some(())
+        },
+    )
+    .await;
+    let key = Uuid::new_v4().to_string();
+    let customer = Uuid::new_v4();
+    let request = {
+        let (doomed, key) = (doomed.clone(), key.clone());
+        tokio::spawn(async move {
+            backbone_tests::client()
+                .post(format!("{doomed}/orders"))
+                .header(KEY, key)
+                .json(&order_request(customer))
+                .send()
+                .await
+        })
+    };
+    // Committed: the order is in the store; the response is being stored, held by the lock.
+    eventually(Duration::from_secs(60), "the order committed", || async {
+        (orders_placed_for(&env, customer).await == 1).then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "the API storing its response",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+            )
+            .fetch_one(env.pool())
+            .await
+            .ok()?;
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+    process.0.kill().expect("SIGKILL");
+    process.0.wait().expect("reaped");
+    assert!(
+        request.await.expect("request task").is_err(),
+        "the caller got no response"
+    );
+    // PostgreSQL ends the dead process's session (as it does once it sees the socket closed),
+    // and the test lets go of the lock and the trigger.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+    )
+    .execute(env.pool())
+    .await
+    .expect("session ended");
+    hold.close().await.expect("lock released");
+    sqlx::query("DROP TRIGGER hold_the_response ON idempotency_keys")
+        .execute(env.pool())
+        .await
+        .expect("trigger dropped");
+    let (state,): (String,) = sqlx::query_as("SELECT state FROM idempotency_keys")
+        .fetch_one(env.pool())
+        .await
+        .expect("the dead process's claim");
+    assert_eq!(state, "in_flight", "the claim the dead process left");
+    let appended = events(&env).await;
+    let placed: String =
+        sqlx::query_scalar("SELECT aggregate_id FROM events WHERE event_type = 'OrderPlaced'")
+            .fetch_one(env.pool())
+            .await
+            .expect("the committed order");
+
+    // The caller retries on another instance (a short request timeout: a duplicate waits at
+    // most 80 % of it; a claim is stale after 2×). While the dead process's claim is fresh the
+    // retry is told the request is still in progress (409, not kept); once stale it is taken
+    // over and the event store answers with the first execution.
     let (api, server) = env
         .start_api_with(ApiConfig {
             api_request_timeout_ms: 2_000,
             ..TestEnv::api_config()
         })
         .await;
-    let key = Uuid::new_v4().to_string();
-    let customer = Uuid::new_v4();
-    let (_, _, first) = answer(post_order(&api, &key, &order_request(customer)).await).await;
-    let appended = events(&env).await;
-
-    // What a process that died after the commit leaves behind: its claim, in flight, old.
-    sqlx::query(
-        "UPDATE idempotency_keys SET state = 'in_flight', status = NULL, headers = NULL, \
-         body = NULL, created_at = now() - interval '1 hour'",
+    let (status, replayed, second) = eventually(
+        Duration::from_secs(60),
+        "the stale claim taken over",
+        || async {
+            let (status, replayed, body) =
+                answer(post_order(&api, &key, &order_request(customer)).await).await;
+            if status == 409 {
+                assert!(
+                    body["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("still in progress")),
+                    "{body}"
+                );
+                return None;
+            }
+            Some((status, replayed, body))
+        },
     )
-    .execute(env.pool())
-    .await
-    .expect("claim aged");
-
-    let (status, replayed, second) =
-        answer(post_order(&api, &key, &order_request(customer)).await).await;
+    .await;
     assert_eq!(status, 201, "{second}");
     assert_eq!(replayed, None, "the stale claim was taken over");
-    assert_eq!(second["order_id"], first["order_id"]);
+    assert_eq!(second["order_id"], json!(placed), "the same order");
     assert_eq!(events(&env).await, appended, "nothing appended");
-
-    // A fresh claim of a live request is not taken over: a duplicate waits, then gets 409.
-    sqlx::query("UPDATE idempotency_keys SET state = 'in_flight', created_at = now()")
-        .execute(env.pool())
-        .await
-        .expect("claim refreshed");
-    let (status, _, problem) = answer(post_order(&api, &key, &order_request(customer)).await).await;
-    assert_eq!(status, 409, "{problem}");
-    assert!(
-        problem["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("still in progress")),
-        "{problem}"
-    );
+    assert_eq!(orders_placed_for(&env, customer).await, 1);
 
     server.stop().await.expect("API stops");
     env.stop().await;

@@ -211,6 +211,52 @@ fn signature_is_valid(header: &str, body: &[u8]) -> bool {
     (chrono::Utc::now().timestamp() - timestamp).abs() < 300 && mac.verify_slice(&expected).is_ok()
 }
 
+/// A positive marker for the checks that nothing was sent again: an order placed for `customer`
+/// (confirmed by the test, or by the order flow when `confirm` is false), whose
+/// `order_confirmed` webhook the receiver then gets. The worker sends in notification order,
+/// so once the marker is in, every round that could have sent an earlier one again has run.
+async fn webhook_marker(
+    client: &reqwest::Client,
+    api: &str,
+    customer: Uuid,
+    inbox: &Inbox,
+    confirm: bool,
+) -> String {
+    let order_id = place_request(client, api, &order_request(customer)).await;
+    if confirm {
+        act(
+            client,
+            api,
+            &order_id,
+            json!({"action": "confirm_payment", "payment_reference": "marker"}),
+        )
+        .await;
+    }
+    eventually(WAIT, "the marker's webhook", || async {
+        inbox
+            .lock()
+            .expect("inbox")
+            .iter()
+            .any(|(_, _, body)| {
+                serde_json::from_slice::<Value>(body)
+                    .is_ok_and(|posted| posted["order_id"] == json!(order_id))
+            })
+            .then_some(())
+    })
+    .await;
+    order_id
+}
+
+/// The notification ids the receiver got, in arrival order.
+fn received_ids(inbox: &Inbox) -> Vec<String> {
+    inbox
+        .lock()
+        .expect("inbox")
+        .iter()
+        .map(|(_, id, _)| id.clone())
+        .collect()
+}
+
 async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
     let response = client.get(url).send().await.expect("request sent");
     let status = response.status().as_u16();
@@ -507,15 +553,18 @@ async fn an_order_notifies_its_customer_in_order_once_by_list_stream_and_webhook
         .await
         .expect("records");
     assert_eq!(records, 4);
-    // Several worker rounds later, still one webhook per notification.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert_eq!(inbox.lock().expect("inbox").len(), 4);
     let (_, after_replay) = get_json(
         &client,
         &format!("{api}/customers/{customer}/notifications"),
     )
     .await;
     assert_eq!(after_replay["items"], json!(items));
+    // Still one webhook per notification, once a notification made after the replay is in.
+    let sent = received_ids(&inbox);
+    webhook_marker(&client, &api, customer, &inbox, false).await;
+    let mut expected_ids = sent.clone();
+    expected_ids.push(received_ids(&inbox).last().expect("the marker").clone());
+    assert_eq!(received_ids(&inbox), expected_ids, "nothing sent again");
 
     // A read model rebuilt from scratch has its records unclaimed again: the delivery log
     // (keyed by customer and event) still keeps them from being sent twice.
@@ -533,7 +582,11 @@ async fn an_order_notifies_its_customer_in_order_once_by_list_stream_and_webhook
         (unclaimed == 0).then_some(())
     })
     .await;
-    assert_eq!(inbox.lock().expect("inbox").len(), 4);
+    // Once a later notification is in, the earlier ones were not sent again.
+    webhook_marker(&client, &api, customer, &inbox, false).await;
+    let mut again = expected_ids.clone();
+    again.push(received_ids(&inbox).last().expect("the marker").clone());
+    assert_eq!(received_ids(&inbox), again, "nothing sent again");
 
     server.stop().await.expect("api stops");
     replay.stop().await.expect("replay stops");
@@ -581,10 +634,14 @@ async fn a_failed_webhook_is_recorded_listed_and_not_resent_and_bad_parameters_a
     assert_eq!(failure["customer_id"], json!(customer));
     assert_eq!(failure["order_id"], json!(order_id));
     assert_eq!(failure["kind"], "order_confirmed");
-    // At most once: several worker rounds later the receiver still got it only once.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // At most once: once a later notification has been sent (and failed too), the receiver
+    // still got the first only once.
+    let first = received_ids(&inbox);
+    assert_eq!(first.len(), 1);
+    webhook_marker(&client, &api, customer, &inbox, true).await;
     let received = inbox.lock().expect("inbox").clone();
-    assert_eq!(received.len(), 1);
+    assert_eq!(received.len(), 2, "the failed one was not sent again");
+    assert_eq!(received[0].1, first[0]);
     assert!(signature_is_valid(&received[0].0, &received[0].2));
     // The customer still sees it.
     let (_, page) = get_json(

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use api::ApiConfig;
 use async_trait::async_trait;
 use backbone_tests::tools::raw_records;
 use backbone_tests::{act, binary_path, eventually, order_request, place_request, TestEnv};
@@ -261,7 +262,35 @@ async fn poison_records_are_dead_lettered_and_redriven_once_after_the_fix() {
         .await
         .expect("sent");
     assert_eq!(response.status().as_u16(), 409);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The marker that the projector's re-drive loop has run since: a re-drive of the
+    // undecodable record, which fails again (its attempts go to 2). Had the refused re-drive
+    // been queued, the loop (it drains every request, oldest first) would have served it too.
+    let stranger_letter = undecodable["id"].as_i64().expect("id");
+    let attempts_before: i32 =
+        sqlx::query_scalar("SELECT attempts FROM flaky.dead_letters WHERE id = $1")
+            .bind(stranger_letter)
+            .fetch_one(env.pool())
+            .await
+            .expect("attempts");
+    let response = client
+        .post(format!(
+            "{api}/projections/flaky/dead-letters/{stranger_letter}/redrive"
+        ))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 202);
+    eventually(Duration::from_secs(30), "the marker re-drive", || async {
+        let attempts: i32 = sqlx::query_scalar(
+            "SELECT attempts FROM flaky.dead_letters WHERE id = $1 AND status = 'dead'",
+        )
+        .bind(stranger_letter)
+        .fetch_optional(env.pool())
+        .await
+        .ok()??;
+        (attempts == attempts_before + 1).then_some(())
+    })
+    .await;
     assert_eq!(
         applied(&env, &victim).await,
         vec![1, 2],
@@ -313,10 +342,13 @@ async fn tracking_snapshot(env: &TestEnv) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn replaying_a_partition_from_offset_zero_changes_nothing() {
+async fn replaying_the_topics_from_offset_zero_changes_nothing() {
     let env = TestEnv::start("replay").await;
     let relay = env.start_relay().await;
-    let projector = env.start_projector(Arc::new(TrackingProjection)).await;
+    let mut projector = env.start_projector(Arc::new(TrackingProjection)).await;
+    // Beside tracking (whose upserts would hide a double application), a read model that
+    // inserts a row per application: a record applied twice shows as two rows.
+    let mut flaky = env.start_projector(Arc::new(FlakyProjection)).await;
     let (api, server) = env.start_api().await;
     let client = backbone_tests::client();
     let mut orders = Vec::new();
@@ -332,68 +364,65 @@ async fn replaying_a_partition_from_offset_zero_changes_nothing() {
         orders.push(order);
     }
     let topic = env.kafka.topics().for_aggregate("order").expect("topic");
-    let records = raw_records(&env, &topic, 24).await;
+    let deliveries = env.kafka.topics().for_aggregate("delivery").expect("topic");
+    let applications = || async {
+        let (rows, distinct): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT (order_id, sequence)) FROM flaky.applied_events",
+        )
+        .fetch_one(env.pool())
+        .await
+        .unwrap_or((0, 0));
+        (rows, distinct)
+    };
     eventually(Duration::from_secs(60), "every order tracked", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tracking.timeline")
             .fetch_one(env.pool())
             .await
             .ok()?;
-        (n == 24).then_some(())
+        (n == 24 && applications().await == (24, 24)).then_some(())
     })
     .await;
     let before = tracking_snapshot(&env).await;
+    let ends = env.high_watermarks(&topic);
+    assert_eq!(ends.iter().sum::<i64>(), 24, "one record per event");
 
-    // Every record of the busiest partition, appended to it again from offset 0.
-    let partition = (0..env.kafka.kafka_partitions)
-        .max_by_key(|p| records.iter().filter(|r| r.partition() == *p).count())
-        .expect("a partition");
-    let replayed: Vec<_> = records
-        .iter()
-        .filter(|r| r.partition() == partition)
-        .collect();
-    assert!(!replayed.is_empty());
-    let producer: FutureProducer = env.kafka.client_config().create().expect("producer");
-    for record in &replayed {
-        let mut copy = FutureRecord::<[u8], [u8]>::to(&topic).partition(partition);
-        if let Some(key) = record.key() {
-            copy = copy.key(key);
-        }
-        if let Some(payload) = record.payload() {
-            copy = copy.payload(payload);
-        }
-        if let Some(headers) = record.headers() {
-            copy = copy.headers(headers.clone());
-        }
-        producer
-            .send(copy, Duration::from_secs(10))
-            .await
-            .expect("replayed");
-    }
-    let end = records
-        .iter()
-        .filter(|r| r.partition() == partition)
-        .map(|r| r.offset())
-        .max()
-        .expect("offsets")
-        + 1
-        + i64::try_from(replayed.len()).expect("count");
-    eventually(Duration::from_secs(60), "the replay consumed", || async {
-        let next: i64 = sqlx::query_scalar(
-            "SELECT next_offset FROM tracking.checkpoints WHERE topic = $1 AND partition = $2",
+    // Both projectors stop; their groups are rewound to offset 0 on every partition, for real
+    // (on the broker, as `kafka-consumer-groups --reset-offsets --to-earliest` does); they start
+    // again and read every record a second time.
+    projector.stop().await.expect("projector stops");
+    flaky.stop().await.expect("projector stops");
+    let tracking_group = env.group_of("tracking");
+    let flaky_group = env.group_of("flaky");
+    env.rewind_group(&tracking_group, &[topic.clone(), deliveries.clone()])
+        .await;
+    env.rewind_group(&flaky_group, std::slice::from_ref(&topic))
+        .await;
+    projector = env.start_projector(Arc::new(TrackingProjection)).await;
+    flaky = env.start_projector(Arc::new(FlakyProjection)).await;
+    // The positive marker: each group has consumed (and committed) every partition from 0 back
+    // to its end, so every record has been through the runtime again.
+    for group in [&tracking_group, &flaky_group] {
+        eventually(
+            Duration::from_secs(60),
+            "the groups back at the end of every partition",
+            || async { (env.committed_offsets(group, &topic) == ends).then_some(()) },
         )
-        .bind(&topic)
-        .bind(partition)
-        .fetch_one(env.pool())
-        .await
-        .ok()?;
-        (next >= end).then_some(())
-    })
-    .await;
+        .await;
+    }
+    assert_eq!(
+        applications().await,
+        (24, 24),
+        "every event applied exactly once"
+    );
     assert_eq!(
         tracking_snapshot(&env).await,
         before,
         "the replay changed the read model"
     );
+    let partition = (0..env.kafka.kafka_partitions)
+        .max_by_key(|p| ends[usize::try_from(*p).expect("partition")])
+        .expect("a partition");
+    let end = ends[usize::try_from(partition).expect("partition")];
 
     // The order list: pages of 5 walk all twelve orders once, newest first.
     let (mut seen, mut cursor, mut previous) = (Vec::new(), None::<String>, None::<String>);
@@ -444,7 +473,7 @@ async fn replaying_a_partition_from_offset_zero_changes_nothing() {
     }
 
     // Its lag, as the API shows it (measured every second): every partition of both topics
-    // caught up, the replayed one at its new end.
+    // caught up, the busiest one at its end.
     eventually(
         Duration::from_secs(30),
         "lag 0 on every partition",
@@ -466,6 +495,7 @@ async fn replaying_a_partition_from_offset_zero_changes_nothing() {
 
     server.stop().await.expect("api stops");
     projector.stop().await.expect("projector stops");
+    flaky.stop().await.expect("projector stops");
     relay.stop().await.expect("relay stops");
     env.stop().await;
 }
@@ -503,19 +533,37 @@ async fn a_query_with_a_position_waits_until_the_read_model_has_it() {
     assert!(response.headers().contains_key("retry-after"));
     assert!(started.elapsed() >= Duration::from_secs(2), "it waited");
 
-    // The projector starts while a query waits: the query answers with the event in it.
-    let waiting = {
-        let (client, api, order, token) =
-            (client.clone(), api.clone(), order.clone(), token.clone());
-        tokio::spawn(async move {
-            get_json(
-                &client,
-                &format!("{api}/orders/{order}/tracking?position={token}"),
-            )
-            .await
+    // The projector starts while a query waits: the query answers with the event in it. On an
+    // API that lets a client wait long (no deadline a slow start could miss) and one query at
+    // a time: of two identical queries, one waits and the other is refused with 429, which is
+    // the proof that the first is waiting before the projector starts.
+    let (patient, patient_server) = env
+        .start_api_with(ApiConfig {
+            api_read_your_writes_wait_ms: 120_000,
+            api_max_waits_per_client: 1,
+            ..TestEnv::api_config()
         })
+        .await;
+    let query = || {
+        let (client, url) = (
+            client.clone(),
+            format!("{patient}/orders/{order}/tracking?position={token}"),
+        );
+        tokio::spawn(async move { get_json(&client, &url).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut first, mut second) = (query(), query());
+    let waiting = tokio::select! {
+            answer = &mut first => {
+                let (status, refused) = answer.expect("query task");
+                assert_eq!(status, 429, "{refused}");
+                second
+            }
+            answer = &mut second => {
+                let (status, refused) = answer.expect("query task");
+                assert_eq!(status, 429, "{refused}");
+                first
+            }
+    };
     let projector = env.start_projector(Arc::new(TrackingProjection)).await;
     let (status, view) = waiting.await.expect("query task");
     assert_eq!(status, 200, "{view}");
@@ -551,6 +599,7 @@ async fn a_query_with_a_position_waits_until_the_read_model_has_it() {
     }
 
     server.stop().await.expect("api stops");
+    patient_server.stop().await.expect("api stops");
     projector.stop().await.expect("projector stops");
     relay.stop().await.expect("relay stops");
     env.stop().await;

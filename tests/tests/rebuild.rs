@@ -7,17 +7,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backbone_tests::tools::cli_command;
-use backbone_tests::{confirm_payment, eventually, place_order, TestEnv};
+use backbone_tests::{
+    confirm_payment, eventually, place_order, status_after, KillOnDrop, Running, TestEnv,
+};
 use chrono::{DateTime, SecondsFormat, Utc};
-use domain::order::OrderEvent;
 use projections::{AnalyticsProjection, TrackingProjection};
-use serde_json::Value;
+use serde_json::{json, Value};
 use streams::consumer::{apply_replayed, create_tables, ReplayVerdict, ReplayedEvent};
 use streams::{DecodedEvent, EventMeta};
+use tokio_util::sync::CancellationToken;
 
 /// `replay-tools` configured for this environment, as an operator would run it, its output
 /// captured.
@@ -60,23 +62,22 @@ async fn run_err(env: &TestEnv, args: &[&str]) -> String {
     stderr
 }
 
-/// Per order in the event store: its last sequence and its status after it (from the domain's
-/// own reading of each stored event).
+/// Per order in the event store: its last sequence and its status after it (from the test's own
+/// table of statuses by event type).
 async fn store_orders(env: &TestEnv) -> BTreeMap<String, (i64, String)> {
-    let rows: Vec<(String, i64, Value)> = sqlx::query_as(
-        "SELECT aggregate_id, sequence, payload::jsonb FROM events WHERE aggregate_type = 'order' \
+    let rows: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT aggregate_id, sequence, event_type FROM events WHERE aggregate_type = 'order' \
          ORDER BY aggregate_id, sequence",
     )
     .fetch_all(env.pool())
     .await
     .expect("events");
     let mut orders = BTreeMap::new();
-    for (id, sequence, payload) in rows {
-        let event: OrderEvent = serde_json::from_value(payload).expect("a stored order event");
+    for (id, sequence, event_type) in rows {
         let entry = orders.entry(id).or_insert((0, String::new()));
         entry.0 = sequence;
-        if let Some(status) = event.status_after() {
-            entry.1 = status.as_str().to_owned();
+        if let Some(status) = status_after(&event_type) {
+            entry.1 = status.to_owned();
         }
     }
     orders
@@ -491,13 +492,16 @@ async fn as_of_an_instant_between_two_events_shows_the_state_before_the_later_on
     let (first, second) = (&events[0], &events[1]);
     let instant = first.1 + (second.1 - first.1) / 2;
     assert!(first.1 < instant && instant < second.1);
-    let status_of = |payload: &Value| {
-        serde_json::from_value::<OrderEvent>(payload.clone())
-            .expect("an order event")
-            .status_after()
-            .expect("a status change")
-    };
-    let (before, after) = (status_of(&first.2), status_of(&second.2));
+    let types: Vec<String> = sqlx::query_scalar(
+        "SELECT event_type FROM events \
+         WHERE aggregate_type = 'order' AND aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(&order)
+    .fetch_all(env.pool())
+    .await
+    .expect("event types");
+    let status_of = |event_type: &str| status_after(event_type).expect("a status change");
+    let (before, after) = (status_of(&types[0]), status_of(&types[1]));
     assert_ne!(before, after);
     eventually(
         Duration::from_secs(60),
@@ -509,7 +513,7 @@ async fn as_of_an_instant_between_two_events_shows_the_state_before_the_later_on
                     .fetch_optional(env.pool())
                     .await
                     .unwrap_or(None);
-            (status.as_deref() == Some(after.as_str())).then_some(())
+            (status.as_deref() == Some(after)).then_some(())
         },
     )
     .await;
@@ -546,8 +550,8 @@ async fn as_of_an_instant_between_two_events_shows_the_state_before_the_later_on
         .await
         .expect("rows");
         let mut expected = vec![
-            (earlier.clone(), before.as_str().to_owned(), 1),
-            (order.clone(), before.as_str().to_owned(), 1),
+            (earlier.clone(), before.to_owned(), 1),
+            (order.clone(), before.to_owned(), 1),
         ];
         expected.sort();
         assert_eq!(rows, expected, "as of {at} from the {source}");
@@ -570,20 +574,14 @@ async fn as_of_an_instant_between_two_events_shows_the_state_before_the_later_on
     let state: Value = serde_json::from_str(&printed).expect("JSON");
     assert_eq!(state["sequence"], 1, "{printed}");
     assert_eq!(state["later_events"], 1, "{printed}");
-    assert_eq!(
-        state["state"]["status"],
-        serde_json::to_value(before).expect("status")
-    );
+    assert_eq!(state["state"]["status"], json!(before));
     let placed: Value = first.2["OrderPlaced"].clone();
     assert_eq!(state["state"]["total"], placed["total"], "{printed}");
     let now = rfc3339(Utc::now());
     let printed = run_ok(&env, &["as-of", "order", &order, &now]).await;
     let state: Value = serde_json::from_str(&printed).expect("JSON");
     assert_eq!(state["sequence"], 2);
-    assert_eq!(
-        state["state"]["status"],
-        serde_json::to_value(after).expect("status")
-    );
+    assert_eq!(state["state"]["status"], json!(after));
 
     // Mistakes a user can make: a clear message and a non-zero exit.
     let too_early = rfc3339(first.1 - chrono::Duration::seconds(1));
@@ -617,40 +615,113 @@ async fn as_of_an_instant_between_two_events_shows_the_state_before_the_later_on
     env.stop().await;
 }
 
+/// A webhook receiver on an ephemeral port: records each request's notification id, then
+/// answers 200, or never answers while `hang` is set. Returns its URL and what it got.
+async fn start_receiver(hang: Arc<AtomicBool>) -> (String, Arc<Mutex<Vec<String>>>, Running) {
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let (sink, hang) = (sink.clone(), hang.clone());
+            async move {
+                let id = headers
+                    .get(projections::notifier::ID_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                sink.lock().expect("inbox").push(id);
+                if hang.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("receiver binds");
+    let url = format!("http://{}/hook", listener.local_addr().expect("bound"));
+    let token = CancellationToken::new();
+    let stop = token.clone();
+    let handle = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await?;
+        Ok(())
+    });
+    (url, got, Running { token, handle })
+}
+
+/// The webhook log: (notification id, status) by notification id.
+async fn webhook_log(env: &TestEnv) -> Vec<(i64, String)> {
+    sqlx::query_as(
+        "SELECT notification_id, status FROM notifications.webhook_deliveries \
+         ORDER BY notification_id",
+    )
+    .fetch_all(env.pool())
+    .await
+    .unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twice() {
     let env = TestEnv::start("rebuild_notify").await;
     let relay = env.start_relay().await;
-    let projector = env
-        .start_projector(Arc::new(projections::NotificationsProjection))
-        .await;
+    let hang = Arc::new(AtomicBool::new(true));
+    let (url, got, receiver) = start_receiver(hang.clone()).await;
+    let settings = [
+        ("PROJECTIONS", "notifications"),
+        ("NOTIFICATIONS_WEBHOOK_URL", url.as_str()),
+        (
+            "NOTIFICATIONS_WEBHOOK_SECRET",
+            "rebuild-test-webhook-secret",
+        ),
+        ("NOTIFICATIONS_WEBHOOK_POLL_MS", "100"),
+    ];
     let orders = env.orders();
-    for i in 0..4 {
+    let mut projector = KillOnDrop(env.spawn_process("projector", &settings));
+
+    // The worker's state is the real worker's. First a crash: the projector process (with its
+    // webhook worker) is killed with SIGKILL while its POST of the first notification is in
+    // flight, the claim and its `sending` log row committed before it.
+    let id = place_order(&orders).await;
+    confirm_payment(&orders, &id, "p0".to_owned()).await;
+    let in_flight = eventually(Duration::from_secs(60), "the first POST", || async {
+        let got = got.lock().expect("inbox").clone();
+        (got.len() == 1).then(|| got[0].clone())
+    })
+    .await;
+    assert_eq!(
+        webhook_log(&env).await,
+        [(in_flight.parse().expect("an id"), "sending".to_owned())],
+        "claimed and logged before the POST"
+    );
+    projector.0.kill().expect("SIGKILL");
+    projector.0.wait().expect("reaped");
+    hang.store(false, Ordering::SeqCst);
+
+    // A new process delivers the next three (and never the one lost in the crash).
+    let projector = KillOnDrop(env.spawn_process("projector", &settings));
+    for i in 1..4 {
         let id = place_order(&orders).await;
         confirm_payment(&orders, &id, format!("p{i}")).await;
     }
-    eventually(Duration::from_secs(60), "four notifications", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications.records")
-            .fetch_one(env.pool())
-            .await
-            .unwrap_or(0);
-        (n == 4).then_some(())
+    eventually(Duration::from_secs(60), "three more webhooks", || async {
+        let delivered: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM notifications.webhook_deliveries WHERE status = 'delivered'",
+        )
+        .fetch_one(env.pool())
+        .await
+        .ok()?;
+        (delivered == 3).then_some(())
     })
     .await;
-    // What the webhook worker does (its claim and its log) for two of them.
-    let sent: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
-        "WITH two AS (SELECT id, customer_id, event_id FROM notifications.records ORDER BY id LIMIT 2), \
-              claimed AS (UPDATE notifications.records r SET webhook_claimed = true FROM two \
-                          WHERE r.id = two.id) \
-         INSERT INTO notifications.webhook_deliveries \
-           (customer_id, event_id, notification_id, status, attempted_at, http_status, delivered_at, finished_at) \
-         SELECT customer_id, event_id, id, 'delivered', now(), 200, now(), now() FROM two \
-         RETURNING customer_id, event_id",
-    )
-    .fetch_all(env.pool())
-    .await
-    .expect("worker state");
+    let log_before = webhook_log(&env).await;
+    assert_eq!(log_before.len(), 4, "{log_before:?}");
 
+    // Rebuilt and swapped in while the worker runs: the new model's records are claimed where
+    // the log has them, and the log points at the rebuilt records.
     let report = run_ok(&env, &["rebuild", "notifications", "--swap"]).await;
     assert!(report.contains("swapped in"), "{report}");
     let log: Vec<(uuid::Uuid, uuid::Uuid, i64, String)> = sqlx::query_as(
@@ -660,10 +731,8 @@ async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twi
     .fetch_all(env.pool())
     .await
     .expect("the log in the new model");
-    assert_eq!(log.len(), 2);
-    for (customer, event, notification, status) in &log {
-        assert!(sent.contains(&(*customer, *event)));
-        assert_eq!(status, "delivered");
+    assert_eq!(log.len(), 4);
+    for (customer, event, notification, _) in &log {
         let (claimed, id): (bool, i64) = sqlx::query_as(
             "SELECT webhook_claimed, id FROM notifications.records \
              WHERE customer_id = $1 AND event_id = $2",
@@ -679,12 +748,10 @@ async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twi
         );
         assert_eq!(id, *notification, "the log points at the rebuilt record");
     }
-    let unclaimed: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM notifications.records WHERE NOT webhook_claimed")
-            .fetch_one(env.pool())
-            .await
-            .expect("records");
-    assert_eq!(unclaimed, 2, "the others are still the worker's to send");
+    // The rebuilt records are numbered anew: the statuses, whichever record has which.
+    let mut statuses: Vec<&str> = log.iter().map(|(_, _, _, s)| s.as_str()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, ["delivered", "delivered", "delivered", "sending"]);
     // The previous model and the new one hold the same notifications.
     let old: String = sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'notifications\\_\\_old\\_%'",
@@ -695,7 +762,28 @@ async fn a_swap_carries_the_notification_webhook_log_over_so_nothing_is_sent_twi
     let checked = run_ok(&env, &["check", "notifications", "--against", &old]).await;
     assert!(checked.contains("no difference"), "{checked}");
 
-    projector.stop().await.expect("projector stops");
+    // The marker: a notification made after the swap is delivered; by then the worker has had
+    // its rounds over the rebuilt records. Each notification reached the receiver once, the
+    // one in flight at the crash included (lost, never sent again).
+    let id = place_order(&orders).await;
+    confirm_payment(&orders, &id, "p4".to_owned()).await;
+    eventually(Duration::from_secs(60), "the marker's webhook", || async {
+        (got.lock().expect("inbox").len() >= 5).then_some(())
+    })
+    .await;
+    let got = got.lock().expect("inbox").clone();
+    let distinct: BTreeSet<&String> = got.iter().collect();
+    assert_eq!(
+        (got.len(), distinct.len()),
+        (5, 5),
+        "each sent once: {got:?}"
+    );
+    assert_eq!(got[0], in_flight);
+
+    drop(projector);
+    // Not a graceful stop: the handler of the POST cut by the crash never returns.
+    receiver.token.cancel();
+    receiver.handle.abort();
     relay.stop().await.expect("relay stops");
     env.stop().await;
 }

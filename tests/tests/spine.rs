@@ -113,10 +113,12 @@ async fn the_record_on_the_orders_topic_decodes_to_the_same_event_with_its_metad
     let command = OrderCommand::try_from(request).expect("valid");
     let correlation = Uuid::new_v4();
     let context = CommandContext::new("customer:test").with_correlation(correlation);
+    let sent_at = chrono::Utc::now();
     orders
         .execute(&order_id.to_string(), command, &context)
         .await
         .expect("placed");
+    let answered_at = chrono::Utc::now();
     let relay = env.start_relay().await;
 
     let records = env.read_topic("order", WAIT, |r| !r.is_empty()).await;
@@ -124,7 +126,8 @@ async fn the_record_on_the_orders_topic_decodes_to_the_same_event_with_its_metad
     let record = &records[0];
 
     let row = sqlx::query(
-        "SELECT payload, event_id, event_type, metadata::text AS metadata FROM events \
+        "SELECT payload, event_id, event_type, metadata::text AS metadata, \
+                metadata->>'occurred_at' AS occurred_at, recorded_at FROM events \
          WHERE aggregate_id = $1 AND sequence = 1",
     )
     .bind(order_id.to_string())
@@ -146,8 +149,20 @@ async fn the_record_on_the_orders_topic_decodes_to_the_same_event_with_its_metad
     assert_eq!(meta.causation_id, context.causation_id.to_string());
     assert_eq!(meta.command_id, context.command_id.to_string());
     assert_eq!(meta.actor, "customer:test");
-    assert!(chrono::DateTime::parse_from_rfc3339(&meta.occurred_at).is_ok());
-    assert!(chrono::DateTime::parse_from_rfc3339(&meta.recorded_at).is_ok());
+    // The instants: when the command ran (stored in the metadata, within the test's call) and
+    // when the store recorded it (its column), to the microsecond.
+    assert_eq!(meta.occurred_at, row.get::<String, _>("occurred_at"));
+    let occurred = chrono::DateTime::parse_from_rfc3339(&meta.occurred_at).expect("RFC 3339");
+    assert!(
+        sent_at <= occurred && occurred <= answered_at,
+        "{occurred} within the command's call ({sent_at} .. {answered_at})"
+    );
+    let recorded = chrono::DateTime::parse_from_rfc3339(&meta.recorded_at).expect("RFC 3339");
+    assert_eq!(
+        recorded,
+        row.get::<chrono::DateTime<chrono::Utc>, _>("recorded_at"),
+        "the store's recorded_at"
+    );
     assert_eq!(
         record.topic,
         format!("{}orders", env.kafka.kafka_topic_prefix)
