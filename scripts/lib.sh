@@ -178,6 +178,24 @@ stop_pidfile() {
 }
 
 # The Python clients the registry is tested with (confluent-kafka from PyPI), in .venv.
+# ensure_jaeger: the Jaeger binary (v2, on the OpenTelemetry Collector) that receives the
+# backbone's traces in development and in the tracing test, built from the Go module proxy at the
+# version deploy/jaeger/go.mod pins (once; rebuilt when the pin changes). Sets JAEGER_BIN.
+ensure_jaeger() {
+  local dir="$ROOT/deploy/jaeger" hash
+  command -v go >/dev/null 2>&1 || die "go is missing: install Go 1.24 or newer (the Jaeger build needs it)"
+  hash=$(cat "$dir/go.mod" "$dir/go.sum" | sha256sum | cut -c1-16)
+  JAEGER_BIN="$CACHE_DIR/bin/jaeger-$hash"
+  if [ ! -x "$JAEGER_BIN" ]; then
+    log "building Jaeger from the Go module proxy (once; a few minutes)"
+    mkdir -p "$CACHE_DIR/bin"
+    (cd "$dir" && go build -o "$JAEGER_BIN.tmp" github.com/jaegertracing/jaeger/cmd/jaeger) \
+      >"$RUN_DIR/logs/jaeger-build.log" 2>&1 || die "the Jaeger build failed (see $RUN_DIR/logs/jaeger-build.log)"
+    mv "$JAEGER_BIN.tmp" "$JAEGER_BIN"
+  fi
+  export JAEGER_BIN
+}
+
 ensure_python_venv() {
   local req="$ROOT/schemas/registry/tests/python/requirements.txt"
   local stamp="$ROOT/.venv/.requirements.sha256"

@@ -37,6 +37,7 @@ pub mod positions;
 pub mod privacy;
 pub mod ratings;
 pub mod read_models;
+pub mod request_span;
 pub mod rewards;
 pub mod routes;
 pub mod serve;
@@ -586,8 +587,10 @@ pub fn router(
             Duration::from_millis(config.api_request_timeout_ms),
             time_limit,
         ))
-        // Outermost: every answer, a timeout or a refusal too, echoes the caller's id.
+        // Every answer, a timeout or a refusal too, echoes the caller's id.
         .layer(axum::middleware::from_fn(correlation::layer))
+        // Outermost: the request's span, under the caller's trace.
+        .layer(axum::middleware::from_fn(request_span::layer))
         .with_state(state)
 }
 

@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use commands::promotions::ClaimError;
-use commands::{CommandContext, Committed};
+use commands::{CommandContext, Committed, TraceParent};
 use domain::order::{CancelledBy, DeliveryAddress, OrderCommand, RejectionReason};
 use domain::services::RequestedLine;
 use domain::{CustomerId, MenuItemId, OrderId, RegionCode, StoreId};
@@ -17,6 +17,7 @@ use crate::error::{command_error, ApiError, Problem};
 use crate::extract::{Body, PathParams};
 use crate::idempotency::{command_context, IdempotencyKey};
 pub use crate::positions::Position;
+use crate::request_span;
 use crate::AppState;
 
 /// Header carrying the correlation id of a business transaction.
@@ -194,7 +195,7 @@ pub(crate) fn context(
     key: Option<IdempotencyKey>,
     actor: String,
 ) -> CommandContext {
-    let context = command_context(key, actor);
+    let context = command_context(key, actor).continuing(request_span::of_request(headers));
     // The header was checked by [`crate::correlation::layer`]: a value here is a valid id.
     match headers
         .get(CORRELATION_HEADER)
@@ -483,7 +484,9 @@ pub async fn act_on_order(
 
 /// The context of a step on an existing order (or its delivery): without an
 /// `x-correlation-id` header it continues the order's business transaction, i.e. the
-/// correlation id the order was placed with.
+/// correlation id the order was placed with, and without a `traceparent` header the order's
+/// trace, so that the store's, the couriers' and the process manager's steps all show in the
+/// trace of the order.
 pub(crate) async fn step_context(
     state: &AppState,
     headers: &HeaderMap,
@@ -492,28 +495,40 @@ pub(crate) async fn step_context(
     order_id: OrderId,
 ) -> Result<CommandContext, ApiError> {
     let context = context(headers, key, actor.to_owned());
-    if headers.get(CORRELATION_HEADER).is_some() {
+    let own_correlation = headers.get(CORRELATION_HEADER).is_some();
+    let own_trace = request_span::sent(headers).is_some();
+    if own_correlation && own_trace {
         return Ok(context);
     }
-    Ok(match order_correlation(state, order_id).await? {
-        Some(correlation) => context.with_correlation(correlation),
-        None => context,
+    let placed = order_placed_with(state, order_id).await?;
+    let context = match placed.correlation_id {
+        Some(correlation) if !own_correlation => context.with_correlation(correlation),
+        _ => context,
+    };
+    Ok(match placed.traceparent {
+        Some(trace) if !own_trace => context.continuing(Some(trace)),
+        _ => context,
     })
 }
 
-/// The correlation id the order was placed with.
-async fn order_correlation(
-    state: &AppState,
-    order_id: OrderId,
-) -> Result<Option<String>, ApiError> {
-    let correlation: Option<String> = sqlx::query_scalar(
-        "SELECT metadata->>'correlation_id' FROM events \
+/// The business transaction and the trace an order was placed in.
+struct PlacedWith {
+    correlation_id: Option<String>,
+    traceparent: Option<TraceParent>,
+}
+
+async fn order_placed_with(state: &AppState, order_id: OrderId) -> Result<PlacedWith, ApiError> {
+    let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT metadata->>'correlation_id', metadata->>'traceparent' FROM events \
          WHERE aggregate_type = 'order' AND aggregate_id = $1 AND sequence = 1",
     )
     .bind(order_id.to_string())
     .fetch_optional(&state.pool)
     .await
-    .map_err(ApiError::internal)?
-    .flatten();
-    Ok(correlation.filter(|c| !c.is_empty()))
+    .map_err(ApiError::internal)?;
+    let (correlation, trace) = row.unwrap_or_default();
+    Ok(PlacedWith {
+        correlation_id: correlation.filter(|c| !c.is_empty()),
+        traceparent: trace.as_deref().and_then(TraceParent::parse),
+    })
 }

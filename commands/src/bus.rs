@@ -12,9 +12,11 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework, DomainEvent, EventEnvelope, Query};
 use postgres_es::PostgresEventRepository;
 use rand::Rng;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::store::EventStoreDb;
+use crate::trace::TraceParent;
 
 /// Metadata keys every event carries (in the `metadata` column and in Kafka headers).
 pub mod meta {
@@ -23,6 +25,8 @@ pub mod meta {
     pub const ACTOR: &str = "actor";
     pub const COMMAND_ID: &str = "command_id";
     pub const OCCURRED_AT: &str = "occurred_at";
+    /// W3C trace context of the command span that appended the event (see [`crate::trace`]).
+    pub const TRACEPARENT: &str = crate::trace::TRACEPARENT;
 }
 
 /// Who asks, and why: carried into the metadata of every event the command produces.
@@ -42,6 +46,9 @@ pub struct CommandContext {
     /// client retrying with an idempotency key): the bus then answers a repeat with what the
     /// first execution committed instead of running it again.
     pub may_repeat: bool,
+    /// The trace this command continues (a caller's `traceparent`, the order's own trace, the
+    /// event a process manager reacts to); `None`: the current span's.
+    pub trace_parent: Option<TraceParent>,
 }
 
 impl CommandContext {
@@ -54,6 +61,7 @@ impl CommandContext {
             causation_id: command_id,
             actor: actor.into(),
             may_repeat: false,
+            trace_parent: None,
         }
     }
 
@@ -67,6 +75,7 @@ impl CommandContext {
             causation_id: command_id,
             actor: actor.into(),
             may_repeat: true,
+            trace_parent: None,
         }
     }
 
@@ -84,8 +93,20 @@ impl CommandContext {
         self
     }
 
-    fn metadata(&self) -> HashMap<String, String> {
-        HashMap::from([
+    /// Continues the trace of `parent` (when there is one).
+    #[must_use]
+    pub fn continuing(mut self, parent: Option<TraceParent>) -> Self {
+        if parent.is_some() {
+            self.trace_parent = parent;
+        }
+        self
+    }
+
+    /// The metadata of the events this command appends, `span` being the command's span: its
+    /// trace context is stored (without an exporter there is none, and the trace this command
+    /// continues is passed on as it came).
+    fn metadata(&self, span: &tracing::Span) -> HashMap<String, String> {
+        let mut metadata = HashMap::from([
             (meta::COMMAND_ID.to_owned(), self.command_id.to_string()),
             (meta::CORRELATION_ID.to_owned(), self.correlation_id.clone()),
             (meta::CAUSATION_ID.to_owned(), self.causation_id.to_string()),
@@ -94,7 +115,11 @@ impl CommandContext {
                 meta::OCCURRED_AT.to_owned(),
                 Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
             ),
-        ])
+        ]);
+        if let Some(trace) = TraceParent::of(span).or_else(|| self.trace_parent.clone()) {
+            metadata.insert(meta::TRACEPARENT.to_owned(), trace.to_string());
+        }
+        metadata
     }
 }
 
@@ -241,16 +266,42 @@ where
         self
     }
 
-    /// Runs `command` against aggregate `aggregate_id`, retrying conflicts.
-    #[tracing::instrument(
-        skip(self, command, context),
-        fields(aggregate_type = A::TYPE, correlation_id = %context.correlation_id, actor = %context.actor)
-    )]
+    /// Runs `command` against aggregate `aggregate_id`, retrying conflicts, in a span of its
+    /// own whose trace context every appended event records (see [`crate::trace`]).
     pub async fn execute(
         &self,
         aggregate_id: &str,
         command: A::Command,
         context: &CommandContext,
+    ) -> Result<Committed, CommandError<A::Error>> {
+        let span = tracing::info_span!(
+            "command",
+            otel.name = %format_args!("command {}", A::TYPE),
+            aggregate_type = A::TYPE,
+            aggregate_id,
+            correlation_id = %context.correlation_id,
+            actor = %context.actor,
+            events = tracing::field::Empty,
+        );
+        if let Some(parent) = &context.trace_parent {
+            parent.adopt(&span);
+        }
+        let outcome = self
+            .execute_in(aggregate_id, command, context, &span)
+            .instrument(span.clone())
+            .await;
+        if let Ok(committed) = &outcome {
+            span.record("events", committed.event_types.join(",").as_str());
+        }
+        outcome
+    }
+
+    async fn execute_in(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        context: &CommandContext,
+        span: &tracing::Span,
     ) -> Result<Committed, CommandError<A::Error>> {
         let started = std::time::Instant::now();
         let mut attempt = 0;
@@ -263,7 +314,11 @@ where
                 .scope(RefCell::new(Vec::new()), async {
                     let outcome = self
                         .framework
-                        .execute_with_metadata(aggregate_id, command.clone(), context.metadata())
+                        .execute_with_metadata(
+                            aggregate_id,
+                            command.clone(),
+                            context.metadata(span),
+                        )
                         .await;
                     (outcome, COMMITTED.with(|c| c.take()))
                 })

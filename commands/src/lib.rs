@@ -18,8 +18,10 @@ pub mod pii;
 pub mod promotions;
 pub mod store;
 pub mod stuck;
+pub mod trace;
 
 pub use bus::{CommandBus, CommandContext, CommandError, Committed, RetryPolicy};
 pub use catalogue::{CatalogueError, CatalogueStore};
 pub use pii::{PiiError, PiiVault};
 pub use store::{EventStoreConfig, EventStoreDb, StoreError};
+pub use trace::TraceParent;

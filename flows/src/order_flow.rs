@@ -50,7 +50,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use commands::stuck;
-use commands::{CatalogueStore, CommandBus, CommandContext, CommandError, EventStoreDb};
+use commands::{
+    CatalogueStore, CommandBus, CommandContext, CommandError, EventStoreDb, TraceParent,
+};
 
 /// The payment provider the flow authorizes with. Development and tests use the built-in demo
 /// provider, which approves every authorization but those of its test customers
@@ -108,6 +110,10 @@ pub struct Cause {
     pub aggregate_id: String,
     pub event_type: String,
     pub correlation_id: String,
+    /// W3C trace context of the event (empty: none): the flow's commands continue its trace.
+    /// Stuck flows recorded before it existed have none.
+    #[serde(default)]
+    pub traceparent: String,
     pub event: FlowEvent,
 }
 
@@ -170,7 +176,8 @@ impl OrderFlow {
     fn context(&self, cause: &Cause, step: &str) -> CommandContext {
         let key = format!("{}/{step}", cause.event_id);
         let context = CommandContext::repeatable(format!("system:{}", self.name()), &key)
-            .caused_by(cause.event_id);
+            .caused_by(cause.event_id)
+            .continuing(TraceParent::parse(&cause.traceparent));
         // The business transaction goes on under whatever id it has (a client's own id is any
         // printable text, not necessarily a UUID).
         if cause.correlation_id.is_empty() {
@@ -998,6 +1005,7 @@ fn cause_of(event: &FirstDelivery<'_>) -> Result<Option<Cause>, ProjectionError>
         aggregate_id: event.meta.aggregate_id.clone(),
         event_type: event.meta.event_type.clone(),
         correlation_id: event.meta.correlation_id.clone(),
+        traceparent: event.meta.traceparent.clone(),
         event: flow_event,
     }))
 }

@@ -16,6 +16,10 @@ pub const CORRELATION_ID: &str = "correlation_id";
 pub const CAUSATION_ID: &str = "causation_id";
 pub const ACTOR: &str = "actor";
 pub const COMMAND_ID: &str = "command_id";
+/// W3C trace context of the command span that appended the event, as stored (consumers start
+/// their spans under it; the header is the stored value so that the topics keep the event's
+/// metadata whole); absent when the event has none.
+pub const TRACEPARENT: &str = commands::trace::TRACEPARENT;
 /// The event's place in its aggregate's hash chain (hex SHA-256, computed by the event store):
 /// the chain hash of the event before it (zeros for the first), and its own.
 pub const CHAIN_PREV: &str = "chain_prev";
@@ -52,6 +56,8 @@ pub struct EventMeta {
     pub causation_id: String,
     pub actor: String,
     pub command_id: String,
+    /// W3C `traceparent`; empty when the event carries no trace.
+    pub traceparent: String,
 }
 
 /// Why headers could not be read.
@@ -86,6 +92,7 @@ impl EventMeta {
             causation_id: text("causation_id"),
             actor: text("actor"),
             command_id: text("command_id"),
+            traceparent: text(TRACEPARENT),
             ..self
         }
     }
@@ -108,8 +115,9 @@ impl EventMeta {
             (ACTOR, &self.actor),
             (COMMAND_ID, &self.command_id),
         ];
-        pairs.into_iter().fold(
-            OwnedHeaders::new_with_capacity(12),
+        let trace = (!self.traceparent.is_empty()).then_some((TRACEPARENT, &*self.traceparent));
+        pairs.into_iter().chain(trace).fold(
+            OwnedHeaders::new_with_capacity(13),
             |headers, (key, value)| {
                 headers.insert(Header {
                     key,
@@ -143,6 +151,7 @@ impl EventMeta {
                     CAUSATION_ID => meta.causation_id = value,
                     ACTOR => meta.actor = value,
                     COMMAND_ID => meta.command_id = value,
+                    TRACEPARENT => meta.traceparent = value,
                     _ => {}
                 }
             }
@@ -183,9 +192,18 @@ mod tests {
             causation_id: "d".into(),
             actor: "customer:1".into(),
             command_id: "e".into(),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
         };
         let headers = meta.to_headers();
-        assert_eq!(EventMeta::from_headers(Some(&headers)), Ok(meta));
+        assert_eq!(EventMeta::from_headers(Some(&headers)), Ok(meta.clone()));
+        // No trace: no header at all (W3C: absent, never empty).
+        let untraced = EventMeta {
+            traceparent: String::new(),
+            ..meta
+        };
+        let headers = untraced.to_headers();
+        assert!(headers.iter().all(|h| h.key != TRACEPARENT));
+        assert_eq!(EventMeta::from_headers(Some(&headers)), Ok(untraced));
     }
 
     #[test]

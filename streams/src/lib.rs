@@ -18,6 +18,7 @@ pub mod headers;
 pub mod process;
 pub mod published;
 pub mod relay;
+pub mod telemetry;
 
 pub use codec::{DecodeError, DecodedEvent, EventDecoder, EventEncoder};
 pub use config::{KafkaConfig, RegistryConfig, Topics};

@@ -1,5 +1,5 @@
-//! What every backbone process does the same way: logs, the operations endpoint (metrics,
-//! liveness, readiness), shutdown signal.
+//! What every backbone process does the same way: logs and traces ([`init_tracing`]), the
+//! operations endpoint (metrics, liveness, readiness), shutdown signal.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -16,22 +16,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); `LOG_FORMAT=json` for JSON lines.
-pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-    // A subscriber set by an embedding process (tests) wins.
-    drop(result);
-}
+pub use crate::telemetry::{init_tracing, Telemetry};
 
 /// Histogram buckets, in seconds, of every `*_seconds` histogram (delays, durations, query
 /// times): from a millisecond to ten minutes.

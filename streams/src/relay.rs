@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use commands::log::{StoredEvent, STORED_COLUMNS};
+use commands::TraceParent;
 use futures::future::join_all;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Deserialize;
@@ -26,6 +27,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::codec::{EncodeError, EventEncoder};
 use crate::config::{KafkaConfig, RegistryConfig, Topics};
@@ -366,13 +368,19 @@ impl Relay {
             return Ok((RoundReport::default(), None));
         }
         let started = Instant::now();
-        let deliveries: Vec<_> = batch.iter().map(|out| self.send(out)).collect();
+        let deliveries: Vec<_> = batch
+            .iter()
+            .map(|out| (self.send(out), publication_span(&out.meta)))
+            .collect();
         let in_flight: Vec<i64> = batch.iter().map(|out| out.id).collect();
-        let acknowledged = join_all(deliveries.into_iter().map(|d| async move {
-            match d {
-                Some(future) => matches!(future.await, Ok(Ok(_))),
-                None => false,
+        let acknowledged = join_all(deliveries.into_iter().map(|(d, span)| {
+            async move {
+                match d {
+                    Some(future) => matches!(future.await, Ok(Ok(_))),
+                    None => false,
+                }
             }
+            .instrument(span)
         }));
         let (results, next) = tokio::join!(acknowledged, self.prepare(&in_flight));
         let acked = started.elapsed();
@@ -449,6 +457,24 @@ impl Relay {
         .await?;
         Ok(())
     }
+}
+
+/// The span of one publication (enqueued until acknowledged), under the span of the command
+/// that appended the event.
+fn publication_span(meta: &EventMeta) -> tracing::Span {
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = %format_args!("publish {}", meta.event_type),
+        otel.kind = "producer",
+        event_id = %meta.event_id,
+        aggregate_type = %meta.aggregate_type,
+        aggregate_id = %meta.aggregate_id,
+        sequence = meta.sequence,
+    );
+    if let Some(parent) = TraceParent::parse(&meta.traceparent) {
+        parent.adopt(&span);
+    }
+    span
 }
 
 fn export_empty_gauges() {

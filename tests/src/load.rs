@@ -50,6 +50,8 @@ pub struct Backbone {
     pub group_prefix: String,
     pub logs: PathBuf,
     pub processes: Vec<(&'static str, Child)>,
+    /// Settings every component gets (an OTLP endpoint, say).
+    pub common_env: Vec<(String, String)>,
 }
 
 impl Backbone {
@@ -57,6 +59,15 @@ impl Backbone {
     /// the JSON catalogue file the API and the process manager seed from. Returns once the API
     /// says it is ready.
     pub async fn start(catalogue: &std::path::Path, api_env: &[(&str, String)]) -> Self {
+        Self::start_with(catalogue, api_env, &[]).await
+    }
+
+    /// [`Self::start`], with `common_env` given to every component.
+    pub async fn start_with(
+        catalogue: &std::path::Path,
+        api_env: &[(&str, String)],
+        common_env: &[(&str, String)],
+    ) -> Self {
         let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
         let database = format!("lc_{tag}");
         let mut admin = PgConnection::connect(&admin_url())
@@ -101,6 +112,10 @@ impl Backbone {
             group_prefix: format!("lc{tag}-"),
             logs,
             processes: Vec::new(),
+            common_env: common_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
         };
         let catalogue = catalogue.display().to_string();
         this.spawn(
@@ -145,6 +160,9 @@ impl Backbone {
             .env("PROJECTOR_GROUP_PREFIX", &self.group_prefix)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
+        for (key, value) in &self.common_env {
+            command.env(key, value);
+        }
         for (key, value) in extra_env {
             command.env(key, value);
         }
@@ -210,6 +228,19 @@ impl Backbone {
             ))
             .execute(&mut admin)
             .await;
+        }
+    }
+}
+
+/// A test that fails before [`Backbone::stop`] leaves no component running (each holds
+/// database connections that the next tests need).
+impl Drop for Backbone {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.processes {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }

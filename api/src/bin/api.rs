@@ -8,7 +8,7 @@ use streams::{KafkaConfig, RegistryConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    let _telemetry = init_tracing("api")?;
     let config = ApiConfig::from_env().context("API_* settings")?;
     let store: commands::EventStoreConfig = envy::from_env().context("DATABASE_* settings")?;
     let kafka = KafkaConfig::from_env().context("KAFKA_* settings")?;

@@ -20,7 +20,7 @@ use streams::process::{
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    let _telemetry = init_tracing("process-manager")?;
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
     let catalogue = catalogue()?;
     let connections = connect_from_env(8).await?;

@@ -15,7 +15,7 @@ use streams::process::{
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    let _telemetry = init_tracing("projector")?;
     let names = std::env::var("PROJECTIONS").unwrap_or_else(|_| read_models::names().join(","));
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
     let connections = connect_from_env(8).await?;

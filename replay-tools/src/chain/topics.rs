@@ -465,4 +465,5 @@ pub(super) fn metadata_differs(meta: &EventMeta, published: &EventMeta) -> bool 
         || meta.actor != published.actor
         || meta.command_id != published.command_id
         || meta.recorded_at != published.recorded_at
+        || meta.traceparent != published.traceparent
 }

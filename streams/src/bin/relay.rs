@@ -11,7 +11,7 @@ use streams::{Relay, RelayConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    let _telemetry = init_tracing("relay")?;
     let config = RelayConfig::from_env().context("RELAY_* settings")?;
     let connections = connect_from_env(4).await?;
     let shutdown = shutdown_token();

@@ -442,6 +442,12 @@ impl Projector {
                 event.meta.recorded_at.as_str(),
             );
         }
+        // A span per applied event, under the span of the command that appended it, open
+        // until the batch commits (a failed batch ends them as it retries).
+        let spans: Vec<tracing::Span> = deliveries
+            .iter()
+            .map(|event| projection_span(schema, &event.meta))
+            .collect();
         self.projection.apply_batch(&mut tx, &deliveries).await?;
         for letter in &dead {
             self.record_dead_letter(&mut tx, letter).await?;
@@ -479,6 +485,7 @@ impl Projector {
         let moved: Vec<String> = moved.into_iter().collect();
         super::live::notify(&mut tx, &applied_channel(schema), &moved).await?;
         tx.commit().await?;
+        drop(spans);
         metrics::counter!("projector_applied_total", "projection" => schema).increment(applied);
         metrics::counter!("projector_duplicates_total", "projection" => schema)
             .increment(duplicates);
@@ -522,4 +529,21 @@ impl Projector {
         store_positions(tx, self.schema, positions).await?;
         Ok(())
     }
+}
+
+/// The span of applying one event to read model (or process manager) `name`.
+fn projection_span(name: &str, meta: &EventMeta) -> tracing::Span {
+    let span = tracing::info_span!(
+        "project",
+        otel.name = %format_args!("project {name} {}", meta.event_type),
+        otel.kind = "consumer",
+        read_model = name,
+        event_id = %meta.event_id,
+        aggregate_id = %meta.aggregate_id,
+        sequence = meta.sequence,
+    );
+    if let Some(parent) = commands::TraceParent::parse(&meta.traceparent) {
+        parent.adopt(&span);
+    }
+    span
 }
