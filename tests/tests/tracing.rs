@@ -43,9 +43,9 @@ impl Jaeger {
             .env("JAEGER_QUERY_PORT", query.to_string())
             .env("JAEGER_QUERY_GRPC_PORT", grpc.to_string())
             .env("JAEGER_HEALTH_PORT", health.to_string())
-            // Jaeger's own traces are not wanted here.
-            .env("OTEL_SDK_DISABLED", "true")
-            .env("OTEL_TRACES_EXPORTER", "none")
+            // Jaeger's own exporter gives up at once (it is not pointed anywhere).
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env("OTEL_EXPORTER_OTLP_TIMEOUT", "500")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
