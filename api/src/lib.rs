@@ -25,6 +25,7 @@ pub mod deliveries;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod http_metrics;
 pub mod idempotency;
 pub mod limits;
 pub mod live;
@@ -588,6 +589,8 @@ pub fn router(
         ))
         // Outermost: every answer, a timeout or a refusal too, echoes the caller's id.
         .layer(axum::middleware::from_fn(correlation::layer))
+        // And is counted, with its route and status (`http_requests_total`).
+        .layer(axum::middleware::from_fn(http_metrics::layer))
         .with_state(state)
 }
 
