@@ -286,6 +286,231 @@ fn check_scaled_objects(render: &str, docs: &[Value]) -> Vec<String> {
     problems
 }
 
+/// Every workload of both renders: non-root, read-only root, no privilege escalation, no
+/// capabilities, the runtime's seccomp profile, requests and limits; every Deployment with
+/// liveness and readiness probes on a port it declares, which is the port its binary is told to
+/// listen on (API_LISTEN, METRICS_LISTEN, REGISTRY_LISTEN).
+#[test]
+fn every_workload_runs_locked_down_with_probes_on_the_port_it_listens_on() {
+    let mut problems = Vec::new();
+    for render in RENDERS {
+        for doc in yaml_documents(&kustomize_build(render), render) {
+            let (_, kind, name) = kind_of(&doc);
+            if kind != "Deployment" && kind != "Job" {
+                continue;
+            }
+            let at = format!("{render}: {kind} {name}");
+            let pod = &doc["spec"]["template"]["spec"];
+            let pod_security = &pod["securityContext"];
+            if pod_security["runAsNonRoot"] != true {
+                problems.push(format!("{at}: securityContext.runAsNonRoot is not true"));
+            }
+            if pod_security["seccompProfile"]["type"] != "RuntimeDefault" {
+                problems.push(format!(
+                    "{at}: securityContext.seccompProfile.type is not RuntimeDefault"
+                ));
+            }
+            if pod["automountServiceAccountToken"] != false {
+                problems.push(format!("{at}: automountServiceAccountToken is not false"));
+            }
+            for container in pod["containers"].as_array().into_iter().flatten() {
+                let at = format!(
+                    "{at} container {}",
+                    container["name"].as_str().unwrap_or("?")
+                );
+                let security = &container["securityContext"];
+                for (field, want) in [
+                    ("runAsNonRoot", Value::Bool(true)),
+                    ("readOnlyRootFilesystem", Value::Bool(true)),
+                    ("allowPrivilegeEscalation", Value::Bool(false)),
+                ] {
+                    if security[field] != want {
+                        problems.push(format!("{at}: securityContext.{field} is not {want}"));
+                    }
+                }
+                if !security["capabilities"]["drop"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|c| c == "ALL"))
+                {
+                    problems.push(format!("{at}: securityContext.capabilities.drop lacks ALL"));
+                }
+                for bound in ["requests", "limits"] {
+                    for resource in ["cpu", "memory"] {
+                        if container["resources"][bound][resource].is_null() {
+                            problems.push(format!("{at}: no resources.{bound}.{resource}"));
+                        }
+                    }
+                }
+                if kind != "Deployment" {
+                    continue;
+                }
+                let ports: BTreeMap<String, i64> = container["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        (
+                            p["name"].as_str().unwrap_or_default().to_owned(),
+                            p["containerPort"].as_i64().unwrap_or(0),
+                        )
+                    })
+                    .collect();
+                let listen = container["env"].as_array().into_iter().flatten().find(|e| {
+                    ["API_LISTEN", "METRICS_LISTEN", "REGISTRY_LISTEN"]
+                        .contains(&e["name"].as_str().unwrap_or_default())
+                });
+                let listen_port = listen
+                    .and_then(|e| e["value"].as_str())
+                    .and_then(|v| v.rsplit_once(':'))
+                    .and_then(|(_, port)| port.parse::<i64>().ok());
+                for probe in ["livenessProbe", "readinessProbe"] {
+                    let probe = &container[probe];
+                    let port = &probe["httpGet"]["port"];
+                    let port = if port.is_null() {
+                        &probe["tcpSocket"]["port"]
+                    } else {
+                        port
+                    };
+                    let number = port
+                        .as_i64()
+                        .or_else(|| ports.get(port.as_str().unwrap_or_default()).copied());
+                    if number.is_none() || number != listen_port {
+                        problems.push(format!(
+                            "{at}: its {probe} port {port} is not the port it listens on ({listen:?}, ports {ports:?})"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "workloads that are not locked down or not probed:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The components a NetworkPolicy's podSelector selects.
+fn selected(policy: &Value, components: &[&str]) -> BTreeSet<String> {
+    let selector = &policy["spec"]["podSelector"];
+    let mut chosen: BTreeSet<String> = components.iter().map(|c| (*c).to_owned()).collect();
+    if let Some(name) = selector["matchLabels"]["app.kubernetes.io/name"].as_str() {
+        chosen.retain(|c| c == name);
+    }
+    for expression in selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if expression["key"] == "app.kubernetes.io/name" && expression["operator"] == "In" {
+            let values: Vec<&str> = expression["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            chosen.retain(|c| values.contains(&c.as_str()));
+        }
+    }
+    chosen
+}
+
+/// The NetworkPolicies of both renders: all traffic denied by default; from outside the
+/// namespace only the API (from anywhere) and Prometheus (namespace `monitoring`, ops ports);
+/// the broker's namespace reached only by the relay, the projector, the process manager and the
+/// API (its readiness check); DNS for everyone.
+#[test]
+fn network_policies_deny_by_default_and_let_in_and_out_only_what_is_needed() {
+    const BROKER_CLIENTS: &[&str] = &["relay", "projector", "process-manager", "api"];
+    let mut problems = Vec::new();
+    for render in RENDERS {
+        let docs = yaml_documents(&kustomize_build(render), render);
+        let mut components: Vec<&str> = docs
+            .iter()
+            .filter(|d| matches!(kind_of(d).1.as_str(), "Deployment" | "Job"))
+            .filter_map(|d| {
+                d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"].as_str()
+            })
+            .collect();
+        components.sort_unstable();
+        let policies: Vec<&Value> = docs
+            .iter()
+            .filter(|d| kind_of(d).1 == "NetworkPolicy")
+            .collect();
+        let denies_all = policies.iter().any(|p| {
+            p["spec"]["podSelector"]
+                .as_object()
+                .is_some_and(serde_json::Map::is_empty)
+                && p["spec"]["policyTypes"]
+                    .as_array()
+                    .is_some_and(|t| t.len() == 2)
+                && p["spec"]["ingress"].is_null()
+                && p["spec"]["egress"].is_null()
+        });
+        if !denies_all {
+            problems.push(format!("{render}: no default-deny policy (empty podSelector, Ingress and Egress, no rules)"));
+        }
+        let mut dns: BTreeSet<String> = BTreeSet::new();
+        for policy in &policies {
+            let name = kind_of(policy).2;
+            let pods = selected(policy, &components);
+            for rule in policy["spec"]["ingress"].as_array().into_iter().flatten() {
+                let sources = rule["from"].as_array().cloned().unwrap_or_default();
+                let from_anywhere =
+                    sources.is_empty() || sources.iter().any(|s| !s["ipBlock"].is_null());
+                if from_anywhere && pods.iter().any(|p| p != "api") {
+                    problems.push(format!("{render}: NetworkPolicy {name} lets anyone reach {pods:?}; only the API may be reached from outside"));
+                }
+                for source in &sources {
+                    let namespace = &source["namespaceSelector"];
+                    if !namespace.is_null()
+                        && namespace["matchLabels"]["kubernetes.io/metadata.name"] != "monitoring"
+                        && pods.iter().any(|p| p != "api")
+                    {
+                        problems.push(format!("{render}: NetworkPolicy {name} lets namespace {namespace} reach {pods:?}"));
+                    }
+                }
+            }
+            for rule in policy["spec"]["egress"].as_array().into_iter().flatten() {
+                let to_broker = rule["to"].as_array().into_iter().flatten().any(|t| {
+                    t["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "kafka"
+                }) || rule["to"].is_null();
+                let broker_port = rule["ports"]
+                    .as_array()
+                    .is_none_or(|ports| ports.iter().any(|p| p["port"] == 9092));
+                if to_broker && broker_port {
+                    for pod in pods
+                        .iter()
+                        .filter(|p| !BROKER_CLIENTS.contains(&p.as_str()))
+                    {
+                        problems.push(format!(
+                            "{render}: NetworkPolicy {name} lets {pod} reach the broker"
+                        ));
+                    }
+                }
+                if rule["ports"]
+                    .as_array()
+                    .is_some_and(|ports| ports.iter().any(|p| p["port"] == 53))
+                {
+                    dns.extend(pods.iter().cloned());
+                }
+            }
+        }
+        for component in &components {
+            if !dns.contains(*component) {
+                problems.push(format!(
+                    "{render}: {component} may not resolve names (no egress to port 53)"
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "network policies:\n{}",
+        problems.join("\n")
+    );
+}
+
 /// checkov's JSON report: one object, or a list of them (one per framework).
 fn checkov_failures(report: &Value, what: &str) -> (u64, Vec<String>) {
     let reports = match report {
@@ -852,6 +1077,32 @@ async fn every_metric_the_alerts_and_the_dashboard_name_is_exported_by_a_running
         .await;
     }
 
+    // Every httpGet probe of the manifests answers 200 on the running component.
+    let base = yaml_documents(&kustomize_build("deploy/k8s/base"), "base");
+    for doc in base.iter().filter(|d| kind_of(d).1 == "Deployment") {
+        let component = kind_of(doc).2;
+        let url = if component == "schema-registry" {
+            env.registry.schema_registry_url.clone()
+        } else {
+            processes
+                .iter()
+                .find(|(binary, _, _)| *binary == component)
+                .map(|(_, base, _)| base.clone())
+                .unwrap_or_else(|| panic!("no running process for Deployment {component}"))
+        };
+        let container = &doc["spec"]["template"]["spec"]["containers"][0];
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            if let Some(path) = container[probe]["httpGet"]["path"].as_str() {
+                let status = get(&format!("{url}{path}")).await.map(|(s, _)| s);
+                assert_eq!(
+                    status,
+                    Some(200),
+                    "Deployment {component}'s {probe} GET {path}: the running {component} answers {status:?}"
+                );
+            }
+        }
+    }
+
     // The images' HEALTHCHECK probe against a live process: 200 passes, anything else fails.
     let probe = repo().join("deploy/docker/http-probe");
     let live = run(
@@ -915,19 +1166,13 @@ async fn every_metric_the_alerts_and_the_dashboard_name_is_exported_by_a_running
         }
         exported
     };
-    let all_exported = eventually(
-        Duration::from_secs(60),
-        "every metric named exported",
-        || async {
-            let exported = scrape().await;
-            used.keys()
-                .all(|m| exported.contains_key(m))
-                .then_some(exported)
-        },
-    );
-    let exported = match tokio::time::timeout(Duration::from_secs(65), all_exported).await {
-        Ok(exported) => exported,
-        Err(_) => scrape().await,
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let exported = loop {
+        let exported = scrape().await;
+        if used.keys().all(|m| exported.contains_key(m)) || std::time::Instant::now() > deadline {
+            break exported;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let missing: Vec<String> = used
         .iter()
@@ -945,7 +1190,6 @@ async fn every_metric_the_alerts_and_the_dashboard_name_is_exported_by_a_running
 
     // The consumer groups the ScaledObject watches are the groups the projector joined (the
     // manifests' prefix swapped for this run's).
-    let base = yaml_documents(&kustomize_build("deploy/k8s/base"), "base");
     let prefix = base
         .iter()
         .find(|d| kind_of(d).1 == "ConfigMap")
