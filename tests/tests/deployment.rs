@@ -595,8 +595,7 @@ fn checkov_finds_nothing_in_the_dockerfile_and_the_rendered_manifests() {
                 .arg("--config-file")
                 .arg(&config)
                 .args(&args)
-                .args(["--output", "json"])
-                .env("CHECKOV_RUN_SCA_PACKAGE_SCAN_V2", "false"),
+                .args(["--output", "json"]),
             "checkov",
         );
         let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
