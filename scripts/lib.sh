@@ -207,3 +207,34 @@ ensure_python_venv() {
   "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check -r "$req"
   echo "$want" >"$stamp"
 }
+
+# The deployment checks' tools (tests/tests/deployment.rs): checkov and kubernetes-validate
+# from PyPI (deploy/tools/requirements.txt, in a virtualenv of their own keyed by that file's
+# hash) and kustomize from the Go module proxy, built once. Both live under $CACHE_DIR, so a
+# fresh clone (CI) finds them. Sets DEPLOY_TOOLS_BIN (the virtualenv's bin) and KUSTOMIZE.
+KUSTOMIZE_VERSION=v5.8.2
+ensure_deploy_tools() {
+  local req="$ROOT/deploy/tools/requirements.txt" venv
+  venv="$CACHE_DIR/deploy-venv-$(sha256sum "$req" | cut -c1-16)"
+  if [ ! -f "$venv/.installed" ]; then
+    log "installing checkov and kubernetes-validate into $venv (once, about a minute)"
+    rm -rf "$venv"
+    mkdir -p "$CACHE_DIR"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >"$RUN_DIR/logs/deploy-tools.log" 2>&1 \
+      || die "installing $req failed (see $RUN_DIR/logs/deploy-tools.log)"
+    touch "$venv/.installed"
+  fi
+  DEPLOY_TOOLS_BIN="$venv/bin"
+  local dir="$CACHE_DIR/kustomize-$KUSTOMIZE_VERSION"
+  if [ ! -x "$dir/kustomize" ]; then
+    command -v go >/dev/null 2>&1 || die "go is missing: kustomize is built from the Go module proxy"
+    log "building kustomize $KUSTOMIZE_VERSION from the Go module proxy (once, about a minute)"
+    mkdir -p "$dir"
+    GOBIN="$dir" GOFLAGS=-buildvcs=false go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" \
+      >"$RUN_DIR/logs/kustomize-build.log" 2>&1 \
+      || die "building kustomize failed (see $RUN_DIR/logs/kustomize-build.log)"
+  fi
+  KUSTOMIZE="$dir/kustomize"
+  export DEPLOY_TOOLS_BIN KUSTOMIZE
+}

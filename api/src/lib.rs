@@ -25,6 +25,7 @@ pub mod deliveries;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod http_metrics;
 pub mod idempotency;
 pub mod limits;
 pub mod live;
@@ -589,6 +590,8 @@ pub fn router(
         ))
         // Every answer, a timeout or a refusal too, echoes the caller's id.
         .layer(axum::middleware::from_fn(correlation::layer))
+        // Every answer is counted, with its route and status (`http_requests_total`).
+        .layer(axum::middleware::from_fn(http_metrics::layer))
         // Outermost: the request's span, under the caller's trace.
         .layer(axum::middleware::from_fn(request_span::layer))
         .with_state(state)

@@ -63,6 +63,10 @@ pub enum Command {
     /// retry once the cause is fixed, or resolve by cancelling the order with compensation.
     #[command(subcommand)]
     StuckFlows(StuckFlows),
+    /// Applies the event store's migrations and creates every read model's schema, then exits
+    /// (what the API, the process manager and the projectors otherwise do as they start): the
+    /// deployment's migration job. Idempotent; concurrent runs wait for each other.
+    Migrate,
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,6 +185,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
         Command::AsOf(args) => crate::asof::run(args, &pool, out).await?,
         Command::EraseCustomer(args) => crate::privacy::erase(args, &pool, out).await?,
         Command::StuckFlows(command) => stuck_flows(&pool, command, out).await?,
+        Command::Migrate => migrate(pool, out).await?,
         Command::DeadLetters(DeadLetters::Redrive {
             read_model: name,
             ids,
@@ -211,6 +216,21 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
                 bail!("{}", refused.join("; "));
             }
         }
+    }
+    Ok(())
+}
+
+/// The event store's migrations, then every read model's schema.
+async fn migrate(pool: PgPool, out: &mut impl Write) -> anyhow::Result<()> {
+    commands::EventStoreDb::with_pool(pool.clone())
+        .await
+        .context("applying the event store's migrations")?;
+    writeln!(out, "event store migrated")?;
+    for read_model in projections::read_models::all() {
+        streams::consumer::ensure_schema(read_model.as_ref(), &pool)
+            .await
+            .with_context(|| format!("creating the schema of read model {}", read_model.name()))?;
+        writeln!(out, "read model {} ready", read_model.name())?;
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! child processes (for crash tests). This library holds the harness they share.
 
 pub mod bench;
+pub mod deploy;
 pub mod load;
 pub mod tools;
 
