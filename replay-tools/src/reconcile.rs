@@ -94,15 +94,95 @@ fn show(value: Option<i64>) -> String {
     value.map_or_else(|| "none".to_owned(), |v| format!("#{v}"))
 }
 
+/// A read model to compare, and the aggregate types it follows.
+type Model = (String, Vec<String>);
+
+/// Where every aggregate stands, per place, as read so far.
+struct Positions {
+    models: Vec<Model>,
+    sides: BTreeMap<(String, String), Sides>,
+    blank: Sides,
+    differences: Vec<String>,
+}
+
+impl Positions {
+    fn entry(&mut self, aggregate_type: String, aggregate_id: String) -> &mut Sides {
+        let blank = &self.blank;
+        self.sides
+            .entry((aggregate_type, aggregate_id))
+            .or_insert_with(|| blank.clone())
+    }
+
+    fn follows(&self, index: usize, aggregate_type: &str) -> bool {
+        self.models[index].1.iter().any(|f| f == aggregate_type)
+    }
+}
+
 /// `replay-tools reconcile`.
 pub async fn reconcile(
     pool: &PgPool,
     args: ReconcileArgs,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let mut models: Vec<(String, Vec<String>)> = Vec::new();
+    let models = models_to_compare(pool, args.read_model.as_deref()).await?;
+    let mut at = Positions {
+        blank: Sides {
+            models: vec![None; models.len()],
+            ..Sides::default()
+        },
+        models,
+        sides: BTreeMap::new(),
+        differences: Vec::new(),
+    };
+    read_store(pool, &mut at).await?;
+    let kafka = if args.no_topics {
+        None
+    } else {
+        Some(KafkaConfig::from_env().context("KAFKA_* settings")?)
+    };
+    if let Some(kafka) = &kafka {
+        read_topics(kafka, &mut at).await?;
+    }
+    read_applied(pool, &mut at).await?;
+    let has_topic = |t: &str| {
+        kafka
+            .as_ref()
+            .is_some_and(|k| k.topics().for_aggregate(t).is_some())
+    };
+    let tallies = compare_aggregates(pool, &mut at, &has_topic).await?;
+    if at.models.iter().any(|(name, _)| name == "tracking") {
+        check_tracking_rows(pool, &mut at.differences).await?;
+    }
+    let summary = compare_types(&mut at, tallies, &has_topic);
+
+    for line in at.differences.iter().chain(&summary) {
+        writeln!(out, "{line}")?;
+    }
+    let compared: Vec<String> = std::iter::once("the event store".to_owned())
+        .chain(kafka.is_some().then(|| "the topics".to_owned()))
+        .chain(
+            at.models
+                .iter()
+                .map(|(name, _)| format!("read model {name}")),
+        )
+        .collect();
+    writeln!(
+        out,
+        "summary: compared {} over {} aggregates; {} differences",
+        compared.join(", "),
+        at.sides.len(),
+        at.differences.len()
+    )?;
+    if !at.differences.is_empty() {
+        bail!("reconcile found {} differences", at.differences.len());
+    }
+    Ok(())
+}
+
+/// The read models to compare (one, or every one in the database) with the types they follow.
+async fn models_to_compare(pool: &PgPool, only: Option<&str>) -> anyhow::Result<Vec<Model>> {
     let all = operations::read_models(pool).await?;
-    let names: Vec<String> = match &args.read_model {
+    let names: Vec<String> = match only {
         Some(name) => match operations::find(pool, name).await? {
             Some(found) => vec![found],
             None => bail!(
@@ -116,96 +196,97 @@ pub async fn reconcile(
         },
         None => all,
     };
+    let mut models = Vec::with_capacity(names.len());
     for name in names {
         let types = followed_types(pool, &name).await?;
         models.push((name, types));
     }
+    Ok(models)
+}
 
-    let mut sides: BTreeMap<(String, String), Sides> = BTreeMap::new();
-    let blank = Sides {
-        models: vec![None; models.len()],
-        ..Sides::default()
-    };
-
-    // The event store.
-    {
-        let mut rows = sqlx::query_as::<_, (String, String, i64, i64)>(
-            "SELECT aggregate_type, aggregate_id, max(sequence), count(*) FROM events GROUP BY 1, 2",
-        )
-        .fetch(pool);
-        while let Some((t, i, last, count)) = rows.try_next().await.context("reading events")? {
-            let entry = sides.entry((t, i)).or_insert_with(|| blank.clone());
-            entry.store = Some(last);
-            entry.store_events = count;
-        }
+/// The event store: each aggregate's last sequence and event count.
+async fn read_store(pool: &PgPool, at: &mut Positions) -> anyhow::Result<()> {
+    let mut rows = sqlx::query_as::<_, (String, String, i64, i64)>(
+        "SELECT aggregate_type, aggregate_id, max(sequence), count(*) FROM events GROUP BY 1, 2",
+    )
+    .fetch(pool);
+    while let Some((t, i, last, count)) = rows.try_next().await.context("reading events")? {
+        let entry = at.entry(t, i);
+        entry.store = Some(last);
+        entry.store_events = count;
     }
+    Ok(())
+}
 
-    // The topics: the identity headers of every record.
-    let mut differences: Vec<String> = Vec::new();
-    let kafka = if args.no_topics {
-        None
-    } else {
-        Some(KafkaConfig::from_env().context("KAFKA_* settings")?)
-    };
-    if let Some(kafka) = &kafka {
-        let topics = kafka.topics();
-        let cancel = progress::interrupted();
-        let mut scan = TopicScan::open(kafka, &topics.all())?;
-        let bar = progress::bar("topics", Some(scan.total));
-        let mut records = 0_u64;
-        while let Some(message) = scan.next().await? {
-            records += 1;
-            match EventMeta::from_headers(rdkafka::Message::headers(&message)) {
-                Ok(meta) => {
-                    let sequence = i64::try_from(meta.sequence).unwrap_or(i64::MAX);
-                    let entry = sides
-                        .entry((meta.aggregate_type, meta.aggregate_id))
-                        .or_insert_with(|| blank.clone());
-                    if entry.topic.is_none_or(|seen| sequence > seen) {
-                        entry.topic = Some(sequence);
-                        entry.topic_events += 1;
-                    }
-                }
-                Err(e) => differences.push(format!(
-                    "difference: record {}/{}@{}: no readable identity ({e})",
-                    rdkafka::Message::topic(&message),
-                    rdkafka::Message::partition(&message),
-                    rdkafka::Message::offset(&message)
-                )),
-            }
-            if records.is_multiple_of(1000) {
-                bar.set_position(records);
-                if cancel.is_cancelled() {
-                    bar.finish_and_clear();
-                    bail!(
-                        "interrupted after {records} of {} records: nothing was compared",
-                        scan.total
-                    );
+/// The topics: the identity headers of every record.
+async fn read_topics(kafka: &KafkaConfig, at: &mut Positions) -> anyhow::Result<()> {
+    let topics = kafka.topics();
+    let cancel = progress::interrupted();
+    let mut scan = TopicScan::open(kafka, &topics.all())?;
+    let bar = progress::bar("topics", Some(scan.total));
+    let mut records = 0_u64;
+    while let Some(message) = scan.next().await? {
+        records += 1;
+        match EventMeta::from_headers(rdkafka::Message::headers(&message)) {
+            Ok(meta) => {
+                let sequence = i64::try_from(meta.sequence).unwrap_or(i64::MAX);
+                let entry = at.entry(meta.aggregate_type, meta.aggregate_id);
+                if entry.topic.is_none_or(|seen| sequence > seen) {
+                    entry.topic = Some(sequence);
+                    entry.topic_events += 1;
                 }
             }
+            Err(e) => at.differences.push(format!(
+                "difference: record {}/{}@{}: no readable identity ({e})",
+                rdkafka::Message::topic(&message),
+                rdkafka::Message::partition(&message),
+                rdkafka::Message::offset(&message)
+            )),
         }
-        bar.finish_and_clear();
+        if records.is_multiple_of(1000) {
+            bar.set_position(records);
+            if cancel.is_cancelled() {
+                bar.finish_and_clear();
+                bail!(
+                    "interrupted after {records} of {} records: nothing was compared",
+                    scan.total
+                );
+            }
+        }
     }
+    bar.finish_and_clear();
+    Ok(())
+}
 
-    // The read models' applied sequences.
-    for (index, (name, types)) in models.iter().enumerate() {
+/// The read models' applied sequences.
+async fn read_applied(pool: &PgPool, at: &mut Positions) -> anyhow::Result<()> {
+    for index in 0..at.models.len() {
+        let (name, types) = at.models[index].clone();
         let sql = format!(
             "SELECT aggregate_type, aggregate_id, last_sequence FROM {name}.applied \
              WHERE aggregate_type = ANY($1)"
         );
         let mut rows = sqlx::query_as::<_, (String, String, i64)>(&sql)
-            .bind(types)
+            .bind(&types)
             .fetch(pool);
         while let Some((t, i, last)) = rows
             .try_next()
             .await
             .with_context(|| format!("reading {name}.applied"))?
         {
-            let entry = sides.entry((t, i)).or_insert_with(|| blank.clone());
-            entry.models[index] = Some(last);
+            at.entry(t, i).models[index] = Some(last);
         }
     }
+    Ok(())
+}
 
+/// Per aggregate, a difference wherever a place is not where the store is; returns the tallies
+/// per aggregate type and place.
+async fn compare_aggregates(
+    pool: &PgPool,
+    at: &mut Positions,
+    has_topic: &impl Fn(&str) -> bool,
+) -> anyhow::Result<BTreeMap<(String, String), Tally>> {
     let unpublished: HashMap<(String, String), i64> = sqlx::query_as::<_, (String, String, i64)>(
         "SELECT aggregate_type, aggregate_id, count(*) FROM outbox WHERE published_at IS NULL GROUP BY 1, 2",
     )
@@ -214,42 +295,32 @@ pub async fn reconcile(
     .into_iter()
     .map(|(t, i, n)| ((t, i), n))
     .collect();
-
-    // Per aggregate, and the tallies per type and place.
-    let has_topic = |t: &str| {
-        kafka
-            .as_ref()
-            .is_some_and(|k| k.topics().for_aggregate(t).is_some())
-    };
-    let follows = |index: usize, t: &str| models[index].1.iter().any(|f| f == t);
     let mut tallies: BTreeMap<(String, String), Tally> = BTreeMap::new();
-    for ((t, i), side) in &sides {
+    let mut tally = |t: &str, place: &str, i: &str, last: i64, events: i64| {
+        tallies
+            .entry((t.to_owned(), place.to_owned()))
+            .or_default()
+            .add(i, last, events);
+    };
+    let mut differences = Vec::new();
+    for ((t, i), side) in &at.sides {
         let mut places: Vec<(String, Option<i64>)> = vec![("store".to_owned(), side.store)];
         if let Some(last) = side.store {
-            tallies
-                .entry((t.clone(), "store".to_owned()))
-                .or_default()
-                .add(i, last, side.store_events);
+            tally(t, "store", i, last, side.store_events);
         }
         if has_topic(t) {
             places.push(("topic".to_owned(), side.topic));
             if let Some(last) = side.topic {
-                tallies
-                    .entry((t.clone(), "topic".to_owned()))
-                    .or_default()
-                    .add(i, last, side.topic_events);
+                tally(t, "topic", i, last, side.topic_events);
             }
         }
-        for (index, (name, _)) in models.iter().enumerate() {
-            if !follows(index, t) {
+        for (index, (name, _)) in at.models.iter().enumerate() {
+            if !at.follows(index, t) {
                 continue;
             }
             places.push((name.clone(), side.models[index]));
             if let Some(last) = side.models[index] {
-                tallies
-                    .entry((t.clone(), name.clone()))
-                    .or_default()
-                    .add(i, last, last);
+                tally(t, name, i, last, last);
             }
         }
         if places.iter().any(|(_, v)| *v != side.store) {
@@ -267,49 +338,60 @@ pub async fn reconcile(
             ));
         }
     }
+    at.differences.extend(differences);
+    Ok(tallies)
+}
 
-    // The tracking read model, row by row.
-    if models.iter().any(|(name, _)| name == "tracking") {
-        let present: bool = sqlx::query_scalar("SELECT to_regclass('tracking.orders') IS NOT NULL")
-            .fetch_one(pool)
-            .await?;
-        if present {
-            let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
-                "SELECT a.aggregate_id, a.last_sequence, o.last_sequence \
-                 FROM tracking.applied a \
-                 LEFT JOIN tracking.orders o ON o.order_id = a.aggregate_id \
-                 WHERE a.aggregate_type = 'order' AND o.last_sequence IS DISTINCT FROM a.last_sequence \
-                 ORDER BY a.aggregate_id",
-            )
-            .fetch_all(pool)
-            .await?;
-            for (order, applied, row) in rows {
-                differences.push(match row {
-                    None => format!(
-                        "difference: order {order} tracking.orders: no row, though tracking applied the order's events up to #{applied}"
-                    ),
-                    Some(at) => format!(
-                        "difference: order {order} tracking.orders: the row is at #{at}, though tracking applied the order's events up to #{applied}"
-                    ),
-                });
-            }
-            let extra: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT o.order_id, o.last_sequence FROM tracking.orders o \
-                 WHERE NOT EXISTS (SELECT 1 FROM tracking.applied a \
-                                   WHERE a.aggregate_type = 'order' AND a.aggregate_id = o.order_id) \
-                 ORDER BY o.order_id",
-            )
-            .fetch_all(pool)
-            .await?;
-            for (order, at) in extra {
-                differences.push(format!(
-                    "difference: order {order} tracking.orders: a row at #{at} for an order tracking never applied"
-                ));
-            }
-        }
+/// The tracking read model, row by row: one row per order, at the sequence tracking applied.
+async fn check_tracking_rows(pool: &PgPool, differences: &mut Vec<String>) -> anyhow::Result<()> {
+    let present: bool = sqlx::query_scalar("SELECT to_regclass('tracking.orders') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !present {
+        return Ok(());
     }
+    let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT a.aggregate_id, a.last_sequence, o.last_sequence \
+         FROM tracking.applied a \
+         LEFT JOIN tracking.orders o ON o.order_id = a.aggregate_id \
+         WHERE a.aggregate_type = 'order' AND o.last_sequence IS DISTINCT FROM a.last_sequence \
+         ORDER BY a.aggregate_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (order, applied, row) in rows {
+        differences.push(match row {
+            None => format!(
+                "difference: order {order} tracking.orders: no row, though tracking applied the order's events up to #{applied}"
+            ),
+            Some(at) => format!(
+                "difference: order {order} tracking.orders: the row is at #{at}, though tracking applied the order's events up to #{applied}"
+            ),
+        });
+    }
+    let extra: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT o.order_id, o.last_sequence FROM tracking.orders o \
+         WHERE NOT EXISTS (SELECT 1 FROM tracking.applied a \
+                           WHERE a.aggregate_type = 'order' AND a.aggregate_id = o.order_id) \
+         ORDER BY o.order_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (order, at) in extra {
+        differences.push(format!(
+            "difference: order {order} tracking.orders: a row at #{at} for an order tracking never applied"
+        ));
+    }
+    Ok(())
+}
 
-    // Counts and checksums per aggregate type.
+/// Counts and checksums per aggregate type, place by place: a difference where they disagree,
+/// and the summary lines.
+fn compare_types(
+    at: &mut Positions,
+    tallies: BTreeMap<(String, String), Tally>,
+    has_topic: &impl Fn(&str) -> bool,
+) -> Vec<String> {
     let mut per_type: BTreeMap<String, Vec<(String, i64, i64, String)>> = BTreeMap::new();
     for ((t, place), tally) in tallies {
         let (aggregates, events, checksum) = tally.finish();
@@ -319,20 +401,15 @@ pub async fn reconcile(
             .push((place, aggregates, events, checksum));
     }
     let mut summary = Vec::new();
-    for (t, mut places) in per_type {
+    for (t, places) in per_type {
         // The store first, then the topic, then the read models by name.
-        places.sort_by_key(|(place, ..)| match place.as_str() {
-            "store" => (0, String::new()),
-            "topic" => (1, String::new()),
-            other => (2, other.to_owned()),
-        });
         let expected: Vec<String> = std::iter::once("store".to_owned())
             .chain(has_topic(&t).then(|| "topic".to_owned()))
             .chain(
-                models
+                at.models
                     .iter()
                     .enumerate()
-                    .filter(|(index, _)| follows(*index, &t))
+                    .filter(|(index, _)| at.follows(*index, &t))
                     .map(|(_, (name, _))| name.clone()),
             )
             .collect();
@@ -352,14 +429,15 @@ pub async fn reconcile(
             .collect();
         if counts.iter().any(|(_, c)| *c != counts[0].1) {
             let listed: Vec<String> = counts.iter().map(|(p, c)| format!("{p} {c}")).collect();
-            differences.push(format!(
+            at.differences.push(format!(
                 "difference: {t} event counts: {}",
                 listed.join(", ")
             ));
         }
         if checksums.iter().any(|(_, c)| *c != checksums[0].1) {
             let listed: Vec<String> = checksums.iter().map(|(p, c)| format!("{p} {c}")).collect();
-            differences.push(format!("difference: {t} checksums: {}", listed.join(", ")));
+            at.differences
+                .push(format!("difference: {t} checksums: {}", listed.join(", ")));
         }
         let listed: Vec<String> = expected
             .iter()
@@ -373,26 +451,5 @@ pub async fn reconcile(
             .collect();
         summary.push(format!("summary: {t}: {}", listed.join(", ")));
     }
-
-    for line in &differences {
-        writeln!(out, "{line}")?;
-    }
-    for line in &summary {
-        writeln!(out, "{line}")?;
-    }
-    let compared: Vec<String> = std::iter::once("the event store".to_owned())
-        .chain(kafka.is_some().then(|| "the topics".to_owned()))
-        .chain(models.iter().map(|(name, _)| format!("read model {name}")))
-        .collect();
-    writeln!(
-        out,
-        "summary: compared {} over {} aggregates; {} differences",
-        compared.join(", "),
-        sides.len(),
-        differences.len()
-    )?;
-    if !differences.is_empty() {
-        bail!("reconcile found {} differences", differences.len());
-    }
-    Ok(())
+    summary
 }
