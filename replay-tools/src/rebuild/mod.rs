@@ -316,89 +316,7 @@ pub async fn rebuild(
         appliers: usize::try_from(args.appliers).unwrap_or(1).max(1),
         profile: Arc::default(),
     };
-    let existing = rebuild.state().await?;
-    let finished = existing.is_some() && rebuild.finished().await?;
-    // A finished rebuild asked to swap goes straight to the swap (which first catches up with
-    // what the live model applied since).
-    let mut build = true;
-    let (source, state) = match existing {
-        Some(state) if finished && !args.restart && !args.resume => {
-            if state.as_of.is_some() {
-                bail!(
-                    "the rebuild in {} is finished and {}: a past state is never swapped in;                      query or `check` it, or --restart to rebuild the current state",
-                    schemas.shadow,
-                    describe_as_of(state.as_of)
-                );
-            }
-            if !args.swap {
-                bail!(
-                    "a finished rebuild of {live} is in {} ({} events applied since {}): pass                      --swap to swap it in (it first catches up with the live model), or                      --restart to discard it and start over",
-                    schemas.shadow,
-                    state.applied,
-                    state.started_at.to_rfc3339_opts(SecondsFormat::Secs, true)
-                );
-            }
-            build = false;
-            (Source::parse(&state.source)?, Some(state))
-        }
-        Some(_) if args.restart => {
-            sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", schemas.shadow))
-                .execute(pool)
-                .await?;
-            let source = args.source.unwrap_or(Source::Topics);
-            rebuild.as_of = as_of;
-            rebuild.create_shadow(source).await?;
-            (source, rebuild.state().await?)
-        }
-        Some(state) if args.resume => {
-            let recorded = Source::parse(&state.source)?;
-            if let Some(asked) = args.source.filter(|s| *s != recorded) {
-                bail!(
-                    "the rebuild in {} reads from the {}; it cannot resume from the {} \
-                     (use --restart to start over from there)",
-                    schemas.shadow,
-                    recorded.as_str(),
-                    asked.as_str()
-                );
-            }
-            if as_of.is_some() && as_of != state.as_of {
-                bail!(
-                    "the rebuild in {} is {}; it cannot resume as of {} (use --restart)",
-                    schemas.shadow,
-                    describe_as_of(state.as_of),
-                    args.as_of.as_deref().unwrap_or_default()
-                );
-            }
-            if args.swap && state.as_of.is_some() {
-                bail!(
-                    "the rebuild in {} is {}: a past state is never swapped in (the live \
-                     projector would meet the later events' gaps)",
-                    schemas.shadow,
-                    describe_as_of(state.as_of)
-                );
-            }
-            rebuild.as_of = state.as_of;
-            (recorded, Some(state))
-        }
-        Some(state) => bail!(
-            "an unfinished rebuild of {live} is in {} ({}, {} events applied since {}): pass \
-             --resume to continue it, or --restart to discard it",
-            schemas.shadow,
-            describe_as_of(state.as_of),
-            state.applied,
-            state.started_at.to_rfc3339_opts(SecondsFormat::Secs, true)
-        ),
-        None if args.resume => bail!(
-            "nothing to resume: there is no rebuild of {live} ({} does not exist)",
-            schemas.shadow
-        ),
-        None => {
-            let source = args.source.unwrap_or(Source::Topics);
-            rebuild.as_of = as_of;
-            rebuild.create_shadow(source).await?;
-            (source, rebuild.state().await?)
-        }
-    };
+    let (source, state, build) = rebuild.start_or_resume(&args, as_of).await?;
     let state = state.context("the shadow has no rebuild state")?;
 
     let started = Instant::now();
@@ -425,7 +343,155 @@ pub async fn rebuild(
     }
     let elapsed = started.elapsed();
     if build {
+        report_build(out, &rebuild, source, completed, &tally, elapsed)?;
+    }
+    if !completed {
+        bail!(
+            "interrupted: {} keeps everything applied up to its checkpoint; run `replay-tools \
+             rebuild {live} --resume{}` to continue",
+            schemas.shadow,
+            if args.swap { " --swap" } else { "" }
+        );
+    }
+    if tally.gaps > 0 && source == Source::Topics {
         writeln!(
+            out,
+            "warning: {} events came after a missing event of their aggregate and were not \
+             applied; if the topics were trimmed, rebuild from the event store (--source store)",
+            tally.gaps
+        )?;
+    }
+    if args.swap {
+        swap_in(out, &rebuild, &interrupted).await?;
+    }
+    Ok(())
+}
+
+impl Rebuild {
+    /// Where this run starts: a new shadow, the unfinished one resumed, or a finished one to
+    /// swap in (`build` false); refuses what the arguments and the shadow's state rule out.
+    async fn start_or_resume(
+        &mut self,
+        args: &RebuildArgs,
+        as_of: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<(Source, Option<State>, bool)> {
+        let live = self.schemas.live;
+        let schemas = &self.schemas;
+        let pool = &self.pool;
+        let existing = self.state().await?;
+        let finished = existing.is_some() && self.finished().await?;
+        // A finished rebuild asked to swap goes straight to the swap (which first catches up with
+        // what the live model applied since).
+        let mut build = true;
+        let (source, state) = match existing {
+            Some(state) if finished && !args.restart && !args.resume => {
+                if state.as_of.is_some() {
+                    bail!(
+                        "the rebuild in {} is finished and {}: a past state is never swapped in; \
+                         query or `check` it, or --restart to rebuild the current state",
+                        schemas.shadow,
+                        describe_as_of(state.as_of)
+                    );
+                }
+                if !args.swap {
+                    bail!(
+                        "a finished rebuild of {live} is in {} ({} events applied since {}): pass \
+                         --swap to swap it in (it first catches up with the live model), or \
+                         --restart to discard it and start over",
+                        schemas.shadow,
+                        state.applied,
+                        state.started_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+                    );
+                }
+                build = false;
+                (Source::parse(&state.source)?, Some(state))
+            }
+            Some(_) if args.restart => {
+                sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", schemas.shadow))
+                    .execute(pool)
+                    .await?;
+                let source = args.source.unwrap_or(Source::Topics);
+                self.as_of = as_of;
+                self.create_shadow(source).await?;
+                (source, self.state().await?)
+            }
+            Some(state) if args.resume => {
+                let recorded = self.resumable(args, as_of, &state)?;
+                self.as_of = state.as_of;
+                (recorded, Some(state))
+            }
+            Some(state) => bail!(
+                "an unfinished rebuild of {live} is in {} ({}, {} events applied since {}): pass \
+                 --resume to continue it, or --restart to discard it",
+                schemas.shadow,
+                describe_as_of(state.as_of),
+                state.applied,
+                state.started_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ),
+            None if args.resume => bail!(
+                "nothing to resume: there is no rebuild of {live} ({} does not exist)",
+                schemas.shadow
+            ),
+            None => {
+                let source = args.source.unwrap_or(Source::Topics);
+                self.as_of = as_of;
+                self.create_shadow(source).await?;
+                (source, self.state().await?)
+            }
+        };
+        Ok((source, state, build))
+    }
+
+    /// The source of the unfinished rebuild `state` records, if these arguments can resume it.
+    fn resumable(
+        &self,
+        args: &RebuildArgs,
+        as_of: Option<DateTime<Utc>>,
+        state: &State,
+    ) -> anyhow::Result<Source> {
+        let schemas = &self.schemas;
+        let recorded = Source::parse(&state.source)?;
+        if let Some(asked) = args.source.filter(|s| *s != recorded) {
+            bail!(
+                "the rebuild in {} reads from the {}; it cannot resume from the {} \
+                     (use --restart to start over from there)",
+                schemas.shadow,
+                recorded.as_str(),
+                asked.as_str()
+            );
+        }
+        if as_of.is_some() && as_of != state.as_of {
+            bail!(
+                "the rebuild in {} is {}; it cannot resume as of {} (use --restart)",
+                schemas.shadow,
+                describe_as_of(state.as_of),
+                args.as_of.as_deref().unwrap_or_default()
+            );
+        }
+        if args.swap && state.as_of.is_some() {
+            bail!(
+                "the rebuild in {} is {}: a past state is never swapped in (the live \
+                     projector would meet the later events' gaps)",
+                schemas.shadow,
+                describe_as_of(state.as_of)
+            );
+        }
+        Ok(recorded)
+    }
+}
+
+/// The rebuild's figures.
+fn report_build(
+    out: &mut impl Write,
+    rebuild: &Rebuild,
+    source: Source,
+    completed: bool,
+    tally: &Tally,
+    elapsed: Duration,
+) -> anyhow::Result<()> {
+    let live = rebuild.schemas.live;
+    let schemas = &rebuild.schemas;
+    writeln!(
         out,
         "{live}: {} into {} from the {}{}: {} events read, {} applied, {} duplicates, {} after a \
          missing one (gaps), {} dead letters{}, in {:.1} s ({:.0} events/s)",
@@ -453,36 +519,27 @@ pub async fn rebuild(
         elapsed.as_secs_f64(),
         tally.read as f64 / elapsed.as_secs_f64().max(1e-9),
     )?;
-        writeln!(out, "{live}: {}", rebuild.profile.describe())?;
-    }
-    if !completed {
-        bail!(
-            "interrupted: {} keeps everything applied up to its checkpoint; run `replay-tools \
-             rebuild {live} --resume{}` to continue",
-            schemas.shadow,
-            if args.swap { " --swap" } else { "" }
-        );
-    }
-    if tally.gaps > 0 && source == Source::Topics {
-        writeln!(
-            out,
-            "warning: {} events came after a missing event of their aggregate and were not \
-             applied; if the topics were trimmed, rebuild from the event store (--source store)",
-            tally.gaps
-        )?;
-    }
-    if args.swap {
-        let swapped = rebuild.swap(&interrupted).await?;
-        let old = &swapped.old;
-        writeln!(
-            out,
-            "{live}: swapped in, after catching up {} events the live model applied meanwhile \
+    writeln!(out, "{live}: {}", rebuild.profile.describe())?;
+    Ok(())
+}
+
+/// Swaps the finished shadow in and says what that took.
+async fn swap_in(
+    out: &mut impl Write,
+    rebuild: &Rebuild,
+    interrupted: &CancellationToken,
+) -> anyhow::Result<()> {
+    let live = rebuild.schemas.live;
+    let swapped = rebuild.swap(interrupted).await?;
+    let old = &swapped.old;
+    writeln!(
+        out,
+        "{live}: swapped in, after catching up {} events the live model applied meanwhile \
              ({} of them under the lock); the previous read model is kept as {old} (`DROP \
              SCHEMA {old} CASCADE` once satisfied)",
-            swapped.caught_up + swapped.under_lock,
-            swapped.under_lock
-        )?;
-    }
+        swapped.caught_up + swapped.under_lock,
+        swapped.under_lock
+    )?;
     Ok(())
 }
 
