@@ -258,254 +258,291 @@ impl Projection for NotificationsProjection {
         tx: &mut Transaction<'static, Postgres>,
         events: &[FirstDelivery<'_>],
     ) -> Result<(), ProjectionError> {
-        let mut orders = Self::known_orders(tx, events).await?;
-        // Orders placed or repriced in this batch: written back once, as they end up.
-        let mut changed: BTreeSet<String> = BTreeSet::new();
-        let mut records = Records::default();
+        let mut batch = Batch {
+            orders: Self::known_orders(tx, events).await?,
+            changed: BTreeSet::new(),
+            records: Records::default(),
+        };
         for record in events {
-            let id = record.meta.aggregate_id.as_str();
             match record.meta.aggregate_type.as_str() {
-                domain::order::AGGREGATE_TYPE => {
-                    if !ORDER_EVENTS.contains(&record.meta.event_type.as_str()) {
-                        continue;
-                    }
-                    let event: OrderEvent = record.event().map_err(event_error)?;
-                    let at = event.occurred_at();
-                    let (kind, status) = match &event {
-                        OrderEvent::OrderPlaced {
-                            customer_id, total, ..
-                        } => {
-                            // A replay of the placement changes nothing that is known.
-                            orders.entry(id.to_owned()).or_insert_with(|| OrderFacts {
-                                customer_id: customer_id.as_uuid(),
-                                total_minor: total.minor(),
-                                currency: total.currency().as_str().to_owned(),
-                            });
-                            changed.insert(id.to_owned());
-                            continue;
-                        }
-                        OrderEvent::OrderModified { total, .. } => {
-                            let facts = orders.get_mut(id).ok_or_else(|| unplaced(id))?;
-                            facts.total_minor = total.minor();
-                            facts.currency = total.currency().as_str().to_owned();
-                            changed.insert(id.to_owned());
-                            continue;
-                        }
-                        OrderEvent::OrderConfirmed { .. } => {
-                            (NotificationKind::OrderConfirmed, "Confirmed")
-                        }
-                        OrderEvent::OrderOutForDelivery { .. } => {
-                            (NotificationKind::OrderOutForDelivery, "OutForDelivery")
-                        }
-                        OrderEvent::OrderDelivered { .. } => {
-                            (NotificationKind::OrderDelivered, "Delivered")
-                        }
-                        OrderEvent::OrderRejected { .. } => {
-                            (NotificationKind::OrderRejected, "Rejected")
-                        }
-                        OrderEvent::OrderCancelled { .. } => {
-                            (NotificationKind::OrderCancelled, "Cancelled")
-                        }
-                        _ => continue,
-                    };
-                    let facts = orders.get(id).ok_or_else(|| unplaced(id))?;
-                    let mut payload = json!({
-                        "order_id": id,
-                        "status": status,
-                        "total": money(facts.total_minor, &facts.currency),
-                        "at": at,
-                    });
-                    match &event {
-                        OrderEvent::OrderRejected { reason, .. } => {
-                            payload["reason"] = json!(format!("{reason:?}"));
-                        }
-                        OrderEvent::OrderCancelled {
-                            cancelled_by,
-                            reason,
-                            ..
-                        } => {
-                            payload["cancelled_by"] = json!(format!("{cancelled_by:?}"));
-                            payload["reason"] = json!(reason);
-                        }
-                        _ => {}
-                    }
-                    records.push(
-                        record,
-                        facts.customer_id,
-                        kind,
-                        Some(id.to_owned()),
-                        payload,
-                        at,
-                    );
-                }
-                domain::delivery::AGGREGATE_TYPE => {
-                    if record.meta.event_type != "DeliveryFailed" {
-                        continue;
-                    }
-                    let DeliveryEvent::DeliveryFailed { reason, failed_at } =
-                        record.event::<DeliveryEvent>().map_err(event_error)?
-                    else {
-                        continue;
-                    };
-                    let mut payload =
-                        delivery_failed_payload(id, &format!("{reason:?}"), failed_at);
-                    match orders.get(id) {
-                        Some(facts) => {
-                            payload["total"] = money(facts.total_minor, &facts.currency);
-                            records.push(
-                                record,
-                                facts.customer_id,
-                                NotificationKind::DeliveryFailed,
-                                Some(id.to_owned()),
-                                payload,
-                                failed_at,
-                            );
-                        }
-                        None => {
-                            // Applied before the order's placement: told once it arrives.
-                            sqlx::query(
-                                "INSERT INTO pending_delivery_failures \
-                                   (order_id, event_id, payload, created_at) \
-                                 VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, event_id) DO NOTHING",
-                            )
-                            .bind(id)
-                            .bind(record.meta.event_id)
-                            .bind(&payload)
-                            .bind(recorded_at(record, failed_at))
-                            .execute(&mut **tx)
-                            .await?;
-                        }
-                    }
-                }
-                domain::rewards::AGGREGATE_TYPE => {
-                    if record.meta.event_type != "PointsEarned" {
-                        continue;
-                    }
-                    let customer_id = Uuid::parse_str(id).map_err(|_| {
-                        event_error(format!("rewards ledger id `{id}` is not a customer id"))
-                    })?;
-                    if let RewardsEvent::PointsEarned {
-                        order_id,
-                        order_total,
-                        multiplier_bp,
-                        points,
-                        expires_at,
-                        earned_at,
-                        ..
-                    } = record.event::<RewardsEvent>().map_err(event_error)?
-                    {
-                        let payload = json!({
-                            "order_id": order_id.to_string(),
-                            "points": points,
-                            "order_total": money(order_total.minor(), order_total.currency().as_str()),
-                            "multiplier_bp": multiplier_bp,
-                            "expires_at": expires_at,
-                            "at": earned_at,
-                        });
-                        records.push(
-                            record,
-                            customer_id,
-                            NotificationKind::PointsEarned,
-                            Some(order_id.to_string()),
-                            payload,
-                            earned_at,
-                        );
-                    }
-                }
+                domain::order::AGGREGATE_TYPE => batch.order_event(record)?,
+                domain::delivery::AGGREGATE_TYPE => batch.delivery_event(tx, record).await?,
+                domain::rewards::AGGREGATE_TYPE => batch.rewards_event(record)?,
                 _ => {}
             }
         }
-        if !changed.is_empty() {
-            let (mut ids, mut customers, mut totals, mut currencies) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for id in &changed {
-                if let Some(facts) = orders.get(id) {
-                    ids.push(id.as_str());
-                    customers.push(facts.customer_id);
-                    totals.push(facts.total_minor);
-                    currencies.push(facts.currency.as_str());
-                }
-            }
-            sqlx::query(
-                "INSERT INTO orders (order_id, customer_id, total_minor, currency) \
-                 SELECT * FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::text[]) \
-                 ON CONFLICT (order_id) DO UPDATE \
-                 SET total_minor = excluded.total_minor, currency = excluded.currency",
-            )
-            .bind(&ids)
-            .bind(&customers)
-            .bind(&totals)
-            .bind(&currencies)
-            .execute(&mut **tx)
-            .await?;
-            // Delivery failures that were applied before their order's placement.
-            let waiting: Vec<(String, Uuid, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
-                "DELETE FROM pending_delivery_failures WHERE order_id = ANY($1) \
-                 RETURNING order_id, event_id, payload, created_at",
-            )
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await?;
-            for (order_id, event_id, mut payload, created_at) in waiting {
-                if let Some(facts) = orders.get(&order_id) {
-                    payload["total"] = money(facts.total_minor, &facts.currency);
-                    records.push_raw(
-                        facts.customer_id,
-                        NotificationKind::DeliveryFailed.as_str(),
-                        Some(order_id),
-                        event_id,
-                        payload,
-                        created_at,
-                    );
-                }
-            }
-        }
-        if records.event_id.is_empty() {
+        batch.write_orders(tx).await?;
+        insert_records(tx, &batch.records).await
+    }
+}
+
+/// What one batch learns and tells.
+struct Batch {
+    orders: HashMap<String, OrderFacts>,
+    /// Orders placed or repriced in this batch: written back once, as they end up.
+    changed: BTreeSet<String>,
+    records: Records,
+}
+
+impl Batch {
+    /// An order's event: remembered (placed, repriced) or told to its customer.
+    fn order_event(&mut self, record: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
+        if !ORDER_EVENTS.contains(&record.meta.event_type.as_str()) {
             return Ok(());
         }
-        // Per customer, ids must become visible in id order, or a reader tailing by id (the
-        // SSE stream, a client paging with `next_cursor`) could pass a lower id whose
-        // transaction commits later. So ids of a customer's records are only drawn while holding
-        // that customer's lock, until commit: two projector transactions touching the same
-        // customer (two instances during a rebalance) commit one after the other. Locks are
-        // taken in key order, so two batches cannot deadlock on them. (Two-key advisory locks
-        // do not share a key space with the one-key locks used elsewhere.)
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtext('notifications'), k) \
-             FROM (SELECT DISTINCT hashtext(c::text) AS k FROM unnest($1::uuid[]) AS c) s \
-             ORDER BY k",
-        )
-        .bind(&records.customer_id)
-        .execute(&mut **tx)
-        .await?;
-        // Ids are drawn in event order (ORDER BY the position in the batch).
-        let inserted: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO records \
-               (customer_id, kind, order_id, event_id, payload, created_at) \
-             SELECT c, k, o, e, p, t \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], \
-                         $6::timestamptz[]) WITH ORDINALITY AS x(c, k, o, e, p, t, n) \
-             ORDER BY n \
-             ON CONFLICT (customer_id, event_id) DO NOTHING \
-             RETURNING customer_id",
-        )
-        .bind(&records.customer_id)
-        .bind(&records.kind)
-        .bind(&records.order_id)
-        .bind(&records.event_id)
-        .bind(&records.payload)
-        .bind(&records.created_at)
-        .fetch_all(&mut **tx)
-        .await?;
-        let customers: Vec<String> = inserted
-            .into_iter()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .map(|c| c.to_string())
-            .collect();
-        streams::consumer::live::notify(tx, LIVE_CHANNEL, &customers).await?;
+        let id = record.meta.aggregate_id.as_str();
+        let event: OrderEvent = record.event().map_err(event_error)?;
+        let at = event.occurred_at();
+        let (kind, status) = match &event {
+            OrderEvent::OrderPlaced {
+                customer_id, total, ..
+            } => {
+                // A replay of the placement changes nothing that is known.
+                self.orders
+                    .entry(id.to_owned())
+                    .or_insert_with(|| OrderFacts {
+                        customer_id: customer_id.as_uuid(),
+                        total_minor: total.minor(),
+                        currency: total.currency().as_str().to_owned(),
+                    });
+                self.changed.insert(id.to_owned());
+                return Ok(());
+            }
+            OrderEvent::OrderModified { total, .. } => {
+                let facts = self.orders.get_mut(id).ok_or_else(|| unplaced(id))?;
+                facts.total_minor = total.minor();
+                facts.currency = total.currency().as_str().to_owned();
+                self.changed.insert(id.to_owned());
+                return Ok(());
+            }
+            OrderEvent::OrderConfirmed { .. } => (NotificationKind::OrderConfirmed, "Confirmed"),
+            OrderEvent::OrderOutForDelivery { .. } => {
+                (NotificationKind::OrderOutForDelivery, "OutForDelivery")
+            }
+            OrderEvent::OrderDelivered { .. } => (NotificationKind::OrderDelivered, "Delivered"),
+            OrderEvent::OrderRejected { .. } => (NotificationKind::OrderRejected, "Rejected"),
+            OrderEvent::OrderCancelled { .. } => (NotificationKind::OrderCancelled, "Cancelled"),
+            // Listed, not `_`: whether a new order event is told to the customer is decided
+            // here (and in ORDER_EVENTS).
+            OrderEvent::OrderAccepted { .. }
+            | OrderEvent::PreparationStarted { .. }
+            | OrderEvent::OrderReady { .. }
+            | OrderEvent::OrderCompleted { .. }
+            | OrderEvent::OrderRated { .. } => return Ok(()),
+        };
+        let facts = self.orders.get(id).ok_or_else(|| unplaced(id))?;
+        let mut payload = json!({
+            "order_id": id,
+            "status": status,
+            "total": money(facts.total_minor, &facts.currency),
+            "at": at,
+        });
+        match &event {
+            OrderEvent::OrderRejected { reason, .. } => {
+                payload["reason"] = json!(format!("{reason:?}"));
+            }
+            OrderEvent::OrderCancelled {
+                cancelled_by,
+                reason,
+                ..
+            } => {
+                payload["cancelled_by"] = json!(format!("{cancelled_by:?}"));
+                payload["reason"] = json!(reason);
+            }
+            _ => {}
+        }
+        let customer = facts.customer_id;
+        self.records
+            .push(record, customer, kind, Some(id.to_owned()), payload, at);
         Ok(())
     }
+
+    /// A delivery that failed is told to the order's customer (once the order is known: a
+    /// failure applied before the placement waits for it).
+    async fn delivery_event(
+        &mut self,
+        tx: &mut Transaction<'static, Postgres>,
+        record: &FirstDelivery<'_>,
+    ) -> Result<(), ProjectionError> {
+        if record.meta.event_type != "DeliveryFailed" {
+            return Ok(());
+        }
+        let DeliveryEvent::DeliveryFailed { reason, failed_at } =
+            record.event::<DeliveryEvent>().map_err(event_error)?
+        else {
+            return Ok(());
+        };
+        let id = record.meta.aggregate_id.as_str();
+        let mut payload = delivery_failed_payload(id, &format!("{reason:?}"), failed_at);
+        if let Some(facts) = self.orders.get(id) {
+            payload["total"] = money(facts.total_minor, &facts.currency);
+            self.records.push(
+                record,
+                facts.customer_id,
+                NotificationKind::DeliveryFailed,
+                Some(id.to_owned()),
+                payload,
+                failed_at,
+            );
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO pending_delivery_failures \
+               (order_id, event_id, payload, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, event_id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(record.meta.event_id)
+        .bind(&payload)
+        .bind(recorded_at(record, failed_at))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Points earned are told to the customer.
+    fn rewards_event(&mut self, record: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
+        if record.meta.event_type != "PointsEarned" {
+            return Ok(());
+        }
+        let id = record.meta.aggregate_id.as_str();
+        let customer_id = Uuid::parse_str(id)
+            .map_err(|_| event_error(format!("rewards ledger id `{id}` is not a customer id")))?;
+        if let RewardsEvent::PointsEarned {
+            order_id,
+            order_total,
+            multiplier_bp,
+            points,
+            expires_at,
+            earned_at,
+            ..
+        } = record.event::<RewardsEvent>().map_err(event_error)?
+        {
+            let payload = json!({
+                "order_id": order_id.to_string(),
+                "points": points,
+                "order_total": money(order_total.minor(), order_total.currency().as_str()),
+                "multiplier_bp": multiplier_bp,
+                "expires_at": expires_at,
+                "at": earned_at,
+            });
+            self.records.push(
+                record,
+                customer_id,
+                NotificationKind::PointsEarned,
+                Some(order_id.to_string()),
+                payload,
+                earned_at,
+            );
+        }
+        Ok(())
+    }
+
+    /// The orders placed or repriced, written back once; delivery failures that waited for
+    /// their order's placement are told now.
+    async fn write_orders(
+        &mut self,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<(), ProjectionError> {
+        if self.changed.is_empty() {
+            return Ok(());
+        }
+        let (mut ids, mut customers, mut totals, mut currencies) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for id in &self.changed {
+            if let Some(facts) = self.orders.get(id) {
+                ids.push(id.as_str());
+                customers.push(facts.customer_id);
+                totals.push(facts.total_minor);
+                currencies.push(facts.currency.as_str());
+            }
+        }
+        sqlx::query(
+            "INSERT INTO orders (order_id, customer_id, total_minor, currency) \
+             SELECT * FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::text[]) \
+             ON CONFLICT (order_id) DO UPDATE \
+             SET total_minor = excluded.total_minor, currency = excluded.currency",
+        )
+        .bind(&ids)
+        .bind(&customers)
+        .bind(&totals)
+        .bind(&currencies)
+        .execute(&mut **tx)
+        .await?;
+        let waiting: Vec<(String, Uuid, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
+            "DELETE FROM pending_delivery_failures WHERE order_id = ANY($1) \
+             RETURNING order_id, event_id, payload, created_at",
+        )
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        for (order_id, event_id, mut payload, created_at) in waiting {
+            if let Some(facts) = self.orders.get(&order_id) {
+                payload["total"] = money(facts.total_minor, &facts.currency);
+                self.records.push_raw(
+                    facts.customer_id,
+                    NotificationKind::DeliveryFailed.as_str(),
+                    Some(order_id),
+                    event_id,
+                    payload,
+                    created_at,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Inserts the batch's records and wakes the customers' live streams.
+async fn insert_records(
+    tx: &mut Transaction<'static, Postgres>,
+    records: &Records,
+) -> Result<(), ProjectionError> {
+    if records.event_id.is_empty() {
+        return Ok(());
+    }
+    // Per customer, ids must become visible in id order, or a reader tailing by id (the
+    // SSE stream, a client paging with `next_cursor`) could pass a lower id whose
+    // transaction commits later. So ids of a customer's records are only drawn while holding
+    // that customer's lock, until commit: two projector transactions touching the same
+    // customer (two instances during a rebalance) commit one after the other. Locks are
+    // taken in key order, so two batches cannot deadlock on them. (Two-key advisory locks
+    // do not share a key space with the one-key locks used elsewhere.)
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtext('notifications'), k) \
+         FROM (SELECT DISTINCT hashtext(c::text) AS k FROM unnest($1::uuid[]) AS c) s \
+         ORDER BY k",
+    )
+    .bind(&records.customer_id)
+    .execute(&mut **tx)
+    .await?;
+    // Ids are drawn in event order (ORDER BY the position in the batch).
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO records \
+           (customer_id, kind, order_id, event_id, payload, created_at) \
+         SELECT c, k, o, e, p, t \
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], \
+                     $6::timestamptz[]) WITH ORDINALITY AS x(c, k, o, e, p, t, n) \
+         ORDER BY n \
+         ON CONFLICT (customer_id, event_id) DO NOTHING \
+         RETURNING customer_id",
+    )
+    .bind(&records.customer_id)
+    .bind(&records.kind)
+    .bind(&records.order_id)
+    .bind(&records.event_id)
+    .bind(&records.payload)
+    .bind(&records.created_at)
+    .fetch_all(&mut **tx)
+    .await?;
+    let customers: Vec<String> = inserted
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .map(|c| c.to_string())
+        .collect();
+    streams::consumer::live::notify(tx, LIVE_CHANNEL, &customers).await?;
+    Ok(())
 }
 
 /// One notification, as the API serves it and the webhook posts it.
