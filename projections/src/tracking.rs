@@ -88,166 +88,223 @@ impl Projection for TrackingProjection {
         tx: &mut Transaction<'static, Postgres>,
         events: &[FirstDelivery<'_>],
     ) -> Result<(), ProjectionError> {
-        let mut placed = Placed::default();
-        let mut timeline = Timeline::default();
-        let mut latest: HashMap<&str, Latest> = HashMap::new();
-        let mut repriced: HashMap<&str, Repriced> = HashMap::new();
-        let mut deliveries: HashMap<&str, DeliveryChange> = HashMap::new();
+        let mut changes = Changes::default();
         for record in events {
             if record.meta.aggregate_type == "delivery" {
                 let event: DeliveryEvent = record
                     .event()
                     .map_err(|e| ProjectionError::Event(e.to_string()))?;
                 let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
-                deliveries
+                changes
+                    .deliveries
                     .entry(record.meta.aggregate_id.as_str())
                     .or_default()
                     .absorb(&event, sequence);
-                continue;
-            }
-            let event: OrderEvent = record
-                .event()
-                .map_err(|e| ProjectionError::Event(e.to_string()))?;
-            let order_id = record.meta.aggregate_id.as_str();
-            let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
-            let at = event.occurred_at();
-            let status = event.status_after().map(|s| s.as_str());
-            if let OrderEvent::OrderPlaced {
-                customer_id,
-                store_id,
-                region,
-                lines,
-                total,
-                placed_at,
-                ..
-            } = &event
-            {
-                placed.order_id.push(order_id.to_owned());
-                placed.customer_id.push(customer_id.as_uuid());
-                placed.store_id.push(store_id.as_uuid());
-                placed.region.push(region.as_str().to_owned());
-                placed.items.push(
-                    serde_json::to_value(lines)
-                        .map_err(|e| ProjectionError::Event(e.to_string()))?,
-                );
-                placed.total_minor.push(total.minor());
-                placed.currency.push(total.currency().as_str().to_owned());
-                placed.placed_at.push(*placed_at);
-                placed.sequence.push(sequence);
             } else {
-                if let OrderEvent::OrderModified { lines, total, .. } = &event {
-                    repriced.insert(
-                        order_id,
-                        Repriced {
-                            items: serde_json::to_value(lines)
-                                .map_err(|e| ProjectionError::Event(e.to_string()))?,
-                            total_minor: total.minor(),
-                        },
-                    );
-                }
-                let entry = latest.entry(order_id).or_insert(Latest {
-                    status: None,
-                    at,
-                    sequence,
-                });
-                entry.status = status.or(entry.status);
-                entry.at = at;
-                entry.sequence = sequence;
-            }
-            if let Some(status) = status {
-                timeline.order_id.push(order_id.to_owned());
-                timeline.sequence.push(sequence);
-                timeline.event_type.push(record.meta.event_type.clone());
-                timeline.status.push(status);
-                timeline.at.push(at);
+                changes.absorb_order(record)?;
             }
         }
-        if !placed.order_id.is_empty() {
-            sqlx::query(
-                "INSERT INTO orders (order_id, customer_id, store_id, region, status, items, \
-                   total_minor, currency, placed_at, updated_at, last_sequence) \
-                 SELECT o, c, s, r, 'Placed', i, t, cur, p, p, q \
-                 FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[], \
-                             $6::bigint[], $7::text[], $8::timestamptz[], $9::bigint[]) \
-                   AS x(o, c, s, r, i, t, cur, p, q) \
-                 ON CONFLICT (order_id) DO NOTHING",
-            )
-            .bind(&placed.order_id)
-            .bind(&placed.customer_id)
-            .bind(&placed.store_id)
-            .bind(&placed.region)
-            .bind(&placed.items)
-            .bind(&placed.total_minor)
-            .bind(&placed.currency)
-            .bind(&placed.placed_at)
-            .bind(&placed.sequence)
-            .execute(&mut **tx)
-            .await?;
-        }
-        if !latest.is_empty() {
-            let mut ids = Vec::with_capacity(latest.len());
-            let mut statuses = Vec::with_capacity(latest.len());
-            let mut ats = Vec::with_capacity(latest.len());
-            let mut sequences = Vec::with_capacity(latest.len());
-            for (id, change) in &latest {
-                ids.push(*id);
-                statuses.push(change.status);
-                ats.push(change.at);
-                sequences.push(change.sequence);
-            }
-            sqlx::query(
-                "UPDATE orders o \
-                 SET status = coalesce(u.status, o.status), updated_at = u.at, last_sequence = u.seq \
-                 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) \
-                   AS u(order_id, status, at, seq) \
-                 WHERE o.order_id = u.order_id AND o.order_id = ANY($1)",
-            )
-            .bind(&ids)
-            .bind(&statuses)
-            .bind(&ats)
-            .bind(&sequences)
-            .execute(&mut **tx)
-            .await?;
-        }
-        if !repriced.is_empty() {
-            let (mut ids, mut items, mut totals) = (Vec::new(), Vec::new(), Vec::new());
-            for (id, change) in repriced {
-                ids.push(id);
-                items.push(change.items);
-                totals.push(change.total_minor);
-            }
-            sqlx::query(
-                "UPDATE orders o SET items = u.items, total_minor = u.total \
-                 FROM unnest($1::text[], $2::jsonb[], $3::bigint[]) AS u(order_id, items, total) \
-                 WHERE o.order_id = u.order_id AND o.order_id = ANY($1)",
-            )
-            .bind(&ids)
-            .bind(&items)
-            .bind(&totals)
-            .execute(&mut **tx)
-            .await?;
-        }
-        upsert_deliveries(tx, &deliveries).await?;
-        if !timeline.order_id.is_empty() {
-            sqlx::query(
-                "INSERT INTO timeline (order_id, sequence, event_type, status, at) \
-                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[]) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&timeline.order_id)
-            .bind(&timeline.sequence)
-            .bind(&timeline.event_type)
-            .bind(&timeline.status)
-            .bind(&timeline.at)
-            .execute(&mut **tx)
-            .await?;
-        }
+        changes.write(tx).await?;
         let changed: std::collections::BTreeSet<String> =
             events.iter().map(|e| e.meta.aggregate_id.clone()).collect();
         streams::consumer::live::notify(tx, "tracking", &changed.into_iter().collect::<Vec<_>>())
             .await?;
         Ok(())
     }
+}
+
+/// What a batch changes, gathered first and written set-wise.
+#[derive(Default)]
+struct Changes<'e> {
+    placed: Placed,
+    timeline: Timeline,
+    latest: HashMap<&'e str, Latest>,
+    repriced: HashMap<&'e str, Repriced>,
+    deliveries: HashMap<&'e str, DeliveryChange>,
+}
+
+impl<'e> Changes<'e> {
+    /// One order event: a new row (placed), a new status and time, new lines (modified), and
+    /// a timeline entry for each status change.
+    fn absorb_order(&mut self, record: &'e FirstDelivery<'_>) -> Result<(), ProjectionError> {
+        let event: OrderEvent = record
+            .event()
+            .map_err(|e| ProjectionError::Event(e.to_string()))?;
+        let order_id = record.meta.aggregate_id.as_str();
+        let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
+        let at = event.occurred_at();
+        let status = event.status_after().map(|s| s.as_str());
+        if let OrderEvent::OrderPlaced {
+            customer_id,
+            store_id,
+            region,
+            lines,
+            total,
+            placed_at,
+            ..
+        } = &event
+        {
+            let placed = &mut self.placed;
+            placed.order_id.push(order_id.to_owned());
+            placed.customer_id.push(customer_id.as_uuid());
+            placed.store_id.push(store_id.as_uuid());
+            placed.region.push(region.as_str().to_owned());
+            placed.items.push(
+                serde_json::to_value(lines).map_err(|e| ProjectionError::Event(e.to_string()))?,
+            );
+            placed.total_minor.push(total.minor());
+            placed.currency.push(total.currency().as_str().to_owned());
+            placed.placed_at.push(*placed_at);
+            placed.sequence.push(sequence);
+        } else {
+            if let OrderEvent::OrderModified { lines, total, .. } = &event {
+                self.repriced.insert(
+                    order_id,
+                    Repriced {
+                        items: serde_json::to_value(lines)
+                            .map_err(|e| ProjectionError::Event(e.to_string()))?,
+                        total_minor: total.minor(),
+                    },
+                );
+            }
+            let entry = self.latest.entry(order_id).or_insert(Latest {
+                status: None,
+                at,
+                sequence,
+            });
+            entry.status = status.or(entry.status);
+            entry.at = at;
+            entry.sequence = sequence;
+        }
+        if let Some(status) = status {
+            let timeline = &mut self.timeline;
+            timeline.order_id.push(order_id.to_owned());
+            timeline.sequence.push(sequence);
+            timeline.event_type.push(record.meta.event_type.clone());
+            timeline.status.push(status);
+            timeline.at.push(at);
+        }
+        Ok(())
+    }
+
+    async fn write(self, tx: &mut Transaction<'static, Postgres>) -> Result<(), ProjectionError> {
+        insert_placed(tx, &self.placed).await?;
+        update_latest(tx, &self.latest).await?;
+        update_repriced(tx, self.repriced).await?;
+        upsert_deliveries(tx, &self.deliveries).await?;
+        insert_timeline(tx, &self.timeline).await
+    }
+}
+
+async fn insert_placed(
+    tx: &mut Transaction<'static, Postgres>,
+    placed: &Placed,
+) -> Result<(), ProjectionError> {
+    if placed.order_id.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO orders (order_id, customer_id, store_id, region, status, items, \
+               total_minor, currency, placed_at, updated_at, last_sequence) \
+             SELECT o, c, s, r, 'Placed', i, t, cur, p, p, q \
+             FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[], \
+                         $6::bigint[], $7::text[], $8::timestamptz[], $9::bigint[]) \
+               AS x(o, c, s, r, i, t, cur, p, q) \
+             ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(&placed.order_id)
+    .bind(&placed.customer_id)
+    .bind(&placed.store_id)
+    .bind(&placed.region)
+    .bind(&placed.items)
+    .bind(&placed.total_minor)
+    .bind(&placed.currency)
+    .bind(&placed.placed_at)
+    .bind(&placed.sequence)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn update_latest(
+    tx: &mut Transaction<'static, Postgres>,
+    latest: &HashMap<&str, Latest>,
+) -> Result<(), ProjectionError> {
+    if latest.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(latest.len());
+    let mut statuses = Vec::with_capacity(latest.len());
+    let mut ats = Vec::with_capacity(latest.len());
+    let mut sequences = Vec::with_capacity(latest.len());
+    for (id, change) in latest {
+        ids.push(*id);
+        statuses.push(change.status);
+        ats.push(change.at);
+        sequences.push(change.sequence);
+    }
+    sqlx::query(
+        "UPDATE orders o \
+             SET status = coalesce(u.status, o.status), updated_at = u.at, last_sequence = u.seq \
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) \
+               AS u(order_id, status, at, seq) \
+             WHERE o.order_id = u.order_id AND o.order_id = ANY($1)",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&ats)
+    .bind(&sequences)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn update_repriced(
+    tx: &mut Transaction<'static, Postgres>,
+    repriced: HashMap<&str, Repriced>,
+) -> Result<(), ProjectionError> {
+    if repriced.is_empty() {
+        return Ok(());
+    }
+    let (mut ids, mut items, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, change) in repriced {
+        ids.push(id);
+        items.push(change.items);
+        totals.push(change.total_minor);
+    }
+    sqlx::query(
+        "UPDATE orders o SET items = u.items, total_minor = u.total \
+             FROM unnest($1::text[], $2::jsonb[], $3::bigint[]) AS u(order_id, items, total) \
+             WHERE o.order_id = u.order_id AND o.order_id = ANY($1)",
+    )
+    .bind(&ids)
+    .bind(&items)
+    .bind(&totals)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_timeline(
+    tx: &mut Transaction<'static, Postgres>,
+    timeline: &Timeline,
+) -> Result<(), ProjectionError> {
+    if timeline.order_id.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+            "INSERT INTO timeline (order_id, sequence, event_type, status, at) \
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&timeline.order_id)
+        .bind(&timeline.sequence)
+        .bind(&timeline.event_type)
+        .bind(&timeline.status)
+        .bind(&timeline.at)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// What a batch changed in one delivery; `None` keeps the stored value.
