@@ -372,109 +372,33 @@ impl Projector {
             .zip(decoded)
             .map(|(message, event)| identity(message, event))
             .collect();
-        let mut last: HashMap<(String, String), i64> =
-            self.load_sequences(&mut tx, &identities).await?;
-        let mut checkpoints: HashMap<(&str, i32), i64> = HashMap::new();
-        let (mut applied, mut duplicates) = (0u64, 0u64);
-        let mut deliveries = Vec::with_capacity(batch.len());
-        let mut dead = Vec::new();
-        let mut recorded_ats = Vec::with_capacity(batch.len());
-        let mut recorded: HashMap<(&str, i32), &str> = HashMap::new();
-        // `<aggregate_type>:<aggregate_id>` of each aggregate this batch moves forward.
-        let mut moved: HashSet<String> = HashSet::new();
-        for ((message, event), who) in batch.iter().zip(decoded).zip(identities) {
-            checkpoints.insert((message.topic(), message.partition()), message.offset() + 1);
-            let verdict = match &who {
-                Some((aggregate_type, aggregate_id, sequence)) => {
-                    let current = last
-                        .get(&(aggregate_type.clone(), aggregate_id.clone()))
-                        .copied()
-                        .unwrap_or(0);
-                    match *sequence {
-                        s if s <= current => Verdict::Duplicate,
-                        s if s == current + 1 => Verdict::Apply,
-                        _ => Verdict::Gap,
-                    }
-                }
-                // Not ours to order (no readable headers): dead-lettered below.
-                None => Verdict::Apply,
-            };
-            match verdict {
-                Verdict::Duplicate => {
-                    duplicates += 1;
-                    continue;
-                }
-                Verdict::Gap => {
-                    // The relay re-sends an aggregate's events from the first unacknowledged
-                    // one, so the missing events and this one arrive again, in order.
-                    metrics::counter!("projector_sequence_gaps_total", "projection" => schema)
-                        .increment(1);
-                    tracing::warn!(?who, "sequence gap; waiting for redelivery");
-                    continue;
-                }
-                Verdict::Apply => {}
-            }
-            if let Some((aggregate_type, aggregate_id, sequence)) = &who {
-                // Applied or dead-lettered, this event is done with: the aggregate's next
-                // events go on (a re-drive applies a dead letter later, once).
-                last.insert((aggregate_type.clone(), aggregate_id.clone()), *sequence);
-                moved.insert(format!("{aggregate_type}:{aggregate_id}"));
-            }
-            let error = match (event, &dead_letter) {
-                (Err(e), _) | (Ok(_), Some(e)) => Some(e.clone()),
-                (Ok(_), None) => None,
-            };
-            if let Some(error) = error {
-                dead.push(DeadLetter {
-                    message,
-                    identity: who,
-                    event_type: event.as_ref().ok().map(|e| e.meta.event_type.clone()),
-                    error,
-                });
-                continue;
-            }
-            let Ok(event) = event else { continue };
-            deliveries.push(FirstDelivery { event });
-            applied += 1;
-            recorded_ats.push(event.meta.recorded_at.as_str());
-            recorded.insert(
-                (message.topic(), message.partition()),
-                event.meta.recorded_at.as_str(),
-            );
-        }
+        let last = self.load_sequences(&mut tx, &identities).await?;
+        let sorted = Sorted::of(
+            schema,
+            batch,
+            decoded,
+            identities,
+            last,
+            dead_letter.as_ref(),
+        );
         // A span per applied event, under the span of the command that appended it, open
         // until the batch commits (a failed batch ends them as it retries).
-        let spans: Vec<tracing::Span> = deliveries
+        let spans: Vec<tracing::Span> = sorted
+            .deliveries
             .iter()
             .map(|event| projection_span(schema, &event.meta))
             .collect();
-        self.projection.apply_batch(&mut tx, &deliveries).await?;
-        for letter in &dead {
+        self.projection
+            .apply_batch(&mut tx, &sorted.deliveries)
+            .await?;
+        for letter in &sorted.dead {
             self.record_dead_letter(&mut tx, letter).await?;
         }
-        self.store_sequences(&mut tx, &last).await?;
-        for ((topic, partition), next_offset) in &checkpoints {
-            let recorded_at = recorded
-                .get(&(*topic, *partition))
-                .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok());
-            sqlx::query(&format!(
-                "INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
-                 VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (topic, partition) DO UPDATE \
-                 SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
-                     last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
-                     updated_at = clock_timestamp()"
-            ))
-            .bind(topic)
-            .bind(partition)
-            .bind(next_offset)
-            .bind(recorded_at)
-            .execute(&mut *tx)
-            .await?;
-        }
+        self.store_sequences(&mut tx, &sorted.last).await?;
+        store_checkpoints(&mut tx, schema, &sorted.checkpoints, &sorted.recorded).await?;
         // The copy on the dead-letter topic is acknowledged before the transaction commits: a
         // failure here retries the batch, so the topic misses nothing the table has.
-        for letter in &dead {
+        for letter in &sorted.dead {
             self.publish_dead_letter(letter).await?;
         }
         // Read-your-writes waiters in the API wake on this (`applied.<read model>`, one signal
@@ -482,26 +406,11 @@ impl Projector {
         // serializes the commits of the transactions that notify (PostgreSQL takes one
         // database-wide lock on its notification queue at commit): acceptable for a
         // projector's few batch commits a second, never for the command side.
-        let moved: Vec<String> = moved.into_iter().collect();
+        let moved: Vec<String> = sorted.moved.iter().cloned().collect();
         super::live::notify(&mut tx, &applied_channel(schema), &moved).await?;
         tx.commit().await?;
         drop(spans);
-        metrics::counter!("projector_applied_total", "projection" => schema).increment(applied);
-        metrics::counter!("projector_duplicates_total", "projection" => schema)
-            .increment(duplicates);
-        // End-to-end delay of each applied event: recorded in the store → applied here.
-        let now = chrono::Utc::now();
-        let delay = metrics::histogram!("projector_event_delay_seconds", "projection" => schema);
-        for recorded in recorded_ats {
-            if let Ok(recorded) = chrono::DateTime::parse_from_rfc3339(recorded) {
-                delay.record(
-                    now.signed_duration_since(recorded)
-                        .num_microseconds()
-                        .unwrap_or(0) as f64
-                        / 1e6,
-                );
-            }
-        }
+        sorted.record_metrics(schema);
         Ok(())
     }
 
@@ -529,6 +438,173 @@ impl Projector {
         store_positions(tx, self.schema, positions).await?;
         Ok(())
     }
+}
+
+/// A batch sorted by the runtime's dedup: what to apply, what to dead-letter, and where each
+/// aggregate, partition and read model then stands.
+struct Sorted<'b> {
+    deliveries: Vec<FirstDelivery<'b>>,
+    dead: Vec<DeadLetter<'b>>,
+    /// The last applied (or dead-lettered) sequence per aggregate.
+    last: HashMap<(String, String), i64>,
+    /// The next offset per partition.
+    checkpoints: HashMap<(&'b str, i32), i64>,
+    /// The store's commit time of the last applied event per partition.
+    recorded: HashMap<(&'b str, i32), &'b str>,
+    recorded_ats: Vec<&'b str>,
+    /// `<aggregate_type>:<aggregate_id>` of each aggregate this batch moves forward.
+    moved: HashSet<String>,
+    applied: u64,
+    duplicates: u64,
+}
+
+impl<'b> Sorted<'b> {
+    /// Each record's verdict against `last` (the applied sequences before the batch): the next
+    /// one of its aggregate is applied (or dead-lettered when it cannot be decoded, or when
+    /// `dead_letter` says so), an earlier one is a duplicate, a later one waits for the
+    /// redelivery of the missing ones.
+    fn of(
+        schema: &'static str,
+        batch: &'b [BorrowedMessage<'b>],
+        decoded: &'b [Result<DecodedEvent, String>],
+        identities: Vec<Option<Identity>>,
+        last: HashMap<(String, String), i64>,
+        dead_letter: Option<&String>,
+    ) -> Self {
+        let mut sorted = Sorted {
+            deliveries: Vec::with_capacity(batch.len()),
+            dead: Vec::new(),
+            last,
+            checkpoints: HashMap::new(),
+            recorded: HashMap::new(),
+            recorded_ats: Vec::with_capacity(batch.len()),
+            moved: HashSet::new(),
+            applied: 0,
+            duplicates: 0,
+        };
+        for ((message, event), who) in batch.iter().zip(decoded).zip(identities) {
+            sorted
+                .checkpoints
+                .insert((message.topic(), message.partition()), message.offset() + 1);
+            match sorted.verdict(who.as_ref()) {
+                Verdict::Duplicate => {
+                    sorted.duplicates += 1;
+                    continue;
+                }
+                Verdict::Gap => {
+                    // The relay re-sends an aggregate's events from the first unacknowledged
+                    // one, so the missing events and this one arrive again, in order.
+                    metrics::counter!("projector_sequence_gaps_total", "projection" => schema)
+                        .increment(1);
+                    tracing::warn!(?who, "sequence gap; waiting for redelivery");
+                    continue;
+                }
+                Verdict::Apply => {}
+            }
+            if let Some((aggregate_type, aggregate_id, sequence)) = &who {
+                // Applied or dead-lettered, this event is done with: the aggregate's next
+                // events go on (a re-drive applies a dead letter later, once).
+                sorted
+                    .last
+                    .insert((aggregate_type.clone(), aggregate_id.clone()), *sequence);
+                sorted
+                    .moved
+                    .insert(format!("{aggregate_type}:{aggregate_id}"));
+            }
+            let error = match (event, dead_letter) {
+                (Err(e), _) | (Ok(_), Some(e)) => Some(e.clone()),
+                (Ok(_), None) => None,
+            };
+            if let Some(error) = error {
+                sorted.dead.push(DeadLetter {
+                    message,
+                    identity: who,
+                    event_type: event.as_ref().ok().map(|e| e.meta.event_type.clone()),
+                    error,
+                });
+                continue;
+            }
+            let Ok(event) = event else { continue };
+            sorted.deliveries.push(FirstDelivery { event });
+            sorted.applied += 1;
+            sorted.recorded_ats.push(event.meta.recorded_at.as_str());
+            sorted.recorded.insert(
+                (message.topic(), message.partition()),
+                event.meta.recorded_at.as_str(),
+            );
+        }
+        sorted
+    }
+
+    fn verdict(&self, who: Option<&Identity>) -> Verdict {
+        match who {
+            Some((aggregate_type, aggregate_id, sequence)) => {
+                let current = self
+                    .last
+                    .get(&(aggregate_type.clone(), aggregate_id.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                match *sequence {
+                    s if s <= current => Verdict::Duplicate,
+                    s if s == current + 1 => Verdict::Apply,
+                    _ => Verdict::Gap,
+                }
+            }
+            // Not ours to order (no readable headers): dead-lettered.
+            None => Verdict::Apply,
+        }
+    }
+
+    /// Applied and duplicate counts, and the end-to-end delay of each applied event (recorded
+    /// in the store → applied here).
+    fn record_metrics(&self, schema: &'static str) {
+        metrics::counter!("projector_applied_total", "projection" => schema)
+            .increment(self.applied);
+        metrics::counter!("projector_duplicates_total", "projection" => schema)
+            .increment(self.duplicates);
+        let now = chrono::Utc::now();
+        let delay = metrics::histogram!("projector_event_delay_seconds", "projection" => schema);
+        for recorded in &self.recorded_ats {
+            if let Ok(recorded) = chrono::DateTime::parse_from_rfc3339(recorded) {
+                delay.record(
+                    now.signed_duration_since(recorded)
+                        .num_microseconds()
+                        .unwrap_or(0) as f64
+                        / 1e6,
+                );
+            }
+        }
+    }
+}
+
+/// The next offset of each partition, and the store's commit time of its last applied event
+/// (the lag in seconds is measured from it).
+async fn store_checkpoints(
+    tx: &mut Transaction<'static, Postgres>,
+    schema: &str,
+    checkpoints: &HashMap<(&str, i32), i64>,
+    recorded: &HashMap<(&str, i32), &str>,
+) -> Result<(), ProjectionError> {
+    for ((topic, partition), next_offset) in checkpoints {
+        let recorded_at = recorded
+            .get(&(*topic, *partition))
+            .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok());
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (topic, partition) DO UPDATE \
+             SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
+                 last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
+                 updated_at = clock_timestamp()"
+        ))
+        .bind(topic)
+        .bind(partition)
+        .bind(next_offset)
+        .bind(recorded_at)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// The span of applying one event to read model (or process manager) `name`.
