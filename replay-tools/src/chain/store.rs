@@ -61,42 +61,106 @@ pub(super) enum Base {
 
 /// Checks one aggregate's events (sorted by stored sequence) and records what is wrong.
 pub(super) fn check_aggregate(rows: &[ChainedEvent], findings: &mut Findings) {
-    let Some(first) = rows.first() else { return };
-    let (aggregate_type, aggregate_id) =
-        (first.aggregate_type.as_str(), first.aggregate_id.as_str());
-    let n = rows.len();
-    let seq: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
-    let prev: Vec<Option<Hash>> = rows
-        .iter()
-        .map(|r| r.chain_prev.as_deref().and_then(to_hash))
-        .collect();
-    let hash: Vec<Option<Hash>> = rows
-        .iter()
-        .map(|r| r.chain_hash.as_deref().and_then(to_hash))
-        .collect();
-    let valid_at = |i: usize, sequence: i64| match (&prev[i], &hash[i]) {
-        (Some(p), Some(h)) => rows[i].content(sequence).chain_hash(p) == *h,
-        _ => false,
+    let Some(chain) = AggregateChain::of(rows) else {
+        return;
     };
-    let mut by_hash: HashMap<Hash, usize> = HashMap::with_capacity(n);
-    for (i, h) in hash.iter().enumerate() {
-        if let Some(h) = h {
-            by_hash.entry(*h).or_insert(i);
-        }
+    let origin = chain.origins();
+    chain.report_origins(&origin, findings);
+    // In chain order: the first event starts the chain, each next one links to the one before.
+    let place = |i: usize| original(origin[i], chain.seq[i]);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| (place(i), chain.seq[i]));
+    if let Some(&start) = order.first() {
+        chain.check_start(start, place(start), origin[start], findings);
     }
-    let mut origin: Vec<Option<Origin>> = (0..n)
-        .map(|i| valid_at(i, seq[i]).then_some(Origin::InPlace))
-        .collect();
-    let original = |o: Origin, stored: i64| match o {
+    let linked: HashSet<Hash> = chain.prev.iter().flatten().copied().collect();
+    for pair in order.windows(2) {
+        chain.check_link(
+            pair[0],
+            pair[1],
+            (place(pair[0]), place(pair[1])),
+            &linked,
+            findings,
+        );
+    }
+}
+
+/// Where an event was first chained, given where it was found.
+fn original(origin: Origin, stored: i64) -> i64 {
+    match origin {
         Origin::Moved(s) => s,
         Origin::InPlace | Origin::Altered => stored,
-    };
-    // An event whose hash does not hold at its sequence: follow its chain_prev back to an event
-    // whose place is known; its own original place is the next one, if its hash holds there.
-    for i in 0..n {
-        if origin[i].is_some() {
-            continue;
+    }
+}
+
+/// One aggregate's stored events with their chain columns read.
+struct AggregateChain<'r> {
+    rows: &'r [ChainedEvent],
+    aggregate_type: &'r str,
+    aggregate_id: &'r str,
+    seq: Vec<i64>,
+    prev: Vec<Option<Hash>>,
+    hash: Vec<Option<Hash>>,
+    by_hash: HashMap<Hash, usize>,
+}
+
+impl<'r> AggregateChain<'r> {
+    fn of(rows: &'r [ChainedEvent]) -> Option<Self> {
+        let first = rows.first()?;
+        let hash: Vec<Option<Hash>> = rows
+            .iter()
+            .map(|r| r.chain_hash.as_deref().and_then(to_hash))
+            .collect();
+        let mut by_hash: HashMap<Hash, usize> = HashMap::with_capacity(rows.len());
+        for (i, h) in hash.iter().enumerate() {
+            if let Some(h) = h {
+                by_hash.entry(*h).or_insert(i);
+            }
         }
+        Some(Self {
+            rows,
+            aggregate_type: &first.aggregate_type,
+            aggregate_id: &first.aggregate_id,
+            seq: rows.iter().map(|r| r.sequence).collect(),
+            prev: rows
+                .iter()
+                .map(|r| r.chain_prev.as_deref().and_then(to_hash))
+                .collect(),
+            hash,
+            by_hash,
+        })
+    }
+
+    /// Whether event `i`'s hash holds were it at `sequence`.
+    fn valid_at(&self, i: usize, sequence: i64) -> bool {
+        match (&self.prev[i], &self.hash[i]) {
+            (Some(p), Some(h)) => self.rows[i].content(sequence).chain_hash(p) == *h,
+            _ => false,
+        }
+    }
+
+    /// Where each event was chained: in place, moved from another sequence, or altered.
+    fn origins(&self) -> Vec<Origin> {
+        let n = self.rows.len();
+        let mut origin: Vec<Option<Origin>> = (0..n)
+            .map(|i| self.valid_at(i, self.seq[i]).then_some(Origin::InPlace))
+            .collect();
+        for i in 0..n {
+            if origin[i].is_none() {
+                self.trace_back(i, &mut origin);
+            }
+        }
+        origin
+            .into_iter()
+            .map(|o| o.unwrap_or(Origin::Altered))
+            .collect()
+    }
+
+    /// An event whose hash does not hold at its sequence: follow its chain_prev back to an
+    /// event whose place is known; its own original place is the next one, if its hash holds
+    /// there (and so on forward along the path).
+    fn trace_back(&self, i: usize, origin: &mut [Option<Origin>]) {
+        let (seq, prev) = (&self.seq, &self.prev);
         let mut path = vec![i];
         let mut on_path: HashSet<usize> = HashSet::from([i]);
         let mut base = Base::Unknown;
@@ -107,7 +171,7 @@ pub(super) fn check_aggregate(rows: &[ChainedEvent], findings: &mut Findings) {
                     base = Base::Genesis;
                     break;
                 }
-                Some(p) => match by_hash.get(&p) {
+                Some(p) => match self.by_hash.get(&p) {
                     Some(&j) if !on_path.contains(&j) => match origin[j] {
                         Some(o) => {
                             base = Base::After(original(o, seq[j]));
@@ -131,75 +195,95 @@ pub(super) fn check_aggregate(rows: &[ChainedEvent], findings: &mut Findings) {
             let found = candidates
                 .into_iter()
                 .filter(|&c| c != seq[k])
-                .find(|&c| valid_at(k, c));
+                .find(|&c| self.valid_at(k, c));
             let o = found.map_or(Origin::Altered, Origin::Moved);
             origin[k] = Some(o);
             base = Base::After(original(o, seq[k]));
         }
     }
-    let origin: Vec<Origin> = origin
-        .into_iter()
-        .map(|o| o.unwrap_or(Origin::Altered))
-        .collect();
-    let place = |i: usize| original(origin[i], seq[i]);
-    for i in 0..n {
-        match origin[i] {
-            Origin::InPlace => {}
-            Origin::Moved(s) => findings.event(
-                aggregate_type,
-                aggregate_id,
-                seq[i],
-                "reordered",
-                format!("this is the event chained as #{s}"),
-            ),
-            Origin::Altered => findings.event(
-                aggregate_type,
-                aggregate_id,
-                seq[i],
-                "altered",
-                if prev[i].is_none() || hash[i].is_none() {
-                    "its chain columns are missing or malformed".to_owned()
-                } else {
-                    "its content or metadata no longer matches its chain hash".to_owned()
-                },
-            ),
-        }
+
+    fn finding(
+        &self,
+        findings: &mut Findings,
+        sequence: i64,
+        kind: &'static str,
+        detail: impl Into<String>,
+    ) {
+        findings.event(
+            self.aggregate_type,
+            self.aggregate_id,
+            sequence,
+            kind,
+            detail,
+        );
     }
 
-    // In chain order: the first event starts the chain, each next one links to the one before.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (place(i), seq[i]));
-    let linked: HashSet<Hash> = prev.iter().flatten().copied().collect();
-    let is_linked = |i: usize| hash[i].is_some_and(|h| linked.contains(&h));
-    if let Some(&start) = order.first() {
-        if let Some(p) = prev[start] {
-            if p != GENESIS && origin[start] != Origin::Altered {
-                let first_place = place(start);
-                if first_place > 1 {
-                    for s in 1..first_place {
-                        findings.event(
-                            aggregate_type,
-                            aggregate_id,
-                            s,
-                            "deleted",
-                            format!("missing: the chain of #{} continues an earlier event that is no longer stored", seq[start]),
-                        );
-                    }
-                } else {
-                    findings.event(
-                        aggregate_type,
-                        aggregate_id,
-                        seq[start],
-                        "unlinked",
-                        "the first stored event of its aggregate is chained to an unknown event",
-                    );
-                }
+    /// Events found elsewhere than where they were chained, or altered.
+    fn report_origins(&self, origin: &[Origin], findings: &mut Findings) {
+        for (i, o) in origin.iter().enumerate() {
+            match o {
+                Origin::InPlace => {}
+                Origin::Moved(s) => self.finding(
+                    findings,
+                    self.seq[i],
+                    "reordered",
+                    format!("this is the event chained as #{s}"),
+                ),
+                Origin::Altered => self.finding(
+                    findings,
+                    self.seq[i],
+                    "altered",
+                    if self.prev[i].is_none() || self.hash[i].is_none() {
+                        "its chain columns are missing or malformed".to_owned()
+                    } else {
+                        "its content or metadata no longer matches its chain hash".to_owned()
+                    },
+                ),
             }
         }
     }
-    for pair in order.windows(2) {
-        let (a, b) = (pair[0], pair[1]);
-        let (pa, pb) = (place(a), place(b));
+
+    /// The first event in chain order starts the chain (at genesis), or earlier events are
+    /// gone.
+    fn check_start(&self, start: usize, first_place: i64, origin: Origin, findings: &mut Findings) {
+        let Some(p) = self.prev[start] else { return };
+        if p == GENESIS || origin == Origin::Altered {
+            return;
+        }
+        if first_place > 1 {
+            for s in 1..first_place {
+                self.finding(
+                    findings,
+                    s,
+                    "deleted",
+                    format!(
+                        "missing: the chain of #{} continues an earlier event that is no longer stored",
+                        self.seq[start]
+                    ),
+                );
+            }
+        } else {
+            self.finding(
+                findings,
+                self.seq[start],
+                "unlinked",
+                "the first stored event of its aggregate is chained to an unknown event",
+            );
+        }
+    }
+
+    /// Two events next to each other in chain order (at places `pa` and `pb`): the same
+    /// place claimed twice, places skipped (deleted, or a gap at insert), or a broken link.
+    fn check_link(
+        &self,
+        a: usize,
+        b: usize,
+        (pa, pb): (i64, i64),
+        linked: &HashSet<Hash>,
+        findings: &mut Findings,
+    ) {
+        let (seq, prev, hash) = (&self.seq, &self.prev, &self.hash);
+        let is_linked = |i: usize| hash[i].is_some_and(|h| linked.contains(&h));
         if pa == pb {
             let claim = |other: usize| {
                 format!(
@@ -208,24 +292,19 @@ pub(super) fn check_aggregate(rows: &[ChainedEvent], findings: &mut Findings) {
                 )
             };
             match (is_linked(a), is_linked(b)) {
-                (true, false) => {
-                    findings.event(aggregate_type, aggregate_id, seq[b], "inserted", claim(a));
-                }
-                (false, true) => {
-                    findings.event(aggregate_type, aggregate_id, seq[a], "inserted", claim(b));
-                }
+                (true, false) => self.finding(findings, seq[b], "inserted", claim(a)),
+                (false, true) => self.finding(findings, seq[a], "inserted", claim(b)),
                 _ => {
-                    findings.event(aggregate_type, aggregate_id, seq[a], "conflict", claim(b));
-                    findings.event(aggregate_type, aggregate_id, seq[b], "conflict", claim(a));
+                    self.finding(findings, seq[a], "conflict", claim(b));
+                    self.finding(findings, seq[b], "conflict", claim(a));
                 }
             }
         } else if pb > pa + 1 {
             let gap_at_insert = prev[b].is_some() && prev[b] == hash[a];
             for s in pa + 1..pb {
                 if gap_at_insert {
-                    findings.event(
-                        aggregate_type,
-                        aggregate_id,
+                    self.finding(
+                        findings,
                         s,
                         "gap",
                         format!(
@@ -234,9 +313,8 @@ pub(super) fn check_aggregate(rows: &[ChainedEvent], findings: &mut Findings) {
                         ),
                     );
                 } else {
-                    findings.event(
-                        aggregate_type,
-                        aggregate_id,
+                    self.finding(
+                        findings,
                         s,
                         "deleted",
                         format!(
@@ -247,9 +325,8 @@ pub(super) fn check_aggregate(rows: &[ChainedEvent], findings: &mut Findings) {
                 }
             }
         } else if prev[b] != hash[a] {
-            findings.event(
-                aggregate_type,
-                aggregate_id,
+            self.finding(
+                findings,
                 seq[a],
                 "replaced",
                 format!(
