@@ -146,185 +146,43 @@ pub async fn verify_topics(
 ) -> anyhow::Result<()> {
     let topics = kafka.topics();
     let mut scan = TopicScan::open(kafka, &topics.all())?;
-    let decoder = EventDecoder::new(registry).context("schema registry (SCHEMA_REGISTRY_URL)")?;
-    let contracts = schemas::Contracts::global()?;
+    let mut verifier = TopicVerifier {
+        topics,
+        decoder: EventDecoder::new(registry).context("schema registry (SCHEMA_REGISTRY_URL)")?,
+        contracts: schemas::Contracts::global()?,
+        findings: Findings::default(),
+        chains: HashMap::new(),
+    };
     let bar = progress::bar("verify topics", Some(scan.total));
-    let mut findings = Findings::default();
-    let mut chains: HashMap<(String, String), CopiedChain> = HashMap::new();
     let mut records = 0_u64;
     let mut interrupted = false;
     loop {
-        let mut batch = Vec::with_capacity(1000);
-        while batch.len() < 1000 {
-            match scan.next().await? {
-                Some(message) => batch.push(message),
-                None => break,
-            }
-        }
+        let batch = next_batch(&mut scan, 1000).await?;
         if batch.is_empty() {
             break;
         }
-        // The stored events these records claim to be, in one query.
         let metas: Vec<Option<EventMeta>> = batch
             .iter()
             .map(|m| EventMeta::from_headers(m.headers()).ok())
             .collect();
-        let (mut types, mut ids, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
-        for meta in metas.iter().flatten() {
-            types.push(meta.aggregate_type.as_str());
-            ids.push(meta.aggregate_id.as_str());
-            seqs.push(i64::try_from(meta.sequence).unwrap_or(i64::MAX));
-        }
-        let stored: Vec<ChainedEvent> = sqlx::query_as(&format!(
-            "SELECT {} FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(t, i, s) \
-             JOIN events e ON e.aggregate_type = k.t AND e.aggregate_id = k.i AND e.sequence = k.s",
-            STORED_COLUMNS
-                .split(", ")
-                .map(|c| format!("e.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-        .bind(&types)
-        .bind(&ids)
-        .bind(&seqs)
-        .fetch_all(pool)
-        .await
-        .context("reading the stored events of a batch of records")?;
+        let stored = stored_events(pool, &metas).await?;
         let stored: HashMap<(&str, &str, i64), &ChainedEvent> = stored
             .iter()
             .map(|e| {
-                (
-                    (
-                        e.aggregate_type.as_str(),
-                        e.aggregate_id.as_str(),
-                        e.sequence,
-                    ),
-                    e,
-                )
+                let key = (
+                    e.aggregate_type.as_str(),
+                    e.aggregate_id.as_str(),
+                    e.sequence,
+                );
+                (key, e)
             })
             .collect();
         for (message, meta) in batch.iter().zip(&metas) {
             records += 1;
-            let location = format!(
-                "{}/{}@{}",
-                message.topic(),
-                message.partition(),
-                message.offset()
-            );
-            let Some(meta) = meta else {
-                findings.at(
-                    "record",
-                    &location,
-                    None,
-                    "unreadable",
-                    "its identity headers are missing or malformed",
-                );
-                continue;
-            };
-            let sequence = i64::try_from(meta.sequence).unwrap_or(i64::MAX);
-            let (t, i) = (meta.aggregate_type.as_str(), meta.aggregate_id.as_str());
-            if message.key() != Some(meta.aggregate_id.as_bytes()) {
-                findings.event(
-                    t,
-                    i,
-                    sequence,
-                    "misrouted",
-                    format!("{location}: its key is not its aggregate id"),
-                );
-            }
-            if topics.for_aggregate(t).as_deref() != Some(message.topic()) {
-                findings.event(
-                    t,
-                    i,
-                    sequence,
-                    "misrouted",
-                    format!("{location}: not the topic of aggregate type {t}"),
-                );
-            }
-            let chain = match (
-                header(message, CHAIN_PREV).and_then(|h| parse_hash(h).ok()),
-                header(message, CHAIN_HASH).and_then(|h| parse_hash(h).ok()),
-            ) {
-                (Some(p), Some(h)) => Some((p, h)),
-                _ => {
-                    findings.event(
-                        t,
-                        i,
-                        sequence,
-                        "unchained",
-                        format!("{location}: no valid {CHAIN_PREV}/{CHAIN_HASH} headers"),
-                    );
-                    None
-                }
-            };
-            if let Some((prev, hash)) = chain {
-                check_copy_link(
-                    &mut chains,
-                    &mut findings,
-                    (
-                        message,
-                        &location,
-                        scan.is_trimmed(message.topic(), message.partition()),
-                    ),
-                    (t, i, sequence),
-                    prev,
-                    hash,
-                );
-            }
-            let Some(row) = stored.get(&(t, i, sequence)) else {
-                findings.event(
-                    t,
-                    i,
-                    sequence,
-                    "not-in-store",
-                    format!("{location}: the event store has no such event"),
-                );
-                continue;
-            };
-            if let Some((prev, hash)) = chain {
-                if row.chain_prev.as_deref() != Some(&prev[..])
-                    || row.chain_hash.as_deref() != Some(&hash[..])
-                {
-                    findings.event(t, i, sequence, "differs-from-store", format!("{location}: its chain headers are not the store's chain at this sequence"));
-                }
-                let recorded_at = DateTime::parse_from_rfc3339(&meta.recorded_at)
-                    .map(|d| d.timestamp_micros())
-                    .unwrap_or(i64::MIN);
-                let from_headers = EventContent {
-                    aggregate_type: t,
-                    aggregate_id: i,
-                    sequence,
-                    event_type: &meta.event_type,
-                    event_version: &row.event_version,
-                    payload: &row.payload,
-                    metadata: &row.metadata,
-                    event_id: meta.event_id,
-                    recorded_at_micros: recorded_at,
-                };
-                if from_headers.chain_hash(&prev) != hash {
-                    findings.event(t, i, sequence, "headers-altered", format!("{location}: its identity headers (aggregate, sequence, event type, event id, recorded_at) do not hash to its chain hash"));
-                }
-            }
-            match decoder.decode(message).await {
-                Ok(decoded) => {
-                    let expected = relayed_form(contracts, row);
-                    match expected {
-                        Ok((published, body)) => {
-                            if decoded.payload().ok().as_ref() != Some(&body) || decoded.contract.event_type != row.event_type {
-                                findings.event(t, i, sequence, "content-differs", format!("{location}: its body is not the stored event's payload"));
-                            }
-                            if metadata_differs(&decoded.meta, &published.meta) {
-                                findings.event(t, i, sequence, "metadata-differs", format!("{location}: its metadata headers are not the stored event's metadata"));
-                            }
-                        }
-                        Err(e) => findings.event(t, i, sequence, "content-differs", format!("{location}: the stored event cannot be mapped as the relay sends it: {e}")),
-                    }
-                }
-                Err(e) if e.is_retryable() => {
-                    return Err(anyhow::anyhow!("schema registry unavailable: {e}"));
-                }
-                Err(e) => findings.event(t, i, sequence, "undecodable", format!("{location}: {e}")),
-            }
+            let trimmed = scan.is_trimmed(message.topic(), message.partition());
+            verifier
+                .record(message, meta.as_ref(), &stored, trimmed)
+                .await?;
         }
         bar.set_position(records);
         if cancel.is_cancelled() {
@@ -333,6 +191,9 @@ pub async fn verify_topics(
         }
     }
     bar.finish_and_clear();
+    let TopicVerifier {
+        findings, chains, ..
+    } = verifier;
     findings.write(out)?;
     writeln!(
         out,
@@ -347,6 +208,240 @@ pub async fn verify_topics(
         bail!("verify found {} problems in the topic copy", findings.len());
     }
     Ok(())
+}
+
+/// Up to `size` next records of the scan.
+async fn next_batch(scan: &mut TopicScan, size: usize) -> anyhow::Result<Vec<OwnedMessage>> {
+    let mut batch = Vec::with_capacity(size);
+    while batch.len() < size {
+        match scan.next().await? {
+            Some(message) => batch.push(message),
+            None => break,
+        }
+    }
+    Ok(batch)
+}
+
+/// The stored events a batch of records claim to be, in one query.
+async fn stored_events(
+    pool: &PgPool,
+    metas: &[Option<EventMeta>],
+) -> anyhow::Result<Vec<ChainedEvent>> {
+    let (mut types, mut ids, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+    for meta in metas.iter().flatten() {
+        types.push(meta.aggregate_type.as_str());
+        ids.push(meta.aggregate_id.as_str());
+        seqs.push(i64::try_from(meta.sequence).unwrap_or(i64::MAX));
+    }
+    sqlx::query_as(&format!(
+        "SELECT {} FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(t, i, s) \
+         JOIN events e ON e.aggregate_type = k.t AND e.aggregate_id = k.i AND e.sequence = k.s",
+        STORED_COLUMNS
+            .split(", ")
+            .map(|c| format!("e.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .bind(&types)
+    .bind(&ids)
+    .bind(&seqs)
+    .fetch_all(pool)
+    .await
+    .context("reading the stored events of a batch of records")
+}
+
+/// Verifies records of the topic copy one by one, against the store and the chain of the
+/// records of the same aggregate seen before.
+struct TopicVerifier {
+    topics: streams::Topics,
+    decoder: EventDecoder,
+    contracts: &'static schemas::Contracts,
+    findings: Findings,
+    chains: HashMap<(String, String), CopiedChain>,
+}
+
+impl TopicVerifier {
+    async fn record(
+        &mut self,
+        message: &OwnedMessage,
+        meta: Option<&EventMeta>,
+        stored: &HashMap<(&str, &str, i64), &ChainedEvent>,
+        trimmed: bool,
+    ) -> anyhow::Result<()> {
+        let location = format!(
+            "{}/{}@{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        );
+        let Some(meta) = meta else {
+            self.findings.at(
+                "record",
+                &location,
+                None,
+                "unreadable",
+                "its identity headers are missing or malformed",
+            );
+            return Ok(());
+        };
+        let sequence = i64::try_from(meta.sequence).unwrap_or(i64::MAX);
+        let (t, i) = (meta.aggregate_type.as_str(), meta.aggregate_id.as_str());
+        self.check_routing(message, meta, &location);
+        let chain = match (
+            header(message, CHAIN_PREV).and_then(|h| parse_hash(h).ok()),
+            header(message, CHAIN_HASH).and_then(|h| parse_hash(h).ok()),
+        ) {
+            (Some(p), Some(h)) => Some((p, h)),
+            _ => {
+                self.findings.event(
+                    t,
+                    i,
+                    sequence,
+                    "unchained",
+                    format!("{location}: no valid {CHAIN_PREV}/{CHAIN_HASH} headers"),
+                );
+                None
+            }
+        };
+        if let Some((prev, hash)) = chain {
+            check_copy_link(
+                &mut self.chains,
+                &mut self.findings,
+                (message, &location, trimmed),
+                (t, i, sequence),
+                prev,
+                hash,
+            );
+        }
+        let Some(row) = stored.get(&(t, i, sequence)) else {
+            self.findings.event(
+                t,
+                i,
+                sequence,
+                "not-in-store",
+                format!("{location}: the event store has no such event"),
+            );
+            return Ok(());
+        };
+        if let Some(chain) = chain {
+            self.check_chain_headers(meta, row, chain, &location);
+        }
+        self.check_content(message, meta, row, &location).await
+    }
+
+    /// A record is keyed by its aggregate id, on its aggregate type's topic.
+    fn check_routing(&mut self, message: &OwnedMessage, meta: &EventMeta, location: &str) {
+        let sequence = i64::try_from(meta.sequence).unwrap_or(i64::MAX);
+        let (t, i) = (meta.aggregate_type.as_str(), meta.aggregate_id.as_str());
+        if message.key() != Some(meta.aggregate_id.as_bytes()) {
+            self.findings.event(
+                t,
+                i,
+                sequence,
+                "misrouted",
+                format!("{location}: its key is not its aggregate id"),
+            );
+        }
+        if self.topics.for_aggregate(t).as_deref() != Some(message.topic()) {
+            self.findings.event(
+                t,
+                i,
+                sequence,
+                "misrouted",
+                format!("{location}: not the topic of aggregate type {t}"),
+            );
+        }
+    }
+
+    /// The chain headers are the store's chain at this sequence, and the identity headers hash
+    /// to them.
+    fn check_chain_headers(
+        &mut self,
+        meta: &EventMeta,
+        row: &ChainedEvent,
+        (prev, hash): (Hash, Hash),
+        location: &str,
+    ) {
+        let sequence = i64::try_from(meta.sequence).unwrap_or(i64::MAX);
+        let (t, i) = (meta.aggregate_type.as_str(), meta.aggregate_id.as_str());
+        if row.chain_prev.as_deref() != Some(&prev[..])
+            || row.chain_hash.as_deref() != Some(&hash[..])
+        {
+            self.findings.event(
+                t,
+                i,
+                sequence,
+                "differs-from-store",
+                format!("{location}: its chain headers are not the store's chain at this sequence"),
+            );
+        }
+        let recorded_at = DateTime::parse_from_rfc3339(&meta.recorded_at)
+            .map(|d| d.timestamp_micros())
+            .unwrap_or(i64::MIN);
+        let from_headers = EventContent {
+            aggregate_type: t,
+            aggregate_id: i,
+            sequence,
+            event_type: &meta.event_type,
+            event_version: &row.event_version,
+            payload: &row.payload,
+            metadata: &row.metadata,
+            event_id: meta.event_id,
+            recorded_at_micros: recorded_at,
+        };
+        if from_headers.chain_hash(&prev) != hash {
+            self.findings.event(t, i, sequence, "headers-altered", format!("{location}: its identity headers (aggregate, sequence, event type, event id, recorded_at) do not hash to its chain hash"));
+        }
+    }
+
+    /// The body and metadata headers are what the relay sends for the stored event.
+    async fn check_content(
+        &mut self,
+        message: &OwnedMessage,
+        meta: &EventMeta,
+        row: &ChainedEvent,
+        location: &str,
+    ) -> anyhow::Result<()> {
+        let sequence = i64::try_from(meta.sequence).unwrap_or(i64::MAX);
+        let (t, i) = (meta.aggregate_type.as_str(), meta.aggregate_id.as_str());
+        match self.decoder.decode(message).await {
+            Ok(decoded) => match relayed_form(self.contracts, row) {
+                Ok((published, body)) => {
+                    if decoded.payload().ok().as_ref() != Some(&body)
+                        || decoded.contract.event_type != row.event_type
+                    {
+                        self.findings.event(
+                            t,
+                            i,
+                            sequence,
+                            "content-differs",
+                            format!("{location}: its body is not the stored event's payload"),
+                        );
+                    }
+                    if metadata_differs(&decoded.meta, &published.meta) {
+                        self.findings.event(t, i, sequence, "metadata-differs", format!("{location}: its metadata headers are not the stored event's metadata"));
+                    }
+                }
+                Err(e) => self.findings.event(
+                    t,
+                    i,
+                    sequence,
+                    "content-differs",
+                    format!(
+                        "{location}: the stored event cannot be mapped as the relay sends it: {e}"
+                    ),
+                ),
+            },
+            Err(e) if e.is_retryable() => {
+                return Err(anyhow::anyhow!("schema registry unavailable: {e}"));
+            }
+            Err(e) => {
+                self.findings
+                    .event(t, i, sequence, "undecodable", format!("{location}: {e}"))
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Checks one record's chain headers against the records of its aggregate seen before it.
