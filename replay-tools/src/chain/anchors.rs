@@ -42,8 +42,23 @@ pub(super) async fn check_anchors(
     )
     .fetch_all(&mut *tx)
     .await?;
+    check_anchor_chain(&anchors, kept, findings);
+    let Some(latest) = anchors.into_iter().last() else {
+        tx.commit().await?;
+        return Ok(None);
+    };
+    check_heads_root(&mut tx, &latest, findings).await?;
+    check_anchored_heads(&mut tx, findings).await?;
+    check_nothing_beyond_heads(&mut tx, &latest, findings).await?;
+    tx.commit().await?;
+    Ok(Some(latest))
+}
+
+/// The anchors follow each other (ids, links, times), each hashes to its recorded hash, and
+/// every hash kept outside the database is one of them.
+fn check_anchor_chain(anchors: &[AnchorRow], kept: &[Hash], findings: &mut Findings) {
     let mut previous: Option<&AnchorRow> = None;
-    for anchor in &anchors {
+    for anchor in anchors {
         let expected_prev: &[u8] = previous.map_or(&GENESIS[..], |p| &p.anchor_hash[..]);
         let expected_id = previous.map_or(anchor.id, |p| p.id + 1);
         if anchor.id != expected_id {
@@ -103,13 +118,15 @@ pub(super) async fn check_anchors(
             );
         }
     }
-    let Some(latest) = anchors.into_iter().last() else {
-        tx.commit().await?;
-        return Ok(None);
-    };
+}
 
-    // The recorded heads hash to the latest anchor's root.
-    let (root, count) = heads_root(&mut tx).await?;
+/// The recorded heads hash to the latest anchor's root.
+async fn check_heads_root(
+    conn: &mut PgConnection,
+    latest: &AnchorRow,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
+    let (root, count) = heads_root(conn).await?;
     if root[..] != latest.root_hash[..] || count != latest.aggregates {
         findings.anchor(
             "altered",
@@ -119,8 +136,14 @@ pub(super) async fn check_anchors(
             ),
         );
     }
+    Ok(())
+}
 
-    // Every anchored head is still stored, with the same hash.
+/// Every anchored head is still stored, with the same hash.
+async fn check_anchored_heads(
+    conn: &mut PgConnection,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
     let heads: Vec<AnchoredHead> = sqlx::query_as(
         "SELECT h.aggregate_type, h.aggregate_id, h.last_sequence, h.anchor_id, \
                 e.chain_hash AS stored_hash, \
@@ -132,7 +155,7 @@ pub(super) async fn check_anchors(
              AND e.aggregate_id = h.aggregate_id AND e.sequence = h.last_sequence \
          WHERE e.chain_hash IS DISTINCT FROM h.head_hash",
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await
     .context("checking the anchored heads")?;
     for head in heads {
@@ -171,8 +194,15 @@ pub(super) async fn check_anchors(
             );
         }
     }
+    Ok(())
+}
 
-    // Nothing recorded before the latest anchor lies beyond the head it recorded.
+/// Nothing recorded before the latest anchor lies beyond the head it recorded.
+async fn check_nothing_beyond_heads(
+    conn: &mut PgConnection,
+    latest: &AnchorRow,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
     let beyond: Vec<(String, String, i64, Option<i64>)> = sqlx::query_as(
         "SELECT e.aggregate_type, e.aggregate_id, e.sequence, h.last_sequence \
          FROM events e \
@@ -180,7 +210,7 @@ pub(super) async fn check_anchors(
          WHERE e.recorded_at < $1 AND (h.last_sequence IS NULL OR e.sequence > h.last_sequence)",
     )
     .bind(latest.taken_at)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await
     .context("checking events recorded before the latest anchor")?;
     for (aggregate_type, aggregate_id, sequence, head) in beyond {
@@ -196,8 +226,7 @@ pub(super) async fn check_anchors(
             ),
         );
     }
-    tx.commit().await?;
-    Ok(Some(latest))
+    Ok(())
 }
 
 /// The root over `chain_heads` (sorted bytewise) and the number of heads.
