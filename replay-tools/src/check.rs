@@ -20,7 +20,7 @@ use futures::TryStreamExt;
 use serde_json::Value as Json;
 use sqlx::PgPool;
 
-use crate::rebuild::{shadow_name, worker_state, BOOKKEEPING_TABLES};
+use crate::rebuild::{shadow_name, worker_state, WorkerState, BOOKKEEPING_TABLES};
 
 /// `replay-tools check`.
 #[derive(Debug, Clone, Args)]
@@ -54,26 +54,7 @@ pub async fn run(args: CheckArgs, pool: &PgPool, out: &mut impl Write) -> anyhow
     if left == right {
         bail!("nothing to compare: both sides are {left}");
     }
-    for schema in [&left, &right] {
-        if !schema_exists(pool, schema).await? {
-            let base = schema.split("__").next().unwrap_or(schema);
-            let known: Vec<String> = sqlx::query_scalar(
-                "SELECT nspname::text FROM pg_namespace WHERE nspname = $1 OR nspname LIKE $1 || '\\_\\_%' \
-                 ORDER BY 1",
-            )
-            .bind(base)
-            .fetch_all(pool)
-            .await?;
-            bail!(
-                "there is no schema {schema}{}",
-                if known.is_empty() {
-                    String::new()
-                } else {
-                    format!("; versions of {base} here: {}", known.join(", "))
-                }
-            );
-        }
-    }
+    require_schemas(pool, [&left, &right]).await?;
     let model = left.split("__").next().unwrap_or(&left).to_owned();
     let worker = worker_state(&model);
     let skipped = |table: &str| {
@@ -103,62 +84,10 @@ pub async fn run(args: CheckArgs, pool: &PgPool, out: &mut impl Write) -> anyhow
             continue;
         }
         compared += 1;
-        let left_columns = columns(pool, &left, table).await?;
-        let right_columns = columns(pool, &right, table).await?;
-        let mut ignored: BTreeSet<String> = worker
-            .map(|w| {
-                w.columns
-                    .iter()
-                    .filter(|(t, _)| t == table)
-                    .map(|(_, c)| (*c).to_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        for column in left_columns.iter().chain(&right_columns) {
-            if column.generated {
-                ignored.insert(column.name.clone());
-            }
-        }
-        let by_name = |cols: &[Column]| -> BTreeMap<String, String> {
-            cols.iter()
-                .map(|c| (c.name.clone(), c.data_type.clone()))
-                .collect()
-        };
-        let (l, r) = (by_name(&left_columns), by_name(&right_columns));
-        for (name, data_type) in &l {
-            match r.get(name) {
-                None => {
-                    writeln!(out, "{table}: column {name} only in {left}")?;
-                    differences += 1;
-                    ignored.insert(name.clone());
-                }
-                Some(other) if other != data_type => {
-                    writeln!(
-                        out,
-                        "{table}: column {name} is {data_type} in {left}, {other} in {right}"
-                    )?;
-                    differences += 1;
-                    ignored.insert(name.clone());
-                }
-                Some(_) => {}
-            }
-        }
-        for name in r.keys().filter(|n| !l.contains_key(*n)) {
-            writeln!(out, "{table}: column {name} only in {right}")?;
-            differences += 1;
-            ignored.insert(name.clone());
-        }
-        let ignored: Vec<String> = ignored.into_iter().collect();
-        let key = key(pool, &left, table, &ignored, &r).await?;
-        let count: i64 =
-            sqlx::query_scalar(&format!("SELECT count(*) FROM {left}.{}", quoted(table)))
-                .fetch_one(pool)
-                .await?;
-        rows += count;
-        differences += match key {
-            Some(key) => compare_keyed(pool, (&left, &right), table, &key, &ignored, out).await?,
-            None => compare_rows(pool, (&left, &right), table, &ignored, out).await?,
-        };
+        let (table_rows, table_differences) =
+            compare_table(pool, (&left, &right), table, worker, out).await?;
+        rows += table_rows;
+        differences += table_differences;
     }
     if differences > 0 {
         bail!(
@@ -171,6 +100,98 @@ pub async fn run(args: CheckArgs, pool: &PgPool, out: &mut impl Write) -> anyhow
         "no difference: {compared} tables, {rows} rows of {left} compared with {right}"
     )?;
     Ok(())
+}
+
+/// Fails, naming the versions that do exist, when either schema is missing.
+async fn require_schemas(pool: &PgPool, schemas: [&String; 2]) -> anyhow::Result<()> {
+    for schema in schemas {
+        if !schema_exists(pool, schema).await? {
+            let base = schema.split("__").next().unwrap_or(schema);
+            let known: Vec<String> = sqlx::query_scalar(
+                "SELECT nspname::text FROM pg_namespace WHERE nspname = $1 OR nspname LIKE $1 || '\\_\\_%' \
+                 ORDER BY 1",
+            )
+            .bind(base)
+            .fetch_all(pool)
+            .await?;
+            bail!(
+                "there is no schema {schema}{}",
+                if known.is_empty() {
+                    String::new()
+                } else {
+                    format!("; versions of {base} here: {}", known.join(", "))
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One table present on both sides: its columns, then its rows (by key when it has one);
+/// returns the rows compared and the differences written.
+async fn compare_table(
+    pool: &PgPool,
+    (left, right): (&str, &str),
+    table: &str,
+    worker: Option<WorkerState>,
+    out: &mut impl Write,
+) -> anyhow::Result<(i64, u64)> {
+    let mut differences = 0u64;
+    let left_columns = columns(pool, left, table).await?;
+    let right_columns = columns(pool, right, table).await?;
+    let mut ignored: BTreeSet<String> = worker
+        .map(|w| {
+            w.columns
+                .iter()
+                .filter(|(t, _)| *t == table)
+                .map(|(_, c)| (*c).to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    for column in left_columns.iter().chain(&right_columns) {
+        if column.generated {
+            ignored.insert(column.name.clone());
+        }
+    }
+    let by_name = |cols: &[Column]| -> BTreeMap<String, String> {
+        cols.iter()
+            .map(|c| (c.name.clone(), c.data_type.clone()))
+            .collect()
+    };
+    let (l, r) = (by_name(&left_columns), by_name(&right_columns));
+    for (name, data_type) in &l {
+        match r.get(name) {
+            None => {
+                writeln!(out, "{table}: column {name} only in {left}")?;
+                differences += 1;
+                ignored.insert(name.clone());
+            }
+            Some(other) if other != data_type => {
+                writeln!(
+                    out,
+                    "{table}: column {name} is {data_type} in {left}, {other} in {right}"
+                )?;
+                differences += 1;
+                ignored.insert(name.clone());
+            }
+            Some(_) => {}
+        }
+    }
+    for name in r.keys().filter(|n| !l.contains_key(*n)) {
+        writeln!(out, "{table}: column {name} only in {right}")?;
+        differences += 1;
+        ignored.insert(name.clone());
+    }
+    let ignored: Vec<String> = ignored.into_iter().collect();
+    let key = key(pool, left, table, &ignored, &r).await?;
+    let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {left}.{}", quoted(table)))
+        .fetch_one(pool)
+        .await?;
+    differences += match key {
+        Some(key) => compare_keyed(pool, (left, right), table, &key, &ignored, out).await?,
+        None => compare_rows(pool, (left, right), table, &ignored, out).await?,
+    };
+    Ok((count, differences))
 }
 
 fn is_identifier(name: &str) -> bool {
