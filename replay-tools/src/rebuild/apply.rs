@@ -268,6 +268,46 @@ impl Rebuild {
         let mut tx = self.enter().await?;
         self.profile.enter.add(phase);
         let phase = Instant::now();
+        let (replayed, of_item, mut dead) = self.replayable(items, refuse, &mut done);
+        let verdicts = apply_replayed(self.projection.as_ref(), shadow, &mut tx, &replayed).await?;
+        self.profile.handlers.add(phase);
+        let phase = Instant::now();
+        for ((verdict, item), replayed) in verdicts.iter().zip(&of_item).zip(&replayed) {
+            match verdict {
+                ReplayVerdict::Applied => done.applied += 1,
+                ReplayVerdict::Duplicate => done.duplicates += 1,
+                ReplayVerdict::Gap => done.gaps += 1,
+                ReplayVerdict::Refused => {
+                    let error = replayed.event.err().unwrap_or_default().to_owned();
+                    dead.push((*item, error));
+                }
+            }
+        }
+        for (item, error) in &dead {
+            self.record_dead_letter(&mut tx, item, error).await?;
+            done.dead += 1;
+        }
+        self.record_position(&mut tx, items, done.applied).await?;
+        self.profile.bookkeeping.add(phase);
+        let phase = Instant::now();
+        tx.commit().await?;
+        self.profile.commit.add(phase);
+        self.profile.transactions.fetch_add(1, Ordering::Relaxed);
+        Ok(done)
+    }
+
+    /// The items to replay, in order (each with its item), and those dead-lettered outright
+    /// (no readable headers); items recorded after the as-of instant are counted and left.
+    fn replayable<'i>(
+        &self,
+        items: &'i [Item],
+        refuse: Option<&'i str>,
+        done: &mut Tally,
+    ) -> (
+        Vec<ReplayedEvent<'i>>,
+        Vec<&'i Item>,
+        Vec<(&'i Item, String)>,
+    ) {
         let mut replayed = Vec::with_capacity(items.len());
         let mut of_item = Vec::with_capacity(items.len());
         let mut dead: Vec<(&Item, String)> = Vec::new();
@@ -300,26 +340,18 @@ impl Rebuild {
             });
             of_item.push(item);
         }
-        let verdicts = apply_replayed(self.projection.as_ref(), shadow, &mut tx, &replayed).await?;
-        self.profile.handlers.add(phase);
-        let phase = Instant::now();
-        for ((verdict, item), replayed) in verdicts.iter().zip(&of_item).zip(&replayed) {
-            match verdict {
-                ReplayVerdict::Applied => done.applied += 1,
-                ReplayVerdict::Duplicate => done.duplicates += 1,
-                ReplayVerdict::Gap => done.gaps += 1,
-                ReplayVerdict::Refused => {
-                    let error = replayed.event.err().unwrap_or_default().to_owned();
-                    dead.push((*item, error));
-                }
-            }
-        }
-        for (item, error) in &dead {
-            self.record_dead_letter(&mut tx, item, error).await?;
-            done.dead += 1;
-        }
-        // Where the rebuild stands: per partition for the topics, in recorded order for the
-        // store.
+        (replayed, of_item, dead)
+    }
+
+    /// Where the rebuild stands after a batch (per partition for the topics, in recorded
+    /// order for the store), and how many events it applied, in the batch's transaction.
+    async fn record_position(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        items: &[Item],
+        applied: u64,
+    ) -> Result<(), ProjectionError> {
+        let shadow = &self.schemas.shadow;
         let mut checkpoints: HashMap<(&str, i32), (i64, Option<&str>)> = HashMap::new();
         let mut position = None;
         for item in items {
@@ -354,7 +386,7 @@ impl Rebuild {
             .bind(partition)
             .bind(next_offset)
             .bind(recorded_at)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         if let Some((recorded_at, Some(meta))) = position {
@@ -366,21 +398,16 @@ impl Rebuild {
             .bind(&meta.aggregate_type)
             .bind(&meta.aggregate_id)
             .bind(i64::try_from(meta.sequence).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         sqlx::query(&format!(
             "UPDATE {shadow}.rebuild_state SET applied = applied + $1"
         ))
-        .bind(i64::try_from(done.applied).unwrap_or(i64::MAX))
-        .execute(&mut *tx)
+        .bind(i64::try_from(applied).unwrap_or(i64::MAX))
+        .execute(&mut **tx)
         .await?;
-        self.profile.bookkeeping.add(phase);
-        let phase = Instant::now();
-        tx.commit().await?;
-        self.profile.commit.add(phase);
-        self.profile.transactions.fetch_add(1, Ordering::Relaxed);
-        Ok(done)
+        Ok(())
     }
 
     /// A dead letter in the shadow, as the projector records one. An event from the store has
