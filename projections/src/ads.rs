@@ -111,107 +111,122 @@ struct Batch {
 
 impl Batch {
     fn add(&mut self, record: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
-        let id = record.meta.aggregate_id.as_str();
         match record.meta.aggregate_type.as_str() {
-            "order" => match record.event::<OrderEvent>().map_err(event_error)? {
-                OrderEvent::OrderPlaced {
-                    customer_id,
-                    region,
-                    lines,
-                    total,
-                    placed_at,
-                    ..
-                } => {
-                    let placed = &mut self.placed;
-                    placed.order_id.push(id.to_owned());
-                    placed.customer_id.push(customer_id.as_uuid());
-                    placed.region.push(region.as_str().to_owned());
-                    placed.placed_at.push(placed_at);
-                    placed.total_minor.push(total.minor());
-                    placed.currency.push(total.currency().as_str().to_owned());
-                    placed.categories.push(categories(&lines));
-                }
-                OrderEvent::OrderModified { lines, total, .. } => {
-                    self.modified
-                        .insert(id.to_owned(), (total.minor(), categories(&lines)));
-                }
-                OrderEvent::OrderCancelled { .. } => {
-                    self.ended.insert(id.to_owned(), "cancelled");
-                }
-                OrderEvent::OrderRejected { .. } => {
-                    self.ended.insert(id.to_owned(), "rejected");
-                }
-                // Listed, not `_`: a new order event that changes spend must be decided here.
-                OrderEvent::OrderConfirmed { .. }
-                | OrderEvent::OrderAccepted { .. }
-                | OrderEvent::PreparationStarted { .. }
-                | OrderEvent::OrderReady { .. }
-                | OrderEvent::OrderOutForDelivery { .. }
-                | OrderEvent::OrderDelivered { .. }
-                | OrderEvent::OrderCompleted { .. }
-                | OrderEvent::OrderRated { .. } => {}
-            },
-            "rewards" => {
-                let customer = customer_of(id)?;
-                let change = |s: &mut SubscriptionChange, event: RewardsEvent| match event {
-                    RewardsEvent::SubscriptionStarted { tier, until, .. } => {
-                        s.status = Some("active");
-                        s.tier = Some(tier_name(tier));
-                        s.until = Some(until);
-                    }
-                    RewardsEvent::SubscriptionRenewed { until, .. } => {
-                        s.status = Some("active");
-                        s.until = Some(until);
-                    }
-                    RewardsEvent::SubscriptionCancelled { ends_at, .. } => {
-                        s.status = Some("cancelled");
-                        s.until = Some(ends_at);
-                    }
-                    RewardsEvent::SubscriptionLapsed { .. } => s.status = Some("lapsed"),
-                    _ => {}
-                };
-                let event = record.event::<RewardsEvent>().map_err(event_error)?;
-                if matches!(
-                    event,
-                    RewardsEvent::SubscriptionStarted { .. }
-                        | RewardsEvent::SubscriptionRenewed { .. }
-                        | RewardsEvent::SubscriptionCancelled { .. }
-                        | RewardsEvent::SubscriptionLapsed { .. }
-                ) {
-                    change(self.subscriptions.entry(customer).or_default(), event);
-                }
-            }
-            "ads" => {
-                let customer = customer_of(id)?;
-                let AdsEvent::ExposureRecorded {
-                    experiment_id,
-                    layer,
-                    variant,
-                    promotion_code,
-                    region,
-                    attribution_window_hours,
-                    exposed_at,
-                    ..
-                } = record.event::<AdsEvent>().map_err(event_error)?;
-                self.exposed
-                    .entry((experiment_id.to_string(), customer))
-                    .and_modify(|e| {
-                        e.count += 1;
-                        e.last_at = exposed_at;
-                    })
-                    .or_insert(Exposed {
-                        layer,
-                        variant,
-                        promotion_code,
-                        region: region.as_str().to_owned(),
-                        first_at: exposed_at,
-                        last_at: exposed_at,
-                        count: 1,
-                        window_hours: i32::try_from(attribution_window_hours).unwrap_or(i32::MAX),
-                    });
-            }
-            _ => {}
+            "order" => self.add_order_event(record),
+            "rewards" => self.add_rewards_event(record),
+            "ads" => self.add_exposure(record),
+            _ => Ok(()),
         }
+    }
+
+    /// Spend, categories and ends of orders.
+    fn add_order_event(&mut self, record: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
+        let id = record.meta.aggregate_id.as_str();
+        match record.event::<OrderEvent>().map_err(event_error)? {
+            OrderEvent::OrderPlaced {
+                customer_id,
+                region,
+                lines,
+                total,
+                placed_at,
+                ..
+            } => {
+                let placed = &mut self.placed;
+                placed.order_id.push(id.to_owned());
+                placed.customer_id.push(customer_id.as_uuid());
+                placed.region.push(region.as_str().to_owned());
+                placed.placed_at.push(placed_at);
+                placed.total_minor.push(total.minor());
+                placed.currency.push(total.currency().as_str().to_owned());
+                placed.categories.push(categories(&lines));
+            }
+            OrderEvent::OrderModified { lines, total, .. } => {
+                self.modified
+                    .insert(id.to_owned(), (total.minor(), categories(&lines)));
+            }
+            OrderEvent::OrderCancelled { .. } => {
+                self.ended.insert(id.to_owned(), "cancelled");
+            }
+            OrderEvent::OrderRejected { .. } => {
+                self.ended.insert(id.to_owned(), "rejected");
+            }
+            // Listed, not `_`: a new order event that changes spend must be decided here.
+            OrderEvent::OrderConfirmed { .. }
+            | OrderEvent::OrderAccepted { .. }
+            | OrderEvent::PreparationStarted { .. }
+            | OrderEvent::OrderReady { .. }
+            | OrderEvent::OrderOutForDelivery { .. }
+            | OrderEvent::OrderDelivered { .. }
+            | OrderEvent::OrderCompleted { .. }
+            | OrderEvent::OrderRated { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The customers' subscriptions.
+    fn add_rewards_event(&mut self, record: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
+        let id = record.meta.aggregate_id.as_str();
+        let customer = customer_of(id)?;
+        let change = |s: &mut SubscriptionChange, event: RewardsEvent| match event {
+            RewardsEvent::SubscriptionStarted { tier, until, .. } => {
+                s.status = Some("active");
+                s.tier = Some(tier_name(tier));
+                s.until = Some(until);
+            }
+            RewardsEvent::SubscriptionRenewed { until, .. } => {
+                s.status = Some("active");
+                s.until = Some(until);
+            }
+            RewardsEvent::SubscriptionCancelled { ends_at, .. } => {
+                s.status = Some("cancelled");
+                s.until = Some(ends_at);
+            }
+            RewardsEvent::SubscriptionLapsed { .. } => s.status = Some("lapsed"),
+            _ => {}
+        };
+        let event = record.event::<RewardsEvent>().map_err(event_error)?;
+        if matches!(
+            event,
+            RewardsEvent::SubscriptionStarted { .. }
+                | RewardsEvent::SubscriptionRenewed { .. }
+                | RewardsEvent::SubscriptionCancelled { .. }
+                | RewardsEvent::SubscriptionLapsed { .. }
+        ) {
+            change(self.subscriptions.entry(customer).or_default(), event);
+        }
+        Ok(())
+    }
+
+    /// Exposures to experiments, per experiment and customer.
+    fn add_exposure(&mut self, record: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
+        let id = record.meta.aggregate_id.as_str();
+        let customer = customer_of(id)?;
+        let AdsEvent::ExposureRecorded {
+            experiment_id,
+            layer,
+            variant,
+            promotion_code,
+            region,
+            attribution_window_hours,
+            exposed_at,
+            ..
+        } = record.event::<AdsEvent>().map_err(event_error)?;
+        self.exposed
+            .entry((experiment_id.to_string(), customer))
+            .and_modify(|e| {
+                e.count += 1;
+                e.last_at = exposed_at;
+            })
+            .or_insert(Exposed {
+                layer,
+                variant,
+                promotion_code,
+                region: region.as_str().to_owned(),
+                first_at: exposed_at,
+                last_at: exposed_at,
+                count: 1,
+                window_hours: i32::try_from(attribution_window_hours).unwrap_or(i32::MAX),
+            });
         Ok(())
     }
 }

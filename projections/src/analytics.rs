@@ -263,73 +263,7 @@ impl Projection for AnalyticsProjection {
                         order_ids.push(id);
                         Change::default()
                     });
-                    if let Some(status) = event.status_after() {
-                        change.status = Some(status.as_str());
-                    }
-                    change.updated |= !matches!(event, OrderEvent::OrderPlaced { .. });
-                    match event {
-                        OrderEvent::OrderPlaced {
-                            customer_id,
-                            store_id,
-                            region,
-                            lines: placed_lines,
-                            total,
-                            points_redeemed,
-                            placed_at,
-                            ..
-                        } => {
-                            placed.order_id.push(id.to_owned());
-                            placed.customer_id.push(customer_id.as_uuid());
-                            placed.store_id.push(store_id.as_uuid());
-                            placed.region.push(region.as_str().to_owned());
-                            placed.currency.push(total.currency().as_str().to_owned());
-                            placed.placed_at.push(placed_at);
-                            placed.total_minor.push(total.minor());
-                            placed.points_redeemed.push(points(points_redeemed));
-                            lines.push(id, &placed_lines);
-                            change.placed += 1;
-                        }
-                        OrderEvent::OrderModified {
-                            lines: new_lines,
-                            total,
-                            ..
-                        } => {
-                            change.total_minor = Some(total.minor());
-                            change.modified_lines = Some(new_lines);
-                        }
-                        OrderEvent::OrderAccepted { accepted_at, .. } => {
-                            change.accepted_at = Some(accepted_at);
-                        }
-                        OrderEvent::OrderDelivered { delivered_at } => {
-                            change.delivered_at = Some(delivered_at);
-                        }
-                        OrderEvent::OrderCompleted { completed_at } => {
-                            change.completed_at = Some(completed_at);
-                            change.completed += 1;
-                        }
-                        OrderEvent::OrderCancelled {
-                            cancelled_by,
-                            reason,
-                            cancelled_at,
-                        } => {
-                            change.cancelled =
-                                Some((cancelled_by_name(cancelled_by), reason, cancelled_at));
-                            change.cancelled_count += 1;
-                        }
-                        OrderEvent::OrderRejected {
-                            reason,
-                            rejected_at,
-                        } => {
-                            change.rejected = Some((rejection_reason_name(reason), rejected_at));
-                            change.cancelled_count += 1;
-                            change.rejected_count += 1;
-                        }
-                        OrderEvent::OrderConfirmed { .. }
-                        | OrderEvent::PreparationStarted { .. }
-                        | OrderEvent::OrderReady { .. }
-                        | OrderEvent::OrderOutForDelivery { .. }
-                        | OrderEvent::OrderRated { .. } => {}
-                    }
+                    absorb_order_event(id, event, change, &mut placed, &mut lines);
                 }
                 "rewards" => {
                     let event: RewardsEvent = record.event().map_err(event_error)?;
@@ -345,6 +279,83 @@ impl Projection for AnalyticsProjection {
         add_to_rollup(tx, &order_ids, &changes).await?;
         insert_movements(tx, &movements).await?;
         Ok(())
+    }
+}
+
+/// One order event into the batch: the facts of a placed order and its lines, or what the
+/// event changes in the order's row and the rollup.
+fn absorb_order_event(
+    id: &str,
+    event: OrderEvent,
+    change: &mut Change,
+    placed: &mut Placed,
+    lines: &mut Lines,
+) {
+    if let Some(status) = event.status_after() {
+        change.status = Some(status.as_str());
+    }
+    change.updated |= !matches!(event, OrderEvent::OrderPlaced { .. });
+    match event {
+        OrderEvent::OrderPlaced {
+            customer_id,
+            store_id,
+            region,
+            lines: placed_lines,
+            total,
+            points_redeemed,
+            placed_at,
+            ..
+        } => {
+            placed.order_id.push(id.to_owned());
+            placed.customer_id.push(customer_id.as_uuid());
+            placed.store_id.push(store_id.as_uuid());
+            placed.region.push(region.as_str().to_owned());
+            placed.currency.push(total.currency().as_str().to_owned());
+            placed.placed_at.push(placed_at);
+            placed.total_minor.push(total.minor());
+            placed.points_redeemed.push(points(points_redeemed));
+            lines.push(id, &placed_lines);
+            change.placed += 1;
+        }
+        OrderEvent::OrderModified {
+            lines: new_lines,
+            total,
+            ..
+        } => {
+            change.total_minor = Some(total.minor());
+            change.modified_lines = Some(new_lines);
+        }
+        OrderEvent::OrderAccepted { accepted_at, .. } => {
+            change.accepted_at = Some(accepted_at);
+        }
+        OrderEvent::OrderDelivered { delivered_at } => {
+            change.delivered_at = Some(delivered_at);
+        }
+        OrderEvent::OrderCompleted { completed_at } => {
+            change.completed_at = Some(completed_at);
+            change.completed += 1;
+        }
+        OrderEvent::OrderCancelled {
+            cancelled_by,
+            reason,
+            cancelled_at,
+        } => {
+            change.cancelled = Some((cancelled_by_name(cancelled_by), reason, cancelled_at));
+            change.cancelled_count += 1;
+        }
+        OrderEvent::OrderRejected {
+            reason,
+            rejected_at,
+        } => {
+            change.rejected = Some((rejection_reason_name(reason), rejected_at));
+            change.cancelled_count += 1;
+            change.rejected_count += 1;
+        }
+        OrderEvent::OrderConfirmed { .. }
+        | OrderEvent::PreparationStarted { .. }
+        | OrderEvent::OrderReady { .. }
+        | OrderEvent::OrderOutForDelivery { .. }
+        | OrderEvent::OrderRated { .. } => {}
     }
 }
 
