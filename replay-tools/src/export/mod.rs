@@ -398,29 +398,7 @@ pub async fn run(args: ExportArgs, database_url: &str, out: &mut impl Write) -> 
         .await
         .context("connecting to the event store (DATABASE_URL)")?;
     let revealer = Revealer::new(pool.clone());
-    enum Reader {
-        Store(sqlx::PgPool),
-        Topics(Box<TopicReader>),
-    }
-    let reader = match args.source {
-        Source::Store => Reader::Store(pool),
-        Source::Topics => {
-            let kafka = streams::KafkaConfig::from_env().context("KAFKA_* settings")?;
-            let registry =
-                streams::RegistryConfig::from_env().context("SCHEMA_REGISTRY_* settings")?;
-            Reader::Topics(Box::new(
-                TopicReader::connect(
-                    &kafka,
-                    &registry,
-                    filter.clone(),
-                    contracts,
-                    batch_size,
-                    args.skip_undecodable,
-                )
-                .await?,
-            ))
-        }
-    };
+    let reader = Reader::open(&args, pool, &filter, contracts, batch_size).await?;
     let mut sink = open_sink(args.format, &args.out, typed, &filter, args.source)?;
 
     let (sender, chunks) = mpsc::channel(2);
@@ -462,6 +440,53 @@ pub async fn run(args: ExportArgs, database_url: &str, out: &mut impl Write) -> 
             args.format.name()
         );
     }
+    report(out, &args, typed, written, &done)
+}
+
+/// Where an export reads.
+enum Reader {
+    Store(sqlx::PgPool),
+    Topics(Box<TopicReader>),
+}
+
+impl Reader {
+    async fn open(
+        args: &ExportArgs,
+        pool: sqlx::PgPool,
+        filter: &Filter,
+        contracts: &'static Contracts,
+        batch_size: usize,
+    ) -> anyhow::Result<Self> {
+        Ok(match args.source {
+            Source::Store => Reader::Store(pool),
+            Source::Topics => {
+                let kafka = streams::KafkaConfig::from_env().context("KAFKA_* settings")?;
+                let registry =
+                    streams::RegistryConfig::from_env().context("SCHEMA_REGISTRY_* settings")?;
+                Reader::Topics(Box::new(
+                    TopicReader::connect(
+                        &kafka,
+                        &registry,
+                        filter.clone(),
+                        contracts,
+                        batch_size,
+                        args.skip_undecodable,
+                    )
+                    .await?,
+                ))
+            }
+        })
+    }
+}
+
+/// What the export wrote, said to the analyst.
+fn report(
+    out: &mut impl Write,
+    args: &ExportArgs,
+    typed: Option<&EventContract>,
+    written: u64,
+    done: &Pumped,
+) -> anyhow::Result<()> {
     let source = match args.source {
         Source::Store => "event store",
         Source::Topics => "topics",
