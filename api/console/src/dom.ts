@@ -57,6 +57,7 @@ export function time(iso: string | null | undefined): string {
 export function relative(iso: string, now = Date.now()): string {
   const seconds = Math.round((new Date(iso).getTime() - now) / 1000);
   const size = Math.abs(seconds);
+  if (size < 2) return 'just now';
   const text = size < 90 ? `${size} s` : size < 5400 ? `${Math.round(size / 60)} min` : `${(size / 3600).toFixed(1)} h`;
   return seconds < 0 ? `${text} ago` : `in ${text}`;
 }

@@ -89,6 +89,10 @@ class TimeChart {
   show(x: number[], series: { label: string; values: (number | null)[] }[]): void {
     const shape = series.map((s) => s.label).join('|');
     const data: uPlot.AlignedData = [x, ...series.map((s) => s.values)];
+    // What is plotted, summed per series (for people reading the page's markup, and its test).
+    this.element.dataset.sums = JSON.stringify(
+      Object.fromEntries(series.map((s) => [s.label, s.values.reduce<number>((sum, v) => sum + (v ?? 0), 0)])),
+    );
     if (this.plot && shape === this.shape) {
       this.plot.setData(data);
       return;
@@ -98,10 +102,12 @@ class TimeChart {
     this.plot = new uPlot(
       {
         ...this.size(),
+        // Hours in UTC, as the API keeps them and the range is given.
+        tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), 'Etc/UTC'),
         scales: { x: { time: true }, y: { range: (_u, min, max) => [Math.min(0, min ?? 0), Math.max(1, (max ?? 1) * 1.1)] } },
         axes: [{}, { label: this.unit, size: 60 }],
         series: [
-          { label: 'hour (local time)' },
+          { label: 'hour (UTC)' },
           ...series.map((s, i) => ({
             label: s.label,
             stroke: COLOURS[i % COLOURS.length],
