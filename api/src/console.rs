@@ -155,7 +155,11 @@ mod tests {
         let body = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .expect("a body");
-        (status, content_type, String::from_utf8_lossy(&body).into_owned())
+        (
+            status,
+            content_type,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
     }
 
     fn built_console() -> (PathBuf, Console) {

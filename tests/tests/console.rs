@@ -91,7 +91,10 @@ impl Driver<'_> {
     async fn step(&self, path: &str, action: Value) {
         let response = self
             .client
-            .post(format!("{}/{path}/{}/actions", self.backbone.api, self.order))
+            .post(format!(
+                "{}/{path}/{}/actions",
+                self.backbone.api, self.order
+            ))
             .json(&action)
             .send()
             .await
@@ -218,12 +221,13 @@ impl Driver<'_> {
             // What the page showed is what happened: applied once, the notification there.
             "redriven" => {
                 let (victim, letter) = self.victim.clone().expect("the poison phase ran");
-                let status: String =
-                    sqlx::query_scalar("SELECT status FROM notifications.dead_letters WHERE id = $1")
-                        .bind(letter)
-                        .fetch_one(pool)
-                        .await
-                        .expect("the dead letter");
+                let status: String = sqlx::query_scalar(
+                    "SELECT status FROM notifications.dead_letters WHERE id = $1",
+                )
+                .bind(letter)
+                .fetch_one(pool)
+                .await
+                .expect("the dead letter");
                 assert_eq!(status, "redriven");
                 let notified: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM notifications.records \
@@ -269,8 +273,7 @@ impl Driver<'_> {
                     .expect("poison produced");
                 eventually(WAIT, "the undecodable record dead-lettered", || async {
                     let models: Value =
-                        backbone_tests::json_of(&self.client, format!("{api}/projections"))
-                            .await?;
+                        backbone_tests::json_of(&self.client, format!("{api}/projections")).await?;
                     models
                         .as_array()?
                         .iter()
@@ -291,8 +294,8 @@ fn answer(stdin: &mut ChildStdin, phase: &str, answer: &Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_operator_follows_an_order_redrives_a_dead_letter_and_sees_analytics_change_in_chromium(
-) {
+async fn an_operator_follows_an_order_redrives_a_dead_letter_and_sees_analytics_change_in_chromium()
+{
     let console = repository().join("api/console");
     assert!(
         console.join("dist/index.html").is_file(),
@@ -341,8 +344,14 @@ async fn an_operator_follows_an_order_redrives_a_dead_letter_and_sees_analytics_
             .env("CHROMIUM", &chromium)
             .env("CONSOLE_SCREENSHOTS", &screenshots)
             .env("ADMIN_TOKEN", token(Role::Admin, Uuid::from_u128(0xc0de)))
-            .env("ANALYST_TOKEN", token(Role::Analyst, Uuid::from_u128(0xa11)))
-            .env("AUDITOR_TOKEN", token(Role::Auditor, Uuid::from_u128(0xa0d)))
+            .env(
+                "ANALYST_TOKEN",
+                token(Role::Analyst, Uuid::from_u128(0xa11)),
+            )
+            .env(
+                "AUDITOR_TOKEN",
+                token(Role::Auditor, Uuid::from_u128(0xa0d)),
+            )
             .env("FORGED_TOKEN", forged)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
