@@ -4,7 +4,8 @@
 //! serving the console built by the project's scripts). The browser signs in as a person
 //! would, and this side makes things happen on the backbone when the page is ready for them:
 //! an order moved from Placed to Completed step by step, a read model that fails on one event
-//! for real (its store refuses the row) and is fixed, new orders, an undecodable record. The
+//! for real (its store refuses the row) and is fixed, an order stranded by a store moved out of
+//! reach and put back, new orders, an undecodable record. The
 //! screenshots are kept in `.run/console-screenshots/`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -51,6 +52,7 @@ struct Driver<'b> {
     client: reqwest::Client,
     order: String,
     victim: Option<(String, i64)>,
+    stuck: Option<(String, i64)>,
 }
 
 impl Driver<'_> {
@@ -86,6 +88,34 @@ impl Driver<'_> {
                 .expect("a position")
                 .to_owned(),
         )
+    }
+
+    /// Waits until the analytics read model has applied the event at `position`, so the page
+    /// reads its figures before the next orders with this order in them.
+    async fn analytics_include(&self, position: &str) {
+        let response = self
+            .client
+            .get(format!(
+                "{}/analytics/summary?position={position}",
+                self.backbone.api
+            ))
+            .send()
+            .await
+            .expect("analytics");
+        assert_eq!(response.status().as_u16(), 200);
+    }
+
+    /// Changes a store, and waits until every process has refreshed its catalogue (5 s).
+    async fn put_store(&self, store_id: &str, store: &Value) {
+        let response = self
+            .client
+            .put(format!("{}/admin/stores/{store_id}", self.backbone.api))
+            .json(store)
+            .send()
+            .await
+            .expect("store changed");
+        assert_eq!(response.status().as_u16(), 204);
+        tokio::time::sleep(Duration::from_secs(6)).await;
     }
 
     async fn step(&self, path: &str, action: Value) {
@@ -207,14 +237,7 @@ impl Driver<'_> {
                     .execute(pool)
                     .await
                     .expect("outage over");
-                // The analytics have the victim too before the page reads its "before".
-                let response = self
-                    .client
-                    .get(format!("{api}/analytics/summary?position={position}"))
-                    .send()
-                    .await
-                    .expect("analytics");
-                assert_eq!(response.status().as_u16(), 200);
+                self.analytics_include(&position).await;
                 self.victim = Some((victim.clone(), letter));
                 json!({"dead_letter_id": letter, "order_id": victim})
             }
@@ -238,6 +261,59 @@ impl Driver<'_> {
                 .await
                 .expect("notifications");
                 assert_eq!(notified, 1, "the re-driven event was applied once");
+                json!({})
+            }
+            // A store moved out of reach by mistake strands an accepted order's delivery
+            // request; the store is then put back, so a retry can go through.
+            "stuck" => {
+                let catalogue: Value =
+                    backbone_tests::json_of(&self.client, format!("{api}/catalogue"))
+                        .await
+                        .expect("the catalogue");
+                let store_id = Uuid::from_u128(42).to_string();
+                let store = catalogue["catalogue"]["stores"][&store_id].clone();
+                assert!(store.is_object(), "store 42 in the demo catalogue");
+                let (order, position) = self.place(Uuid::new_v4()).await;
+                self.analytics_include(&position).await;
+                eventually(WAIT, "the order confirmed", || async {
+                    let view: Value = backbone_tests::json_of(
+                        &self.client,
+                        format!("{api}/orders/{order}/tracking"),
+                    )
+                    .await?;
+                    (view["status"] == "Confirmed").then_some(())
+                })
+                .await;
+                let mut moved = store.clone();
+                moved["latitude"] = json!(55.95);
+                moved["longitude"] = json!(-3.19);
+                self.put_store(&store_id, &moved).await;
+                let accept = json!({"action": "accept", "estimated_preparation_minutes": 10});
+                self.order = order.clone();
+                self.step("orders", accept).await;
+                let id = eventually(WAIT, "the stuck flow", || async {
+                    let page: Value = backbone_tests::json_of(
+                        &self.client,
+                        format!("{api}/admin/stuck-flows?order_id={order}"),
+                    )
+                    .await?;
+                    page["items"][0]["id"].as_i64()
+                })
+                .await;
+                self.put_store(&store_id, &store).await;
+                self.stuck = Some((order, id));
+                json!({"stuck_flow_id": id})
+            }
+            "retried" => {
+                let (order, id) = self.stuck.clone().expect("the stuck phase ran");
+                let page: Value = backbone_tests::json_of(
+                    &self.client,
+                    format!("{api}/admin/stuck-flows?status=all&order_id={order}"),
+                )
+                .await
+                .expect("the stuck flows");
+                assert_eq!(page["items"][0]["id"], json!(id), "{page}");
+                assert_eq!(page["items"][0]["status"], "retried", "{page}");
                 json!({})
             }
             "more-orders" => {
@@ -388,6 +464,7 @@ async fn an_operator_follows_an_order_redrives_a_dead_letter_and_sees_analytics_
         client: client_as(Role::Admin, ADMIN_ID),
         order: String::new(),
         victim: None,
+        stuck: None,
     };
     let mut transcript = Vec::new();
     let mut phases = Vec::new();
@@ -428,6 +505,8 @@ async fn an_operator_follows_an_order_redrives_a_dead_letter_and_sees_analytics_
             "deliver",
             "poison",
             "redriven",
+            "stuck",
+            "retried",
             "more-orders",
             "permanent-poison"
         ],

@@ -197,10 +197,19 @@ test('the operations console in Chromium', async (t) => {
     await phase('redriven');
   });
 
-  await t.test('the stuck-flows page answers for an admin', async () => {
+  await t.test('a stuck flow shows with why; the admin retries it once the cause is fixed', async () => {
+    const { stuck_flow_id: id } = await phase('stuck');
     await page.locator('[data-tab=stuck-flows]').click();
-    await page.getByTestId('stuck-flows').filter({ hasText: /No stuck flows|step/ }).waitFor();
-    assert.equal(await page.locator('#problem').isHidden(), true);
+    const row = page.locator(`tr[data-flow-id="${id}"]`);
+    await row.waitFor();
+    assert.match(await row.textContent(), /request-delivery/);
+    assert.match(await row.textContent(), /RequestDelivery/);
+    assert.match(await row.textContent(), /km/);
+    await shot(page, '06-stuck-flow');
+    await page.getByTestId(`retry-${id}`).click();
+    // Retried by the process manager, it no longer waits for an operator.
+    await row.waitFor({ state: 'detached' });
+    await phase('retried');
   });
 
   await t.test('the analytics chart changes after new orders', async () => {
@@ -226,7 +235,7 @@ test('the operations console in Chromium', async (t) => {
     );
     const canvasAfter = await chart.locator('canvas').screenshot();
     assert.ok(!canvasAfter.equals(canvasBefore), 'the chart was drawn again with the new orders');
-    await shot(page, '06-analytics');
+    await shot(page, '07-analytics');
   });
 
   await t.test('an analyst and an auditor see what their role may see: no admin buttons', async () => {
@@ -234,7 +243,7 @@ test('the operations console in Chromium', async (t) => {
     // The admin is offered re-drives of the undecodable record…
     await page.locator('[data-tab=read-models]').click();
     await page.locator('tr[data-letter-id]').first().waitFor();
-    assert.ok((await page.getByRole('button', { name: 'Re-drive' }).count()) > 0);
+    assert.ok((await page.locator('button[data-testid^=redrive-]').count()) > 0);
     await page.getByRole('button', { name: 'Sign out' }).click();
     await page.locator('#token').waitFor();
     for (const role of ['analyst', 'auditor']) {
@@ -249,7 +258,7 @@ test('the operations console in Chromium', async (t) => {
       await viewer.getByText('only an admin re-drives them').waitFor();
       await viewer.locator('[data-tab=analytics]').click();
       await viewer.getByTestId('orders-GBP').waitFor();
-      await shot(viewer, `07-${role}`);
+      await shot(viewer, `08-${role}`);
       await viewer.context().close();
     }
   });

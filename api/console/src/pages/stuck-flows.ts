@@ -43,7 +43,7 @@ export function stuckFlowsPage({ api, claims, report }: Context): Page {
     if (!mayManage || flow.status !== 'open') return null;
     const reason = h('input', { type: 'text', placeholder: 'reason (becomes the cancellation reason)', size: 28, 'aria-label': 'Reason' });
     return h('div', { class: 'actions' },
-      h('button', { type: 'button', onclick: () => void act(flow, 'retry') }, 'Retry'),
+      h('button', { type: 'button', 'data-testid': `retry-${flow.id}`, onclick: () => void act(flow, 'retry') }, 'Retry'),
       reason,
       h('button', {
         type: 'button',
@@ -70,6 +70,10 @@ export function stuckFlowsPage({ api, claims, report }: Context): Page {
             h('span', { class: 'error-text' }, f.reason), f.resolution ? `${f.status}: ${f.resolution}` : f.status,
             f.attempts, relative(f.since), actions(f),
           ])));
+      for (const [index, row] of Array.from(list.querySelectorAll('tbody tr')).entries()) {
+        const flow = page.items[index];
+        if (flow) row.setAttribute('data-flow-id', String(flow.id));
+      }
       state.textContent = `refreshed ${new Date().toLocaleTimeString()}`;
     } catch (e) {
       state.textContent = 'not refreshed';
