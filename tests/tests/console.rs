@@ -429,6 +429,7 @@ async fn an_operator_follows_an_order_redrives_a_dead_letter_and_sees_analytics_
                 token(Role::Auditor, Uuid::from_u128(0xa0d)),
             )
             .env("FORGED_TOKEN", forged)
+            .env("STORE_TOKEN", token(Role::Store, Uuid::new_v4()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -519,7 +520,7 @@ async fn an_operator_follows_an_order_redrives_a_dead_letter_and_sees_analytics_
             .and_then(|n| n.trim().parse::<u32>().ok())
     };
     assert_eq!(count("fail"), Some(0), "{transcript}");
-    assert_eq!(count("pass"), Some(9), "{transcript}");
+    assert_eq!(count("pass"), Some(10), "{transcript}");
     assert!(screenshots.join("03-order-completed.png").is_file());
 
     if let Some(backbone) = started.0.take() {

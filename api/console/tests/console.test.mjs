@@ -29,6 +29,7 @@ const TOKENS = {
   analyst: required('ANALYST_TOKEN'),
   auditor: required('AUDITOR_TOKEN'),
   forged: required('FORGED_TOKEN'),
+  store: required('STORE_TOKEN'),
 };
 const WAIT = 45_000;
 
@@ -261,6 +262,20 @@ test('the operations console in Chromium', async (t) => {
       await shot(viewer, `08-${role}`);
       await viewer.context().close();
     }
+  });
+
+  await t.test('another store’s order is refused with a 403, shown as the API said it', async () => {
+    const store = await newPage();
+    await signIn(store, TOKENS.store);
+    assert.equal(await store.getByTestId('role').textContent(), 'store');
+    assert.deepEqual(await tabs(store), ['orders'], 'a store lists its own orders, nothing else');
+    await store.getByTestId('find-order').fill(orderId);
+    await store.getByTestId('find-order').press('Enter');
+    const banner = store.locator('#problem');
+    await banner.filter({ hasText: '403' }).waitFor();
+    assert.match(await banner.textContent(), /^403 · Your role may not do this a store may view an order only on their own resources/);
+    await shot(store, '09-store-refused');
+    await store.context().close();
   });
 
   assert.deepEqual(problems, [], 'no script errors and no Content-Security-Policy violations');
