@@ -196,6 +196,28 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    #[test]
+    fn the_console_routes_are_public_and_no_operations_of_the_api() {
+        use axum::http::Method;
+
+        use crate::routes::Gate;
+        let (_, policy) = crate::routes().into_parts();
+        for route in ["/console", "/console/", "/console/{*path}"] {
+            assert_eq!(
+                policy.gate(&Method::GET, route),
+                Some(Gate::Public),
+                "{route}"
+            );
+            assert_eq!(policy.methods(route), [Method::GET], "{route}");
+        }
+        assert!(
+            policy
+                .operations()
+                .all(|(_, route, _)| !route.starts_with(PREFIX)),
+            "the OpenAPI document does not have to list the console's files"
+        );
+    }
+
     #[tokio::test]
     async fn a_console_that_was_not_built_is_a_503_saying_how_to_build_it() {
         let dir = std::env::temp_dir().join(format!("console-{}", uuid::Uuid::new_v4()));

@@ -7,7 +7,8 @@
 //! aggregate (`GET /audit/{aggregate_type}/{aggregate_id}/events`, [`audit`]), the erasure of a
 //! customer's personal data (`POST /admin/customers/{id}/erasure`, [`privacy`]), an OpenAPI
 //! document (`/openapi.json`),
-//! Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`). Every client
+//! Prometheus metrics (`/metrics`), health (`/health/live`, `/health/ready`) and the operations
+//! console's page (`/console/`, [`console`]). Every client
 //! mistake is answered with an `application/problem+json` document ([`error`]). Every mutating
 //! request may carry an `Idempotency-Key` to be retried safely ([`idempotency`]).
 //!
