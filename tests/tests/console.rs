@@ -32,17 +32,38 @@ fn repository() -> PathBuf {
         .to_path_buf()
 }
 
-/// Kills the backbone's processes if the test fails half-way (a panic skips `stop`).
+/// Kills the backbone's processes and drops its database if the test fails half-way (a panic
+/// skips `stop`).
 struct Started(Option<Backbone>);
 
 impl Drop for Started {
     fn drop(&mut self) {
-        if let Some(backbone) = &mut self.0 {
-            for (_, child) in &mut backbone.processes {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        let Some(mut backbone) = self.0.take() else {
+            return;
+        };
+        for (_, child) in &mut backbone.processes {
+            let _ = child.kill();
+            let _ = child.wait();
         }
+        // On a runtime of its own: the test's is unwinding.
+        let database = backbone.database.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                use sqlx::Connection;
+                let mut admin = sqlx::PgConnection::connect(&backbone_tests::admin_url())
+                    .await
+                    .ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
     }
 }
 
