@@ -238,3 +238,39 @@ ensure_deploy_tools() {
   KUSTOMIZE="$dir/kustomize"
   export DEPLOY_TOOLS_BIN KUSTOMIZE
 }
+
+# The operations console (api/console, served by the API at /console/): its npm packages,
+# installed exactly as package-lock.json pins them (`npm ci`, through an npm cache outside the
+# clone, so a CI run downloads nothing it already has), and its build into api/console/dist.
+# Each is redone only when its inputs changed (stamps, like ensure_python_venv).
+CONSOLE_DIR="$ROOT/api/console"
+ensure_console() {
+  command -v npm >/dev/null 2>&1 || die "npm (Node.js 20 or later) is needed to build the console"
+  local cache="${NPM_CONFIG_CACHE:-$HOME/.cache/order-backbone/npm}"
+  local want stamp="$CONSOLE_DIR/node_modules/.backbone-lock.sha256"
+  want=$(sha256sum "$CONSOLE_DIR/package-lock.json" | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "installing the console's npm packages (npm ci)"
+    # No install scripts: esbuild's only checks its platform package, which npm installs.
+    (cd "$CONSOLE_DIR" && npm ci --ignore-scripts --no-audit --no-fund --prefer-offline \
+      --cache "$cache" --loglevel=error)
+    echo "$want" >"$stamp"
+  fi
+  stamp="$CONSOLE_DIR/node_modules/.backbone-build.sha256"
+  want=$(cd "$CONSOLE_DIR" && find src index.html build.mjs tsconfig.json package-lock.json -type f -print0 \
+    | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+  if [ ! -f "$CONSOLE_DIR/dist/index.html" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "building the console (type check, then esbuild into api/console/dist)"
+    (cd "$CONSOLE_DIR" && npm run --silent build)
+    echo "$want" >"$stamp"
+  fi
+}
+
+# Debian's Chromium, which the console's browser test drives through playwright-core (a test
+# tool's own browser download cannot be had here, and is never tried).
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  log "installing Chromium from Debian's packages (the console's browser test)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+}

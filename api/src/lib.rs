@@ -7,7 +7,8 @@
 //! aggregate (`GET /audit/{aggregate_type}/{aggregate_id}/events`, [`audit`]), the erasure of a
 //! customer's personal data (`POST /admin/customers/{id}/erasure`, [`privacy`]), an OpenAPI
 //! document (`/openapi.json`),
-//! Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`). Every client
+//! Prometheus metrics (`/metrics`), health (`/health/live`, `/health/ready`) and the operations
+//! console's page (`/console/`, [`console`]). Every client
 //! mistake is answered with an `application/problem+json` document ([`error`]). Every mutating
 //! request may carry an `Idempotency-Key` to be retried safely ([`idempotency`]).
 //!
@@ -20,6 +21,7 @@ pub mod ads;
 pub mod analytics;
 pub mod audit;
 pub mod auth;
+pub mod console;
 pub mod correlation;
 pub mod deliveries;
 pub mod error;
@@ -139,6 +141,11 @@ pub struct ApiConfig {
     /// more is answered 429 (default 4).
     #[serde(default = "default_max_streams")]
     pub api_max_streams_per_client: usize,
+    /// `API_CONSOLE_DIR`: the built operations console served at `/console/` (default
+    /// `api/console/dist`, where the project's scripts build it, relative to the repository
+    /// root they run from).
+    #[serde(default = "default_console_dir")]
+    pub api_console_dir: std::path::PathBuf,
     /// The token settings (`AUTH_*`, see [`auth::AuthConfig`]).
     #[serde(skip)]
     pub auth: auth::AuthConfig,
@@ -146,6 +153,9 @@ pub struct ApiConfig {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_console_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from("api/console/dist")
 }
 const fn default_body_limit() -> usize {
     64 * 1024
@@ -210,6 +220,7 @@ impl Default for ApiConfig {
             api_max_header_bytes: default_max_header_bytes(),
             api_readiness_interval_ms: default_readiness_interval(),
             api_max_streams_per_client: default_max_streams(),
+            api_console_dir: default_console_dir(),
             auth: auth::AuthConfig::default(),
         }
     }
@@ -260,6 +271,8 @@ pub struct AppState {
     pub webhooks: Option<Arc<payments::WebhookVerifier>>,
     /// Customers' data keys: seals personal data, reveals it for people, erases it.
     pub pii: Arc<commands::pii::PiiVault>,
+    /// The operations console's files.
+    pub console: Arc<console::Console>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -540,6 +553,9 @@ pub fn routes() -> Routes {
         .get("/metrics", Public, metrics_endpoint)
         .get("/health/live", Public, health::live)
         .get("/health/ready", Public, health::ready)
+        .assets("/console", console::redirect)
+        .assets("/console/", console::file)
+        .assets("/console/{*path}", console::file)
 }
 
 /// The router with every route and layer. Layers from the outside in: request timeout, body
@@ -702,6 +718,7 @@ impl ApiServer {
             catalogue,
             health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),
             pii: Arc::new(commands::pii::PiiVault::new(pool.clone())),
+            console: Arc::new(console::Console::new(&config.api_console_dir)),
             // A claim whose order has not appeared stays reserved for longer than any placement
             // may run (the request timeout), then frees.
             promotion_claims: commands::promotions::PromotionClaims::new(

@@ -2,7 +2,7 @@
 //! a new route cannot be added without choosing who may call it. The role gate
 //! ([`crate::auth::gate`]) and the `405 Allow` answers read the same table.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use axum::handler::Handler;
@@ -28,6 +28,8 @@ pub enum Gate {
 #[derive(Debug, Default)]
 pub struct Policy {
     gates: BTreeMap<(&'static str, String), Gate>,
+    /// Routes of static files ([`Routes::assets`]): public, and no operations of the API.
+    assets: BTreeSet<&'static str>,
 }
 
 impl Policy {
@@ -45,10 +47,11 @@ impl Policy {
             .collect()
     }
 
-    /// Every operation with its gate.
+    /// Every operation with its gate (static files are none: see [`Routes::assets`]).
     pub fn operations(&self) -> impl Iterator<Item = (Method, &'static str, Gate)> + '_ {
         self.gates
             .iter()
+            .filter(|((route, _), _)| !self.assets.contains(route))
             .filter_map(|((route, method), gate)| Some((method.parse().ok()?, *route, *gate)))
     }
 }
@@ -87,6 +90,18 @@ impl Routes {
         T: 'static,
     {
         self.add(Method::PUT, route, gate, put(handler))
+    }
+
+    /// Static files (the operations console, [`crate::console`]): `GET`, public, since they hold
+    /// no data (the page reads everything through the API with its user's token), and not
+    /// operations of the API, so the OpenAPI document leaves them out.
+    pub fn assets<H, T>(mut self, route: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.policy.assets.insert(route);
+        self.get(route, Gate::Public, handler)
     }
 
     fn add(
