@@ -451,7 +451,7 @@ impl Order {
     ) -> Result<Vec<OrderEvent>, OrderError> {
         use OrderCommand as C;
         let now = services.clock.now();
-        let event = match command {
+        Ok(match command {
             C::PlaceOrder {
                 customer_id,
                 store_id,
@@ -462,7 +462,7 @@ impl Order {
                 redeem_points,
                 promotion_code,
                 free_delivery,
-            } => self.place_order(
+            } => vec![self.place_order(
                 now,
                 services,
                 customer_id,
@@ -474,25 +474,24 @@ impl Order {
                 redeem_points,
                 promotion_code,
                 free_delivery,
-            )?,
-            C::ModifyOrder { lines } => self.modify_order(now, services, lines)?,
+            )?],
+            C::ModifyOrder { lines } => vec![self.modify_order(now, services, lines)?],
             C::ConfirmPayment { payment_reference } => {
-                self.confirm_payment(now, payment_reference)?
+                vec![self.confirm_payment(now, payment_reference)?]
             }
             C::AcceptOrder {
                 estimated_preparation_minutes,
-            } => self.accept_order(now, estimated_preparation_minutes)?,
-            C::RejectOrder { reason } => self.reject_order(now, reason)?,
-            C::StartPreparation => self.start_preparation(now)?,
-            C::MarkReady => self.mark_ready(now)?,
-            C::HandToCourier => self.hand_to_courier(now)?,
-            C::MarkDelivered => self.mark_delivered(now)?,
-            C::CompleteOrder => self.complete_order(now)?,
-            C::CancelOrder { by, reason } => self.cancel_order(now, by, reason)?,
-            C::ExpireAcceptance => return Ok(self.expire_acceptance(now)?.into_iter().collect()),
-            C::RateOrder { stars, comment } => self.rate_order(now, stars, comment)?,
-        };
-        Ok(vec![event])
+            } => vec![self.accept_order(now, estimated_preparation_minutes)?],
+            C::RejectOrder { reason } => vec![self.reject_order(now, reason)?],
+            C::StartPreparation => vec![self.start_preparation(now)?],
+            C::MarkReady => vec![self.mark_ready(now)?],
+            C::HandToCourier => vec![self.hand_to_courier(now)?],
+            C::MarkDelivered => vec![self.mark_delivered(now)?],
+            C::CompleteOrder => vec![self.complete_order(now)?],
+            C::CancelOrder { by, reason } => vec![self.cancel_order(now, by, reason)?],
+            C::ExpireAcceptance => Vec::from_iter(self.expire_acceptance(now)?),
+            C::RateOrder { stars, comment } => vec![self.rate_order(now, stars, comment)?],
+        })
     }
 }
 
