@@ -491,23 +491,27 @@ pub struct RewardsLedger {
 }
 
 impl RewardsLedger {
-    /// What a command records. The rules every write shares are checked here, once: the
-    /// idempotency key must be valid, and a key seen before records nothing. Each command's own
-    /// rule is in the function named after it ([`points`] and [`subscription`]).
+    /// The rule every write shares: a valid idempotency key. A key seen before makes the write
+    /// a no-op (false).
+    fn is_new_key(&self, key: &str) -> Result<bool, RewardsError> {
+        if key.trim().is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
+            return Err(RewardsError::InvalidIdempotencyKey);
+        }
+        Ok(!self.processed_keys.contains(key))
+    }
+
+    /// What a command records. The rule every write shares is checked here, once
+    /// ([`Self::is_new_key`]); each command's own rule is in the function named after it
+    /// ([`points`] and [`subscription`]).
     fn decide(
         &self,
         command: RewardsCommand,
         services: &RewardsServices,
     ) -> Result<Vec<RewardsEvent>, RewardsError> {
         use RewardsCommand as C;
-        let key = command.idempotency_key();
-        if key.trim().is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
-            return Err(RewardsError::InvalidIdempotencyKey);
-        }
-        if self.processed_keys.contains(key) {
+        if !self.is_new_key(command.idempotency_key())? {
             return Ok(vec![]);
         }
-        let key = key.to_owned();
         let now = services.clock.now();
         let event = match command {
             C::EarnPoints {
@@ -515,7 +519,7 @@ impl RewardsLedger {
                 order_total,
                 points_per_100_minor,
                 expires_in_days,
-                ..
+                idempotency_key: key,
             } => self.earn_points(
                 now,
                 order_id,
@@ -525,38 +529,53 @@ impl RewardsLedger {
                 key,
             ),
             C::RedeemPoints {
-                order_id, points, ..
+                order_id,
+                points,
+                idempotency_key: key,
             } => self.redeem_points(now, order_id, points, key),
-            C::RestoreRedemption { order_id, .. } => self.restore_redemption(now, order_id, key),
+            C::RestoreRedemption {
+                order_id,
+                idempotency_key: key,
+            } => self.restore_redemption(now, order_id, key),
             C::ReverseEarnedPoints {
                 order_id,
                 refunded_total,
-                ..
+                idempotency_key: key,
             } => self.reverse_earned_points(now, order_id, refunded_total, key),
             C::DonatePoints {
                 charity,
                 points,
                 minor_per_100_points,
                 currency,
-                ..
+                idempotency_key: key,
             } => self.donate_points(now, charity, points, minor_per_100_points, currency, key),
-            C::ExpirePoints { as_of, .. } => self.expire_points(now, as_of, key),
+            C::ExpirePoints {
+                as_of,
+                idempotency_key: key,
+            } => self.expire_points(now, as_of, key),
             C::AdjustPoints {
                 points,
                 reason,
                 expires_in_days,
-                ..
+                idempotency_key: key,
             } => self.adjust_points(now, points, reason, expires_in_days, key),
             C::StartSubscription {
                 tier,
                 multiplier_bp,
                 free_delivery,
                 until,
-                ..
+                idempotency_key: key,
             } => self.start_subscription(now, tier, multiplier_bp, free_delivery, until, key),
-            C::RenewSubscription { until, .. } => self.renew_subscription(now, until, key),
-            C::CancelSubscription { .. } => self.cancel_subscription(now, key),
-            C::LapseSubscription { .. } => self.lapse_subscription(now, key),
+            C::RenewSubscription {
+                until,
+                idempotency_key: key,
+            } => self.renew_subscription(now, until, key),
+            C::CancelSubscription { idempotency_key } => {
+                self.cancel_subscription(now, idempotency_key)
+            }
+            C::LapseSubscription { idempotency_key } => {
+                self.lapse_subscription(now, idempotency_key)
+            }
         }?;
         Ok(event.into_iter().collect())
     }
