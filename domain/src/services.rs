@@ -279,6 +279,47 @@ pub struct Promotion {
 }
 
 impl Catalogue {
+    /// One line at the region's price: an item on sale there, each option's surcharge added
+    /// to the unit price, times the quantity.
+    fn price_line(
+        &self,
+        region: &RegionCode,
+        currency: Currency,
+        line: &RequestedLine,
+    ) -> Result<PricedLine, PricingError> {
+        let item = self
+            .items
+            .get(&line.item_id)
+            .ok_or_else(|| PricingError::UnknownItem(line.item_id.clone()))?;
+        if !item.available {
+            return Err(PricingError::Unavailable(line.item_id.clone()));
+        }
+        let base = *item
+            .prices
+            .get(region)
+            .ok_or_else(|| PricingError::NotSoldInRegion(line.item_id.clone(), region.clone()))?;
+        let mut unit = Money::new(base, currency)?;
+        for option in &line.options {
+            let opt = item
+                .options
+                .get(option)
+                .ok_or_else(|| PricingError::UnknownOption {
+                    item: line.item_id.clone(),
+                    option: option.clone(),
+                })?;
+            unit = unit.checked_add(Money::new(opt.surcharge_minor, currency)?)?;
+        }
+        Ok(PricedLine {
+            item_id: line.item_id.clone(),
+            name: item.name.clone(),
+            category: item.category.clone(),
+            quantity: line.quantity,
+            options: line.options.clone(),
+            unit_price: unit,
+            line_total: unit.times(line.quantity)?,
+        })
+    }
+
     fn promotion_discount(
         &self,
         code: &str,
@@ -431,38 +472,9 @@ impl Pricing for Catalogue {
         let mut priced = Vec::with_capacity(lines.len());
         let mut subtotal = Money::zero(currency);
         for line in lines {
-            let item = self
-                .items
-                .get(&line.item_id)
-                .ok_or_else(|| PricingError::UnknownItem(line.item_id.clone()))?;
-            if !item.available {
-                return Err(PricingError::Unavailable(line.item_id.clone()));
-            }
-            let base = *item.prices.get(region).ok_or_else(|| {
-                PricingError::NotSoldInRegion(line.item_id.clone(), region.clone())
-            })?;
-            let mut unit = Money::new(base, currency)?;
-            for option in &line.options {
-                let opt = item
-                    .options
-                    .get(option)
-                    .ok_or_else(|| PricingError::UnknownOption {
-                        item: line.item_id.clone(),
-                        option: option.clone(),
-                    })?;
-                unit = unit.checked_add(Money::new(opt.surcharge_minor, currency)?)?;
-            }
-            let line_total = unit.times(line.quantity)?;
-            subtotal = subtotal.checked_add(line_total)?;
-            priced.push(PricedLine {
-                item_id: line.item_id.clone(),
-                name: item.name.clone(),
-                category: item.category.clone(),
-                quantity: line.quantity,
-                options: line.options.clone(),
-                unit_price: unit,
-                line_total,
-            });
+            let line = self.price_line(region, currency, line)?;
+            subtotal = subtotal.checked_add(line.line_total)?;
+            priced.push(line);
         }
         let promotion_off = match promotion {
             Some(code) => self.promotion_discount(code, region, subtotal)?,

@@ -3,6 +3,7 @@
 //! configuration.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};

@@ -22,11 +22,12 @@
 
 pub mod eta;
 pub mod geo;
+mod lifecycle;
 
 use std::fmt;
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
@@ -530,14 +531,16 @@ impl Delivery {
         Ok(std::iter::once(event).chain(next.eta_update(now)).collect())
     }
 
+    /// What one command records before the estimate is refreshed: each command's rule is in
+    /// the function named after it ([`lifecycle`]).
     fn decide_one(
         &self,
         command: DeliveryCommand,
         now: DateTime<Utc>,
     ) -> Result<Option<DeliveryEvent>, DeliveryError> {
-        use DeliveryStatus as S;
-        let event = match command {
-            DeliveryCommand::RequestDelivery {
+        use DeliveryCommand as C;
+        match command {
+            C::RequestDelivery {
                 order_id,
                 store_id,
                 region,
@@ -545,181 +548,33 @@ impl Delivery {
                 dropoff,
                 preparation_ready_at,
                 average_speed_kmh,
-            } => {
-                if self.status != S::New {
-                    return Err(DeliveryError::AlreadyRequested);
-                }
-                if !pickup.is_valid() {
-                    return Err(DeliveryError::InvalidCoordinates { field: "pickup" });
-                }
-                if !dropoff.is_valid() {
-                    return Err(DeliveryError::InvalidCoordinates { field: "dropoff" });
-                }
-                if !(1..=MAX_AVERAGE_SPEED_KMH).contains(&average_speed_kmh) {
-                    return Err(DeliveryError::InvalidSpeed);
-                }
-                let meters = haversine_meters(pickup, dropoff);
-                if meters > f64::from(MAX_DELIVERY_DISTANCE_KM) * 1_000.0 {
-                    // At most half the Earth's circumference: fits a u32 easily.
-                    let km = (meters / 1_000.0).round() as u32;
-                    return Err(DeliveryError::TooFar { km });
-                }
-                if preparation_ready_at > now + Duration::hours(MAX_PREPARATION_AHEAD_HOURS) {
-                    return Err(DeliveryError::PreparationTooFarAhead);
-                }
-                DeliveryEvent::DeliveryRequested {
+            } => self
+                .request_delivery(
+                    now,
                     order_id,
                     store_id,
                     region,
                     pickup,
                     dropoff,
-                    // The contracts carry microseconds.
-                    preparation_ready_at: preparation_ready_at.trunc_subsecs(6),
+                    preparation_ready_at,
                     average_speed_kmh,
-                    requested_at: now,
-                }
-            }
-            DeliveryCommand::AssignCourier { courier_id } => {
-                self.require(&[S::Requested, S::CourierAssigned], "assign a courier to")?;
-                if self.courier_id == Some(courier_id) {
-                    // Assigning the same courier again (a retried dispatch) changes nothing.
-                    return Ok(None);
-                }
-                DeliveryEvent::CourierAssigned {
-                    courier_id,
-                    assigned_at: now,
-                }
-            }
-            DeliveryCommand::UpdateCourierLocation {
+                )
+                .map(Some),
+            C::AssignCourier { courier_id } => self.assign_courier(now, courier_id),
+            C::UpdateCourierLocation {
                 position,
                 device_time,
-            } => {
-                match self.status {
-                    S::New => return Err(DeliveryError::NotFound),
-                    S::Requested => return Err(DeliveryError::NoCourierAssigned),
-                    S::Delivered | S::Returned | S::Cancelled => {
-                        return Err(DeliveryError::TrackingEnded(self.status.as_str()))
-                    }
-                    // A failed delivery is still tracked on its way back to the store.
-                    S::CourierAssigned
-                    | S::ArrivedAtPickup
-                    | S::PickedUp
-                    | S::ArrivedAtDropoff
-                    | S::Failed => {}
-                }
-                if !position.is_valid() {
-                    return Err(DeliveryError::InvalidCoordinates { field: "position" });
-                }
-                if device_time > now + Duration::minutes(MAX_DEVICE_CLOCK_AHEAD_MINUTES) {
-                    return Err(DeliveryError::DeviceTimeAhead);
-                }
-                let device_time = device_time.trunc_subsecs(6);
-                if self
-                    .courier_position
-                    .is_some_and(|kept| device_time <= kept.device_time)
-                {
-                    // Older than (or as old as) the kept one: arrived out of order, or twice.
-                    return Ok(None);
-                }
-                DeliveryEvent::CourierLocationUpdated {
-                    position,
-                    device_time,
-                    received_at: now,
-                }
-            }
-            DeliveryCommand::MarkFoodReady { ready_at } => {
-                match self.status {
-                    S::New => return Err(DeliveryError::NotFound),
-                    S::Requested | S::CourierAssigned | S::ArrivedAtPickup => {}
-                    // Picked up or over: the food's readiness no longer matters.
-                    S::PickedUp
-                    | S::ArrivedAtDropoff
-                    | S::Delivered
-                    | S::Failed
-                    | S::Returned
-                    | S::Cancelled => return Ok(None),
-                }
-                if self.food_ready_at.is_some() {
-                    return Ok(None);
-                }
-                DeliveryEvent::FoodMarkedReady {
-                    ready_at: ready_at.min(now).trunc_subsecs(6),
-                    marked_at: now,
-                }
-            }
-            DeliveryCommand::ArriveAtPickup => {
-                self.require(&[S::CourierAssigned], "arrive at the store for")?;
-                DeliveryEvent::CourierArrivedAtPickup { arrived_at: now }
-            }
-            DeliveryCommand::PickUp => {
-                self.require(&[S::CourierAssigned, S::ArrivedAtPickup], "pick up")?;
-                DeliveryEvent::PickedUpAtStore { picked_up_at: now }
-            }
-            DeliveryCommand::ArriveAtDropoff => {
-                self.require(&[S::PickedUp], "arrive at the customer for")?;
-                DeliveryEvent::CourierArrivedAtDropoff { arrived_at: now }
-            }
-            DeliveryCommand::Deliver => {
-                self.require(&[S::PickedUp, S::ArrivedAtDropoff], "hand over")?;
-                DeliveryEvent::DeliveredToCustomer { delivered_at: now }
-            }
-            DeliveryCommand::FailDelivery { reason } => {
-                self.require(&[S::PickedUp, S::ArrivedAtDropoff], "fail")?;
-                DeliveryEvent::DeliveryFailed {
-                    reason,
-                    failed_at: now,
-                }
-            }
-            DeliveryCommand::ReturnToStore => {
-                self.require(&[S::Failed], "return to the store")?;
-                DeliveryEvent::ReturnedToStore { returned_at: now }
-            }
-            DeliveryCommand::CancelDelivery { reason } => {
-                self.require(
-                    &[S::Requested, S::CourierAssigned, S::ArrivedAtPickup],
-                    "cancel",
-                )?;
-                if reason.trim().is_empty() {
-                    return Err(DeliveryError::ReasonRequired);
-                }
-                if reason.chars().count() > MAX_REASON_CHARS {
-                    return Err(DeliveryError::TooLong {
-                        field: "reason",
-                        max: MAX_REASON_CHARS,
-                    });
-                }
-                DeliveryEvent::DeliveryCancelled {
-                    reason,
-                    cancelled_at: now,
-                }
-            }
-            DeliveryCommand::RateCourier { stars, comment } => {
-                self.require(&[S::Delivered], "rate the courier of")?;
-                if !(1..=5).contains(&stars) {
-                    return Err(DeliveryError::InvalidStars);
-                }
-                if comment
-                    .as_ref()
-                    .is_some_and(|c| c.chars().count() > MAX_COMMENT_CHARS)
-                {
-                    return Err(DeliveryError::TooLong {
-                        field: "comment",
-                        max: MAX_COMMENT_CHARS,
-                    });
-                }
-                if self.rated {
-                    return Err(DeliveryError::AlreadyRated);
-                }
-                let courier_id = self.courier_id.ok_or(DeliveryError::NoCourierAssigned)?;
-                DeliveryEvent::CourierRated {
-                    courier_id,
-                    stars,
-                    comment,
-                    rated_at: now,
-                }
-            }
-        };
-        Ok(Some(event))
+            } => self.update_courier_location(now, position, device_time),
+            C::MarkFoodReady { ready_at } => self.mark_food_ready(now, ready_at),
+            C::ArriveAtPickup => self.arrive_at_pickup(now).map(Some),
+            C::PickUp => self.pick_up(now).map(Some),
+            C::ArriveAtDropoff => self.arrive_at_dropoff(now).map(Some),
+            C::Deliver => self.deliver(now).map(Some),
+            C::FailDelivery { reason } => self.fail_delivery(now, reason).map(Some),
+            C::ReturnToStore => self.return_to_store(now).map(Some),
+            C::CancelDelivery { reason } => self.cancel_delivery(now, reason).map(Some),
+            C::RateCourier { stars, comment } => self.rate_courier(now, stars, comment).map(Some),
+        }
     }
 }
 

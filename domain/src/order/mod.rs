@@ -2,14 +2,16 @@
 //! needs (rejection by the store, cancellation, the accept-by deadline) and a rating once
 //! delivered. The lifecycle only moves forward: [`OrderStatus::rank`] never decreases.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::delivery::GeoPoint;
-use crate::services::{OrderServices, PricedLine, PricingError, Quote, RequestedLine};
+use crate::services::{OrderServices, PricedLine, PricingError, RequestedLine};
 use crate::{CustomerId, Money, RegionCode, StoreId};
+
+mod lifecycle;
+mod placement;
 
 /// Aggregate type name in the event store and on the topics. Never renamed.
 pub const AGGREGATE_TYPE: &str = "order";
@@ -401,42 +403,6 @@ impl OrderError {
     }
 }
 
-/// A subscriber's order: no delivery fee.
-fn waive_fee(mut quote: Quote, free_delivery: bool) -> Result<Quote, OrderError> {
-    if free_delivery {
-        quote.total = quote
-            .total
-            .saturating_sub(quote.delivery_fee)
-            .map_err(PricingError::from)?;
-        quote.delivery_fee = Money::zero(quote.delivery_fee.currency());
-    }
-    Ok(quote)
-}
-
-fn validate_lines(lines: &[RequestedLine]) -> Result<(), OrderError> {
-    if lines.is_empty() || lines.len() > MAX_LINES {
-        return Err(OrderError::InvalidLineCount);
-    }
-    if lines
-        .iter()
-        .any(|l| l.quantity == 0 || l.quantity > MAX_QUANTITY)
-    {
-        return Err(OrderError::InvalidQuantity);
-    }
-    // An option is a choice (size, topping), charged once per unit: listing it again would
-    // charge it again, and on a discounted order let a customer inflate a line at will.
-    for line in lines {
-        let mut seen = std::collections::BTreeSet::new();
-        if let Some(repeated) = line.options.iter().find(|o| !seen.insert(o.as_str())) {
-            return Err(OrderError::RepeatedOption {
-                item: line.item_id.clone(),
-                option: repeated.clone(),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// The state an order's events add up to.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Order {
@@ -475,15 +441,18 @@ impl Order {
         }
     }
 
+    /// What a command records. Each command's rule is in the function named after it:
+    /// placing and modifying (priced by the catalogue) in [`placement`], every later move in
+    /// [`lifecycle`].
     fn decide(
         &self,
         command: OrderCommand,
         services: &OrderServices,
     ) -> Result<Vec<OrderEvent>, OrderError> {
-        use OrderStatus as S;
+        use OrderCommand as C;
         let now = services.clock.now();
-        let event = match command {
-            OrderCommand::PlaceOrder {
+        Ok(match command {
+            C::PlaceOrder {
                 customer_id,
                 store_id,
                 region,
@@ -493,237 +462,36 @@ impl Order {
                 redeem_points,
                 promotion_code,
                 free_delivery,
-            } => {
-                if self.status != S::New {
-                    return Err(OrderError::AlreadyPlaced);
-                }
-                validate_lines(&lines)?;
-                // Only presence: the text may be a sealed envelope, never read here.
-                if contact.as_ref().is_some_and(|c| c.name.trim().is_empty()) {
-                    return Err(OrderError::ContactWithoutName);
-                }
-                // A drop-off no courier could reach would strand the order once accepted.
-                if let Some(store) = services.pricing.store_location(&store_id) {
-                    let dropoff = GeoPoint {
-                        latitude: delivery_address.latitude,
-                        longitude: delivery_address.longitude,
-                    };
-                    let meters = store.distance_meters(&dropoff);
-                    let max_km = crate::delivery::MAX_DELIVERY_DISTANCE_KM;
-                    if !dropoff.is_valid() || meters > f64::from(max_km) * 1_000.0 {
-                        // At most half the Earth's circumference: fits a u32 easily.
-                        let km = if meters.is_finite() {
-                            (meters / 1_000.0).round() as u32
-                        } else {
-                            u32::MAX
-                        };
-                        return Err(OrderError::TooFarForDelivery { km, max_km });
-                    }
-                }
-                if promotion_code
-                    .as_ref()
-                    .is_some_and(|c| c.chars().count() > 32)
-                {
-                    return Err(OrderError::TooLong {
-                        field: "promotion_code",
-                        max: 32,
-                    });
-                }
-                let store_region = services.pricing.store_region(&store_id)?;
-                if let Some(named) = region.filter(|named| *named != store_region) {
-                    return Err(PricingError::NotTheStoresRegion {
-                        named,
-                        store: store_id,
-                        store_region,
-                    }
-                    .into());
-                }
-                let region = store_region;
-                let quote = waive_fee(
-                    services.pricing.quote(
-                        &region,
-                        &lines,
-                        redeem_points,
-                        promotion_code.as_deref(),
-                    )?,
-                    free_delivery,
-                )?;
-                OrderEvent::OrderPlaced {
-                    customer_id,
-                    store_id,
-                    region,
-                    lines: quote.lines,
-                    subtotal: quote.subtotal,
-                    discount: quote.discount,
-                    tax: quote.tax,
-                    delivery_fee: quote.delivery_fee,
-                    total: quote.total,
-                    delivery_address,
-                    accept_by: now + Duration::minutes(i64::from(quote.accept_within_minutes)),
-                    rating_window_days: quote.rating_window_days,
-                    points_redeemed: quote.points_redeemed,
-                    promotion_code,
-                    free_delivery,
-                    contact,
-                    placed_at: now,
-                }
+            } => vec![self.place_order(
+                now,
+                services,
+                customer_id,
+                store_id,
+                region,
+                lines,
+                delivery_address,
+                contact,
+                redeem_points,
+                promotion_code,
+                free_delivery,
+            )?],
+            C::ModifyOrder { lines } => vec![self.modify_order(now, services, lines)?],
+            C::ConfirmPayment { payment_reference } => {
+                vec![self.confirm_payment(now, payment_reference)?]
             }
-            OrderCommand::ModifyOrder { lines } => {
-                self.require(&[S::Placed, S::Confirmed], "modify")?;
-                validate_lines(&lines)?;
-                let region = self.region.clone().ok_or(OrderError::NotFound)?;
-                let quote = waive_fee(
-                    services.pricing.quote(
-                        &region,
-                        &lines,
-                        self.points_redeemed,
-                        self.promotion_code.as_deref(),
-                    )?,
-                    self.free_delivery,
-                )?;
-                if let (S::Confirmed, Some(confirmed)) = (self.status, self.total) {
-                    if quote.total.minor() > confirmed.minor() {
-                        return Err(OrderError::ExceedsConfirmedTotal {
-                            requested: quote.total,
-                            confirmed,
-                        });
-                    }
-                }
-                OrderEvent::OrderModified {
-                    lines: quote.lines,
-                    subtotal: quote.subtotal,
-                    discount: quote.discount,
-                    tax: quote.tax,
-                    delivery_fee: quote.delivery_fee,
-                    total: quote.total,
-                    modified_at: now,
-                }
-            }
-            OrderCommand::ConfirmPayment { payment_reference } => {
-                self.require(&[S::Placed], "confirm payment for")?;
-                if payment_reference.len() > 128 {
-                    return Err(OrderError::TooLong {
-                        field: "payment_reference",
-                        max: 128,
-                    });
-                }
-                OrderEvent::OrderConfirmed {
-                    payment_reference,
-                    confirmed_at: now,
-                }
-            }
-            OrderCommand::AcceptOrder {
+            C::AcceptOrder {
                 estimated_preparation_minutes,
-            } => {
-                self.require(&[S::Confirmed], "accept")?;
-                if !(1..=240).contains(&estimated_preparation_minutes) {
-                    return Err(OrderError::InvalidPreparationTime);
-                }
-                OrderEvent::OrderAccepted {
-                    estimated_preparation_minutes,
-                    accepted_at: now,
-                }
-            }
-            OrderCommand::RejectOrder { reason } => {
-                self.require(&[S::Placed, S::Confirmed], "reject")?;
-                OrderEvent::OrderRejected {
-                    reason,
-                    rejected_at: now,
-                }
-            }
-            OrderCommand::StartPreparation => {
-                self.require(&[S::Accepted], "start preparing")?;
-                OrderEvent::PreparationStarted { started_at: now }
-            }
-            OrderCommand::MarkReady => {
-                self.require(&[S::Preparing], "mark ready")?;
-                OrderEvent::OrderReady { ready_at: now }
-            }
-            OrderCommand::HandToCourier => {
-                self.require(&[S::Ready], "hand to a courier")?;
-                OrderEvent::OrderOutForDelivery { departed_at: now }
-            }
-            OrderCommand::MarkDelivered => {
-                self.require(&[S::OutForDelivery], "mark delivered")?;
-                OrderEvent::OrderDelivered { delivered_at: now }
-            }
-            OrderCommand::CompleteOrder => {
-                self.require(&[S::Delivered], "complete")?;
-                OrderEvent::OrderCompleted { completed_at: now }
-            }
-            OrderCommand::CancelOrder { by, reason } => {
-                if reason.chars().count() > 500 {
-                    return Err(OrderError::TooLong {
-                        field: "reason",
-                        max: 500,
-                    });
-                }
-                let allowed: &[S] = match by {
-                    CancelledBy::Customer => &[S::Placed, S::Confirmed, S::Accepted],
-                    CancelledBy::Store => &[S::Confirmed, S::Accepted, S::Preparing, S::Ready],
-                    // The platform ends any order that has not reached the customer: a failed
-                    // or returned delivery, an operator resolving a stuck flow. Once delivered
-                    // the money is captured, and a refund is the way back.
-                    CancelledBy::System => &[
-                        S::Placed,
-                        S::Confirmed,
-                        S::Accepted,
-                        S::Preparing,
-                        S::Ready,
-                        S::OutForDelivery,
-                    ],
-                };
-                if by == CancelledBy::Customer
-                    && matches!(self.status, S::Preparing | S::Ready | S::OutForDelivery)
-                {
-                    return Err(OrderError::TooLateToCancel(self.status.as_str()));
-                }
-                self.require(allowed, "cancel")?;
-                OrderEvent::OrderCancelled {
-                    cancelled_by: by,
-                    reason,
-                    cancelled_at: now,
-                }
-            }
-            OrderCommand::ExpireAcceptance => {
-                // A deadline that fires late, or twice, after the store acted, changes nothing.
-                let waiting = matches!(self.status, S::Placed | S::Confirmed);
-                match self.accept_by {
-                    Some(deadline) if waiting && now >= deadline => OrderEvent::OrderCancelled {
-                        cancelled_by: CancelledBy::System,
-                        reason: "not accepted by the store in time".to_owned(),
-                        cancelled_at: now,
-                    },
-                    _ if self.status == S::New => return Err(OrderError::NotFound),
-                    _ => return Ok(vec![]),
-                }
-            }
-            OrderCommand::RateOrder { stars, comment } => {
-                self.require(&[S::Delivered, S::Completed], "rate")?;
-                if !(1..=5).contains(&stars) {
-                    return Err(OrderError::InvalidStars);
-                }
-                if comment.as_ref().is_some_and(|c| c.chars().count() > 2000) {
-                    return Err(OrderError::TooLong {
-                        field: "comment",
-                        max: 2000,
-                    });
-                }
-                if self.rated {
-                    return Err(OrderError::AlreadyRated);
-                }
-                let window = Duration::days(i64::from(self.rating_window_days));
-                if self.delivered_at.is_some_and(|d| now > d + window) {
-                    return Err(OrderError::RatingWindowClosed(self.rating_window_days));
-                }
-                OrderEvent::OrderRated {
-                    stars,
-                    comment,
-                    rated_at: now,
-                }
-            }
-        };
-        Ok(vec![event])
+            } => vec![self.accept_order(now, estimated_preparation_minutes)?],
+            C::RejectOrder { reason } => vec![self.reject_order(now, reason)?],
+            C::StartPreparation => vec![self.start_preparation(now)?],
+            C::MarkReady => vec![self.mark_ready(now)?],
+            C::HandToCourier => vec![self.hand_to_courier(now)?],
+            C::MarkDelivered => vec![self.mark_delivered(now)?],
+            C::CompleteOrder => vec![self.complete_order(now)?],
+            C::CancelOrder { by, reason } => vec![self.cancel_order(now, by, reason)?],
+            C::ExpireAcceptance => Vec::from_iter(self.expire_acceptance(now)?),
+            C::RateOrder { stars, comment } => vec![self.rate_order(now, stars, comment)?],
+        })
     }
 }
 
@@ -780,7 +548,15 @@ impl Aggregate for Order {
             OrderEvent::OrderDelivered { delivered_at } => self.delivered_at = Some(delivered_at),
             OrderEvent::OrderRated { .. } => self.rated = true,
             OrderEvent::OrderModified { total, .. } => self.total = Some(total),
-            _ => {}
+            // Their status is all they change.
+            OrderEvent::OrderConfirmed { .. }
+            | OrderEvent::OrderAccepted { .. }
+            | OrderEvent::OrderRejected { .. }
+            | OrderEvent::PreparationStarted { .. }
+            | OrderEvent::OrderReady { .. }
+            | OrderEvent::OrderOutForDelivery { .. }
+            | OrderEvent::OrderCompleted { .. }
+            | OrderEvent::OrderCancelled { .. } => {}
         }
     }
 }

@@ -22,6 +22,9 @@ use uuid::Uuid;
 use crate::services::Clock;
 use crate::{Currency, CustomerId, Money, MoneyError, OrderId};
 
+mod lifecycle;
+mod webhook;
+
 /// Aggregate type name in the event store and on the topics. Never renamed.
 pub const AGGREGATE_TYPE: &str = "payment";
 
@@ -444,245 +447,51 @@ impl Payment {
         })
     }
 
+    /// What a command records. Each command's rule is in the function named after it: the
+    /// payment's own moves in [`lifecycle`], the provider's webhooks in [`webhook`].
     fn decide(
         &self,
         command: PaymentCommand,
         services: &PaymentServices,
     ) -> Result<Vec<PaymentEvent>, PaymentError> {
-        use PaymentStatus as S;
+        use PaymentCommand as C;
         let now = services.clock.now();
-        let event = match command {
-            PaymentCommand::AuthorizePayment {
+        Ok(match command {
+            C::AuthorizePayment {
                 order_id,
                 customer_id,
                 amount,
                 provider,
                 provider_reference,
-            } => {
-                if self.status != S::New {
-                    return Err(PaymentError::AlreadyAuthorized);
-                }
-                if amount.minor() == 0 {
-                    return Err(PaymentError::ZeroAmount);
-                }
-                text(&provider, "provider", MAX_PROVIDER_LEN)?;
-                text(&provider_reference, "provider_reference", MAX_REFERENCE_LEN)?;
-                PaymentEvent::PaymentAuthorized {
-                    order_id,
-                    customer_id,
-                    amount,
-                    provider,
-                    provider_reference,
-                    authorized_at: now,
-                }
-            }
-            PaymentCommand::CapturePayment { amount } => {
-                self.require(&[S::Authorized], "capture")?;
-                let authorized = self.authorized_amount()?;
-                let amount = match amount {
-                    Some(amount) => {
-                        self.check_amount(amount)?;
-                        if amount.minor() > authorized.minor() {
-                            return Err(PaymentError::CaptureExceedsAuthorized {
-                                requested: amount,
-                                authorized,
-                            });
-                        }
-                        amount
-                    }
-                    None => authorized,
-                };
-                self.captured_event(amount, now)
-            }
-            PaymentCommand::VoidPayment { reason } => {
-                optional_text(&reason, "reason", MAX_REASON_LEN)?;
-                self.require(&[S::Authorized], "void")?;
-                PaymentEvent::PaymentVoided {
-                    reason,
-                    voided_at: now,
-                }
-            }
-            PaymentCommand::RefundPayment {
+            } => vec![self.authorize_payment(
+                now,
+                order_id,
+                customer_id,
+                amount,
+                provider,
+                provider_reference,
+            )?],
+            C::CapturePayment { amount } => vec![self.capture_payment(now, amount)?],
+            C::VoidPayment { reason } => vec![self.void_payment(now, reason)?],
+            C::RefundPayment {
                 amount,
                 reason,
                 refund_id,
-            } => {
-                text(&refund_id, "refund_id", MAX_REFERENCE_LEN)?;
-                optional_text(&reason, "reason", MAX_REASON_LEN)?;
-                if amount.minor() == 0 {
-                    return Err(PaymentError::ZeroAmount);
-                }
-                if self.status == S::New {
-                    return Err(PaymentError::NotFound);
-                }
-                // A retried refund is answered before the state is looked at: after a full
-                // refund the retry of that very refund still succeeds, doing nothing.
-                match self.refunds.get(&refund_id) {
-                    Some(done) if *done == amount => return Ok(vec![]),
-                    Some(done) => {
-                        return Err(PaymentError::RefundIdReused {
-                            refund_id,
-                            amount: *done,
-                        })
-                    }
-                    None => {}
-                }
-                self.check_amount(amount)?;
-                self.require(&[S::Captured, S::PartiallyRefunded], "refund")?;
-                let refundable = self.refundable()?;
-                if amount.minor() > refundable.minor() {
-                    return Err(PaymentError::RefundExceedsCaptured {
-                        requested: amount,
-                        refundable,
-                    });
-                }
-                self.refunded_event(refund_id, amount, reason, now)?
-            }
-            PaymentCommand::RecordProviderWebhook {
+            } => Vec::from_iter(self.refund_payment(now, amount, reason, refund_id)?),
+            C::RecordProviderWebhook {
                 provider_event_id,
                 kind,
                 amount,
                 refund_id,
                 detail,
-            } => {
-                text(&provider_event_id, "provider_event_id", MAX_REFERENCE_LEN)?;
-                if let Some(refund_id) = &refund_id {
-                    text(refund_id, "refund_id", MAX_REFERENCE_LEN)?;
-                }
-                if let Some(detail) = &detail {
-                    optional_text(detail, "detail", MAX_REASON_LEN)?;
-                }
-                if self.status == S::New {
-                    // The provider retries; by then our authorization will have landed.
-                    return Err(PaymentError::NotFound);
-                }
-                if self.provider_event_ids.contains(&provider_event_id) {
-                    return Ok(vec![]);
-                }
-                if let Some(amount) = amount {
-                    self.check_amount(amount)?;
-                }
-                let (outcome, effect) = self.webhook_effect(
-                    kind,
-                    amount,
-                    refund_id.as_deref(),
-                    &provider_event_id,
-                    detail.as_deref(),
-                    now,
-                )?;
-                let recorded = PaymentEvent::ProviderWebhookRecorded {
-                    provider_event_id,
-                    kind,
-                    amount,
-                    refund_id,
-                    detail,
-                    outcome,
-                    received_at: now,
-                };
-                return Ok(std::iter::once(recorded).chain(effect).collect());
-            }
-        };
-        Ok(vec![event])
-    }
-
-    /// What a webhook never seen before does. A webhook that only repeats what the payment knows
-    /// is `Confirmed`; one that cannot be true of this payment is `Contradicted` and recorded
-    /// without touching the payment, except a refund before the capture is known, which is
-    /// refused so that the provider retries it after the capture arrives.
-    fn webhook_effect(
-        &self,
-        kind: WebhookKind,
-        amount: Option<Money>,
-        refund_id: Option<&str>,
-        provider_event_id: &str,
-        detail: Option<&str>,
-        now: DateTime<Utc>,
-    ) -> Result<(WebhookOutcome, Option<PaymentEvent>), PaymentError> {
-        use PaymentStatus as S;
-        use WebhookOutcome as O;
-        let captured_or_later = matches!(
-            self.status,
-            S::Captured | S::PartiallyRefunded | S::Refunded
-        );
-        let reason = |default: &str| detail.unwrap_or(default).to_owned();
-        Ok(match kind {
-            // Every payment past `New` was authorized.
-            WebhookKind::Authorized => (O::Confirmed, None),
-            WebhookKind::Other => (O::Ignored, None),
-            WebhookKind::Captured => match self.status {
-                S::Authorized => {
-                    let authorized = self.authorized_amount()?;
-                    let amount = amount.unwrap_or(authorized);
-                    if amount.minor() > authorized.minor() {
-                        (O::Contradicted, None)
-                    } else {
-                        (O::Applied, Some(self.captured_event(amount, now)))
-                    }
-                }
-                _ if captured_or_later => {
-                    if amount.is_some_and(|a| Some(a) != self.captured) {
-                        (O::Contradicted, None)
-                    } else {
-                        (O::Confirmed, None)
-                    }
-                }
-                _ => (O::Contradicted, None),
-            },
-            WebhookKind::Failed => match self.status {
-                S::Authorized => (
-                    O::Applied,
-                    Some(PaymentEvent::PaymentFailed {
-                        reason: reason("the payment provider reported the payment failed"),
-                        failed_at: now,
-                    }),
-                ),
-                S::Failed | S::Voided => (O::Confirmed, None),
-                _ => (O::Contradicted, None),
-            },
-            WebhookKind::Voided => match self.status {
-                S::Authorized => (
-                    O::Applied,
-                    Some(PaymentEvent::PaymentVoided {
-                        reason: reason("the payment provider voided the authorization"),
-                        voided_at: now,
-                    }),
-                ),
-                S::Voided | S::Failed => (O::Confirmed, None),
-                _ => (O::Contradicted, None),
-            },
-            WebhookKind::Refunded => {
-                // A refund made at the provider without our refund id is known by the event id.
-                let refund_id = refund_id.unwrap_or(provider_event_id);
-                if self.refunds.contains_key(refund_id) {
-                    return Ok((O::Confirmed, None));
-                }
-                match self.status {
-                    S::Authorized => {
-                        return Err(PaymentError::InvalidTransition {
-                            action: "refund",
-                            status: self.status.as_str(),
-                        })
-                    }
-                    S::Captured | S::PartiallyRefunded => {
-                        let refundable = self.refundable()?;
-                        let amount = amount.unwrap_or(refundable);
-                        if amount.minor() > refundable.minor() {
-                            (O::Contradicted, None)
-                        } else {
-                            let event = self.refunded_event(
-                                refund_id.to_owned(),
-                                amount,
-                                reason("refunded at the payment provider"),
-                                now,
-                            )?;
-                            (O::Applied, Some(event))
-                        }
-                    }
-                    // Fully refunded: "everything was refunded" is old news, a new amount is not.
-                    S::Refunded if amount.is_none() => (O::Confirmed, None),
-                    _ => (O::Contradicted, None),
-                }
-            }
+            } => self.record_provider_webhook(
+                now,
+                provider_event_id,
+                kind,
+                amount,
+                refund_id,
+                detail,
+            )?,
         })
     }
 }

@@ -16,18 +16,30 @@
 //!   a no-op that returns no events (the keys are rebuilt from the events by `apply`);
 //! - a subscription multiplies the points earned while it runs (until its end date, even once
 //!   cancelled) and gives free delivery for as long.
+//!
+//! Where to read: `decide` below checks what every write shares (the idempotency key) and hands
+//! each command to the function named after it, in `points` (earn, redeem, restore, reverse,
+//! donate, expire, adjust) or `subscription` (start, renew, cancel, lapse), each of which also
+//! holds what its events do to the ledger; `ledger` holds the lots and which lots a debit takes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::services::Clock;
 use crate::{CharityCode, Currency, Money, OrderId};
+
+mod ledger;
+mod points;
+mod subscription;
+
+pub use ledger::{LotPoints, OrderEarning, PointsLot, Redemption};
+pub use subscription::{Subscription, SubscriptionStatus, SubscriptionTier};
 
 /// Aggregate type name in the event store and on the topics. Never renamed.
 pub const AGGREGATE_TYPE: &str = "rewards";
@@ -48,23 +60,6 @@ pub const MAX_DONATION_RATE: u32 = 100_000;
 pub const NO_MULTIPLIER_BP: u32 = 10_000;
 /// The highest subscription multiplier, in basis points (5x).
 pub const MAX_MULTIPLIER_BP: u32 = 50_000;
-
-/// A subscription plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum SubscriptionTier {
-    Standard,
-    Plus,
-    Premium,
-}
-
-/// Points taken from (or given back to) one lot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LotPoints {
-    /// The lot's number in this ledger (1, 2, ...).
-    pub lot: u32,
-    pub points: u64,
-}
 
 /// What a client may ask of a customer's ledger. Every command carries the caller's
 /// idempotency key: the same key again is a no-op.
@@ -477,64 +472,6 @@ impl RewardsError {
     }
 }
 
-/// Points earned or credited together, with one expiry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PointsLot {
-    /// The lot's number in this ledger (1, 2, ...).
-    pub lot: u32,
-    /// Points the lot was created with.
-    pub points: u64,
-    pub expires_at: DateTime<Utc>,
-    /// Points not yet spent or expired.
-    pub remaining: u64,
-}
-
-/// The points one order earned.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderEarning {
-    pub points: u64,
-    pub lot: u32,
-    pub order_total: Money,
-    /// Taken back (or written off) because the order was refunded.
-    pub reversed: u64,
-}
-
-/// A redemption on one order, remembered so that a cancellation can give it back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Redemption {
-    pub points: u64,
-    pub lots: Vec<LotPoints>,
-    pub restored: bool,
-}
-
-/// Where a subscription stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum SubscriptionStatus {
-    /// Running, renews.
-    Active,
-    /// Running until `until`, will not renew.
-    Cancelled,
-    /// Over.
-    Lapsed,
-}
-
-/// The customer's subscription.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Subscription {
-    pub tier: SubscriptionTier,
-    pub multiplier_bp: u32,
-    pub free_delivery: bool,
-    pub until: DateTime<Utc>,
-    pub status: SubscriptionStatus,
-}
-
-impl Subscription {
-    /// Whether its benefits apply at `now`: not lapsed and before its end.
-    pub fn is_running_at(&self, now: DateTime<Utc>) -> bool {
-        self.status != SubscriptionStatus::Lapsed && now < self.until
-    }
-}
-
 /// The state a customer's rewards events add up to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RewardsLedger {
@@ -554,466 +491,93 @@ pub struct RewardsLedger {
 }
 
 impl RewardsLedger {
-    /// One lot by its number.
-    pub fn lot(&self, lot: u32) -> Option<&PointsLot> {
-        let index = usize::try_from(lot).ok()?.checked_sub(1)?;
-        self.lots.get(index).filter(|l| l.lot == lot)
-    }
-
-    fn lot_mut(&mut self, lot: u32) -> Option<&mut PointsLot> {
-        let index = usize::try_from(lot).ok()?.checked_sub(1)?;
-        self.lots.get_mut(index).filter(|l| l.lot == lot)
-    }
-
-    /// Points that can be spent at `now`: the rest of every lot not yet past its expiry.
-    pub fn available_at(&self, now: DateTime<Utc>) -> u64 {
-        self.lots
-            .iter()
-            .filter(|l| l.expires_at > now)
-            .map(|l| l.remaining)
-            .sum()
-    }
-
-    /// The earning multiplier at `now`: the subscription's while it runs, else 1x.
-    pub fn multiplier_bp_at(&self, now: DateTime<Utc>) -> u32 {
-        self.subscription
-            .as_ref()
-            .filter(|s| s.is_running_at(now))
-            .map_or(NO_MULTIPLIER_BP, |s| s.multiplier_bp)
-    }
-
-    /// Whether deliveries are free at `now`.
-    pub fn free_delivery_at(&self, now: DateTime<Utc>) -> bool {
-        self.subscription
-            .as_ref()
-            .is_some_and(|s| s.free_delivery && s.is_running_at(now))
-    }
-
-    fn next_lot(&self) -> u32 {
-        u32::try_from(self.lots.len() + 1).unwrap_or(u32::MAX)
-    }
-
-    fn running_subscription(&self, now: DateTime<Utc>) -> Option<&Subscription> {
-        self.subscription.as_ref().filter(|s| s.is_running_at(now))
-    }
-
-    /// Which lots a debit of `points` at `now` takes from: the lots that expire first, skipping
-    /// any already past expiry. Refuses to overdraw.
-    fn plan_debit(
-        &self,
-        points: u64,
-        now: DateTime<Utc>,
-        action: &'static str,
-    ) -> Result<Vec<LotPoints>, RewardsError> {
-        let available = self.available_at(now);
-        if points > available {
-            return Err(RewardsError::InsufficientPoints { action, available });
+    /// The rule every write shares: a valid idempotency key. A key seen before makes the write
+    /// a no-op (false).
+    fn is_new_key(&self, key: &str) -> Result<bool, RewardsError> {
+        if key.trim().is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
+            return Err(RewardsError::InvalidIdempotencyKey);
         }
-        let mut live: Vec<&PointsLot> = self
-            .lots
-            .iter()
-            .filter(|l| l.remaining > 0 && l.expires_at > now)
-            .collect();
-        live.sort_by_key(|l| (l.expires_at, l.lot));
-        let mut left = points;
-        let mut taken = Vec::new();
-        for lot in live {
-            if left == 0 {
-                break;
-            }
-            let take = left.min(lot.remaining);
-            taken.push(LotPoints {
-                lot: lot.lot,
-                points: take,
-            });
-            left -= take;
-        }
-        Ok(taken)
+        Ok(!self.processed_keys.contains(key))
     }
 
-    /// Up to `points` from the spendable lots: the order's own lot first (those are the
-    /// points being taken back), then the ones expiring first. Never more than is spendable.
-    fn plan_reversal(&self, own_lot: u32, points: u64, now: DateTime<Utc>) -> Vec<LotPoints> {
-        let mut live: Vec<&PointsLot> = self
-            .lots
-            .iter()
-            .filter(|l| l.remaining > 0 && l.expires_at > now)
-            .collect();
-        live.sort_by_key(|l| (l.lot != own_lot, l.expires_at, l.lot));
-        let mut left = points;
-        let mut taken = Vec::new();
-        for lot in live {
-            if left == 0 {
-                break;
-            }
-            let take = left.min(lot.remaining);
-            taken.push(LotPoints {
-                lot: lot.lot,
-                points: take,
-            });
-            left -= take;
-        }
-        taken
-    }
-
+    /// What a command records. The rule every write shares is checked here, once
+    /// ([`Self::is_new_key`]); each command's own rule is in the function named after it
+    /// ([`points`] and [`subscription`]).
     fn decide(
         &self,
         command: RewardsCommand,
         services: &RewardsServices,
     ) -> Result<Vec<RewardsEvent>, RewardsError> {
-        let key = command.idempotency_key();
-        if key.trim().is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
-            return Err(RewardsError::InvalidIdempotencyKey);
-        }
-        if self.processed_keys.contains(key) {
+        use RewardsCommand as C;
+        if !self.is_new_key(command.idempotency_key())? {
             return Ok(vec![]);
         }
         let now = services.clock.now();
         let event = match command {
-            RewardsCommand::EarnPoints {
+            C::EarnPoints {
                 order_id,
                 order_total,
                 points_per_100_minor,
                 expires_in_days,
-                idempotency_key,
-            } => {
-                if !(1..=MAX_EARN_RATE).contains(&points_per_100_minor) {
-                    return Err(RewardsError::InvalidEarnRate);
-                }
-                let expires_at = expiry(now, expires_in_days)?;
-                if self.earned_orders.contains(&order_id) {
-                    return Err(RewardsError::AlreadyEarnedForOrder(order_id));
-                }
-                let multiplier_bp = self.multiplier_bp_at(now);
-                let scaled = i128::from(order_total.minor())
-                    * i128::from(points_per_100_minor)
-                    * i128::from(multiplier_bp)
-                    / (100 * i128::from(NO_MULTIPLIER_BP));
-                let points = u64::try_from(scaled).unwrap_or(u64::MAX);
-                if points == 0 {
-                    // Too small an order to earn a point: nothing to record.
-                    return Ok(vec![]);
-                }
-                if points > MAX_POINTS_PER_WRITE {
-                    return Err(RewardsError::PointsOutOfRange);
-                }
-                RewardsEvent::PointsEarned {
-                    order_id,
-                    order_total,
-                    points_per_100_minor,
-                    multiplier_bp,
-                    points,
-                    lot: self.next_lot(),
-                    expires_at,
-                    idempotency_key,
-                    earned_at: now,
-                }
-            }
-            RewardsCommand::RedeemPoints {
+                idempotency_key: key,
+            } => self.earn_points(
+                now,
+                order_id,
+                order_total,
+                points_per_100_minor,
+                expires_in_days,
+                key,
+            ),
+            C::RedeemPoints {
                 order_id,
                 points,
-                idempotency_key,
-            } => {
-                check_points(points)?;
-                if self.redemptions.contains_key(&order_id) {
-                    return Err(RewardsError::AlreadyRedeemedForOrder(order_id));
-                }
-                let lots = self.plan_debit(points, now, "redeem")?;
-                RewardsEvent::PointsRedeemed {
-                    order_id,
-                    points,
-                    lots,
-                    idempotency_key,
-                    redeemed_at: now,
-                }
-            }
-            RewardsCommand::RestoreRedemption {
+                idempotency_key: key,
+            } => self.redeem_points(now, order_id, points, key),
+            C::RestoreRedemption {
                 order_id,
-                idempotency_key,
-            } => {
-                let redemption = self
-                    .redemptions
-                    .get(&order_id)
-                    .ok_or(RewardsError::NoRedemptionForOrder(order_id))?;
-                if redemption.restored {
-                    return Err(RewardsError::RedemptionAlreadyRestored(order_id));
-                }
-                RewardsEvent::RedemptionRestored {
-                    order_id,
-                    points: redemption.points,
-                    lots: redemption.lots.clone(),
-                    idempotency_key,
-                    restored_at: now,
-                }
-            }
-            RewardsCommand::ReverseEarnedPoints {
+                idempotency_key: key,
+            } => self.restore_redemption(now, order_id, key),
+            C::ReverseEarnedPoints {
                 order_id,
                 refunded_total,
-                idempotency_key,
-            } => {
-                // Nothing earned (yet): the order flow reverses right after earning when the
-                // refund came first.
-                let Some(earning) = self.earnings.get(&order_id) else {
-                    return Ok(vec![]);
-                };
-                let expected = earning.order_total.currency();
-                if refunded_total.currency() != expected {
-                    return Err(RewardsError::RefundCurrencyMismatch {
-                        order_id,
-                        expected,
-                        got: refunded_total.currency(),
-                    });
-                }
-                let due = earning
-                    .reversible(refunded_total)
-                    .saturating_sub(earning.reversed);
-                if due == 0 {
-                    return Ok(vec![]);
-                }
-                let lots = self.plan_reversal(earning.lot, due, now);
-                let points: u64 = lots.iter().map(|l| l.points).sum();
-                RewardsEvent::PointsReversed {
-                    order_id,
-                    refunded_total,
-                    points,
-                    unrecovered: due - points,
-                    lots,
-                    idempotency_key,
-                    reversed_at: now,
-                }
-            }
-            RewardsCommand::DonatePoints {
+                idempotency_key: key,
+            } => self.reverse_earned_points(now, order_id, refunded_total, key),
+            C::DonatePoints {
                 charity,
                 points,
                 minor_per_100_points,
                 currency,
-                idempotency_key,
-            } => {
-                check_points(points)?;
-                if !(1..=MAX_DONATION_RATE).contains(&minor_per_100_points) {
-                    return Err(RewardsError::InvalidDonationRate);
-                }
-                let rate = u64::from(minor_per_100_points);
-                // Both factors are bounded, so the product fits comfortably.
-                let minor = points * rate / 100;
-                if minor == 0 {
-                    return Err(RewardsError::DonationTooSmall {
-                        min_points: 100u64.div_ceil(rate),
-                    });
-                }
-                let amount = i64::try_from(minor)
-                    .ok()
-                    .and_then(|m| Money::new(m, currency).ok())
-                    .ok_or(RewardsError::PointsOutOfRange)?;
-                let lots = self.plan_debit(points, now, "donate")?;
-                RewardsEvent::PointsDonated {
-                    charity,
-                    points,
-                    minor_per_100_points,
-                    amount,
-                    lots,
-                    idempotency_key,
-                    donated_at: now,
-                }
-            }
-            RewardsCommand::ExpirePoints {
+                idempotency_key: key,
+            } => self.donate_points(now, charity, points, minor_per_100_points, currency, key),
+            C::ExpirePoints {
                 as_of,
-                idempotency_key,
-            } => {
-                if as_of > now {
-                    return Err(RewardsError::ExpiryInTheFuture(as_of));
-                }
-                let mut due: Vec<&PointsLot> = self
-                    .lots
-                    .iter()
-                    .filter(|l| l.remaining > 0 && l.expires_at <= as_of)
-                    .collect();
-                if due.is_empty() {
-                    return Ok(vec![]);
-                }
-                due.sort_by_key(|l| (l.expires_at, l.lot));
-                let lots: Vec<LotPoints> = due
-                    .iter()
-                    .map(|l| LotPoints {
-                        lot: l.lot,
-                        points: l.remaining,
-                    })
-                    .collect();
-                RewardsEvent::PointsExpired {
-                    points: lots.iter().map(|l| l.points).sum(),
-                    lots,
-                    as_of,
-                    idempotency_key,
-                    expired_at: now,
-                }
-            }
-            RewardsCommand::AdjustPoints {
+                idempotency_key: key,
+            } => self.expire_points(now, as_of, key),
+            C::AdjustPoints {
                 points,
                 reason,
                 expires_in_days,
-                idempotency_key,
-            } => {
-                let magnitude = points.unsigned_abs();
-                if magnitude == 0 || magnitude > MAX_POINTS_PER_WRITE {
-                    return Err(RewardsError::InvalidAdjustment);
-                }
-                if reason.trim().is_empty() || reason.chars().count() > MAX_REASON_CHARS {
-                    return Err(RewardsError::InvalidReason);
-                }
-                if points > 0 {
-                    RewardsEvent::PointsAdjusted {
-                        points,
-                        reason,
-                        lot: Some(self.next_lot()),
-                        expires_at: Some(expiry(now, expires_in_days)?),
-                        lots: vec![],
-                        idempotency_key,
-                        adjusted_at: now,
-                    }
-                } else {
-                    RewardsEvent::PointsAdjusted {
-                        points,
-                        reason,
-                        lot: None,
-                        expires_at: None,
-                        lots: self.plan_debit(magnitude, now, "deduct")?,
-                        idempotency_key,
-                        adjusted_at: now,
-                    }
-                }
-            }
-            RewardsCommand::StartSubscription {
+                idempotency_key: key,
+            } => self.adjust_points(now, points, reason, expires_in_days, key),
+            C::StartSubscription {
                 tier,
                 multiplier_bp,
                 free_delivery,
                 until,
-                idempotency_key,
-            } => {
-                if !(NO_MULTIPLIER_BP..=MAX_MULTIPLIER_BP).contains(&multiplier_bp) {
-                    return Err(RewardsError::InvalidMultiplier);
-                }
-                if until <= now {
-                    return Err(RewardsError::InvalidUntil);
-                }
-                if let Some(running) = self.running_subscription(now) {
-                    return Err(RewardsError::SubscriptionAlreadyActive(running.until));
-                }
-                RewardsEvent::SubscriptionStarted {
-                    tier,
-                    multiplier_bp,
-                    free_delivery,
-                    until,
-                    idempotency_key,
-                    started_at: now,
-                }
-            }
-            RewardsCommand::RenewSubscription {
+                idempotency_key: key,
+            } => self.start_subscription(now, tier, multiplier_bp, free_delivery, until, key),
+            C::RenewSubscription {
                 until,
-                idempotency_key,
-            } => {
-                let running = self
-                    .running_subscription(now)
-                    .ok_or(RewardsError::NoActiveSubscription)?;
-                if until <= running.until {
-                    return Err(RewardsError::RenewalMustExtend(running.until));
-                }
-                RewardsEvent::SubscriptionRenewed {
-                    until,
-                    idempotency_key,
-                    renewed_at: now,
-                }
+                idempotency_key: key,
+            } => self.renew_subscription(now, until, key),
+            C::CancelSubscription { idempotency_key } => {
+                self.cancel_subscription(now, idempotency_key)
             }
-            RewardsCommand::CancelSubscription { idempotency_key } => {
-                let running = self
-                    .running_subscription(now)
-                    .ok_or(RewardsError::NoActiveSubscription)?;
-                if running.status == SubscriptionStatus::Cancelled {
-                    return Err(RewardsError::SubscriptionAlreadyCancelled(running.until));
-                }
-                RewardsEvent::SubscriptionCancelled {
-                    ends_at: running.until,
-                    idempotency_key,
-                    cancelled_at: now,
-                }
+            C::LapseSubscription { idempotency_key } => {
+                self.lapse_subscription(now, idempotency_key)
             }
-            RewardsCommand::LapseSubscription { idempotency_key } => {
-                // A timer that fires early (the customer renewed meanwhile), late or twice
-                // changes nothing.
-                match &self.subscription {
-                    None => return Err(RewardsError::NoSubscription),
-                    Some(s) if s.status == SubscriptionStatus::Lapsed || now < s.until => {
-                        return Ok(vec![])
-                    }
-                    Some(_) => RewardsEvent::SubscriptionLapsed {
-                        idempotency_key,
-                        lapsed_at: now,
-                    },
-                }
-            }
-        };
-        Ok(vec![event])
-    }
-
-    fn take(&mut self, lots: &[LotPoints]) {
-        for taken in lots {
-            if let Some(lot) = self.lot_mut(taken.lot) {
-                lot.remaining = lot.remaining.saturating_sub(taken.points);
-            }
-            self.balance = self.balance.saturating_sub(taken.points);
-        }
-    }
-
-    fn give_back(&mut self, lots: &[LotPoints]) {
-        for given in lots {
-            if let Some(lot) = self.lot_mut(given.lot) {
-                lot.remaining = lot.remaining.saturating_add(given.points);
-            }
-            self.balance = self.balance.saturating_add(given.points);
-        }
-    }
-
-    fn open_lot(&mut self, lot: u32, points: u64, expires_at: DateTime<Utc>) {
-        self.lots.push(PointsLot {
-            lot,
-            points,
-            expires_at,
-            remaining: points,
-        });
-        self.balance = self.balance.saturating_add(points);
-    }
-}
-
-/// `now + days`, for days in `1..=MAX_EXPIRY_DAYS`.
-impl OrderEarning {
-    /// The points a refund of `refunded_total` (in all) takes back: the refunded share of
-    /// the order's total, rounded down, and every point once the whole total is refunded.
-    pub fn reversible(&self, refunded_total: Money) -> u64 {
-        let total = self.order_total.minor();
-        let refunded = refunded_total.minor();
-        if refunded <= 0 {
-            return 0;
-        }
-        if total <= 0 || refunded >= total {
-            return self.points;
-        }
-        let share = u128::from(self.points) * u128::try_from(refunded).unwrap_or(0)
-            / u128::try_from(total).unwrap_or(1);
-        u64::try_from(share).unwrap_or(self.points)
-    }
-}
-
-fn expiry(now: DateTime<Utc>, days: u32) -> Result<DateTime<Utc>, RewardsError> {
-    if !(1..=MAX_EXPIRY_DAYS).contains(&days) {
-        return Err(RewardsError::InvalidExpiry);
-    }
-    Ok(now + Duration::days(i64::from(days)))
-}
-
-fn check_points(points: u64) -> Result<(), RewardsError> {
-    if (1..=MAX_POINTS_PER_WRITE).contains(&points) {
-        Ok(())
-    } else {
-        Err(RewardsError::PointsOutOfRange)
+        }?;
+        Ok(event.into_iter().collect())
     }
 }
 
@@ -1055,111 +619,55 @@ impl Aggregate for RewardsLedger {
     }
 
     fn apply(&mut self, event: Self::Event) {
+        use RewardsEvent as E;
         self.processed_keys
             .insert(event.idempotency_key().to_owned());
         match event {
-            RewardsEvent::PointsEarned {
+            E::PointsEarned {
                 order_id,
                 order_total,
                 points,
                 lot,
                 expires_at,
                 ..
-            } => {
-                self.open_lot(lot, points, expires_at);
-                self.lifetime_earned = self.lifetime_earned.saturating_add(points);
-                self.earned_orders.insert(order_id);
-                self.earnings.insert(
-                    order_id,
-                    OrderEarning {
-                        points,
-                        lot,
-                        order_total,
-                        reversed: 0,
-                    },
-                );
-            }
-            RewardsEvent::PointsRedeemed {
+            } => self.apply_points_earned(order_id, order_total, points, lot, expires_at),
+            E::PointsRedeemed {
                 order_id,
                 points,
                 lots,
                 ..
-            } => {
-                self.take(&lots);
-                self.redemptions.insert(
-                    order_id,
-                    Redemption {
-                        points,
-                        lots,
-                        restored: false,
-                    },
-                );
+            } => self.apply_points_redeemed(order_id, points, lots),
+            E::RedemptionRestored { order_id, lots, .. } => {
+                self.apply_redemption_restored(order_id, &lots);
             }
-            RewardsEvent::RedemptionRestored { order_id, lots, .. } => {
-                self.give_back(&lots);
-                if let Some(redemption) = self.redemptions.get_mut(&order_id) {
-                    redemption.restored = true;
-                }
-            }
-            RewardsEvent::PointsReversed {
+            E::PointsReversed {
                 order_id,
                 points,
                 unrecovered,
                 lots,
                 ..
-            } => {
-                self.take(&lots);
-                let gone = points.saturating_add(unrecovered);
-                self.lifetime_earned = self.lifetime_earned.saturating_sub(gone);
-                if let Some(earning) = self.earnings.get_mut(&order_id) {
-                    earning.reversed = earning.reversed.saturating_add(gone);
-                }
-            }
-            RewardsEvent::PointsDonated { lots, .. } | RewardsEvent::PointsExpired { lots, .. } => {
-                self.take(&lots);
-            }
-            RewardsEvent::PointsAdjusted {
+            } => self.apply_points_reversed(order_id, points, unrecovered, &lots),
+            E::PointsDonated { lots, .. } | E::PointsExpired { lots, .. } => self.take(&lots),
+            E::PointsAdjusted {
                 points,
                 lot,
                 expires_at,
                 lots,
                 ..
-            } => match (lot, expires_at) {
-                (Some(lot), Some(expires_at)) if points > 0 => {
-                    self.open_lot(lot, points.unsigned_abs(), expires_at);
-                }
-                _ => self.take(&lots),
-            },
-            RewardsEvent::SubscriptionStarted {
+            } => self.apply_points_adjusted(points, lot, expires_at, &lots),
+            E::SubscriptionStarted {
                 tier,
                 multiplier_bp,
                 free_delivery,
                 until,
                 ..
-            } => {
-                self.subscription = Some(Subscription {
-                    tier,
-                    multiplier_bp,
-                    free_delivery,
-                    until,
-                    status: SubscriptionStatus::Active,
-                });
+            } => self.apply_subscription_started(tier, multiplier_bp, free_delivery, until),
+            E::SubscriptionRenewed { until, .. } => self.apply_subscription_renewed(until),
+            E::SubscriptionCancelled { .. } => {
+                self.apply_subscription_status(SubscriptionStatus::Cancelled);
             }
-            RewardsEvent::SubscriptionRenewed { until, .. } => {
-                if let Some(s) = self.subscription.as_mut() {
-                    s.until = until;
-                    s.status = SubscriptionStatus::Active;
-                }
-            }
-            RewardsEvent::SubscriptionCancelled { .. } => {
-                if let Some(s) = self.subscription.as_mut() {
-                    s.status = SubscriptionStatus::Cancelled;
-                }
-            }
-            RewardsEvent::SubscriptionLapsed { .. } => {
-                if let Some(s) = self.subscription.as_mut() {
-                    s.status = SubscriptionStatus::Lapsed;
-                }
+            E::SubscriptionLapsed { .. } => {
+                self.apply_subscription_status(SubscriptionStatus::Lapsed);
             }
         }
     }
