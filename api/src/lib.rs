@@ -558,6 +558,88 @@ pub fn routes() -> Routes {
         .assets("/console/{*path}", console::file)
 }
 
+/// The API's background upkeep until `stop`: the catalogue refreshed (other instances' admin
+/// changes arrive within the interval), expired idempotency keys purged every minute (they are
+/// never replayed meanwhile).
+fn start_upkeep(
+    config: &ApiConfig,
+    pool: &PgPool,
+    catalogue: &Arc<CatalogueStore>,
+    stop: &CancellationToken,
+) {
+    {
+        let stop = stop.clone();
+        let catalogue = catalogue.clone();
+        tokio::spawn(async move {
+            catalogue.refresh_every(Duration::from_secs(5), stop).await;
+        });
+    }
+    let purge = config
+        .idempotency(pool.clone())
+        .purge_every(Duration::from_secs(60));
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = purge => {}
+            () = stop.cancelled() => {}
+        }
+    });
+}
+
+impl AppState {
+    /// The handlers' state: a command bus per aggregate over `db`, the shared services and the
+    /// per-client limits of `config`.
+    fn new(
+        config: &ApiConfig,
+        db: EventStoreDb,
+        catalogue: Arc<CatalogueStore>,
+        health: Arc<health::Dependencies>,
+        live: Arc<live::LiveHub>,
+    ) -> Self {
+        let clock = Arc::new(SystemClock);
+        let pool = db.pool().clone();
+        let services = OrderServices::new(catalogue.clone(), clock.clone());
+        AppState {
+            orders: Arc::new(CommandBus::new(db.clone(), services)),
+            deliveries: Arc::new(CommandBus::new(
+                db.clone(),
+                DeliveryServices::new(clock.clone()),
+            )),
+            payments: Arc::new(CommandBus::new(
+                db.clone(),
+                PaymentServices::new(clock.clone()),
+            )),
+            ads: Arc::new(CommandBus::new(
+                db.clone(),
+                AdsServices::new(catalogue.clone(), clock.clone()),
+            )),
+            rewards: Arc::new(CommandBus::new(db, RewardsServices::new(clock))),
+            catalogue,
+            health,
+            pii: Arc::new(commands::pii::PiiVault::new(pool.clone())),
+            console: Arc::new(console::Console::new(&config.api_console_dir)),
+            // A claim whose order has not appeared stays reserved for longer than any placement
+            // may run (the request timeout), then frees.
+            promotion_claims: commands::promotions::PromotionClaims::new(
+                pool.clone(),
+                Duration::from_millis(config.api_request_timeout_ms.saturating_mul(2))
+                    .max(Duration::from_secs(60)),
+            ),
+            pool,
+            read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
+            live,
+            streams: live::StreamSlots::new(config.api_max_streams_per_client),
+            waits: positions::wait_slots(config.api_max_waits_per_client),
+            webhooks: config.payments_webhook_secret.clone().map(|secret| {
+                Arc::new(payments::WebhookVerifier::new(
+                    secret,
+                    config.payments_webhook_tolerance_seconds,
+                ))
+            }),
+        }
+    }
+}
+
 /// The router with every route and layer. Layers from the outside in: request timeout, body
 /// limit, authentication (the principal), rate limit (per principal or peer), the role gate
 /// ([`auth::gate`]), idempotency.
@@ -667,77 +749,19 @@ impl ApiServer {
         let failed_start = housekeeping.clone().drop_guard();
         let db = EventStoreDb::connect(&store).await?;
         let catalogue = config.catalogue().map_err(StartError::Config)?;
-        let clock = Arc::new(SystemClock);
         let pool = db.pool().clone();
         let catalogue = Arc::new(
             CatalogueStore::load(pool.clone(), &catalogue)
                 .await
                 .map_err(|e| StartError::Config(e.to_string()))?,
         );
-        {
-            // Other instances' admin changes arrive within this interval.
-            let stop = housekeeping.clone();
-            let catalogue = catalogue.clone();
-            tokio::spawn(async move {
-                catalogue.refresh_every(Duration::from_secs(5), stop).await;
-            });
-        }
-        // Expired idempotency keys go every minute (they are never replayed meanwhile).
-        {
-            let purge = config
-                .idempotency(pool.clone())
-                .purge_every(Duration::from_secs(60));
-            let stop = housekeeping.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = purge => {}
-                    () = stop.cancelled() => {}
-                }
-            });
-        }
-        let services = OrderServices::new(catalogue.clone(), clock.clone());
+        start_upkeep(&config, &pool, &catalogue, &housekeeping);
         for read_model in projections::read_models::all() {
             streams::consumer::ensure_schema(read_model.as_ref(), &pool).await?;
         }
         let live = Arc::new(live::LiveHub::start(&pool).await?);
-        let state = AppState {
-            orders: Arc::new(CommandBus::new(db.clone(), services)),
-            deliveries: Arc::new(CommandBus::new(
-                db.clone(),
-                DeliveryServices::new(clock.clone()),
-            )),
-            payments: Arc::new(CommandBus::new(
-                db.clone(),
-                PaymentServices::new(clock.clone()),
-            )),
-            ads: Arc::new(CommandBus::new(
-                db.clone(),
-                AdsServices::new(catalogue.clone(), clock.clone()),
-            )),
-            rewards: Arc::new(CommandBus::new(db, RewardsServices::new(clock))),
-            catalogue,
-            health: Arc::new(health::Dependencies::new(pool.clone(), kafka, registry)),
-            pii: Arc::new(commands::pii::PiiVault::new(pool.clone())),
-            console: Arc::new(console::Console::new(&config.api_console_dir)),
-            // A claim whose order has not appeared stays reserved for longer than any placement
-            // may run (the request timeout), then frees.
-            promotion_claims: commands::promotions::PromotionClaims::new(
-                pool.clone(),
-                Duration::from_millis(config.api_request_timeout_ms.saturating_mul(2))
-                    .max(Duration::from_secs(60)),
-            ),
-            pool,
-            read_your_writes_wait: Duration::from_millis(config.api_read_your_writes_wait_ms),
-            live,
-            streams: live::StreamSlots::new(config.api_max_streams_per_client),
-            waits: positions::wait_slots(config.api_max_waits_per_client),
-            webhooks: config.payments_webhook_secret.clone().map(|secret| {
-                Arc::new(payments::WebhookVerifier::new(
-                    secret,
-                    config.payments_webhook_tolerance_seconds,
-                ))
-            }),
-        };
+        let health = Arc::new(health::Dependencies::new(pool.clone(), kafka, registry));
+        let state = AppState::new(&config, db, catalogue, health, live);
         // Readiness is checked in the background; `/health/ready` serves the last result.
         tokio::spawn(state.health.clone().run(
             Duration::from_millis(config.api_readiness_interval_ms),

@@ -133,8 +133,37 @@ pub async fn act_on_rewards(
 ) -> Result<axum::Json<RewardsAccepted>, ApiError> {
     let customer_id = Uuid::parse_str(&raw_id)
         .map_err(|_| ApiError::BadRequest(format!("`{raw_id}` is not a customer id (a UUID)")))?;
+    let (command, action) = command_of(&state, action)?;
+    principal.authorize(action, &Owner::customer(customer_id))?;
+    let actor = principal.actor();
+    let committed = state
+        .rewards
+        .execute(
+            &customer_id.to_string(),
+            command,
+            &context(&headers, key, actor),
+        )
+        .await
+        .map_err(command_error)?;
+    Ok(axum::Json(RewardsAccepted {
+        customer_id,
+        sequence: committed.last_sequence,
+        position: crate::positions::Position::new(
+            "rewards",
+            &committed.aggregate_id,
+            committed.last_sequence,
+        ),
+        events: committed.event_types,
+    }))
+}
+
+/// The ledger command an action asks for, and who may ask it (the customer, or operators).
+fn command_of(
+    state: &AppState,
+    action: RewardsAction,
+) -> Result<(RewardsCommand, Action), ApiError> {
     let invalid = |e: domain::ids::IdError| ApiError::Unprocessable(e.to_string());
-    let (command, action) = match action {
+    Ok(match action {
         RewardsAction::Donate {
             charity,
             points,
@@ -212,28 +241,7 @@ pub async fn act_on_rewards(
             },
             Action::OperatorRewardsAction,
         ),
-    };
-    principal.authorize(action, &Owner::customer(customer_id))?;
-    let actor = principal.actor();
-    let committed = state
-        .rewards
-        .execute(
-            &customer_id.to_string(),
-            command,
-            &context(&headers, key, actor),
-        )
-        .await
-        .map_err(command_error)?;
-    Ok(axum::Json(RewardsAccepted {
-        customer_id,
-        sequence: committed.last_sequence,
-        position: crate::positions::Position::new(
-            "rewards",
-            &committed.aggregate_id,
-            committed.last_sequence,
-        ),
-        events: committed.event_types,
-    }))
+    })
 }
 
 /// One lot of points: what it was credited with, what is left of it, and when that expires.
