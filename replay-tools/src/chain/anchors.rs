@@ -292,21 +292,7 @@ pub async fn run_anchor(
 /// previous anchor. Refuses when the store no longer holds what the previous anchor recorded.
 pub async fn anchor(pool: &PgPool) -> anyhow::Result<Anchor> {
     let mut conn = pool.acquire().await?;
-    // The instant: taken while holding a lock that waits for every open transaction writing
-    // events and keeps new ones out, so the store as of the anchor is exactly the events recorded
-    // before it (recorded_at is the clock at insert time, after the writer got its lock).
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    sqlx::query("SET LOCAL lock_timeout = '30s'")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("LOCK TABLE events IN SHARE MODE")
-        .execute(&mut *tx)
-        .await
-        .context("waiting for the transactions writing events (lock_timeout 30 s)")?;
-    let taken_at: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    let taken_at = anchor_instant(&mut conn).await?;
 
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -323,25 +309,7 @@ pub async fn anchor(pool: &PgPool) -> anyhow::Result<Anchor> {
             bail!("anchor #{id} was taken meanwhile; try again");
         }
     }
-    let lost: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT h.aggregate_type, h.aggregate_id, h.last_sequence FROM chain_heads h \
-         LEFT JOIN events e ON e.aggregate_type = h.aggregate_type \
-             AND e.aggregate_id = h.aggregate_id AND e.sequence = h.last_sequence \
-         WHERE e.chain_hash IS DISTINCT FROM h.head_hash LIMIT 10",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    if !lost.is_empty() {
-        let named: Vec<String> = lost
-            .iter()
-            .map(|(t, i, s)| format!("{t} {i} #{s}"))
-            .collect();
-        bail!(
-            "refusing to anchor: the store no longer holds the heads the previous anchor recorded \
-             ({}); run `replay-tools verify`",
-            named.join(", ")
-        );
-    }
+    refuse_lost_heads(&mut tx).await?;
     let id = previous.as_ref().map_or(1, |(id, _, _)| id + 1);
     let prev_hash = previous.map_or_else(|| GENESIS.to_vec(), |(_, _, h)| h);
     sqlx::query(
@@ -395,4 +363,47 @@ pub async fn anchor(pool: &PgPool) -> anyhow::Result<Anchor> {
         root,
         hash,
     })
+}
+
+/// The instant of an anchor: taken while holding a lock that waits for every open transaction
+/// writing events and keeps new ones out, so the store as of the anchor is exactly the events
+/// recorded before it (recorded_at is the clock at insert time, after the writer got its lock).
+async fn anchor_instant(conn: &mut PgConnection) -> anyhow::Result<DateTime<Utc>> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SET LOCAL lock_timeout = '30s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("LOCK TABLE events IN SHARE MODE")
+        .execute(&mut *tx)
+        .await
+        .context("waiting for the transactions writing events (lock_timeout 30 s)")?;
+    let taken_at: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(taken_at)
+}
+
+/// Refuses to anchor a store that lost the heads the previous anchor recorded.
+async fn refuse_lost_heads(tx: &mut PgConnection) -> anyhow::Result<()> {
+    let lost: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT h.aggregate_type, h.aggregate_id, h.last_sequence FROM chain_heads h \
+         LEFT JOIN events e ON e.aggregate_type = h.aggregate_type \
+             AND e.aggregate_id = h.aggregate_id AND e.sequence = h.last_sequence \
+         WHERE e.chain_hash IS DISTINCT FROM h.head_hash LIMIT 10",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if !lost.is_empty() {
+        let named: Vec<String> = lost
+            .iter()
+            .map(|(t, i, s)| format!("{t} {i} #{s}"))
+            .collect();
+        bail!(
+            "refusing to anchor: the store no longer holds the heads the previous anchor recorded \
+             ({}); run `replay-tools verify`",
+            named.join(", ")
+        );
+    }
+    Ok(())
 }

@@ -381,65 +381,9 @@ pub async fn verify_store(
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(pool)
         .await?;
-    let bar = progress::bar("verify", Some(u64::try_from(total).unwrap_or(0)));
     let mut findings = Findings::default();
-    let (mut after_type, mut after_id, mut after_seq) = match &args.from {
-        Some((t, i)) => (t.clone(), i.clone(), -1_i64),
-        None => (String::new(), String::new(), -1_i64),
-    };
-    let mut current: Vec<ChainedEvent> = Vec::new();
-    let (mut events, mut aggregates) = (0_u64, 0_u64);
-    let mut stopped_at: Option<(String, String)> = None;
-    loop {
-        let rows: Vec<ChainedEvent> = sqlx::query_as(&format!(
-            "SELECT {STORED_COLUMNS} FROM events \
-             WHERE (aggregate_type, aggregate_id, sequence) > ($1, $2, $3) \
-             ORDER BY aggregate_type, aggregate_id, sequence LIMIT $4"
-        ))
-        .bind(&after_type)
-        .bind(&after_id)
-        .bind(after_seq)
-        .bind(args.batch_size)
-        .fetch_all(pool)
-        .await
-        .context("reading events")?;
-        let done = rows.len() < usize::try_from(args.batch_size).unwrap_or(usize::MAX);
-        if let Some(last) = rows.last() {
-            after_type.clone_from(&last.aggregate_type);
-            after_id.clone_from(&last.aggregate_id);
-            after_seq = last.sequence;
-        }
-        for row in rows {
-            events += 1;
-            let same = current.first().is_some_and(|c| {
-                c.aggregate_type == row.aggregate_type && c.aggregate_id == row.aggregate_id
-            });
-            if !same && !current.is_empty() {
-                check_aggregate(&current, &mut findings);
-                aggregates += 1;
-                current.clear();
-            }
-            current.push(row);
-        }
-        bar.set_position(events);
-        if done {
-            break;
-        }
-        if cancel.is_cancelled() {
-            // The aggregate in hand may continue in the next batch: it is checked on resume.
-            stopped_at = current
-                .first()
-                .map(|c| (c.aggregate_type.clone(), c.aggregate_id.clone()));
-            current.clear();
-            break;
-        }
-    }
-    if !current.is_empty() {
-        check_aggregate(&current, &mut findings);
-        aggregates += 1;
-    }
-    bar.finish_and_clear();
-
+    let walked = walk_aggregates(pool, args, total, cancel, &mut findings).await?;
+    let (events, aggregates, stopped_at) = (walked.events, walked.aggregates, walked.stopped_at);
     let anchors = check_anchors(pool, &args.anchor_hashes, &mut findings).await?;
     findings.write(out)?;
     match &anchors {
@@ -477,4 +421,84 @@ pub async fn verify_store(
         );
     }
     Ok(())
+}
+
+/// How far a walk of the store got.
+struct Walked {
+    events: u64,
+    aggregates: u64,
+    /// The aggregate an interruption stopped at (checked again on resume).
+    stopped_at: Option<(String, String)>,
+}
+
+/// Checks the store's aggregates one by one, in key order from `args.from`, in batches.
+async fn walk_aggregates(
+    pool: &PgPool,
+    args: &VerifyArgs,
+    total: i64,
+    cancel: &CancellationToken,
+    findings: &mut Findings,
+) -> anyhow::Result<Walked> {
+    let bar = progress::bar("verify", Some(u64::try_from(total).unwrap_or(0)));
+    let (mut after_type, mut after_id, mut after_seq) = match &args.from {
+        Some((t, i)) => (t.clone(), i.clone(), -1_i64),
+        None => (String::new(), String::new(), -1_i64),
+    };
+    let mut current: Vec<ChainedEvent> = Vec::new();
+    let (mut events, mut aggregates) = (0_u64, 0_u64);
+    let mut stopped_at: Option<(String, String)> = None;
+    loop {
+        let rows: Vec<ChainedEvent> = sqlx::query_as(&format!(
+            "SELECT {STORED_COLUMNS} FROM events \
+             WHERE (aggregate_type, aggregate_id, sequence) > ($1, $2, $3) \
+             ORDER BY aggregate_type, aggregate_id, sequence LIMIT $4"
+        ))
+        .bind(&after_type)
+        .bind(&after_id)
+        .bind(after_seq)
+        .bind(args.batch_size)
+        .fetch_all(pool)
+        .await
+        .context("reading events")?;
+        let done = rows.len() < usize::try_from(args.batch_size).unwrap_or(usize::MAX);
+        if let Some(last) = rows.last() {
+            after_type.clone_from(&last.aggregate_type);
+            after_id.clone_from(&last.aggregate_id);
+            after_seq = last.sequence;
+        }
+        for row in rows {
+            events += 1;
+            let same = current.first().is_some_and(|c| {
+                c.aggregate_type == row.aggregate_type && c.aggregate_id == row.aggregate_id
+            });
+            if !same && !current.is_empty() {
+                check_aggregate(&current, findings);
+                aggregates += 1;
+                current.clear();
+            }
+            current.push(row);
+        }
+        bar.set_position(events);
+        if done {
+            break;
+        }
+        if cancel.is_cancelled() {
+            // The aggregate in hand may continue in the next batch: it is checked on resume.
+            stopped_at = current
+                .first()
+                .map(|c| (c.aggregate_type.clone(), c.aggregate_id.clone()));
+            current.clear();
+            break;
+        }
+    }
+    if !current.is_empty() {
+        check_aggregate(&current, findings);
+        aggregates += 1;
+    }
+    bar.finish_and_clear();
+    Ok(Walked {
+        events,
+        aggregates,
+        stopped_at,
+    })
 }
