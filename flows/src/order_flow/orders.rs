@@ -165,20 +165,9 @@ impl OrderFlow {
         match self.rewards.execute(&customer, command, &context).await {
             Ok(_) => Ok(true),
             Err(CommandError::Rejected(refusal)) => {
-                let command = OrderCommand::CancelOrder {
-                    by: CancelledBy::System,
-                    reason: format!("the points could not be redeemed: {refusal}"),
-                };
-                self.step(
-                    tx,
-                    &self.orders,
-                    cause,
-                    "cancel-unpaid-redemption",
-                    order_id,
-                    command,
-                    |e| order_in(e, &["Cancelled", "Rejected"]),
-                )
-                .await?;
+                let reason = format!("the points could not be redeemed: {refusal}");
+                self.cancel_as_system(tx, cause, "cancel-unpaid-redemption", reason)
+                    .await?;
                 Ok(false)
             }
             Err(e) => Err(ProjectionError::Event(format!("{step}: {e}"))),
@@ -197,20 +186,9 @@ impl OrderFlow {
     ) -> Result<(), ProjectionError> {
         let order_id = cause.aggregate_id.as_str();
         if let Some(decline) = demo_decline(&customer_id.to_string()) {
-            let command = OrderCommand::CancelOrder {
-                by: CancelledBy::System,
-                reason: format!("the payment was declined: {decline}"),
-            };
-            self.step(
-                tx,
-                &self.orders,
-                cause,
-                "cancel-declined-payment",
-                order_id,
-                command,
-                |e| order_in(e, &["Cancelled", "Rejected"]),
-            )
-            .await?;
+            let reason = format!("the payment was declined: {decline}");
+            self.cancel_as_system(tx, cause, "cancel-declined-payment", reason)
+                .await?;
             return Ok(());
         }
         let command = PaymentCommand::AuthorizePayment {
@@ -303,6 +281,32 @@ impl OrderFlow {
             order_id,
             command,
             |e| payment_in(e, &["Captured", "PartiallyRefunded", "Refunded"]),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Cancels the order as the system, with `reason` (already over: nothing to do); its
+    /// cancellation gives back what it redeemed.
+    async fn cancel_as_system(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        cause: &Cause,
+        step: &'static str,
+        reason: String,
+    ) -> Result<(), ProjectionError> {
+        let command = OrderCommand::CancelOrder {
+            by: CancelledBy::System,
+            reason,
+        };
+        self.step(
+            tx,
+            &self.orders,
+            cause,
+            step,
+            &cause.aggregate_id,
+            command,
+            |e| order_in(e, &["Cancelled", "Rejected"]),
         )
         .await?;
         Ok(())

@@ -372,23 +372,10 @@ impl Rebuild {
                 Origin::Store { .. } => {}
             }
         }
-        for ((topic, partition), (next_offset, recorded)) in checkpoints {
-            let recorded_at = recorded.and_then(|r| DateTime::parse_from_rfc3339(r).ok());
-            sqlx::query(&format!(
-                "INSERT INTO {shadow}.checkpoints (topic, partition, next_offset, last_recorded_at) \
-                 VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (topic, partition) DO UPDATE \
-                 SET next_offset = greatest({shadow}.checkpoints.next_offset, excluded.next_offset), \
-                     last_recorded_at = coalesce(excluded.last_recorded_at, {shadow}.checkpoints.last_recorded_at), \
-                     updated_at = clock_timestamp()"
-            ))
-            .bind(topic)
-            .bind(partition)
-            .bind(next_offset)
-            .bind(recorded_at)
-            .execute(&mut **tx)
-            .await?;
-        }
+        let checkpoints = checkpoints
+            .into_iter()
+            .map(|((topic, partition), (next, recorded))| (topic, partition, next, recorded));
+        streams::consumer::store_checkpoints(tx, shadow, checkpoints).await?;
         if let Some((recorded_at, Some(meta))) = position {
             sqlx::query(&format!(
                 "UPDATE {shadow}.rebuild_state SET store_recorded_at = $1, store_aggregate_type = $2, \

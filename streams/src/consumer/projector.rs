@@ -395,7 +395,14 @@ impl Projector {
             self.record_dead_letter(&mut tx, letter).await?;
         }
         self.store_sequences(&mut tx, &sorted.last).await?;
-        store_checkpoints(&mut tx, schema, &sorted.checkpoints, &sorted.recorded).await?;
+        // A plain loop, not a lazy closure over the maps: the future stays `Send` for whatever
+        // lifetime the spawner picks.
+        let mut checkpoints = Vec::with_capacity(sorted.checkpoints.len());
+        for (&(topic, partition), &next) in &sorted.checkpoints {
+            let recorded = sorted.recorded.get(&(topic, partition)).copied();
+            checkpoints.push((topic, partition, next, recorded));
+        }
+        store_checkpoints(&mut tx, schema, checkpoints).await?;
         // The copy on the dead-letter topic is acknowledged before the transaction commits: a
         // failure here retries the batch, so the topic misses nothing the table has.
         for letter in &sorted.dead {
@@ -575,36 +582,6 @@ impl<'b> Sorted<'b> {
             }
         }
     }
-}
-
-/// The next offset of each partition, and the store's commit time of its last applied event
-/// (the lag in seconds is measured from it).
-async fn store_checkpoints(
-    tx: &mut Transaction<'static, Postgres>,
-    schema: &str,
-    checkpoints: &HashMap<(&str, i32), i64>,
-    recorded: &HashMap<(&str, i32), &str>,
-) -> Result<(), ProjectionError> {
-    for ((topic, partition), next_offset) in checkpoints {
-        let recorded_at = recorded
-            .get(&(*topic, *partition))
-            .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok());
-        sqlx::query(&format!(
-            "INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
-             VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (topic, partition) DO UPDATE \
-             SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
-                 last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
-                 updated_at = clock_timestamp()"
-        ))
-        .bind(topic)
-        .bind(partition)
-        .bind(next_offset)
-        .bind(recorded_at)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
 }
 
 /// The span of applying one event to read model (or process manager) `name`.

@@ -52,3 +52,32 @@ pub async fn create_tables(
         .await?;
     Ok(())
 }
+
+/// Moves the checkpoints of read model `schema` forward (never back): per partition
+/// `(topic, partition, next offset, the store's commit time of its last applied event)`, the
+/// time the lag in seconds is measured from. The projector and a rebuild's shadow both keep
+/// them so.
+pub async fn store_checkpoints<'c>(
+    tx: &mut Transaction<'static, Postgres>,
+    schema: &str,
+    checkpoints: impl IntoIterator<Item = (&'c str, i32, i64, Option<&'c str>)>,
+) -> Result<(), sqlx::Error> {
+    for (topic, partition, next_offset, recorded) in checkpoints {
+        let recorded_at = recorded.and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok());
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (topic, partition) DO UPDATE \
+             SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
+                 last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
+                 updated_at = clock_timestamp()"
+        ))
+        .bind(topic)
+        .bind(partition)
+        .bind(next_offset)
+        .bind(recorded_at)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
