@@ -123,6 +123,39 @@ kafka_java() {
 # start_kafka PORT DATA_DIR: one Kafka node on 127.0.0.1:PORT (its controller on PORT+100),
 # storing in DATA_DIR (formatted when new). Logs in .run/logs/kafka-PORT.log, pid in
 # .run/kafka-PORT.pid; returns once the broker answers a metadata request.
+# ensure_build_deps: what compiling the workspace needs beyond Rust and a C toolchain: OpenSSL's
+# headers and pkg-config, for librdkafka's TLS (SASL_SSL to a managed Kafka cluster).
+ensure_build_deps() {
+  if dpkg -s libssl-dev pkg-config openssl >/dev/null 2>&1; then return 0; fi
+  log "installing libssl-dev, pkg-config and openssl from Debian's packages (librdkafka's TLS)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config openssl >/dev/null
+}
+
+# make_tls_material DIR: a certificate authority and a broker certificate for 127.0.0.1 (PEM),
+# made once in DIR: ca.pem for clients, broker.pem (its PKCS#8 key, then its certificate) for
+# the broker's TLS listener.
+make_tls_material() {
+  local dir=$1
+  [ -s "$dir/broker.pem" ] && [ -s "$dir/ca.pem" ] && return 0
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=order backbone test CA" \
+      -keyout ca.key -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout broker.key -out broker.csr
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >broker.ext
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile broker.ext -out broker.crt
+    openssl pkcs8 -topk8 -nocrypt -in broker.key -out broker.p8
+    cat broker.p8 broker.crt >broker.pem
+  ) >"$RUN_DIR/logs/tls-material.log" 2>&1 || die "making the test TLS material failed (see $RUN_DIR/logs/tls-material.log)"
+}
+
+#
+# With KAFKA_SASL_SSL_DIR set (the TLS material of make_tls_material) and KAFKA_SASL_SSL_PASSWORD,
+# the broker also listens on 127.0.0.1:PORT+200 for SASL_SSL clients (PLAIN, user `backbone`),
+# as a managed cluster does (Confluent Cloud, MSK with SASL/SCRAM or PLAIN over TLS).
 start_kafka() {
   local port=$1 data=$2
   local controller=$((port + 100)) conf="$RUN_DIR/kafka-$port"
@@ -131,6 +164,21 @@ start_kafka() {
   mkdir -p "$conf" "$data"
   sed -e "s|@PORT@|$port|g; s|@CONTROLLER_PORT@|$controller|g; s|@DATA_DIR@|$data|g" \
     "$KAFKA_DEPLOY/server.properties" >"$conf/server.properties"
+  if [ -n "${KAFKA_SASL_SSL_DIR:-}" ]; then
+    local tls_port=$((port + 200))
+    port_open "$tls_port" && die "port $tls_port (the SASL_SSL listener of a broker on $port) is taken"
+    sed -i -e "s|^listeners=.*|listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller,SASL_SSL://127.0.0.1:$tls_port|" \
+      -e "s|^advertised.listeners=.*|advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://127.0.0.1:$tls_port|" \
+      -e "s|^listener.security.protocol.map=.*|listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL|" \
+      "$conf/server.properties"
+    cat >>"$conf/server.properties" <<PROPS
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_backbone="$KAFKA_SASL_SSL_PASSWORD";
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$KAFKA_SASL_SSL_DIR/broker.pem
+PROPS
+  fi
   sed -e "s|@LOG_FILE@|$RUN_DIR/logs/kafka-$port.log|g" "$KAFKA_DEPLOY/log4j2.properties" >"$conf/log4j2.properties"
   sed -e "s|@LOG_FILE@|$RUN_DIR/logs/kafka-tools.log|g" "$KAFKA_DEPLOY/log4j2.properties" >"$RUN_DIR/kafka-tools-log4j2.properties"
   if [ ! -f "$data/meta.properties" ]; then
