@@ -226,45 +226,7 @@ pub async fn serve_ops(
         heartbeat: RwLock::new(Instant::now()),
         stale_after: (interval * 10).max(Duration::from_secs(30)),
     });
-    {
-        let (state, stop) = (state.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let results = futures::future::join_all(probes.iter().map(|probe| async {
-                    let outcome = tokio::time::timeout(CHECK_TIMEOUT, (probe.check)())
-                        .await
-                        .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")));
-                    (probe.name, outcome)
-                }))
-                .await;
-                let mut checks = BTreeMap::new();
-                for (name, outcome) in results {
-                    let (ok, detail) = match outcome {
-                        Ok(note) => (true, note),
-                        Err(why) => (false, why),
-                    };
-                    checks.insert(name, CheckState { ok, detail });
-                }
-                let readiness = Readiness {
-                    ready: checks.values().all(|c| c.ok),
-                    checked_at: Some(chrono::Utc::now()),
-                    checks,
-                };
-                if let Ok(mut current) = state.readiness.write() {
-                    *current = readiness;
-                }
-                if let Ok(mut beat) = state.heartbeat.write() {
-                    *beat = Instant::now();
-                }
-            }
-        });
-    }
+    spawn_checker(state.clone(), probes, interval, shutdown.clone());
     let router = axum::Router::new()
         .route(
             "/metrics",
@@ -291,6 +253,53 @@ pub async fn serve_ops(
     });
     tracing::info!(%addr, "metrics at http://{addr}/metrics, health at /health/live and /health/ready");
     Ok(addr)
+}
+
+/// Checks `probes` every `interval` until `shutdown`, keeping the last round (readiness) and
+/// when it finished (liveness) in `state`.
+fn spawn_checker(
+    state: Arc<OpsState>,
+    probes: Vec<Probe>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let stop = shutdown;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let results = futures::future::join_all(probes.iter().map(|probe| async {
+                let outcome = tokio::time::timeout(CHECK_TIMEOUT, (probe.check)())
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")));
+                (probe.name, outcome)
+            }))
+            .await;
+            let mut checks = BTreeMap::new();
+            for (name, outcome) in results {
+                let (ok, detail) = match outcome {
+                    Ok(note) => (true, note),
+                    Err(why) => (false, why),
+                };
+                checks.insert(name, CheckState { ok, detail });
+            }
+            let readiness = Readiness {
+                ready: checks.values().all(|c| c.ok),
+                checked_at: Some(chrono::Utc::now()),
+                checks,
+            };
+            if let Ok(mut current) = state.readiness.write() {
+                *current = readiness;
+            }
+            if let Ok(mut beat) = state.heartbeat.write() {
+                *beat = Instant::now();
+            }
+        }
+    });
 }
 
 /// Serves the operations endpoint on `METRICS_LISTEN` if it is set (see [`OpsConfig`]).

@@ -202,8 +202,10 @@ impl Relay {
         let idle_wait = Duration::from_millis(self.config.relay_idle_wait_ms);
         let mut wakeup = Wakeup::listen(&self.pool).await?;
         let mut last_busy = Instant::now();
-        let mut last_gauges = Instant::now() - Duration::from_secs(60);
-        let mut last_prune = Instant::now();
+        let mut upkeep = Upkeep {
+            last_gauges: Instant::now() - Duration::from_secs(60),
+            last_prune: Instant::now(),
+        };
         let mut failures: u32 = 0;
         let mut prepared: Option<Vec<Outgoing>> = None;
         while !shutdown.is_cancelled() {
@@ -215,23 +217,7 @@ impl Relay {
                 },
             };
             let empty = matches!(round, Ok((report, _)) if report.read == 0);
-            if empty {
-                // Nothing unpublished is visible: no need to count it.
-                export_empty_gauges();
-            } else if last_gauges.elapsed() >= Duration::from_secs(1) {
-                // Gauges are for dashboards: a failed count must not stop publishing.
-                if let Err(e) = self.export_gauges().await {
-                    tracing::warn!(error = %e, "could not count the backlog for the gauges");
-                }
-                last_gauges = Instant::now();
-            }
-            if last_prune.elapsed() >= Duration::from_secs(60) {
-                // Housekeeping: a failed prune is retried next minute, publishing goes on.
-                if let Err(e) = self.prune().await {
-                    tracing::warn!(error = %e, "could not prune published outbox rows");
-                }
-                last_prune = Instant::now();
-            }
+            self.upkeep(&mut upkeep, empty).await;
             let pause = match round {
                 Ok((report, next)) if report.failed == 0 && report.read > 0 => {
                     failures = 0;
@@ -275,6 +261,27 @@ impl Relay {
         self.producer.flush(Duration::from_secs(10))?;
         tracing::info!("relay stopped");
         Ok(())
+    }
+
+    /// The backlog gauges (once a second while busy) and the pruning of published rows (once a
+    /// minute). Both are for operators: a failure is logged and publishing goes on.
+    async fn upkeep(&self, upkeep: &mut Upkeep, empty: bool) {
+        if empty {
+            // Nothing unpublished is visible: no need to count it.
+            export_empty_gauges();
+        } else if upkeep.last_gauges.elapsed() >= Duration::from_secs(1) {
+            if let Err(e) = self.export_gauges().await {
+                tracing::warn!(error = %e, "could not count the backlog for the gauges");
+            }
+            upkeep.last_gauges = Instant::now();
+        }
+        if upkeep.last_prune.elapsed() >= Duration::from_secs(60) {
+            // A failed prune is retried next minute.
+            if let Err(e) = self.prune().await {
+                tracing::warn!(error = %e, "could not prune published outbox rows");
+            }
+            upkeep.last_prune = Instant::now();
+        }
     }
 
     /// Waits until this relay holds the advisory lock (or shutdown). The returned connection
@@ -457,6 +464,12 @@ impl Relay {
         .await?;
         Ok(())
     }
+}
+
+/// When the relay last did its upkeep.
+struct Upkeep {
+    last_gauges: Instant,
+    last_prune: Instant,
 }
 
 /// The span of one publication (enqueued until acknowledged), under the span of the command

@@ -38,7 +38,7 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// The backbone as operators run it: the registry, relay, projector (every read model),
 /// process manager and API, each a release binary in its own process, on a database of its own
-/// (`lc_<tag>`, dropped by [`Backbone::stop`]) and topics under a prefix of its own.
+/// (`lc_<run>_<tag>`, dropped by [`Backbone::stop`]) and topics under a prefix of its own.
 #[derive(Debug)]
 pub struct Backbone {
     pub database: String,
@@ -69,7 +69,9 @@ impl Backbone {
         common_env: &[(&str, String)],
     ) -> Self {
         let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
-        let database = format!("lc_{tag}");
+        // Named after the run, like the tests' databases, so that `scripts/test` sweeps what a
+        // crashed run left (a failing test's `Drop` stops the processes but cannot drop it).
+        let database = format!("lc_{}_{tag}", crate::test_run_id());
         let mut admin = PgConnection::connect(&admin_url())
             .await
             .expect("PostgreSQL is reachable");
