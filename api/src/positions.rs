@@ -143,23 +143,7 @@ pub async fn wait_for_position(
     }
     // Not there yet: a position a command returned is committed in the store (one primary-key
     // look-up, only on this slow path).
-    let committed: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3)",
-    )
-    .bind(&position.aggregate_type)
-    .bind(&position.aggregate_id)
-    .bind(wanted)
-    .fetch_one(&state.pool)
-    .await
-    .map_err(ApiError::internal)?;
-    if !committed {
-        return Err(ApiError::BadRequest(format!(
-            "position `{token}` was never committed (the {} has no event {wanted}); pass \
-             `position.token` from a command's response",
-            position.aggregate_type
-        )));
-    }
+    require_committed(state, &position, token).await?;
     // Only a request that really waits takes one of its client's slots.
     let _slot = state.waits.acquire(&principal.actor())?;
     let channel = streams::consumer::applied_channel(read_model);
@@ -193,4 +177,31 @@ pub async fn wait_for_position(
     Err(ApiError::NotYet(format!(
         "the {read_model} view has not applied {token} yet; retry shortly with the same position"
     )))
+}
+
+/// Refuses a position no command committed (a made-up or mistyped token).
+async fn require_committed(
+    state: &AppState,
+    position: &Position,
+    token: &str,
+) -> Result<(), ApiError> {
+    let wanted = i64::try_from(position.sequence).unwrap_or(i64::MAX);
+    let committed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3)",
+    )
+    .bind(&position.aggregate_type)
+    .bind(&position.aggregate_id)
+    .bind(wanted)
+    .fetch_one(&state.pool)
+    .await
+    .map_err(ApiError::internal)?;
+    if !committed {
+        return Err(ApiError::BadRequest(format!(
+            "position `{token}` was never committed (the {} has no event {wanted}); pass \
+             `position.token` from a command's response",
+            position.aggregate_type
+        )));
+    }
+    Ok(())
 }

@@ -81,13 +81,14 @@ pub(super) fn store_item(row: StoredEvent, topics: &Topics, advances: bool) -> I
     }
 }
 
+/// A position in the store's recorded order: recorded at, aggregate type, id, sequence.
+pub(super) type StorePosition = (DateTime<Utc>, String, String, i64);
+
 /// What the store feeder reads.
 #[derive(Debug, Clone)]
 pub(super) enum StoreQuery {
     /// Every event of these aggregate types in recorded order, after a position.
-    Recorded {
-        after: Option<(DateTime<Utc>, String, String, i64)>,
-    },
+    Recorded { after: Option<StorePosition> },
     /// The events not applied in the shadow yet, in aggregate order.
     Sweep,
     /// The events the live model applied and the shadow has not, in aggregate order.
@@ -275,21 +276,13 @@ pub(super) async fn topic_item(
     })
 }
 
-/// Streams events from the store, in batches.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn feed_store(
-    pool: PgPool,
-    query: StoreQuery,
-    types: Vec<String>,
-    as_of: Option<DateTime<Utc>>,
-    schemas: Schemas,
-    topics: Topics,
-    batch_size: usize,
-    sender: mpsc::Sender<Vec<Item>>,
-    profile: Arc<Profile>,
-) -> anyhow::Result<()> {
-    let Schemas { live, shadow, .. } = &schemas;
-    let (sql, after, advances) = match query {
+/// The query a store pass runs, where it resumes, and whether its rows advance the rebuild's
+/// position: in recorded order from a position (the main pass), each aggregate past what the
+/// shadow applied (the sweep), or what the live model applied and the shadow has not (the
+/// top-up before a swap).
+fn store_sql(query: StoreQuery, schemas: &Schemas) -> (String, Option<StorePosition>, bool) {
+    let Schemas { live, shadow, .. } = schemas;
+    match query {
         StoreQuery::Recorded { after } => (
             format!(
                 "SELECT {STORED_COLUMNS} FROM events e WHERE e.aggregate_type = ANY($1) \
@@ -331,7 +324,23 @@ pub(super) async fn feed_store(
             None,
             false,
         ),
-    };
+    }
+}
+
+/// Streams events from the store, in batches.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn feed_store(
+    pool: PgPool,
+    query: StoreQuery,
+    types: Vec<String>,
+    as_of: Option<DateTime<Utc>>,
+    schemas: Schemas,
+    topics: Topics,
+    batch_size: usize,
+    sender: mpsc::Sender<Vec<Item>>,
+    profile: Arc<Profile>,
+) -> anyhow::Result<()> {
+    let (sql, after, advances) = store_sql(query, &schemas);
     let mut connection = pool.acquire().await?;
     let mut query = sqlx::query_as::<_, StoredEvent>(&sql)
         .bind(&types)
