@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::TraceContextExt;
+use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -18,9 +18,12 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub const TRACEPARENT: &str = "traceparent";
 
 /// A valid W3C `traceparent` value (`00-<trace id>-<parent span id>-<flags>`), in canonical
-/// form.
+/// form, with the span context it names (read once, when parsed).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TraceParent(String);
+pub struct TraceParent {
+    header: String,
+    context: SpanContext,
+}
 
 impl TraceParent {
     /// Reads a `traceparent` value; `None` if it is not a valid one (all-zero ids, wrong
@@ -51,36 +54,49 @@ impl TraceParent {
     }
 
     fn of_context(context: &opentelemetry::Context) -> Option<Self> {
-        if !context.span().span_context().is_valid() {
+        let found = context.span().span_context().clone();
+        if !found.is_valid() {
             return None;
         }
+        // As the header reads back: a remote parent with only the sampled flag and no trace
+        // state (`tracestate` is not carried).
+        let span_context = SpanContext::new(
+            found.trace_id(),
+            found.span_id(),
+            found.trace_flags() & TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
         let mut carrier = HashMap::new();
         TraceContextPropagator::new().inject_context(context, &mut carrier);
-        carrier.remove(TRACEPARENT).map(Self)
+        carrier.remove(TRACEPARENT).map(|header| Self {
+            header,
+            context: span_context,
+        })
     }
 
     /// Makes this the parent of `span`, which must not have been entered yet (a span's parent
     /// is fixed once it starts). Without an OpenTelemetry layer this does nothing.
     pub fn adopt(&self, span: &tracing::Span) {
-        let carrier = HashMap::from([(TRACEPARENT.to_owned(), self.0.clone())]);
+        let parent = opentelemetry::Context::new().with_remote_span_context(self.context.clone());
         // Refused only when tracing is off or the span already started: either way the span
         // keeps the parent it has, which is all a trace can lose here.
-        let _ = span.set_parent(TraceContextPropagator::new().extract(&carrier));
+        let _ = span.set_parent(parent);
     }
 
     /// The trace id, 32 lowercase hex digits.
     pub fn trace_id(&self) -> &str {
-        self.0.get(3..35).unwrap_or_default()
+        self.header.get(3..35).unwrap_or_default()
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.header
     }
 }
 
 impl std::fmt::Display for TraceParent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.header)
     }
 }
 
@@ -105,6 +121,19 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_kept_context_is_the_one_its_header_reads_back_as() {
+        for header in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        ] {
+            let parsed = TraceParent::parse(header).expect("valid");
+            let carrier = HashMap::from([(TRACEPARENT.to_owned(), parsed.to_string())]);
+            let read_back = TraceContextPropagator::new().extract(&carrier);
+            assert_eq!(&parsed.context, read_back.span().span_context(), "{header}");
         }
     }
 
