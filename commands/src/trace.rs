@@ -8,6 +8,7 @@
 //! context and a caller's `traceparent` is passed on unchanged.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
@@ -16,6 +17,21 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The metadata key, Kafka header and HTTP header of the trace context (W3C Trace Context).
 pub const TRACEPARENT: &str = "traceparent";
+
+/// Whether this process exports traces (see `streams::telemetry`).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Records that this process exports traces: the per-event spans (a publication, a
+/// projection) are made only then, so that a process without an exporter does not build, and
+/// its log layer format, a span for every event it moves.
+pub fn set_exporting() {
+    EXPORTING.store(true, Ordering::Relaxed);
+}
+
+/// Whether this process exports traces.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// A valid W3C `traceparent` value (`00-<trace id>-<parent span id>-<flags>`), in canonical
 /// form, with the span context it names (read once, when parsed).

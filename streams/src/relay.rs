@@ -473,8 +473,11 @@ struct Upkeep {
 }
 
 /// The span of one publication (enqueued until acknowledged), under the span of the command
-/// that appended the event.
+/// that appended the event; none when the process exports no traces.
 fn publication_span(meta: &EventMeta) -> tracing::Span {
+    if !commands::trace::exporting() {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         "publish",
         otel.name = %format_args!("publish {}", meta.event_type),

@@ -86,6 +86,7 @@ pub fn init_tracing(service: &str) -> anyhow::Result<Telemetry> {
         .with(traces)
         .try_init();
     if provider.is_some() {
+        commands::trace::set_exporting();
         tracing::info!(service, "exporting traces over OTLP/HTTP");
     }
     Ok(Telemetry { provider })

@@ -373,7 +373,7 @@ impl Projector {
             .map(|(message, event)| identity(message, event))
             .collect();
         let last = self.load_sequences(&mut tx, &identities).await?;
-        let sorted = Sorted::of(
+        let mut sorted = Sorted::of(
             schema,
             batch,
             decoded,
@@ -381,7 +381,7 @@ impl Projector {
             last,
             dead_letter.as_ref(),
         );
-        // A span per applied event, under the span of the command that appended it, open
+        // A span per applied event (when exporting), under the span of the command that appended it, open
         // until the batch commits (a failed batch ends them as it retries).
         let spans: Vec<tracing::Span> = sorted
             .deliveries
@@ -413,7 +413,7 @@ impl Projector {
         // serializes the commits of the transactions that notify (PostgreSQL takes one
         // database-wide lock on its notification queue at commit): acceptable for a
         // projector's few batch commits a second, never for the command side.
-        let moved: Vec<String> = sorted.moved.iter().cloned().collect();
+        let moved: Vec<String> = std::mem::take(&mut sorted.moved).into_iter().collect();
         super::live::notify(&mut tx, &applied_channel(schema), &moved).await?;
         tx.commit().await?;
         drop(spans);
@@ -584,8 +584,12 @@ impl<'b> Sorted<'b> {
     }
 }
 
-/// The span of applying one event to read model (or process manager) `name`.
+/// The span of applying one event to read model (or process manager) `name`; none when the
+/// process exports no traces.
 fn projection_span(name: &str, meta: &EventMeta) -> tracing::Span {
+    if !commands::trace::exporting() {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         "project",
         otel.name = %format_args!("project {name} {}", meta.event_type),
