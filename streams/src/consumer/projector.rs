@@ -381,8 +381,8 @@ impl Projector {
             last,
             dead_letter.as_ref(),
         );
-        // A span per applied event (when exporting), under the span of the command that appended it, open
-        // until the batch commits (a failed batch ends them as it retries).
+        // A span per applied event (when exporting), under the span of the command that
+        // appended it, open until the batch commits (a failed batch ends them as it retries).
         let spans: Vec<tracing::Span> = sorted
             .deliveries
             .iter()
