@@ -102,4 +102,26 @@ impl PromotionClaims {
         .await?;
         Ok(())
     }
+
+    /// Claims again, from the event store, every promotion its orders used (the first order of
+    /// each code and customer holds it), after the store was restored from the topics: the
+    /// claims live beside the events, not in them. Codes that are not once-per-customer are
+    /// claimed too; no placement asks about them. Returns the claims recorded.
+    pub async fn restore_from_events(pool: &PgPool) -> Result<u64, ClaimError> {
+        let restored = sqlx::query(
+            "INSERT INTO promotion_claims (code, customer_id, order_id, claimed_at) \
+             SELECT DISTINCT ON (code, customer_id) code, customer_id, aggregate_id, recorded_at \
+             FROM (SELECT e.payload -> 'OrderPlaced' ->> 'promotion_code' AS code, \
+                          e.payload -> 'OrderPlaced' ->> 'customer_id' AS customer_id, \
+                          e.aggregate_id, e.recorded_at \
+                   FROM events e \
+                   WHERE e.aggregate_type = 'order' AND e.event_type = 'OrderPlaced') placed \
+             WHERE code IS NOT NULL AND customer_id IS NOT NULL \
+             ORDER BY code, customer_id, recorded_at \
+             ON CONFLICT (code, customer_id) DO NOTHING",
+        )
+        .execute(pool)
+        .await?;
+        Ok(restored.rows_affected())
+    }
 }

@@ -67,6 +67,11 @@ pub enum Command {
     /// (what the API, the process manager and the projectors otherwise do as they start): the
     /// deployment's migration job. Idempotent; concurrent runs wait for each other.
     Migrate,
+    /// Rebuilds a lost event store from the topics (every event as stored, its hash chain
+    /// verified record by record, the outbox marked published), then every read model, and sets
+    /// the process manager to take again the reactions the loss may have dropped: the disaster
+    /// recovery. Run it against an empty database before starting the backbone on it.
+    Restore(crate::restore::RestoreArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +191,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
         Command::EraseCustomer(args) => crate::privacy::erase(args, &pool, out).await?,
         Command::StuckFlows(command) => stuck_flows(&pool, command, out).await?,
         Command::Migrate => migrate(pool, out).await?,
+        Command::Restore(args) => crate::restore::run(args, &pool, out).await?,
         Command::DeadLetters(DeadLetters::Redrive {
             read_model: name,
             ids,
@@ -221,7 +227,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
 }
 
 /// The event store's migrations, then every read model's schema.
-async fn migrate(pool: PgPool, out: &mut impl Write) -> anyhow::Result<()> {
+pub(crate) async fn migrate(pool: PgPool, out: &mut impl Write) -> anyhow::Result<()> {
     commands::EventStoreDb::with_pool(pool.clone())
         .await
         .context("applying the event store's migrations")?;

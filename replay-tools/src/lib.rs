@@ -25,6 +25,7 @@ pub mod privacy;
 pub mod progress;
 pub mod rebuild;
 pub mod reconcile;
+pub mod restore;
 
 /// The allocator the replay tools run with (their binary and benchmarks declare it global):
 /// decoding and mapping events allocate per field, and glibc's allocator spent about half of a

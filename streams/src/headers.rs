@@ -24,6 +24,14 @@ pub const TRACEPARENT: &str = commands::trace::TRACEPARENT;
 /// the chain hash of the event before it (zeros for the first), and its own.
 pub const CHAIN_PREV: &str = "chain_prev";
 pub const CHAIN_HASH: &str = "chain_hash";
+/// The event exactly as the store holds it: its stored `event_version`, and the `payload` and
+/// `metadata` columns' JSON text byte for byte. The record's value is the payload upcast and
+/// mapped to Avro, which loses what the chain hash covers (the text's key order, timestamps'
+/// nanoseconds, the stored shape of an upcast event); with these the topics are a verifiable copy
+/// of the store, from which `replay-tools restore` rebuilds it after a disaster.
+pub const STORED_VERSION: &str = "stored_version";
+pub const STORED_PAYLOAD: &str = "stored_payload";
+pub const STORED_METADATA: &str = "stored_metadata";
 
 /// `headers` plus the chain headers (`chain_prev`, `chain_hash`) as lowercase hex.
 pub fn with_chain(headers: OwnedHeaders, prev: &[u8], hash: &[u8]) -> OwnedHeaders {
@@ -37,6 +45,75 @@ pub fn with_chain(headers: OwnedHeaders, prev: &[u8], hash: &[u8]) -> OwnedHeade
             key: CHAIN_HASH,
             value: Some(&hex(hash)),
         })
+}
+
+/// An event's columns as stored, besides those its [`EventMeta`] carries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoredText {
+    /// The `event_version` it was written in (before any upcast).
+    pub version: String,
+    /// The `payload` column's text.
+    pub payload: String,
+    /// The `metadata` column's text.
+    pub metadata: String,
+}
+
+impl StoredText {
+    /// `headers` plus `stored_version`, `stored_payload` and `stored_metadata`.
+    pub fn add_to(&self, headers: OwnedHeaders) -> OwnedHeaders {
+        [
+            (STORED_VERSION, &self.version),
+            (STORED_PAYLOAD, &self.payload),
+            (STORED_METADATA, &self.metadata),
+        ]
+        .into_iter()
+        .fold(headers, |headers, (key, value)| {
+            headers.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            })
+        })
+    }
+
+    /// From a record's headers; `None` when the record carries none of them (published by a
+    /// relay older than these headers).
+    pub fn from_headers(headers: Option<&impl Headers>) -> Result<Option<Self>, HeaderError> {
+        let (mut version, mut payload, mut metadata) = (None, None, None);
+        for header in headers.into_iter().flat_map(|h| h.iter()) {
+            let slot = match header.key {
+                STORED_VERSION => &mut version,
+                STORED_PAYLOAD => &mut payload,
+                STORED_METADATA => &mut metadata,
+                _ => continue,
+            };
+            let text = header
+                .value
+                .map(std::str::from_utf8)
+                .transpose()
+                .map_err(|e| HeaderError::Invalid(header_name(header.key), e.to_string()))?;
+            *slot = Some(text.unwrap_or_default().to_owned());
+        }
+        match (version, payload, metadata) {
+            (None, None, None) => Ok(None),
+            (Some(version), Some(payload), Some(metadata)) => Ok(Some(Self {
+                version,
+                payload,
+                metadata,
+            })),
+            (None, ..) => Err(HeaderError::Missing(STORED_VERSION)),
+            (_, None, _) => Err(HeaderError::Missing(STORED_PAYLOAD)),
+            (.., None) => Err(HeaderError::Missing(STORED_METADATA)),
+        }
+    }
+}
+
+/// The `'static` name of a stored-text header.
+fn header_name(key: &str) -> &'static str {
+    match key {
+        STORED_VERSION => STORED_VERSION,
+        STORED_PAYLOAD => STORED_PAYLOAD,
+        _ => STORED_METADATA,
+    }
 }
 
 /// The metadata of one event, as stored and as sent.
@@ -214,5 +291,28 @@ mod tests {
             Err(HeaderError::Missing(EVENT_ID))
         );
         assert!(EventMeta::from_headers(None::<&OwnedHeaders>).is_err());
+    }
+
+    #[test]
+    fn stored_text_round_trips_and_is_all_or_nothing() {
+        let stored = StoredText {
+            version: "1.0".into(),
+            payload: r#"{"OrderPlaced":{"b":1,"a":"x"}}"#.into(),
+            metadata: r#"{"z":"1","actor":"customer:1"}"#.into(),
+        };
+        let headers = stored.add_to(EventMeta::default().to_headers());
+        assert_eq!(StoredText::from_headers(Some(&headers)), Ok(Some(stored)));
+        assert_eq!(
+            StoredText::from_headers(Some(&EventMeta::default().to_headers())),
+            Ok(None)
+        );
+        let partial = OwnedHeaders::new().insert(Header {
+            key: STORED_VERSION,
+            value: Some("1.0"),
+        });
+        assert_eq!(
+            StoredText::from_headers(Some(&partial)),
+            Err(HeaderError::Missing(STORED_PAYLOAD))
+        );
     }
 }

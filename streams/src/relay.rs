@@ -31,7 +31,7 @@ use tracing::Instrument;
 
 use crate::codec::{EncodeError, EventEncoder};
 use crate::config::{KafkaConfig, RegistryConfig, Topics};
-use crate::headers::{self, EventMeta};
+use crate::headers::{self, EventMeta, StoredText};
 use crate::published::Published;
 
 /// Relay settings.
@@ -131,6 +131,9 @@ struct OutboxRow {
     event: StoredEvent,
     chain_prev: Vec<u8>,
     chain_hash: Vec<u8>,
+    /// The `payload` and `metadata` columns' text, byte for byte (what the chain hash covers).
+    payload_text: String,
+    metadata_text: String,
 }
 
 /// An encoded event ready to send: `record` is `(topic, value)`, or `None` if it could not be
@@ -141,6 +144,8 @@ struct Outgoing {
     meta: EventMeta,
     /// `chain_prev` and `chain_hash` of the event in the store's hash chain.
     chain: (Vec<u8>, Vec<u8>),
+    /// The event as stored, sent along so that the topics can restore the store.
+    stored: StoredText,
 }
 
 /// Outcome of one round.
@@ -310,7 +315,8 @@ impl Relay {
     /// Reads the oldest unpublished rows (except `in_flight`) and encodes them.
     async fn prepare(&self, in_flight: &[i64]) -> Result<Vec<Outgoing>, RelayError> {
         let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
-            "SELECT o.id, {STORED_COLUMNS}, e.chain_prev, e.chain_hash \
+            "SELECT o.id, {STORED_COLUMNS}, e.chain_prev, e.chain_hash, \
+                    e.payload::text AS payload_text, e.metadata::text AS metadata_text \
              FROM outbox o \
              JOIN events e USING (aggregate_type, aggregate_id, sequence) \
              WHERE o.published_at IS NULL AND o.id <> ALL($2) \
@@ -336,7 +342,14 @@ impl Relay {
             event,
             chain_prev,
             chain_hash,
+            payload_text,
+            metadata_text,
         } = row;
+        let stored = StoredText {
+            version: event.event_version.clone(),
+            payload: payload_text,
+            metadata: metadata_text,
+        };
         let Published { meta, payload } = Published::of(event);
         let topic = self.topics.for_aggregate(&meta.aggregate_type);
         let bytes = match &topic {
@@ -361,6 +374,7 @@ impl Relay {
             record: topic.zip(bytes),
             meta,
             chain: (chain_prev, chain_hash),
+            stored,
         }
     }
 
@@ -432,11 +446,11 @@ impl Relay {
         let record = FutureRecord::to(topic)
             .key(out.meta.aggregate_id.as_bytes())
             .payload(bytes)
-            .headers(headers::with_chain(
+            .headers(out.stored.add_to(headers::with_chain(
                 out.meta.to_headers(),
                 &out.chain.0,
                 &out.chain.1,
-            ));
+            )));
         self.producer
             .send_result(record)
             .map_err(|(e, _)| tracing::warn!(error = %e, "producer queue refused an event"))

@@ -171,7 +171,8 @@ impl Backbone {
         command
     }
 
-    fn spawn(&mut self, binary: &'static str, extra_env: &[(&str, String)]) {
+    /// Starts `binary` with this backbone's settings, its output in its log.
+    pub fn spawn(&mut self, binary: &'static str, extra_env: &[(&str, String)]) {
         let log = std::fs::File::create(self.logs.join(format!("{binary}.log"))).expect("log");
         let child = self
             .command(binary, extra_env)

@@ -65,6 +65,11 @@ use commands::{
     CatalogueStore, CommandBus, CommandContext, CommandError, EventStoreDb, TraceParent,
 };
 
+/// The flow's name: its schema, and its consumer group after the projector prefix.
+pub const NAME: &str = "order_flow";
+/// The aggregates whose events the flow reads.
+pub const AGGREGATE_TYPES: &[&str] = &["order", "payment", "delivery"];
+
 /// Orders ⇄ payments ⇄ deliveries ⇄ rewards.
 pub struct OrderFlow {
     orders: CommandBus<Order>,
@@ -270,14 +275,23 @@ impl OrderFlow {
         tx: &mut Transaction<'static, Postgres>,
         order_id: &str,
     ) -> Result<OrderFacts, ProjectionError> {
-        let facts: Option<OrderFacts> = sqlx::query_as(
-            "SELECT customer_id, region, total_minor, currency, store_id, dropoff_latitude, \
-                    dropoff_longitude, points_redeemed, refunded_minor \
-             FROM order_flow.orders WHERE order_id = $1",
-        )
-        .bind(order_id)
-        .fetch_optional(&mut **tx)
-        .await?;
+        let query = "SELECT customer_id, region, total_minor, currency, store_id, \
+                            dropoff_latitude, dropoff_longitude, points_redeemed, refunded_minor \
+                     FROM order_flow.orders WHERE order_id = $1";
+        let facts: Option<OrderFacts> = sqlx::query_as(query)
+            .bind(order_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if let Some(facts) = facts {
+            return Ok(facts);
+        }
+        // The flow's state was lost (a disaster recovery, a reset consumer group) while the
+        // order moved on: its placement is read again from the event log.
+        self.recall_placement(tx, order_id).await?;
+        let facts: Option<OrderFacts> = sqlx::query_as(query)
+            .bind(order_id)
+            .fetch_optional(&mut **tx)
+            .await?;
         facts.ok_or_else(|| {
             ProjectionError::Event(format!(
                 "order {order_id} moved on but its placement was never seen"
@@ -340,11 +354,11 @@ fn cause_of(event: &FirstDelivery<'_>) -> Result<Option<Cause>, ProjectionError>
 #[async_trait]
 impl Projection for OrderFlow {
     fn name(&self) -> &'static str {
-        "order_flow"
+        NAME
     }
 
     fn aggregate_types(&self) -> &'static [&'static str] {
-        &["order", "payment", "delivery"]
+        AGGREGATE_TYPES
     }
 
     fn schema_sql(&self) -> &'static str {

@@ -43,14 +43,7 @@ impl OrderFlow {
             OrderEvent::OrderRejected { .. } | OrderEvent::OrderCancelled { .. } => {
                 self.on_ended(tx, cause).await
             }
-            OrderEvent::OrderModified { total, .. } => {
-                sqlx::query("UPDATE order_flow.orders SET total_minor = $2 WHERE order_id = $1")
-                    .bind(order_id)
-                    .bind(total.minor())
-                    .execute(&mut **tx)
-                    .await?;
-                Ok(())
-            }
+            OrderEvent::OrderModified { total, .. } => remember_total(tx, order_id, *total).await,
             OrderEvent::OrderDelivered { .. } => self.capture_payment(tx, cause).await,
             OrderEvent::OrderCompleted { .. } => self.earn_points(tx, cause).await,
             // Listed, not `_`: a new order event (a tip, a surcharge) must be decided here.
@@ -88,6 +81,53 @@ impl OrderFlow {
         }
         self.authorize_payment(tx, cause, *customer_id, *total)
             .await
+    }
+
+    /// The flow's record of an order rebuilt from the order's events in the store (its
+    /// placement, then any modification); nothing when the store has no placement.
+    pub(super) async fn recall_placement(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        order_id: &str,
+    ) -> Result<(), ProjectionError> {
+        let stored: Vec<commands::log::StoredEvent> = sqlx::query_as(&format!(
+            // Qualified: the flow's transaction searches its own schema only.
+            "SELECT {} FROM public.events e \
+             WHERE e.aggregate_type = 'order' AND e.aggregate_id = $1 \
+               AND e.event_type IN ('OrderPlaced', 'OrderModified') \
+             ORDER BY e.sequence",
+            commands::log::STORED_COLUMNS
+        ))
+        .bind(order_id)
+        .fetch_all(&mut **tx)
+        .await?;
+        for stored in stored {
+            let (_, payload) = stored.upcast();
+            let event: OrderEvent = serde_json::from_value(payload).map_err(event_error)?;
+            let cause = Cause {
+                event_id: stored.event_id,
+                aggregate_type: stored.aggregate_type.clone(),
+                aggregate_id: stored.aggregate_id.clone(),
+                event_type: stored.event_type.clone(),
+                correlation_id: stored
+                    .metadata_text("correlation_id")
+                    .unwrap_or_default()
+                    .to_owned(),
+                traceparent: String::new(),
+                event: FlowEvent::Order(event.clone()),
+            };
+            match &event {
+                OrderEvent::OrderPlaced { .. } => {
+                    self.remember_placement(tx, &cause, &event).await?;
+                }
+                OrderEvent::OrderModified { total, .. } => {
+                    remember_total(tx, order_id, *total).await?;
+                }
+                _ => {}
+            }
+        }
+        tracing::info!(%order_id, "the flow's record of the order was read again from the event log");
+        Ok(())
     }
 
     /// The flow's own record of a placed order, and its accept-by deadline.
@@ -311,4 +351,18 @@ impl OrderFlow {
         .await?;
         Ok(())
     }
+}
+
+/// An order's total after a modification.
+async fn remember_total(
+    tx: &mut Transaction<'static, Postgres>,
+    order_id: &str,
+    total: Money,
+) -> Result<(), ProjectionError> {
+    sqlx::query("UPDATE order_flow.orders SET total_minor = $2 WHERE order_id = $1")
+        .bind(order_id)
+        .bind(total.minor())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

@@ -211,7 +211,10 @@ pub async fn verify_topics(
 }
 
 /// Up to `size` next records of the scan.
-async fn next_batch(scan: &mut TopicScan, size: usize) -> anyhow::Result<Vec<OwnedMessage>> {
+pub(crate) async fn next_batch(
+    scan: &mut TopicScan,
+    size: usize,
+) -> anyhow::Result<Vec<OwnedMessage>> {
     let mut batch = Vec::with_capacity(size);
     while batch.len() < size {
         match scan.next().await? {

@@ -205,6 +205,10 @@ pub struct WorkerState {
     pub columns: &'static [(&'static str, &'static str)],
     /// SQL run at the swap (`{live}` and `{shadow}` replaced), under the lock.
     carry_over: &'static str,
+    /// SQL run on the model rebuilt by a restore after a disaster (`{live}` replaced): the
+    /// worker's effects for the history count as done, since nobody can tell which of them the
+    /// lost environment carried out (at most once).
+    history_done: &'static str,
 }
 
 /// The worker state of a read model, if it has one.
@@ -229,9 +233,23 @@ pub fn worker_state(read_model: &str) -> Option<WorkerState> {
                  FROM {shadow}.webhook_deliveries d \
                  WHERE d.customer_id = r.customer_id AND d.event_id = r.event_id \
                    AND NOT r.webhook_claimed",
+            history_done: "UPDATE {live}.records SET webhook_claimed = true \
+                           WHERE NOT webhook_claimed",
         }),
         _ => None,
     }
+}
+
+/// After a restore: marks what the read model's worker did for the history as done (see
+/// [`WorkerState`]); nothing for a model without a worker.
+pub async fn history_done_by_workers(pool: &PgPool, read_model: &str) -> anyhow::Result<()> {
+    if let Some(state) = worker_state(read_model) {
+        sqlx::raw_sql(&state.history_done.replace("{live}", read_model))
+            .execute(pool)
+            .await
+            .with_context(|| format!("marking the history done for {read_model}'s worker"))?;
+    }
+    Ok(())
 }
 
 /// An instant given on the command line.

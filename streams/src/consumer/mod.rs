@@ -22,7 +22,7 @@ pub use lag::{lag_probe, WatermarkContext};
 pub use projection::{FirstDelivery, Projection, ProjectionError};
 pub use projector::{Projector, ProjectorError, DEAD_LETTER_TOPIC};
 pub use replay::{apply_replayed, ReplayVerdict, ReplayedEvent};
-pub use schema::{create_tables, ensure_schema, store_checkpoints, use_schema};
+pub use schema::{create_tables, ensure_schema, resume_from, store_checkpoints, use_schema};
 
 /// The live-update channel ([`live`]) on which the projector of `read_model`
 /// announces, per aggregate, that it applied more of its events: the signal's key is

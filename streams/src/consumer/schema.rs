@@ -15,12 +15,55 @@ pub async fn ensure_schema(projection: &dyn Projection, pool: &PgPool) -> Result
         .bind(schema)
         .execute(&mut *tx)
         .await?;
-    let runtime_sql = include_str!("../../sql/consumer.sql").replace("{schema}", schema);
-    sqlx::raw_sql(&runtime_sql).execute(&mut *tx).await?;
+    create_bookkeeping(&mut tx, schema).await?;
     sqlx::raw_sql(projection.schema_sql())
         .execute(&mut *tx)
         .await?;
     tx.commit().await
+}
+
+/// The runtime's own tables (dedup, checkpoints, dead letters, lag) in `schema`.
+async fn create_bookkeeping(
+    tx: &mut Transaction<'static, Postgres>,
+    schema: &str,
+) -> Result<(), sqlx::Error> {
+    let runtime_sql = include_str!("../../sql/consumer.sql").replace("{schema}", schema);
+    sqlx::raw_sql(&runtime_sql).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Where a consumer whose state was lost (its database restored from the topics) starts again:
+/// every aggregate of `aggregate_types` counts as applied up to its last event recorded before
+/// `instant`, so that, read from the records published since `instant`, each aggregate's next
+/// event is the one after (no sequence gap to wait on) and nothing before it is applied twice.
+/// Returns the aggregates positioned.
+pub async fn resume_from(
+    pool: &PgPool,
+    schema: &str,
+    aggregate_types: &[&str],
+    instant: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema)
+        .execute(&mut *tx)
+        .await?;
+    create_bookkeeping(&mut tx, schema).await?;
+    let positioned = sqlx::query(&format!(
+        "INSERT INTO {schema}.applied AS a (aggregate_type, aggregate_id, last_sequence) \
+         SELECT aggregate_type, aggregate_id, max(sequence) FROM events \
+         WHERE aggregate_type = ANY($1) AND recorded_at < $2 \
+         GROUP BY aggregate_type, aggregate_id \
+         ON CONFLICT (aggregate_type, aggregate_id) \
+         DO UPDATE SET last_sequence = GREATEST(a.last_sequence, excluded.last_sequence)"
+    ))
+    .bind(aggregate_types)
+    .bind(instant)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(positioned)
 }
 
 /// Points the transaction's unqualified names at `schema`: handlers name their tables without a
