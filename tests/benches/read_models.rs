@@ -178,7 +178,7 @@ async fn main() {
     let load_at_start = load_average();
     let mut env = TestEnv::start("rmbacklog").await;
     env.kafka.kafka_fetch_wait_max_ms = PRODUCTION_FETCH_WAIT_MS;
-    let day = day_of_orders(&env, day_orders).await;
+    let day = day_of_orders(&env.store, day_orders).await;
     let relayed = relay_backlog(&env).await;
     let mut rows = Vec::new();
     for projection in projections::read_models::all() {

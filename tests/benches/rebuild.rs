@@ -63,7 +63,7 @@ async fn main() {
     let load_at_start = load_average();
     let env = TestEnv::start("rbbench").await;
 
-    let day = day_of_orders(&env, day_orders).await;
+    let day = day_of_orders(&env.store, day_orders).await;
     let relayed = relay_backlog(&env).await;
     print!("\n{}", day.describe());
     println!(

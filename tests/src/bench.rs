@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use commands::{CommandBus, CommandContext};
+use commands::{CommandBus, CommandContext, EventStoreDb};
 use domain::delivery::{Delivery, DeliveryCommand, DeliveryServices, FailureReason, GeoPoint};
 use domain::order::{CancelledBy, Order, OrderCommand, RejectionReason};
 use domain::payment::{Payment, PaymentCommand, PaymentServices};
@@ -475,10 +475,10 @@ fn hour_of_day(rng: &mut StdRng) -> u32 {
 }
 
 impl DayWriter {
-    fn new(env: &TestEnv, catalogue: Arc<domain::services::Catalogue>) -> Self {
+    fn new(store: &EventStoreDb, catalogue: Arc<domain::services::Catalogue>) -> Self {
         let clock = Arc::new(DayClock::default());
         let time: Arc<dyn domain::services::Clock> = clock.clone();
-        let store = env.store.clone();
+        let store = store.clone();
         Self {
             orders: CommandBus::new(
                 store.clone(),
@@ -808,7 +808,7 @@ impl DayWriter {
 /// for 2%; a delivered order is captured, completed and earns its customer points, 35% are
 /// rated, 15% rate the courier, 4% are partly refunded (and the points reversed). Every event
 /// is what the domain decided, so it passes every check the live flow would meet.
-pub async fn day_of_orders(env: &TestEnv, orders: usize) -> Day {
+pub async fn day_of_orders(store: &EventStoreDb, orders: usize) -> Day {
     let catalogue = Arc::new(day_catalogue());
     let customers = (orders / 3).max(1);
     let day = (Utc::now() - chrono::Duration::days(1))
@@ -820,7 +820,7 @@ pub async fn day_of_orders(env: &TestEnv, orders: usize) -> Day {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..WRITERS {
-        let writer = DayWriter::new(env, catalogue.clone());
+        let writer = DayWriter::new(store, catalogue.clone());
         let next = next.clone();
         tasks.spawn(async move {
             let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
@@ -855,7 +855,7 @@ pub async fn day_of_orders(env: &TestEnv, orders: usize) -> Day {
     let rows: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT aggregate_type, event_type, count(*) FROM events GROUP BY 1, 2 ORDER BY 1, 2",
     )
-    .fetch_all(env.pool())
+    .fetch_all(store.pool())
     .await
     .expect("events counted");
     for (aggregate, event, n) in rows {
