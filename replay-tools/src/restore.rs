@@ -335,6 +335,7 @@ pub async fn restore(
         rebuild::history_done_by_workers(pool, &name).await?;
     }
     let models_took = models_started.elapsed();
+    let flow_started = Instant::now();
     if let Some(last) = tally.last_recorded {
         let from =
             last - chrono::Duration::seconds(i64::try_from(args.flow_rewind).unwrap_or(i64::MAX));
@@ -355,9 +356,11 @@ pub async fn restore(
     }
     writeln!(
         out,
-        "restore: event store {:.1} s, read models {:.1} s, in all {:.1} s",
+        "restore: event store {:.1} s, read models {:.1} s, process manager positioned {:.1} s \
+         (its lost members leaving the consumer group), in all {:.1} s",
         store_took.as_secs_f64(),
         models_took.as_secs_f64(),
+        flow_started.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64()
     )?;
     Ok(())

@@ -106,14 +106,18 @@ async fn main() {
         day.elapsed.as_secs_f64()
     );
     let relayed = Instant::now();
-    until(Duration::from_secs(3600), "the relay to publish the history", async || {
-        let backlog: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                .fetch_one(&backbone.pool)
-                .await
-                .unwrap_or(i64::MAX);
-        backlog == 0
-    })
+    until(
+        Duration::from_secs(3600),
+        "the relay to publish the history",
+        async || {
+            let backlog: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                    .fetch_one(&backbone.pool)
+                    .await
+                    .unwrap_or(i64::MAX);
+            backlog == 0
+        },
+    )
     .await;
     println!(
         "history published by the relay {:.0} s after the last append",
@@ -207,21 +211,25 @@ async fn main() {
     let ready_took = started.elapsed();
     let customer = Uuid::new_v4();
     let mut first_order = None;
-    until(Duration::from_secs(60), "the first order accepted", async || {
-        let response = client_as(Role::Customer, customer)
-            .post(format!("{api}/orders"))
-            .header("idempotency-key", customer.to_string())
-            .json(&order_request(customer))
-            .send()
-            .await;
-        if let Ok(r) = response {
-            if r.status().as_u16() == 201 {
-                first_order = r.json::<Value>().await.ok();
-                return true;
+    until(
+        Duration::from_secs(60),
+        "the first order accepted",
+        async || {
+            let response = client_as(Role::Customer, customer)
+                .post(format!("{api}/orders"))
+                .header("idempotency-key", customer.to_string())
+                .json(&order_request(customer))
+                .send()
+                .await;
+            if let Ok(r) = response {
+                if r.status().as_u16() == 201 {
+                    first_order = r.json::<Value>().await.ok();
+                    return true;
+                }
             }
-        }
-        false
-    })
+            false
+        },
+    )
     .await;
     let rto = lost_at.elapsed();
     let order_id = first_order
@@ -229,17 +237,21 @@ async fn main() {
         .and_then(|o| o["order_id"].as_str())
         .expect("an order id")
         .to_owned();
-    until(Duration::from_secs(60), "the first order confirmed", async || {
-        let view: Option<Value> = match http
-            .get(format!("{api}/orders/{order_id}/tracking"))
-            .send()
-            .await
-        {
-            Ok(r) => r.json().await.ok(),
-            Err(_) => None,
-        };
-        view.is_some_and(|v| v["status"] == "Confirmed")
-    })
+    until(
+        Duration::from_secs(60),
+        "the first order confirmed",
+        async || {
+            let view: Option<Value> = match http
+                .get(format!("{api}/orders/{order_id}/tracking"))
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.ok(),
+                Err(_) => None,
+            };
+            view.is_some_and(|v| v["status"] == "Confirmed")
+        },
+    )
     .await;
     backbone.assert_running();
 

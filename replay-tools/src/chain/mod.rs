@@ -27,10 +27,12 @@
 //! (`verify --anchor-hash`) also detects a rewrite of the anchors themselves.
 //!
 //! **The topic copy** ([`verify_topics`]): every record carries `chain_prev` and `chain_hash`
-//! (hex) headers. The hash cannot be recomputed from a record alone: the store hashes the exact
-//! JSON text it holds (the metadata is a map serialised in arbitrary key order; timestamps inside
-//! payloads keep nanoseconds, which Avro's `timestamp-micros` truncates; events stored in an older
-//! shape are upcast before they are sent, with a new `event_version`). So the topic check proves:
+//! (hex) headers. The hash cannot be recomputed from a record's Avro value: the store hashes the
+//! exact JSON text it holds (the metadata is a map serialised in arbitrary key order; timestamps
+//! inside payloads keep nanoseconds, which Avro's `timestamp-micros` truncates; events stored in
+//! an older shape are upcast before they are sent, with a new `event_version`). Records the relay
+//! sends now also carry that text (`stored_*` headers), from which `restore` recomputes every
+//! hash ([`crate::restore`]); records sent before carry none. So the topic check proves:
 //! (1) from the headers alone, per aggregate, a gap-free chain in sequence order in one partition
 //! (nothing missing in the middle, inserted or reordered; redeliveries carry the same hash); and
 //! (2) against the event store: each record's chain values are the store's for its (aggregate,
