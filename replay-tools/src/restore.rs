@@ -153,25 +153,25 @@ impl Chains {
         let row = self.verify(message, meta, &at).inspect_err(|_| {
             self.broken.insert(key.clone());
         })?;
-        let chain = self.hashes.entry(key).or_default();
         match row {
-            Verified::Duplicate => {
+            None => {
                 tally.duplicates += 1;
                 Ok(None)
             }
-            Verified::Next(row) => {
-                chain.push(row.hash);
+            Some(row) => {
+                self.hashes.entry(key).or_default().push(row.hash);
                 Ok(Some(row))
             }
         }
     }
 
+    /// The record as the next row of its aggregate, or `None` for a redelivery of one restored.
     fn verify(
         &self,
         message: &OwnedMessage,
         meta: EventMeta,
         at: &str,
-    ) -> Result<Verified, String> {
+    ) -> Result<Option<Row>, String> {
         let what = format!(
             "{at} ({} {} #{})",
             meta.aggregate_type, meta.aggregate_id, meta.sequence
@@ -189,7 +189,7 @@ impl Chains {
         let sequence = usize::try_from(meta.sequence).unwrap_or(usize::MAX);
         if sequence >= 1 && sequence <= chain.len() {
             return if chain[sequence - 1] == hash {
-                Ok(Verified::Duplicate)
+                Ok(None)
             } else {
                 Err(format!(
                     "{what}: a second, different copy of an event already restored"
@@ -234,18 +234,13 @@ impl Chains {
                 "{what}: its content does not hash to its `chain_hash` (altered on the way)"
             ));
         }
-        Ok(Verified::Next(Row {
+        Ok(Some(Row {
             meta,
             stored,
             recorded_at,
             hash,
         }))
     }
-}
-
-enum Verified {
-    Duplicate,
-    Next(Row),
 }
 
 /// Runs `replay-tools restore` with the `KAFKA_*`, `SCHEMA_REGISTRY_*` and `PROJECTOR_*`
