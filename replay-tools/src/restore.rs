@@ -334,15 +334,7 @@ pub async fn restore(
     if let Some(last) = tally.last_recorded {
         let from =
             last - chrono::Duration::seconds(i64::try_from(args.flow_rewind).unwrap_or(i64::MAX));
-        let positioned = streams::consumer::resume_from(
-            pool,
-            flows::order_flow::NAME,
-            flows::order_flow::AGGREGATE_TYPES,
-            from,
-        )
-        .await
-        .context("positioning the process manager")?;
-        rewind_flow(connections, from).await?;
+        let positioned = position_flow(pool, connections, from).await?;
         writeln!(
             out,
             "process manager: starts again from the events recorded since {from} \
@@ -489,6 +481,26 @@ async fn insert(pool: &PgPool, rows: &[Row]) -> anyhow::Result<()> {
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Where the process manager starts: at the events recorded since `from` (see
+/// [`streams::consumer::resume_from`] and [`rewind_flow`]); it must not be running. Returns the
+/// aggregates counted as applied up to their last event before `from`.
+pub async fn position_flow(
+    pool: &PgPool,
+    connections: &Connections,
+    from: DateTime<Utc>,
+) -> anyhow::Result<u64> {
+    let positioned = streams::consumer::resume_from(
+        pool,
+        flows::order_flow::NAME,
+        flows::order_flow::AGGREGATE_TYPES,
+        from,
+    )
+    .await
+    .context("positioning the process manager")?;
+    rewind_flow(connections, from).await?;
+    Ok(positioned)
 }
 
 /// Sets the process manager's consumer group to the first records published at or after `from`

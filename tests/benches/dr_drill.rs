@@ -31,9 +31,12 @@ use backbone_tests::bench::day_of_orders;
 use backbone_tests::load::{catalogue_with_stores, env_or, machine, Backbone};
 use backbone_tests::{admin_url, client, client_as, order_request, sigkill, Role, TEST_JWT_SECRET};
 use commands::{EventStoreConfig, EventStoreDb};
+use replay_tools::rebuild::Connections;
+use replay_tools::restore::position_flow;
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
+use streams::RegistryConfig;
 use uuid::Uuid;
 
 /// Every event of a store: (event id, chain hash).
@@ -98,6 +101,15 @@ async fn main() {
     })
     .await
     .expect("event store");
+    // The generated history already holds the flow's reactions: the process manager starts
+    // after it, at its end, as one deployed on an imported history would.
+    let flow = backbone
+        .processes
+        .iter()
+        .position(|(name, _)| *name == "process-manager")
+        .expect("the process manager runs");
+    sigkill(&mut backbone.processes[flow].1);
+    backbone.processes.remove(flow);
     let day = day_of_orders(&store, orders).await;
     println!(
         "history: {} orders, {} events appended in {:.0} s",
@@ -122,6 +134,19 @@ async fn main() {
     println!(
         "history published by the relay {:.0} s after the last append",
         relayed.elapsed().as_secs_f64()
+    );
+    let connections = Connections {
+        kafka: backbone.kafka.clone(),
+        registry: RegistryConfig::local(backbone.registry.clone()),
+        group_prefix: backbone.group_prefix.clone(),
+        max_attempts: 3,
+    };
+    position_flow(&backbone.pool, &connections, chrono::Utc::now())
+        .await
+        .expect("the process manager positioned at the end of the history");
+    backbone.spawn(
+        "process-manager",
+        &[("CATALOGUE_PATH", catalogue.display().to_string())],
     );
 
     // 2. Orders arriving, then the loss.
