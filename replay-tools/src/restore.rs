@@ -280,9 +280,10 @@ pub async fn restore(
             writeln!(out, "finding: {finding}")?;
         }
         bail!(
-            "{} records did not verify (listed above); the {} that did are restored. The read \
-             models were not rebuilt: investigate the copy (`replay-tools verify --topics` on a \
-             store that still has the events), then run restore again or with --store-only",
+            "{} records did not verify (listed above); the {} that did are restored, and each \
+             aggregate named ends at its last event that verified. The read models were not \
+             rebuilt: investigate (another copy of the topics, a backup of the store) before \
+             starting the backbone on this database",
             tally.findings.len(),
             tally.restored
         );
@@ -578,4 +579,141 @@ fn still_has_members(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::IllegalGeneration
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage, Timestamp};
+    use streams::headers::with_chain;
+
+    use super::*;
+
+    /// A record as the relay sends it: `payload` stored for `sequence`, chained after `prev`.
+    fn record(sequence: u64, prev: Hash, payload: &str, offset: i64) -> (OwnedMessage, Hash) {
+        let meta = EventMeta {
+            event_id: Uuid::from_u128(u128::from(sequence)),
+            aggregate_type: "order".into(),
+            aggregate_id: "o1".into(),
+            sequence,
+            event_type: "OrderPlaced".into(),
+            event_version: "2.0".into(),
+            recorded_at: "2026-12-07T18:00:00.000001Z".into(),
+            ..EventMeta::default()
+        };
+        let stored = StoredText {
+            version: "1.0".into(),
+            payload: payload.into(),
+            metadata: r#"{"z":"1","a":"2"}"#.into(),
+        };
+        let hash = EventContent {
+            aggregate_type: "order",
+            aggregate_id: "o1",
+            sequence: i64::try_from(sequence).unwrap_or_default(),
+            event_type: "OrderPlaced",
+            event_version: &stored.version,
+            payload: &stored.payload,
+            metadata: &stored.metadata,
+            event_id: meta.event_id,
+            recorded_at_micros: 1_796_666_400_000_001,
+        }
+        .chain_hash(&prev);
+        let headers = stored.add_to(with_chain(meta.to_headers(), &prev, &hash));
+        (message(headers, offset), hash)
+    }
+
+    fn message(headers: OwnedHeaders, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            None,
+            Some(b"o1".to_vec()),
+            "orders".into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            Some(headers),
+        )
+    }
+
+    #[test]
+    fn a_chain_restores_once_and_redeliveries_are_skipped() {
+        let (first, h1) = record(1, GENESIS, r#"{"OrderPlaced":{"b":1,"a":2}}"#, 0);
+        let (second, h2) = record(2, h1, r#"{"OrderPlaced":{"x":1}}"#, 1);
+        let (mut chains, mut tally) = (Chains::default(), Tally::default());
+        let row = chains
+            .check(&first, &mut tally)
+            .expect("verifies")
+            .expect("a row");
+        assert_eq!(row.stored.payload, r#"{"OrderPlaced":{"b":1,"a":2}}"#);
+        assert_eq!(
+            row.stored.version, "1.0",
+            "the stored version, not the published one"
+        );
+        assert!(chains
+            .check(&second, &mut tally)
+            .expect("verifies")
+            .is_some());
+        assert!(chains
+            .check(&first, &mut tally)
+            .expect("a redelivery")
+            .is_none());
+        assert_eq!(tally.duplicates, 1);
+        assert_eq!(chains.hashes[&("order".into(), "o1".into())], vec![h1, h2]);
+    }
+
+    #[test]
+    fn altered_gapped_or_unlinked_records_are_findings_and_stop_their_aggregate() {
+        let (_, h1) = record(1, GENESIS, "{}", 0);
+        // Content changed on the way: it no longer hashes to its header.
+        let (forged, _) = record(1, GENESIS, "{}", 0);
+        let mut headers = OwnedHeaders::new();
+        for header in forged.headers().expect("headers").iter() {
+            let value = if header.key == streams::headers::STORED_PAYLOAD {
+                Some(&b"{\"changed\":1}"[..])
+            } else {
+                header.value
+            };
+            headers = headers.insert(rdkafka::message::Header {
+                key: header.key,
+                value,
+            });
+        }
+        let mut tally = Tally::default();
+        let finding = Chains::default()
+            .check(&message(headers, 0), &mut tally)
+            .expect_err("altered");
+        assert!(finding.contains("does not hash"), "{finding}");
+
+        // A gap: the second event before the first.
+        let (second, _) = record(2, h1, "{}", 1);
+        let mut chains = Chains::default();
+        let finding = chains.check(&second, &mut tally).expect_err("a gap");
+        assert!(finding.contains("gap"), "{finding}");
+        // The aggregate stops there: its first event, arriving later, is not restored.
+        let (first, _) = record(1, GENESIS, "{}", 0);
+        assert!(chains.check(&first, &mut tally).expect("skipped").is_none());
+        assert_eq!(tally.skipped, 1);
+
+        // Chained to another event than the one before it.
+        let (first, _) = record(1, GENESIS, "{}", 0);
+        let (unlinked, _) = record(2, [7; 32], "{}", 1);
+        let mut chains = Chains::default();
+        chains.check(&first, &mut tally).expect("verifies");
+        let finding = chains.check(&unlinked, &mut tally).expect_err("unlinked");
+        assert!(finding.contains("not chained"), "{finding}");
+    }
+
+    #[test]
+    fn a_record_without_its_stored_form_is_a_finding() {
+        let meta = EventMeta {
+            event_id: Uuid::from_u128(1),
+            aggregate_type: "order".into(),
+            aggregate_id: "o1".into(),
+            sequence: 1,
+            ..EventMeta::default()
+        };
+        let headers = with_chain(meta.to_headers(), &GENESIS, &[1; 32]);
+        let finding = Chains::default()
+            .check(&message(headers, 0), &mut Tally::default())
+            .expect_err("no stored form");
+        assert!(finding.contains("no stored form"), "{finding}");
+    }
 }
