@@ -65,6 +65,20 @@ ensure_postgres() {
   die "PostgreSQL did not start (see /var/log/postgresql/)"
 }
 
+# restart_postgres MODE: restarts the cluster ensure_postgres runs, shut down in MODE (fast: the
+# sessions are rolled back and a checkpoint is written; immediate: no checkpoint, the start-up
+# runs crash recovery, as after a power cut); returns once it accepts connections again. The
+# chaos run's fault (benches/chaos.rs); every client of the cluster loses its connections.
+restart_postgres() {
+  local mode=$1 version port
+  version=$(ls /etc/postgresql | sort -V | tail -n1)
+  port=$(pg_lsclusters -h 2>/dev/null | awk -v v="$version" '$1 == v && $2 == "main" { print $3; exit }')
+  port=${port:-5432}
+  as_root pg_ctlcluster --skip-systemctl-redirect -m "$mode" "$version" main restart
+  for _ in $(seq 150); do pg_isready -q -h "$PG_HOST" -p "$port" && return 0; sleep 0.2; done
+  die "PostgreSQL did not come back after a restart -m $mode (see /var/log/postgresql/)"
+}
+
 psql_admin() { psql -v ON_ERROR_STOP=1 -q -X "$PG_ADMIN_URL" "$@"; }
 
 ensure_database() {
