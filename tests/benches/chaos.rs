@@ -102,7 +102,7 @@ async fn main() {
     let findings = chaos::check(&backbone, &placed).await;
 
     println!(
-        "\nfaults injected ({}), with the time to recover (from the fault to the first successful command after it; to the first order completed after it):",
+        "\nfaults injected ({}), with the time to recover (from the fault to the first success of a command sent after it; of a whole order placed after it):",
         run.injected.len()
     );
     // Read from a copy: the samples' lock must not be held across the awaits below.
@@ -115,14 +115,14 @@ async fn main() {
             .or_default()
             .push(fault.offset);
         let first_command = samples
-            .first_after(&COMMANDS, fault.at)
+            .first_started_after(&COMMANDS, fault.at)
             .map(|t| t - fault.at);
         let first_order = samples
-            .first_after(&["whole order"], fault.at)
+            .first_started_after(&["whole order"], fault.at)
             .map(|t| t - fault.at);
         worst = worst.max(first_command.unwrap_or_default());
         println!(
-            "  {:>6.1} s  {:<34} back after {:>7}  first command after {:>9}  first order completed after {:>9}",
+            "  {:>6.1} s  {:<34} back after {:>7}  first command {:>9}  first whole order {:>9}",
             fault.offset,
             fault.fault,
             seconds(fault.back_after),
@@ -155,9 +155,10 @@ async fn main() {
         println!("  not completed: {f}");
     }
     println!(
-        "requests refused (429/503) {}, retried {}, server errors (5xx but 503) seen by clients {}",
+        "requests refused (429/503) {}, retried {} (of which 409 key still in progress {}), server errors (5xx but 503) seen by clients {}",
         ctx.refused.load(Ordering::Relaxed),
         ctx.retries.load(Ordering::Relaxed),
+        ctx.in_progress.load(Ordering::Relaxed),
         server_errors.len()
     );
     for e in server_errors.iter().take(20) {

@@ -66,6 +66,8 @@ pub struct Ctx {
     pub refused: AtomicU64,
     /// Requests sent again (after a refusal, a server error or a transport error).
     pub retries: AtomicU64,
+    /// Answers 409 "a request with this key is still in progress" (retried).
+    pub in_progress: AtomicU64,
     /// Every 5xx but 503 a client saw, with its body: a retriable request must never meet one.
     pub server_errors: Mutex<Vec<String>>,
     pub stop: AtomicBool,
@@ -103,6 +105,7 @@ impl Ctx {
             rate_limited: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            in_progress: AtomicU64::new(0),
             server_errors: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         }
@@ -110,7 +113,7 @@ impl Ctx {
 }
 
 /// One request, retried as an app would (same idempotency key) on 429/503 (after
-/// `Retry-After`), on a transport error or a 5xx, for up to [`GIVE_UP_AFTER`]. Returns the first
+/// `Retry-After`), on a transport error, a 5xx or a 409 saying the key is still in progress, for up to [`GIVE_UP_AFTER`]. Returns the first
 /// other answer.
 pub async fn send(
     ctx: &Ctx,
@@ -156,7 +159,18 @@ pub async fn send(
                     Duration::from_millis(200)
                 } else {
                     let value = response.json().await.unwrap_or(Value::Null);
-                    return Ok((status, value));
+                    // The first request with this key holds it (or held it, and could not
+                    // release it: a crash, a database gone): the API says to retry, and the
+                    // claim lapses after twice its request timeout.
+                    let in_progress = status == StatusCode::CONFLICT
+                        && value["detail"]
+                            .as_str()
+                            .is_some_and(|d| d.contains("still in progress"));
+                    if !in_progress {
+                        return Ok((status, value));
+                    }
+                    ctx.in_progress.fetch_add(1, Ordering::Relaxed);
+                    Duration::from_secs(1)
                 }
             }
             Err(e) => {

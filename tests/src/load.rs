@@ -368,15 +368,20 @@ impl Samples {
             .push((ended, took.as_secs_f64() * 1000.0));
     }
 
-    /// When the first sample of any of `names` ended after `at` (a fault's recovery: the first
-    /// success after it).
-    pub fn first_after(&self, names: &[&str], at: Instant) -> Option<Instant> {
+    /// When the first sample of any of `names` that started after `at` ended: a fault's
+    /// recovery, the first success of something tried once the fault had struck (one that was
+    /// already under way may have got through before it).
+    pub fn first_started_after(&self, names: &[&str], at: Instant) -> Option<Instant> {
         names
             .iter()
             .filter_map(|name| self.by_name.get(name))
             .flatten()
+            .filter(|(ended, took)| {
+                ended
+                    .checked_sub(Duration::from_secs_f64(took / 1000.0))
+                    .is_some_and(|started| started > at)
+            })
             .map(|(ended, _)| *ended)
-            .filter(|ended| *ended > at)
             .min()
     }
 
