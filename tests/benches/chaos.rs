@@ -155,9 +155,10 @@ async fn main() {
         println!("  not completed: {f}");
     }
     println!(
-        "requests refused (429/503) {}, retried {} (of which 409 key still in progress {}), server errors (5xx but 503) seen by clients {}",
+        "requests refused (429/503) {}, retried {} (after a 408 {}, after a 409 key still in progress {}), server errors (5xx but 503) seen by clients {}",
         ctx.refused.load(Ordering::Relaxed),
         ctx.retries.load(Ordering::Relaxed),
+        ctx.timed_out.load(Ordering::Relaxed),
         ctx.in_progress.load(Ordering::Relaxed),
         server_errors.len()
     );

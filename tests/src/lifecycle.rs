@@ -68,6 +68,8 @@ pub struct Ctx {
     pub retries: AtomicU64,
     /// Answers 409 "a request with this key is still in progress" (retried).
     pub in_progress: AtomicU64,
+    /// Answers 408: the API's request timeout struck, the effect unknown (retried).
+    pub timed_out: AtomicU64,
     /// Every 5xx but 503 a client saw, with its body: a retriable request must never meet one.
     pub server_errors: Mutex<Vec<String>>,
     pub stop: AtomicBool,
@@ -106,6 +108,7 @@ impl Ctx {
             refused: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             in_progress: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
             server_errors: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         }
@@ -113,8 +116,8 @@ impl Ctx {
 }
 
 /// One request, retried as an app would (same idempotency key) on 429/503 (after
-/// `Retry-After`), on a transport error, a 5xx or a 409 saying the key is still in progress, for up to [`GIVE_UP_AFTER`]. Returns the first
-/// other answer.
+/// `Retry-After`), on a transport error, a 5xx, a 408 (the API's own timeout) or a 409 saying
+/// the key is still in progress, for up to [`GIVE_UP_AFTER`]. Returns the first other answer.
 pub async fn send(
     ctx: &Ctx,
     bearer: &str,
@@ -166,10 +169,15 @@ pub async fn send(
                         && value["detail"]
                             .as_str()
                             .is_some_and(|d| d.contains("still in progress"));
-                    if !in_progress {
+                    if in_progress {
+                        ctx.in_progress.fetch_add(1, Ordering::Relaxed);
+                    } else if status == StatusCode::REQUEST_TIMEOUT {
+                        // The API ran out of time (a database restarting under it): the effect
+                        // is unknown and it says to retry with the same key.
+                        ctx.timed_out.fetch_add(1, Ordering::Relaxed);
+                    } else {
                         return Ok((status, value));
                     }
-                    ctx.in_progress.fetch_add(1, Ordering::Relaxed);
                     Duration::from_secs(1)
                 }
             }

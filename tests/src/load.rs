@@ -220,8 +220,11 @@ impl Backbone {
                     binary_path(binary).display()
                 )
             });
-        self.processes.retain(|(name, _)| *name != binary);
-        self.processes.push((binary, child));
+        // In place: `stop` signals the components in the reverse of their start order.
+        match self.processes.iter_mut().find(|(name, _)| *name == binary) {
+            Some((_, old)) => *old = child,
+            None => self.processes.push((binary, child)),
+        }
     }
 
     /// SIGKILLs `component` (one of [`COMPONENTS`]): no shutdown path runs, as when a node
