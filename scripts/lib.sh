@@ -65,6 +65,23 @@ ensure_postgres() {
   die "PostgreSQL did not start (see /var/log/postgresql/)"
 }
 
+# restart_postgres MODE: restarts the cluster ensure_postgres runs, shut down in MODE (fast: the
+# sessions are rolled back and a checkpoint is written; immediate: no checkpoint, the start-up
+# runs crash recovery, as after a power cut); returns once it accepts connections again. The
+# chaos run's fault (benches/chaos.rs); every client of the cluster loses its connections.
+restart_postgres() {
+  local mode=$1 version port
+  version=$(ls /etc/postgresql | sort -V | tail -n1)
+  port=$(pg_lsclusters -h 2>/dev/null | awk -v v="$version" '$1 == v && $2 == "main" { print $3; exit }')
+  port=${port:-5432}
+  # pg_ctl waits 60 s for the start; crash recovery first fsyncs the whole data directory,
+  # which on a cluster holding many test databases takes longer: wait for it here instead.
+  as_root pg_ctlcluster --skip-systemctl-redirect -m "$mode" "$version" main restart \
+    || log "PostgreSQL is not up 60 s after a restart -m $mode; waiting for it"
+  for _ in $(seq 3000); do pg_isready -q -h "$PG_HOST" -p "$port" && return 0; sleep 0.2; done
+  die "PostgreSQL did not come back within 10 minutes of a restart -m $mode (see /var/log/postgresql/)"
+}
+
 psql_admin() { psql -v ON_ERROR_STOP=1 -q -X "$PG_ADMIN_URL" "$@"; }
 
 ensure_database() {

@@ -1,6 +1,8 @@
 //! The API's one error type. Policy: every client mistake is a 4xx `application/problem+json`
-//! (RFC 9457) whose `detail` says what was wrong and what to do; anything else is an opaque 500
-//! whose cause is logged, never sent.
+//! (RFC 9457) whose `detail` says what was wrong and what to do; the database out of reach for a
+//! moment (restarting, failing over, its pool exhausted) is a 503 with `Retry-After`, since the
+//! same request will succeed shortly; anything else is an opaque 500 whose cause is logged, never
+//! sent.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -57,6 +59,9 @@ pub enum ApiError {
     /// The read model has not caught up with the requested position yet.
     #[error("{0}")]
     NotYet(String),
+    /// The database could not be reached for a moment; the request had no effect.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -64,6 +69,21 @@ pub enum ApiError {
 impl ApiError {
     pub fn internal(error: impl std::fmt::Display) -> Self {
         Self::Internal(error.to_string())
+    }
+
+    /// A failure of the server's side: 503 when its cause is the database being out of reach
+    /// (a retry will do), else 500.
+    pub fn failed(error: &(dyn std::error::Error + 'static)) -> Self {
+        if database_unreachable(error) {
+            tracing::warn!(%error, "the database is out of reach; answered 503");
+            Self::Unavailable(
+                "the database is out of reach for a moment and the request had no effect; retry \
+                 after Retry-After seconds (with the same Idempotency-Key)"
+                    .to_owned(),
+            )
+        } else {
+            Self::internal(error)
+        }
     }
 
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
@@ -116,6 +136,11 @@ impl ApiError {
                 "not-yet-projected",
                 "The read model has not caught up yet",
             ),
+            Self::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Temporarily unavailable",
+            ),
             Self::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -149,7 +174,7 @@ impl IntoResponse for ApiError {
         );
         let headers = response.headers_mut();
         match self {
-            Self::NotYet(_) => {
+            Self::NotYet(_) | Self::Unavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::TooManyRequests {
@@ -238,6 +263,52 @@ pub fn command_error<E: RuleViolation>(error: commands::CommandError<E>) -> ApiE
         CommandError::Rejected(e) if e.is_state_conflict() => ApiError::Conflict(e.to_string()),
         CommandError::Rejected(e) => ApiError::Unprocessable(e.to_string()),
         e @ CommandError::Contended { .. } => ApiError::Conflict(e.to_string()),
-        CommandError::Store(e) => ApiError::internal(e),
+        CommandError::Store(e) => ApiError::failed(e.as_ref()),
+    }
+}
+
+/// Whether a failure comes from the database being out of reach rather than from the request or
+/// a defect: no connection (refused, reset, TLS), the pool exhausted or closed, or the server
+/// shutting down, starting up, or out of resources (SQLSTATE classes 08, 57P and 53).
+fn database_unreachable(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| {
+        match e.downcast_ref::<sqlx::Error>() {
+            Some(
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            Some(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
+                code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+            }),
+            _ => e.downcast_ref::<std::io::Error>().is_some(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_database_is_a_503_and_a_defect_a_500() {
+        let refused = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let failed = ApiError::failed(&refused);
+        assert!(matches!(failed, ApiError::Unavailable(_)), "{failed:?}");
+        let response = failed.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert!(matches!(
+            ApiError::failed(&sqlx::Error::PoolTimedOut),
+            ApiError::Unavailable(_)
+        ));
+        // Through a command's store failure, as the bus wraps it.
+        let wrapped: commands::CommandError<domain::order::OrderError> =
+            commands::CommandError::Store(Box::new(sqlx::Error::PoolClosed));
+        assert!(matches!(command_error(wrapped), ApiError::Unavailable(_)));
+        let defect = sqlx::Error::ColumnNotFound("total".into());
+        assert!(matches!(ApiError::failed(&defect), ApiError::Internal(_)));
     }
 }

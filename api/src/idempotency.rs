@@ -540,10 +540,10 @@ pub async fn middleware(
                 return store.run_as_owner(claim, claimed_at, request, next).await;
             }
             Ok(None) => {}
-            Err(error) => return ApiError::internal(error).into_response(),
+            Err(error) => return ApiError::failed(&error).into_response(),
         }
         match store.existing(&claim).await {
-            Err(error) => return ApiError::internal(error).into_response(),
+            Err(error) => return ApiError::failed(&error).into_response(),
             // Released or expired since: claim it again at once.
             Ok(None) => continue,
             Ok(Some(existing)) if existing.expired && existing.state == "done" => continue,

@@ -389,9 +389,26 @@ impl Relay {
             return Ok((RoundReport::default(), None));
         }
         let started = Instant::now();
+        // An aggregate's events after one that could not be encoded are not sent: on the topic
+        // they would overtake it when it is sent again (after a registry outage, say).
+        let mut unsendable: HashSet<(&str, &str)> = HashSet::new();
         let deliveries: Vec<_> = batch
             .iter()
-            .map(|out| (self.send(out), publication_span(&out.meta)))
+            .map(|out| {
+                let key = (
+                    out.meta.aggregate_type.as_str(),
+                    out.meta.aggregate_id.as_str(),
+                );
+                let sent = if unsendable.contains(&key) {
+                    None
+                } else {
+                    self.send(out)
+                };
+                if sent.is_none() {
+                    unsendable.insert(key);
+                }
+                (sent, publication_span(&out.meta))
+            })
             .collect();
         let in_flight: Vec<i64> = batch.iter().map(|out| out.id).collect();
         let acknowledged = join_all(deliveries.into_iter().map(|(d, span)| {

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use backbone_tests::bench::day_of_orders;
 use backbone_tests::load::{catalogue_with_stores, env_or, machine, Backbone};
-use backbone_tests::{admin_url, client, client_as, order_request, sigkill, Role, TEST_JWT_SECRET};
+use backbone_tests::{admin_url, client, client_as, order_request, Role};
 use commands::{EventStoreConfig, EventStoreDb};
 use replay_tools::rebuild::Connections;
 use replay_tools::restore::position_flow;
@@ -81,14 +81,6 @@ async fn main() {
     let load_seconds: u64 = env_or("DR_LOAD_SECONDS", 20);
     let catalogue = std::env::temp_dir().join(format!("dr-catalogue-{}.json", Uuid::new_v4()));
     catalogue_with_stores(&catalogue, 0);
-    let api_env = |port: &str| {
-        vec![
-            ("API_LISTEN", format!("127.0.0.1:{port}")),
-            ("AUTH_JWT_SECRET", TEST_JWT_SECRET.to_owned()),
-            ("CATALOGUE_PATH", catalogue.display().to_string()),
-            ("API_RATE_LIMIT_PER_SECOND", "0".to_owned()),
-        ]
-    };
     let mut backbone =
         Backbone::start(&catalogue, &[("API_RATE_LIMIT_PER_SECOND", "0".to_owned())]).await;
     let api = backbone.api.clone();
@@ -103,13 +95,7 @@ async fn main() {
     .expect("event store");
     // The generated history already holds the flow's reactions: the process manager starts
     // after it, at its end, as one deployed on an imported history would.
-    let flow = backbone
-        .processes
-        .iter()
-        .position(|(name, _)| *name == "process-manager")
-        .expect("the process manager runs");
-    sigkill(&mut backbone.processes[flow].1);
-    backbone.processes.remove(flow);
+    backbone.kill("process-manager");
     let day = day_of_orders(&store, orders).await;
     println!(
         "history: {} orders, {} events appended in {:.0} s",
@@ -144,10 +130,7 @@ async fn main() {
     position_flow(&backbone.pool, &connections, chrono::Utc::now())
         .await
         .expect("the process manager positioned at the end of the history");
-    backbone.spawn(
-        "process-manager",
-        &[("CATALOGUE_PATH", catalogue.display().to_string())],
-    );
+    backbone.restart("process-manager");
 
     // 2. Orders arriving, then the loss.
     let stop = Arc::new(AtomicBool::new(false));
@@ -157,10 +140,8 @@ async fn main() {
         .collect();
     tokio::time::sleep(Duration::from_secs(load_seconds)).await;
     let lost_at = Instant::now();
-    for (name, child) in &mut backbone.processes {
-        if *name != "schema-registry" {
-            sigkill(child);
-        }
+    for component in ["api", "relay", "projector", "process-manager"] {
+        backbone.kill(component);
     }
     // With the relay dead the outbox stands as it was at the loss: what it had not marked
     // published is the bound (it may have been sent without being marked; never the reverse).
@@ -175,9 +156,6 @@ async fn main() {
     for task in load {
         let _ = task.await;
     }
-    backbone
-        .processes
-        .retain(|(name, _)| *name == "schema-registry");
     let primary = events_of(&backbone.pool).await;
     println!(
         "loss: {} orders placed over HTTP in {load_seconds} s; the primary held {} events, {} of \
@@ -220,19 +198,15 @@ async fn main() {
         String::from_utf8_lossy(&output.stderr)
     );
     let started = Instant::now();
-    let port = api.rsplit(':').next().expect("port").to_owned();
-    backbone.spawn("relay", &[]);
-    backbone.spawn("projector", &[]);
-    backbone.spawn("api", &api_env(&port));
+    for component in ["relay", "projector", "api"] {
+        backbone.restart(component);
+    }
     let http = client();
     until(Duration::from_secs(120), "the restored API to be ready", async || {
         matches!(http.get(format!("{api}/health/ready")).send().await, Ok(r) if r.status().is_success())
     })
     .await;
-    backbone.spawn(
-        "process-manager",
-        &[("CATALOGUE_PATH", catalogue.display().to_string())],
-    );
+    backbone.restart("process-manager");
     let ready_took = started.elapsed();
     let customer = Uuid::new_v4();
     let mut first_order = None;

@@ -22,335 +22,29 @@
 //! placed reached `Completed` and `replay-tools reconcile` finds 0 differences (fails otherwise);
 //! then the append ceiling of the same PostgreSQL and the ratio.
 //!
+//! The generator itself (callers, retries, the lifecycle) is `backbone_tests::lifecycle`, which
+//! the chaos run (`benches/chaos.rs`) drives too.
+//!
 //! `scripts/bench --bench lifecycle` (it starts the broker and builds the release binaries).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backbone_tests::lifecycle::{closed_loop, open_loop, send, Ctx, COMMANDS};
 use backbone_tests::load::{
     append_ceiling, catalogue_with_stores, cpu_shares, db_now, env_or, hops, machine,
-    machine_ticks, process_groups, Backbone, CpuSnapshot, Samples, Summary,
+    machine_ticks, process_groups, Backbone, CpuSnapshot, Summary,
 };
-use backbone_tests::{address_in, token, Role};
+use backbone_tests::{token, Role};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 /// Stores the orders spread over (each acts with its own token, within the rate limit).
 const STORES: usize = 48;
 /// Dispatchers (operators with the admin role) assigning couriers.
 const DISPATCHERS: usize = 16;
-
-struct Ctx {
-    http: reqwest::Client,
-    api: String,
-    stores: Vec<(Uuid, String)>,
-    dispatchers: Vec<String>,
-    poll: Duration,
-    /// Waits on the live stream (the default) rather than polling.
-    stream: bool,
-    samples: Mutex<Samples>,
-    placed: Mutex<Vec<String>>,
-    next: AtomicU64,
-    failures: Mutex<Vec<String>>,
-    rate_limited: AtomicU64,
-    retries: AtomicU64,
-    stop: AtomicBool,
-}
-
-/// One request, retried as an app would (same idempotency key) on 429/503 (after
-/// `Retry-After`), on a transport error or a 5xx; `accept` says which statuses end it.
-async fn send(
-    ctx: &Ctx,
-    bearer: &str,
-    method: reqwest::Method,
-    url: &str,
-    body: Option<&Value>,
-) -> Result<(StatusCode, Value), String> {
-    let key = Uuid::new_v4().to_string();
-    for attempt in 0..20 {
-        let mut request = ctx
-            .http
-            .request(method.clone(), url)
-            .bearer_auth(bearer)
-            .timeout(Duration::from_secs(30));
-        if let Some(body) = body {
-            request = request.header("idempotency-key", &key).json(body);
-        }
-        match request.send().await {
-            Ok(response) => {
-                let status = response.status();
-                if status == StatusCode::TOO_MANY_REQUESTS
-                    || status == StatusCode::SERVICE_UNAVAILABLE
-                {
-                    if status == StatusCode::TOO_MANY_REQUESTS {
-                        ctx.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let wait = response
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                        .unwrap_or(1);
-                    ctx.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_secs(wait)).await;
-                    continue;
-                }
-                if status.is_server_error() {
-                    ctx.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                let value = response.json().await.unwrap_or(Value::Null);
-                return Ok((status, value));
-            }
-            Err(e) => {
-                ctx.retries.fetch_add(1, Ordering::Relaxed);
-                if attempt > 5 {
-                    return Err(format!("{url}: {e}"));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    Err(format!("{url}: no answer after 20 attempts"))
-}
-
-/// A command: `POST url body` expecting 200, its latency recorded under `name`.
-async fn command(
-    ctx: &Ctx,
-    name: &'static str,
-    bearer: &str,
-    url: &str,
-    body: Value,
-) -> Result<Value, String> {
-    let started = Instant::now();
-    let (status, value) = send(ctx, bearer, reqwest::Method::POST, url, Some(&body)).await?;
-    if status != StatusCode::OK && status != StatusCode::CREATED {
-        return Err(format!("{name}: {status} {value}"));
-    }
-    let ended = Instant::now();
-    ctx.samples
-        .lock()
-        .expect("samples")
-        .record(name, ended, ended - started);
-    Ok(value)
-}
-
-const ORDER_OF_STATUS: [&str; 8] = [
-    "Placed",
-    "Confirmed",
-    "Accepted",
-    "Preparing",
-    "ReadyForPickup",
-    "OutForDelivery",
-    "Delivered",
-    "Completed",
-];
-
-/// Waits (as the customer) until the order's status is `wanted` or later: on its live stream
-/// (`GET /orders/{id}/tracking/stream`, Server-Sent Events, as the apps do) or, with
-/// `LIFECYCLE_POLL_MS` set, by polling the tracking view.
-async fn wait_for(ctx: &Ctx, bearer: &str, order: &str, wanted: &str) -> Result<(), String> {
-    if ctx.stream {
-        return watch_for(ctx, bearer, order, wanted).await;
-    }
-    poll_for(ctx, bearer, order, wanted).await
-}
-
-fn rank(status: &str) -> Option<usize> {
-    ORDER_OF_STATUS.iter().position(|x| *x == status)
-}
-
-/// The live stream from the order's first status change on, until one is `wanted` or later.
-async fn watch_for(ctx: &Ctx, bearer: &str, order: &str, wanted: &str) -> Result<(), String> {
-    let want = rank(wanted).expect("a known status");
-    let url = format!("{}/orders/{order}/tracking/stream", ctx.api);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    'connect: loop {
-        let response = ctx
-            .http
-            .get(&url)
-            .bearer_auth(bearer)
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        match response.status() {
-            StatusCode::OK => {}
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-                ctx.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-            other => return Err(format!("{url}: {other}")),
-        }
-        let mut response = response;
-        let mut buffer = String::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!("order {order} not {wanted} in 300 s"));
-            }
-            let chunk = match tokio::time::timeout(left, response.chunk()).await {
-                Ok(Ok(Some(chunk))) => chunk,
-                // The stream ended or broke: reconnect (it replays from the start).
-                Ok(Ok(None) | Err(_)) => continue 'connect,
-                Err(_) => return Err(format!("order {order} not {wanted} in 300 s")),
-            };
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let event: String = buffer.drain(..end + 2).collect();
-                if !event.lines().any(|l| l.trim() == "event: status") {
-                    continue;
-                }
-                let data: String = event
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(str::trim_start)
-                    .collect();
-                let entry: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-                let now = entry["status"].as_str().unwrap_or("");
-                if now == "Cancelled" || now == "Rejected" {
-                    return Err(format!("order {order} ended {now}"));
-                }
-                if rank(now).is_some_and(|r| r >= want) {
-                    return Ok(());
-                }
-            }
-        }
-    }
-}
-
-/// Polls the order's tracking view until its status is `wanted` or later.
-async fn poll_for(ctx: &Ctx, bearer: &str, order: &str, wanted: &str) -> Result<(), String> {
-    let want = rank(wanted).expect("a known status");
-    let url = format!("{}/orders/{order}/tracking", ctx.api);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let (status, view) = send(ctx, bearer, reqwest::Method::GET, &url, None).await?;
-        if status == StatusCode::OK {
-            let now = view["status"].as_str().unwrap_or("");
-            if now == "Cancelled" || now == "Rejected" {
-                return Err(format!("order {order} ended {now}: {view}"));
-            }
-            if rank(now).is_some_and(|r| r >= want) {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!("order {order} not {wanted} in 300 s"));
-        }
-        tokio::time::sleep(ctx.poll).await;
-    }
-}
-
-async fn lifecycle(ctx: &Ctx) -> Result<(), String> {
-    let n = ctx.next.fetch_add(1, Ordering::Relaxed) as usize;
-    let api = &ctx.api;
-    let customer = Uuid::new_v4();
-    let customer_token = token(Role::Customer, customer);
-    let (store, store_token) = &ctx.stores[n % ctx.stores.len()];
-    let request = json!({
-        "customer_id": customer,
-        "store_id": store,
-        "region": "uk",
-        "items": [
-            {"item_id": "margherita", "quantity": 2, "options": ["extra-cheese"]},
-            {"item_id": "cola", "quantity": 1}
-        ],
-        "delivery_address": address_in("uk"),
-    });
-    let started = Instant::now();
-    let placed = command(
-        ctx,
-        "place",
-        &customer_token,
-        &format!("{api}/orders"),
-        request,
-    )
-    .await?;
-    let placed_at = Instant::now();
-    let order = placed["order_id"]
-        .as_str()
-        .ok_or_else(|| format!("no order id in {placed}"))?
-        .to_owned();
-    ctx.placed.lock().expect("placed").push(order.clone());
-    wait_for(ctx, &customer_token, &order, "Confirmed").await?;
-    let confirmed_at = Instant::now();
-    ctx.samples.lock().expect("samples").record(
-        "placed → Confirmed",
-        confirmed_at,
-        confirmed_at - placed_at,
-    );
-    let order_url = format!("{api}/orders/{order}/actions");
-    for (name, action) in [
-        (
-            "accept",
-            json!({"action": "accept", "estimated_preparation_minutes": 10}),
-        ),
-        ("start_preparation", json!({"action": "start_preparation"})),
-        ("mark_ready", json!({"action": "mark_ready"})),
-    ] {
-        command(ctx, name, store_token, &order_url, action).await?;
-    }
-    // Dispatch assigns a courier once the delivery exists (404 until the process manager has
-    // requested it).
-    let dispatcher = &ctx.dispatchers[n % ctx.dispatchers.len()];
-    let courier = Uuid::new_v4();
-    let delivery_url = format!("{api}/deliveries/{order}/actions");
-    let accepted_at = Instant::now();
-    loop {
-        let started = Instant::now();
-        let body = json!({"action": "assign_courier", "courier_id": courier});
-        let (status, value) = send(
-            ctx,
-            dispatcher,
-            reqwest::Method::POST,
-            &delivery_url,
-            Some(&body),
-        )
-        .await?;
-        let ended = Instant::now();
-        match status {
-            StatusCode::OK => {
-                let mut samples = ctx.samples.lock().expect("samples");
-                samples.record("assign_courier", ended, ended - started);
-                samples.record("mark_ready → courier assigned", ended, ended - accepted_at);
-                break;
-            }
-            StatusCode::NOT_FOUND | StatusCode::CONFLICT
-                if ended - accepted_at < Duration::from_secs(300) =>
-            {
-                tokio::time::sleep(ctx.poll).await;
-            }
-            other => return Err(format!("assign_courier: {other} {value}")),
-        }
-    }
-    let courier_token = token(Role::Courier, courier);
-    for (name, action) in [
-        ("pick_up", json!({"action": "pick_up"})),
-        (
-            "update_location",
-            json!({"action": "update_location", "latitude": 51.51, "longitude": -0.12,
-                   "device_time": chrono::Utc::now()}),
-        ),
-        ("deliver", json!({"action": "deliver"})),
-    ] {
-        command(ctx, name, &courier_token, &delivery_url, action).await?;
-    }
-    wait_for(ctx, &customer_token, &order, "Completed").await?;
-    let completed_at = Instant::now();
-    let mut samples = ctx.samples.lock().expect("samples");
-    samples.record("placed → Completed", completed_at, completed_at - placed_at);
-    samples.record("whole order", completed_at, completed_at - started);
-    Ok(())
-}
-
-async fn run_one(ctx: Arc<Ctx>) {
-    if let Err(e) = lifecycle(&ctx).await {
-        ctx.failures.lock().expect("failures").push(e);
-    }
-}
 
 /// Lag of each read model, sampled once a second from `GET /projections`.
 async fn sample_lag(ctx: Arc<Ctx>, admin: String, out: Arc<Mutex<Vec<(String, f64)>>>) {
@@ -397,29 +91,13 @@ async fn main() {
         machine()
     );
     let admin = token(Role::Admin, Uuid::from_u128(0xad));
-    let ctx = Arc::new(Ctx {
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(4096)
-            .build()
-            .expect("client"),
-        api: backbone.api.clone(),
-        stores: stores
-            .iter()
-            .map(|s| (*s, token(Role::Store, *s)))
-            .collect(),
-        dispatchers: (0..DISPATCHERS)
-            .map(|i| token(Role::Admin, Uuid::from_u128(0xd15_0000 + i as u128)))
-            .collect(),
+    let ctx = Arc::new(Ctx::new(
+        backbone.api.clone(),
+        &stores,
+        DISPATCHERS,
         poll,
         stream,
-        samples: Mutex::new(Samples::default()),
-        placed: Mutex::new(Vec::new()),
-        next: AtomicU64::new(0),
-        failures: Mutex::new(Vec::new()),
-        rate_limited: AtomicU64::new(0),
-        retries: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-    });
+    ));
 
     let waits = if stream {
         "on the live stream".to_owned()
@@ -438,30 +116,11 @@ async fn main() {
         waits
     );
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    if rate > 0.0 {
-        let ctx = ctx.clone();
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut orders = tokio::task::JoinSet::new();
-            while !ctx.stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                orders.spawn(run_one(ctx.clone()));
-                while orders.try_join_next().is_some() {}
-            }
-            while orders.join_next().await.is_some() {}
-        });
+    let mut tasks = if rate > 0.0 {
+        open_loop(&ctx, rate)
     } else {
-        for _ in 0..in_flight {
-            let ctx = ctx.clone();
-            tasks.spawn(async move {
-                while !ctx.stop.load(Ordering::Relaxed) {
-                    run_one(ctx.clone()).await;
-                }
-            });
-        }
-    }
+        closed_loop(&ctx, in_flight)
+    };
     let lags = Arc::new(Mutex::new(Vec::new()));
     tokio::time::sleep(warmup).await;
     backbone.assert_running();
@@ -522,16 +181,7 @@ async fn main() {
         );
     };
     println!("commands (HTTP, as the client sees them):");
-    for name in [
-        "place",
-        "accept",
-        "start_preparation",
-        "mark_ready",
-        "assign_courier",
-        "pick_up",
-        "update_location",
-        "deliver",
-    ] {
+    for name in COMMANDS {
         line(name, get(name));
     }
     println!("order timeline (as the client sees it, waiting {waits}):");

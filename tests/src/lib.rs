@@ -6,7 +6,9 @@
 //! child processes (for crash tests). This library holds the harness they share.
 
 pub mod bench;
+pub mod chaos;
 pub mod deploy;
+pub mod lifecycle;
 pub mod load;
 pub mod tools;
 

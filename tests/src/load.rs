@@ -52,7 +52,18 @@ pub struct Backbone {
     pub processes: Vec<(&'static str, Child)>,
     /// Settings every component gets (an OTLP endpoint, say).
     pub common_env: Vec<(String, String)>,
+    /// Each component's own settings, so [`Self::restart`] starts it exactly as it was.
+    component_env: Vec<(&'static str, Vec<(String, String)>)>,
 }
+
+/// The backbone's processes, as [`Backbone`] names them (and as their binaries are named).
+pub const COMPONENTS: [&str; 5] = [
+    "schema-registry",
+    "relay",
+    "projector",
+    "process-manager",
+    "api",
+];
 
 impl Backbone {
     /// Creates the database (migrated), the topics and starts every component; `catalogue` is
@@ -118,6 +129,7 @@ impl Backbone {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect(),
+            component_env: Vec::new(),
         };
         let catalogue = catalogue.display().to_string();
         this.spawn(
@@ -171,11 +183,34 @@ impl Backbone {
         command
     }
 
-    /// Starts `binary` with this backbone's settings, its output in its log.
-    pub fn spawn(&mut self, binary: &'static str, extra_env: &[(&str, String)]) {
-        let log = std::fs::File::create(self.logs.join(format!("{binary}.log"))).expect("log");
+    fn spawn(&mut self, binary: &'static str, extra_env: &[(&str, String)]) {
+        self.component_env.retain(|(name, _)| *name != binary);
+        self.component_env.push((
+            binary,
+            extra_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        ));
+        self.launch(binary);
+    }
+
+    /// Starts `binary` with the settings it was first spawned with. Its log is appended to,
+    /// so what an earlier incarnation wrote before it was killed stays readable.
+    fn launch(&mut self, binary: &'static str) {
+        let extra_env: Vec<(&str, String)> = self
+            .component_env
+            .iter()
+            .find(|(name, _)| *name == binary)
+            .map(|(_, env)| env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect())
+            .unwrap_or_default();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{binary}.log")))
+            .expect("log");
         let child = self
-            .command(binary, extra_env)
+            .command(binary, &extra_env)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -185,7 +220,44 @@ impl Backbone {
                     binary_path(binary).display()
                 )
             });
-        self.processes.push((binary, child));
+        // In place: `stop` signals the components in the reverse of their start order.
+        match self.processes.iter_mut().find(|(name, _)| *name == binary) {
+            Some((_, old)) => *old = child,
+            None => self.processes.push((binary, child)),
+        }
+    }
+
+    /// SIGKILLs `component` (one of [`COMPONENTS`]): no shutdown path runs, as when a node
+    /// dies. Returns once it is reaped.
+    pub fn kill(&mut self, component: &str) {
+        let (_, child) = self
+            .processes
+            .iter_mut()
+            .find(|(name, _)| *name == component)
+            .unwrap_or_else(|| panic!("no component {component}"));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts `component` again as [`Self::start`] first started it (same settings, same
+    /// listening port), as an orchestrator restarts a dead container.
+    pub fn restart(&mut self, component: &str) {
+        let binary = COMPONENTS
+            .into_iter()
+            .find(|c| *c == component)
+            .unwrap_or_else(|| panic!("no component {component}"));
+        self.launch(binary);
+    }
+
+    /// The components that have exited, with their exit status (until [`Self::restart`]ed).
+    pub fn exited(&mut self) -> Vec<(&'static str, std::process::ExitStatus)> {
+        let mut exited = Vec::new();
+        for (name, child) in &mut self.processes {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited.push((*name, status));
+            }
+        }
+        exited
     }
 
     /// Panics if a component exited.
@@ -297,6 +369,23 @@ impl Samples {
             .entry(name)
             .or_default()
             .push((ended, took.as_secs_f64() * 1000.0));
+    }
+
+    /// When the first sample of any of `names` that started after `at` ended: a fault's
+    /// recovery, the first success of something tried once the fault had struck (one that was
+    /// already under way may have got through before it).
+    pub fn first_started_after(&self, names: &[&str], at: Instant) -> Option<Instant> {
+        names
+            .iter()
+            .filter_map(|name| self.by_name.get(name))
+            .flatten()
+            .filter(|(ended, took)| {
+                ended
+                    .checked_sub(Duration::from_secs_f64(took / 1000.0))
+                    .is_some_and(|started| started > at)
+            })
+            .map(|(ended, _)| *ended)
+            .min()
     }
 
     /// Per name: the samples that ended within `[from, to]`, as count, p50, p99, max.

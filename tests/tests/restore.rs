@@ -11,9 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use backbone_tests::load::Backbone;
-use backbone_tests::{
-    admin_url, client, client_as, eventually, order_request, sigkill, Role, TEST_JWT_SECRET,
-};
+use backbone_tests::{admin_url, client, client_as, eventually, order_request, Role};
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -122,14 +120,6 @@ async fn a_lost_database_is_restored_from_the_topics_and_the_backbone_resumes() 
         env!("CARGO_MANIFEST_DIR"),
         "/../domain/catalogue/demo.json"
     ));
-    let api_env = |port: &str| {
-        vec![
-            ("API_LISTEN", format!("127.0.0.1:{port}")),
-            ("AUTH_JWT_SECRET", TEST_JWT_SECRET.to_owned()),
-            ("CATALOGUE_PATH", catalogue.display().to_string()),
-            ("API_RATE_LIMIT_PER_SECOND", "0".to_owned()),
-        ]
-    };
     let mut backbone =
         Backbone::start(&catalogue, &[("API_RATE_LIMIT_PER_SECOND", "0".to_owned())]).await;
     let api = backbone.api.clone();
@@ -154,15 +144,7 @@ async fn a_lost_database_is_restored_from_the_topics_and_the_backbone_resumes() 
 
     // The relay stops; one more order is placed: committed, never published (the recovery
     // point's backlog). Then the disaster: every process but the registry is gone.
-    let position = |name: &str| {
-        backbone
-            .processes
-            .iter()
-            .position(|(n, _)| *n == name)
-            .expect("running")
-    };
-    let relay = position("relay");
-    sigkill(&mut backbone.processes[relay].1);
+    backbone.kill("relay");
     let (code, placed) = place(&api, Uuid::new_v4(), None).await;
     assert_eq!(code, 201, "{placed}");
     let unpublished: Vec<Uuid> =
@@ -171,14 +153,9 @@ async fn a_lost_database_is_restored_from_the_topics_and_the_backbone_resumes() 
             .await
             .expect("backlog");
     assert!(!unpublished.is_empty());
-    for (name, child) in &mut backbone.processes {
-        if *name != "schema-registry" && *name != "relay" {
-            sigkill(child);
-        }
+    for component in ["api", "projector", "process-manager"] {
+        backbone.kill(component);
     }
-    backbone
-        .processes
-        .retain(|(name, _)| *name == "schema-registry");
     let lost = chain_of(&backbone.pool).await;
 
     // An empty database; restore from the topics.
@@ -218,19 +195,16 @@ async fn a_lost_database_is_restored_from_the_topics_and_the_backbone_resumes() 
     assert_eq!(unpublished_now, 0, "the restored history is not sent again");
 
     // The backbone resumes on the restored database.
-    let port = api.rsplit(':').next().expect("port").to_owned();
-    backbone.spawn("relay", &[]);
-    backbone.spawn("projector", &[]);
-    backbone.spawn("api", &api_env(&port));
+    for component in ["relay", "projector", "api"] {
+        backbone.restart(component);
+    }
     eventually(WAIT, "the restored API to be ready", || async {
         let ready = reqwest::get(format!("{api}/health/ready")).await.ok()?;
         ready.status().is_success().then_some(())
     })
     .await;
-    backbone.spawn(
-        "process-manager",
-        &[("CATALOGUE_PATH", catalogue.display().to_string())],
-    );
+    // As at the first start: once the API has seeded the catalogue table.
+    backbone.restart("process-manager");
     // The read models were rebuilt: the completed order is there as it was.
     status_is(&api, &completed, "Completed").await;
     // The order in flight completes (the process manager reads its placement again from the

@@ -264,14 +264,24 @@ impl Projector {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<Option<DecodedBatch<'_>>, ProjectorError> {
-        let first = tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            message = self.consumer.recv() => message?,
+        let first = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                message = self.consumer.recv() => match message {
+                    Ok(message) => break message,
+                    Err(e) if broker_out_of_reach(&e) => {
+                        tracing::warn!(error = %e, "the broker is out of reach; the consumer reconnects");
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            }
         };
         let mut batch = vec![first];
         while batch.len() < self.config.projector_batch_size {
             match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
                 Ok(Ok(message)) => batch.push(message),
+                // The batch in hand is applied; the next wait reports it.
+                Ok(Err(e)) if broker_out_of_reach(&e) => break,
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => break,
             }
@@ -603,4 +613,26 @@ fn projection_span(name: &str, meta: &EventMeta) -> tracing::Span {
         parent.adopt(&span);
     }
     span
+}
+
+/// An error event of the consumer that only reports the broker out of reach: librdkafka keeps
+/// reconnecting by itself, so the consumer waits instead of ending (a broker restart then costs
+/// a pause, not a process).
+fn broker_out_of_reach(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        error,
+        rdkafka::error::KafkaError::MessageConsumption(
+            Code::AllBrokersDown
+                | Code::BrokerTransportFailure
+                | Code::BrokerNotAvailable
+                | Code::NetworkException
+                | Code::RequestTimedOut
+                | Code::OperationTimedOut
+                | Code::CoordinatorNotAvailable
+                | Code::NotCoordinator
+                | Code::LeaderNotAvailable
+                | Code::NotLeaderForPartition
+        )
+    )
 }
