@@ -69,14 +69,16 @@ ensure_postgres() {
 # sessions are rolled back and a checkpoint is written; immediate: no checkpoint, the start-up
 # runs crash recovery, as after a power cut); returns once it accepts connections again. The
 # chaos run's fault (benches/chaos.rs); every client of the cluster loses its connections.
+# BENCH_PG_CLUSTER names another cluster of the same version (one the bench's
+# BENCH_DATABASE_ADMIN_URL points at, which nobody else uses); `main` by default.
 restart_postgres() {
-  local mode=$1 version port
+  local mode=$1 version port cluster=${BENCH_PG_CLUSTER:-main}
   version=$(ls /etc/postgresql | sort -V | tail -n1)
-  port=$(pg_lsclusters -h 2>/dev/null | awk -v v="$version" '$1 == v && $2 == "main" { print $3; exit }')
+  port=$(pg_lsclusters -h 2>/dev/null | awk -v v="$version" -v c="$cluster" '$1 == v && $2 == c { print $3; exit }')
   port=${port:-5432}
   # pg_ctl waits 60 s for the start; crash recovery first fsyncs the whole data directory,
   # which on a cluster holding many test databases takes longer: wait for it here instead.
-  as_root pg_ctlcluster --skip-systemctl-redirect -m "$mode" "$version" main restart \
+  as_root pg_ctlcluster --skip-systemctl-redirect -m "$mode" "$version" "$cluster" restart \
     || log "PostgreSQL is not up 60 s after a restart -m $mode; waiting for it"
   for _ in $(seq 3000); do pg_isready -q -h "$PG_HOST" -p "$port" && return 0; sleep 0.2; done
   die "PostgreSQL did not come back within 10 minutes of a restart -m $mode (see /var/log/postgresql/)"
