@@ -77,8 +77,11 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub store_only: bool,
     /// How far before the last restored event the process manager starts again (seconds):
-    /// longer than the relay's backlog and the process manager's lag can have been at the loss.
-    #[arg(long, default_value_t = 900)]
+    /// longer than the relay's backlog and the process manager's lag can have been at the loss
+    /// (seconds when healthy: see their metrics' last values). Every event of that window passes
+    /// through the process manager again before new ones (a check per reaction), so a longer
+    /// rewind delays the first new order's confirmation.
+    #[arg(long, default_value_t = 120)]
     pub flow_rewind: u64,
 }
 
