@@ -29,13 +29,13 @@ use std::time::{Duration, Instant};
 
 use backbone_tests::bench::day_of_orders;
 use backbone_tests::load::{catalogue_with_stores, env_or, machine, Backbone};
-use backbone_tests::{admin_url, client, client_as, order_request, Role};
+use backbone_tests::{client, client_as, order_request, Role};
 use commands::{EventStoreConfig, EventStoreDb};
 use replay_tools::rebuild::Connections;
 use replay_tools::restore::position_flow;
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 use streams::RegistryConfig;
 use uuid::Uuid;
 
@@ -166,17 +166,7 @@ async fn main() {
     );
 
     // 3. The second environment, from the topics.
-    let restored = format!("{}_restored", backbone.database);
-    let mut admin = PgConnection::connect(&admin_url()).await.expect("admin");
-    sqlx::query(&format!("CREATE DATABASE {restored}"))
-        .execute(&mut admin)
-        .await
-        .expect("database created");
-    let primary_url = backbone.database_url.clone();
-    backbone.database_url = match primary_url.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/{restored}"),
-        None => unreachable!("a database URL names a database"),
-    };
+    let restored = backbone.replace_database().await;
     let restore_started = Instant::now();
     let output = backbone.replay_tools(&["restore"]);
     let restore_took = restore_started.elapsed();
@@ -304,9 +294,7 @@ async fn main() {
     );
     pool.close().await;
     backbone.stop().await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {restored} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await;
+    Backbone::drop_database(&restored).await;
     let _ = std::fs::remove_file(&catalogue);
     // Restored events are the primary's byte for byte (same event ids, same chain hashes); the
     // only events missing are ones the relay had not published when the primary was lost.

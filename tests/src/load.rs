@@ -272,6 +272,35 @@ impl Backbone {
         }
     }
 
+    /// The disaster: points every component started or restarted from now on (and
+    /// [`Self::replay_tools`]) at a new, empty database `<database>_restored`, and returns its
+    /// name; the lost one stays as it was (the registry keeps using it) and is dropped by
+    /// [`Self::stop`], the new one by the caller.
+    pub async fn replace_database(&mut self) -> String {
+        let restored = format!("{}_restored", self.database);
+        let mut admin = PgConnection::connect(&admin_url())
+            .await
+            .expect("PostgreSQL is reachable");
+        sqlx::query(&format!("CREATE DATABASE {restored}"))
+            .execute(&mut admin)
+            .await
+            .expect("database created");
+        self.database_url = match self.database_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{restored}"),
+            None => unreachable!("a database URL names a database"),
+        };
+        restored
+    }
+
+    /// Drops a database this backbone made besides its own ([`Self::replace_database`]).
+    pub async fn drop_database(name: &str) {
+        if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+
     /// `replay-tools` with `args` against this backbone.
     pub fn replay_tools(&self, args: &[&str]) -> std::process::Output {
         self.command("replay-tools", &[])

@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use backbone_tests::load::Backbone;
-use backbone_tests::{admin_url, client, client_as, eventually, order_request, Role};
+use backbone_tests::{act, client, client_as, eventually, json_of, order_request, Role};
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -27,18 +27,12 @@ async fn post(client: &reqwest::Client, url: String, body: Value) -> (u16, Value
 
 async fn status_is(api: &str, order_id: &str, wanted: &str) {
     let admin = client();
+    let url = format!("{api}/orders/{order_id}/tracking");
     eventually(
         WAIT,
         &format!("order {order_id} to be {wanted}"),
         || async {
-            let view: Value = admin
-                .get(format!("{api}/orders/{order_id}/tracking"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let view = json_of(&admin, &url).await?;
             (view["status"] == wanted).then_some(())
         },
     )
@@ -66,8 +60,7 @@ async fn prepare_and_assign(api: &str, order_id: &str) {
         json!({"action": "start_preparation"}),
         json!({"action": "mark_ready"}),
     ] {
-        let (code, body) = post(&admin, format!("{api}/orders/{order_id}/actions"), action).await;
-        assert_eq!(code, 200, "{body}");
+        act(&admin, api, order_id, action).await;
     }
     eventually(WAIT, "the delivery to be requested", || async {
         let (code, _) = post(
@@ -159,17 +152,7 @@ async fn a_lost_database_is_restored_from_the_topics_and_the_backbone_resumes() 
     let lost = chain_of(&backbone.pool).await;
 
     // An empty database; restore from the topics.
-    let restored = format!("{}_restored", backbone.database);
-    let mut admin = PgConnection::connect(&admin_url()).await.expect("admin");
-    sqlx::query(&format!("CREATE DATABASE {restored}"))
-        .execute(&mut admin)
-        .await
-        .expect("database created");
-    let primary_url = backbone.database_url.clone();
-    backbone.database_url = match primary_url.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/{restored}"),
-        None => unreachable!("a database URL names a database"),
-    };
+    let restored = backbone.replace_database().await;
     let report = succeeded(&backbone.replay_tools(&["restore", "--flow-rewind", "0"]));
     assert!(report.contains("0 findings"), "{report}");
     let pool = PgPoolOptions::new()
@@ -235,7 +218,5 @@ async fn a_lost_database_is_restored_from_the_topics_and_the_backbone_resumes() 
     // The registry still uses the primary database: dropped last, by `stop`.
     pool.close().await;
     backbone.stop().await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {restored} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await;
+    Backbone::drop_database(&restored).await;
 }

@@ -8,28 +8,27 @@ use super::*;
 /// model (the API) call it too, so a query before the first projector start is a 404, not an
 /// error.
 pub async fn ensure_schema(projection: &dyn Projection, pool: &PgPool) -> Result<(), sqlx::Error> {
-    let schema = projection.name();
-    let mut tx = pool.begin().await?;
-    // Processes starting at once must not race on CREATE.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(schema)
-        .execute(&mut *tx)
-        .await?;
-    create_bookkeeping(&mut tx, schema).await?;
+    let mut tx = begin_with_bookkeeping(pool, projection.name()).await?;
     sqlx::raw_sql(projection.schema_sql())
         .execute(&mut *tx)
         .await?;
     tx.commit().await
 }
 
-/// The runtime's own tables (dedup, checkpoints, dead letters, lag) in `schema`.
-async fn create_bookkeeping(
-    tx: &mut Transaction<'static, Postgres>,
+/// A transaction that holds `schema`'s lock (processes starting at once must not race on
+/// CREATE) and in which the runtime's own tables (dedup, checkpoints, dead letters, lag) exist.
+async fn begin_with_bookkeeping(
+    pool: &PgPool,
     schema: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema)
+        .execute(&mut *tx)
+        .await?;
     let runtime_sql = include_str!("../../sql/consumer.sql").replace("{schema}", schema);
-    sqlx::raw_sql(&runtime_sql).execute(&mut **tx).await?;
-    Ok(())
+    sqlx::raw_sql(&runtime_sql).execute(&mut *tx).await?;
+    Ok(tx)
 }
 
 /// Where a consumer whose state was lost (its database restored from the topics) starts again:
@@ -43,12 +42,7 @@ pub async fn resume_from(
     aggregate_types: &[&str],
     instant: chrono::DateTime<chrono::Utc>,
 ) -> Result<u64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(schema)
-        .execute(&mut *tx)
-        .await?;
-    create_bookkeeping(&mut tx, schema).await?;
+    let mut tx = begin_with_bookkeeping(pool, schema).await?;
     let positioned = sqlx::query(&format!(
         "INSERT INTO {schema}.applied AS a (aggregate_type, aggregate_id, last_sequence) \
          SELECT aggregate_type, aggregate_id, max(sequence) FROM events \
