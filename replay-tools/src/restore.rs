@@ -141,19 +141,23 @@ impl Chains {
     /// Checks one record against its aggregate's chain: `Ok(Some(row))` to insert, `Ok(None)` for
     /// a redelivery or a record of a broken chain, `Err(finding)` when it does not verify.
     fn check(&mut self, message: &OwnedMessage, tally: &mut Tally) -> Result<Option<Row>, String> {
-        let at = format!(
-            "{}/{}@{}",
-            message.topic(),
-            message.partition(),
-            message.offset()
-        );
-        let meta = EventMeta::from_headers(message.headers()).map_err(|e| format!("{at}: {e}"))?;
+        let at = || {
+            format!(
+                "{}/{}@{}",
+                message.topic(),
+                message.partition(),
+                message.offset()
+            )
+        };
+        let meta =
+            EventMeta::from_headers(message.headers()).map_err(|e| format!("{}: {e}", at()))?;
         let key = (meta.aggregate_type.clone(), meta.aggregate_id.clone());
         if self.broken.contains(&key) {
             tally.skipped += 1;
             return Ok(None);
         }
-        let row = self.verify(message, meta, &at).inspect_err(|_| {
+        let chain = self.hashes.get(&key).map_or(&[][..], Vec::as_slice);
+        let row = verify(message, meta, chain, at).inspect_err(|_| {
             self.broken.insert(key.clone());
         })?;
         match row {
@@ -167,83 +171,99 @@ impl Chains {
             }
         }
     }
+}
 
-    /// The record as the next row of its aggregate, or `None` for a redelivery of one restored.
-    fn verify(
-        &self,
-        message: &OwnedMessage,
-        meta: EventMeta,
-        at: &str,
-    ) -> Result<Option<Row>, String> {
-        let what = format!(
-            "{at} ({} {} #{})",
-            meta.aggregate_type, meta.aggregate_id, meta.sequence
-        );
-        let hash_of = |name: &str| -> Result<Hash, String> {
-            let text =
-                header(message, name).ok_or_else(|| format!("{what}: no `{name}` header"))?;
-            crate::chain::parse_hash(text).map_err(|e| format!("{what}: `{name}`: {e}"))
-        };
-        let (prev, hash) = (hash_of(CHAIN_PREV)?, hash_of(CHAIN_HASH)?);
-        let chain = self
-            .hashes
-            .get(&(meta.aggregate_type.clone(), meta.aggregate_id.clone()))
-            .map_or(&[][..], Vec::as_slice);
-        let sequence = usize::try_from(meta.sequence).unwrap_or(usize::MAX);
-        if sequence >= 1 && sequence <= chain.len() {
-            return if chain[sequence - 1] == hash {
-                Ok(None)
-            } else {
-                Err(format!(
-                    "{what}: a second, different copy of an event already restored"
-                ))
-            };
-        }
-        if sequence != chain.len() + 1 {
-            return Err(format!(
-                "{what}: a gap: the next event of this aggregate is #{}",
-                chain.len() + 1
-            ));
-        }
-        if prev != *chain.last().unwrap_or(&GENESIS) {
-            return Err(format!(
-                "{what}: not chained to the event before it (`chain_prev` differs)"
-            ));
-        }
-        let stored = StoredText::from_headers(message.headers())
-            .map_err(|e| format!("{what}: {e}"))?
-            .ok_or_else(|| {
-                format!(
-                    "{what}: the record carries no stored form (published by a relay older than \
-                     the `stored_*` headers); restore needs every event as stored"
-                )
-            })?;
-        let recorded_at = DateTime::parse_from_rfc3339(&meta.recorded_at)
-            .map_err(|e| format!("{what}: `recorded_at` {}: {e}", meta.recorded_at))?
-            .with_timezone(&Utc);
-        let content = EventContent {
-            aggregate_type: &meta.aggregate_type,
-            aggregate_id: &meta.aggregate_id,
-            sequence: i64::try_from(meta.sequence).unwrap_or(i64::MAX),
-            event_type: &meta.event_type,
-            event_version: &stored.version,
-            payload: &stored.payload,
-            metadata: &stored.metadata,
-            event_id: meta.event_id,
-            recorded_at_micros: recorded_at.timestamp_micros(),
-        };
-        if content.chain_hash(&prev) != hash {
-            return Err(format!(
-                "{what}: its content does not hash to its `chain_hash` (altered on the way)"
-            ));
-        }
-        Ok(Some(Row {
-            meta,
-            stored,
-            recorded_at,
-            hash,
-        }))
+/// A record as a finding names it: where it is, and which event it claims to be.
+struct RecordName<'a, F> {
+    at: &'a F,
+    meta: &'a EventMeta,
+}
+
+impl<F: Fn() -> String> std::fmt::Display for RecordName<'_, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let meta = self.meta;
+        write!(
+            f,
+            "{} ({} {} #{})",
+            (self.at)(),
+            meta.aggregate_type,
+            meta.aggregate_id,
+            meta.sequence
+        )
     }
+}
+
+/// The record as the next row of its aggregate's `chain` (as restored so far), or `None` for a
+/// redelivery of one restored; `at` names the record in a finding (built only for one).
+fn verify(
+    message: &OwnedMessage,
+    meta: EventMeta,
+    chain: &[Hash],
+    at: impl Fn() -> String,
+) -> Result<Option<Row>, String> {
+    let what = RecordName {
+        at: &at,
+        meta: &meta,
+    };
+    let hash_of = |name: &str| -> Result<Hash, String> {
+        let text = header(message, name).ok_or_else(|| format!("{what}: no `{name}` header"))?;
+        crate::chain::parse_hash(text).map_err(|e| format!("{what}: `{name}`: {e}"))
+    };
+    let (prev, hash) = (hash_of(CHAIN_PREV)?, hash_of(CHAIN_HASH)?);
+    let sequence = usize::try_from(meta.sequence).unwrap_or(usize::MAX);
+    if sequence >= 1 && sequence <= chain.len() {
+        return if chain[sequence - 1] == hash {
+            Ok(None)
+        } else {
+            Err(format!(
+                "{what}: a second, different copy of an event already restored"
+            ))
+        };
+    }
+    if sequence != chain.len() + 1 {
+        return Err(format!(
+            "{what}: a gap: the next event of this aggregate is #{}",
+            chain.len() + 1
+        ));
+    }
+    if prev != *chain.last().unwrap_or(&GENESIS) {
+        return Err(format!(
+            "{what}: not chained to the event before it (`chain_prev` differs)"
+        ));
+    }
+    let stored = StoredText::from_headers(message.headers())
+        .map_err(|e| format!("{what}: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "{what}: the record carries no stored form (published by a relay older than \
+                     the `stored_*` headers); restore needs every event as stored"
+            )
+        })?;
+    let recorded_at = DateTime::parse_from_rfc3339(&meta.recorded_at)
+        .map_err(|e| format!("{what}: `recorded_at` {}: {e}", meta.recorded_at))?
+        .with_timezone(&Utc);
+    let content = EventContent {
+        aggregate_type: &meta.aggregate_type,
+        aggregate_id: &meta.aggregate_id,
+        sequence: i64::try_from(meta.sequence).unwrap_or(i64::MAX),
+        event_type: &meta.event_type,
+        event_version: &stored.version,
+        payload: &stored.payload,
+        metadata: &stored.metadata,
+        event_id: meta.event_id,
+        recorded_at_micros: recorded_at.timestamp_micros(),
+    };
+    if content.chain_hash(&prev) != hash {
+        return Err(format!(
+            "{what}: its content does not hash to its `chain_hash` (altered on the way)"
+        ));
+    }
+    Ok(Some(Row {
+        meta,
+        stored,
+        recorded_at,
+        hash,
+    }))
 }
 
 /// Runs `replay-tools restore` with the `KAFKA_*`, `SCHEMA_REGISTRY_*` and `PROJECTOR_*`
