@@ -42,9 +42,6 @@ pub const Z_95: f64 = 1.959_963_984_540_054;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AdsProjection;
 
-fn event_error(e: impl std::fmt::Display) -> ProjectionError {
-    ProjectionError::Event(e.to_string())
-}
 
 /// Units per category of some lines, as a JSON object.
 fn categories(lines: &[PricedLine]) -> serde_json::Value {
@@ -122,7 +119,7 @@ impl Batch {
     /// Spend, categories and ends of orders.
     fn add_order_event(&mut self, record: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
         let id = record.meta.aggregate_id.as_str();
-        match record.event::<OrderEvent>().map_err(event_error)? {
+        match record.event::<OrderEvent>().map_err(ProjectionError::event)? {
             OrderEvent::OrderPlaced {
                 customer_id,
                 region,
@@ -184,7 +181,7 @@ impl Batch {
             RewardsEvent::SubscriptionLapsed { .. } => s.status = Some("lapsed"),
             _ => {}
         };
-        let event = record.event::<RewardsEvent>().map_err(event_error)?;
+        let event = record.event::<RewardsEvent>().map_err(ProjectionError::event)?;
         if matches!(
             event,
             RewardsEvent::SubscriptionStarted { .. }
@@ -210,7 +207,7 @@ impl Batch {
             attribution_window_hours,
             exposed_at,
             ..
-        } = record.event::<AdsEvent>().map_err(event_error)?;
+        } = record.event::<AdsEvent>().map_err(ProjectionError::event)?;
         self.exposed
             .entry((experiment_id.to_string(), customer))
             .and_modify(|e| {
@@ -233,7 +230,7 @@ impl Batch {
 
 fn customer_of(aggregate_id: &str) -> Result<Uuid, ProjectionError> {
     Uuid::parse_str(aggregate_id)
-        .map_err(|_| event_error(format!("`{aggregate_id}` is not a customer id")))
+        .map_err(|_| ProjectionError::event(format!("`{aggregate_id}` is not a customer id")))
 }
 
 #[async_trait]

@@ -43,9 +43,6 @@ use streams::consumer::{FirstDelivery, Projection, ProjectionError};
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AnalyticsProjection;
 
-fn event_error(e: impl std::fmt::Display) -> ProjectionError {
-    ProjectionError::Event(e.to_string())
-}
 
 /// The name a dashboard shows for who cancelled (stable: it is stored).
 pub const fn cancelled_by_name(by: CancelledBy) -> &'static str {
@@ -258,7 +255,7 @@ impl Projection for AnalyticsProjection {
             let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
             match record.meta.aggregate_type.as_str() {
                 "order" => {
-                    let event: OrderEvent = record.event().map_err(event_error)?;
+                    let event: OrderEvent = record.event().map_err(ProjectionError::event)?;
                     let change = changes.entry(id).or_insert_with(|| {
                         order_ids.push(id);
                         Change::default()
@@ -266,7 +263,7 @@ impl Projection for AnalyticsProjection {
                     absorb_order_event(id, event, change, &mut placed, &mut lines);
                 }
                 "rewards" => {
-                    let event: RewardsEvent = record.event().map_err(event_error)?;
+                    let event: RewardsEvent = record.event().map_err(ProjectionError::event)?;
                     movements.push(id, sequence, event);
                 }
                 _ => {}

@@ -90,9 +90,6 @@ impl NotificationKind {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NotificationsProjection;
 
-fn event_error(e: impl std::fmt::Display) -> ProjectionError {
-    ProjectionError::Event(e.to_string())
-}
 
 /// What the projection knows of an order.
 #[derive(Debug, Clone)]
@@ -291,7 +288,7 @@ impl Batch {
             return Ok(());
         }
         let id = record.meta.aggregate_id.as_str();
-        let event: OrderEvent = record.event().map_err(event_error)?;
+        let event: OrderEvent = record.event().map_err(ProjectionError::event)?;
         let at = event.occurred_at();
         let (kind, status) = match &event {
             OrderEvent::OrderPlaced {
@@ -368,7 +365,7 @@ impl Batch {
             return Ok(());
         }
         let DeliveryEvent::DeliveryFailed { reason, failed_at } =
-            record.event::<DeliveryEvent>().map_err(event_error)?
+            record.event::<DeliveryEvent>().map_err(ProjectionError::event)?
         else {
             return Ok(());
         };
@@ -407,7 +404,7 @@ impl Batch {
         }
         let id = record.meta.aggregate_id.as_str();
         let customer_id = Uuid::parse_str(id)
-            .map_err(|_| event_error(format!("rewards ledger id `{id}` is not a customer id")))?;
+            .map_err(|_| ProjectionError::event(format!("rewards ledger id `{id}` is not a customer id")))?;
         if let RewardsEvent::PointsEarned {
             order_id,
             order_total,
@@ -416,7 +413,7 @@ impl Batch {
             expires_at,
             earned_at,
             ..
-        } = record.event::<RewardsEvent>().map_err(event_error)?
+        } = record.event::<RewardsEvent>().map_err(ProjectionError::event)?
         {
             let payload = json!({
                 "order_id": order_id.to_string(),
@@ -587,7 +584,7 @@ pub async fn list(
 }
 
 fn unplaced(order_id: &str) -> ProjectionError {
-    ProjectionError::Event(format!(
+    ProjectionError::event(format!(
         "order {order_id} moved on but its placement was never seen"
     ))
 }

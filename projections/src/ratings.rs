@@ -19,9 +19,6 @@ pub const PRIOR_WEIGHT: f64 = 10.0;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RatingsProjection;
 
-fn event_error(e: impl std::fmt::Display) -> ProjectionError {
-    ProjectionError::Event(e.to_string())
-}
 
 async fn rate(
     tx: &mut Transaction<'static, Postgres>,
@@ -74,7 +71,7 @@ impl Projection for RatingsProjection {
     ) -> Result<(), ProjectionError> {
         let id = event.meta.aggregate_id.as_str();
         match event.meta.aggregate_type.as_str() {
-            "order" => match event.event::<OrderEvent>().map_err(event_error)? {
+            "order" => match event.event::<OrderEvent>().map_err(ProjectionError::event)? {
                 OrderEvent::OrderPlaced {
                     store_id, lines, ..
                 } => {
@@ -110,7 +107,7 @@ impl Projection for RatingsProjection {
                             .fetch_optional(&mut **tx)
                             .await?;
                     let Some((store, items)) = order else {
-                        return Err(event_error(format!(
+                        return Err(ProjectionError::event(format!(
                             "order {id} was rated but its placement was never seen"
                         )));
                     };
@@ -122,7 +119,7 @@ impl Projection for RatingsProjection {
             "delivery" => {
                 if let DeliveryEvent::CourierRated {
                     courier_id, stars, ..
-                } = event.event::<DeliveryEvent>().map_err(event_error)?
+                } = event.event::<DeliveryEvent>().map_err(ProjectionError::event)?
                 {
                     rate(tx, "courier", &[courier_id.to_string()], stars).await?;
                 }

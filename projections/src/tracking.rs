@@ -93,7 +93,7 @@ impl Projection for TrackingProjection {
             if record.meta.aggregate_type == "delivery" {
                 let event: DeliveryEvent = record
                     .event()
-                    .map_err(|e| ProjectionError::Event(e.to_string()))?;
+                    .map_err(ProjectionError::event)?;
                 let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
                 changes
                     .deliveries
@@ -129,7 +129,7 @@ impl<'e> Changes<'e> {
     fn absorb_order(&mut self, record: &'e FirstDelivery<'_>) -> Result<(), ProjectionError> {
         let event: OrderEvent = record
             .event()
-            .map_err(|e| ProjectionError::Event(e.to_string()))?;
+            .map_err(ProjectionError::event)?;
         let order_id = record.meta.aggregate_id.as_str();
         let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
         let at = event.occurred_at();
@@ -150,7 +150,7 @@ impl<'e> Changes<'e> {
             placed.store_id.push(store_id.as_uuid());
             placed.region.push(region.as_str().to_owned());
             placed.items.push(
-                serde_json::to_value(lines).map_err(|e| ProjectionError::Event(e.to_string()))?,
+                serde_json::to_value(lines).map_err(ProjectionError::event)?,
             );
             placed.total_minor.push(total.minor());
             placed.currency.push(total.currency().as_str().to_owned());
@@ -162,7 +162,7 @@ impl<'e> Changes<'e> {
                     order_id,
                     Repriced {
                         items: serde_json::to_value(lines)
-                            .map_err(|e| ProjectionError::Event(e.to_string()))?,
+                            .map_err(ProjectionError::event)?,
                         total_minor: total.minor(),
                     },
                 );

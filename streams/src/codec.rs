@@ -11,7 +11,7 @@ use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::{is_compatible_schema, SrSettings};
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{
-    SchemaType, SubjectNameStrategy, SuppliedSchema,
+    RawError, SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 use schemas::{Contracts, EventContract, SchemaError};
 use serde::de::DeserializeOwned;
@@ -41,7 +41,7 @@ pub enum EncodeError {
     #[error(transparent)]
     Contract(#[from] SchemaError),
     #[error("schema registry: {0}")]
-    Registry(String),
+    Registry(#[from] SRCError),
     #[error(
         "the contract of {subject} is not compatible with the versions registered under it; \
          fix the .avsc (new fields need defaults) or evolve it as a new event type"
@@ -51,7 +51,7 @@ pub enum EncodeError {
 
 impl EventEncoder {
     pub fn new(registry: &RegistryConfig) -> Result<Self, EncodeError> {
-        let settings = registry.settings().map_err(EncodeError::Registry)?;
+        let settings = registry.settings()?;
         Ok(Self {
             encoder: AvroEncoder::new(settings.clone()),
             settings,
@@ -85,8 +85,8 @@ impl EventEncoder {
             match is_compatible_schema(&self.settings, subject.clone(), supplied).await {
                 Ok(true) => {}
                 Ok(false) => return Err(EncodeError::Incompatible { subject }),
-                Err(e) if e.to_string().contains("40401") => {}
-                Err(e) => return Err(EncodeError::Registry(e.to_string())),
+                Err(e) if subject_not_found(&e) => {}
+                Err(e) => return Err(EncodeError::Registry(e)),
             }
         }
         Ok(())
@@ -116,9 +116,17 @@ impl EventEncoder {
         result.map_err(|e| {
             // A registry that was down must not stay "down" in the encoder's cache.
             self.encoder.remove_errors_from_cache();
-            EncodeError::Registry(e.to_string())
+            EncodeError::Registry(e)
         })
     }
+}
+
+/// Whether the registry answered "subject not found" (its error code 40401): a subject it does
+/// not know yet, which any schema is compatible with.
+fn subject_not_found(error: &SRCError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<RawError>())
+        .is_some_and(|raw| raw.error_code == 40401)
 }
 
 impl EventEncoder {
@@ -189,9 +197,9 @@ pub enum DecodeError {
     #[error("record headers: {0}")]
     Headers(#[from] HeaderError),
     #[error("Avro body: {0}")]
-    Avro(String),
+    Avro(#[source] SRCError),
     #[error("schema registry unavailable: {0}")]
-    Retryable(String),
+    Retryable(#[source] SRCError),
     #[error(transparent)]
     Contract(#[from] SchemaError),
 }
@@ -232,7 +240,7 @@ impl EventDecoder {
             .decoder
             .decode_with_schema(Some(payload))
             .await
-            .map_err(|e| self.classify(&e))?
+            .map_err(|e| self.classify(e))?
             .ok_or(DecodeError::EmptyValue)?;
         let contract = match &decoded.name {
             Some(name) => self.contracts.by_record_name(&name.fullname(None))?,
@@ -267,12 +275,12 @@ impl EventDecoder {
         same
     }
 
-    fn classify(&self, error: &SRCError) -> DecodeError {
+    fn classify(&self, error: SRCError) -> DecodeError {
         if error.retriable {
             self.decoder.remove_errors_from_cache();
-            DecodeError::Retryable(error.to_string())
+            DecodeError::Retryable(error)
         } else {
-            DecodeError::Avro(error.to_string())
+            DecodeError::Avro(error)
         }
     }
 }

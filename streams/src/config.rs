@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
 use serde::Deserialize;
 
 /// Aggregate types and their topics. The names are contracts: never renamed.
@@ -193,7 +194,7 @@ impl RegistryConfig {
     }
 
     /// Client settings for `schema_registry_converter`.
-    pub fn settings(&self) -> Result<SrSettings, String> {
+    pub fn settings(&self) -> Result<SrSettings, SRCError> {
         let mut builder = SrSettings::new_builder(self.schema_registry_url.clone());
         builder.set_timeout(Duration::from_secs(10));
         if let Some((user, password)) = self
@@ -203,6 +204,6 @@ impl RegistryConfig {
         {
             builder.set_basic_authorization(user, Some(password));
         }
-        builder.build().map_err(|e| e.to_string())
+        builder.build()
     }
 }

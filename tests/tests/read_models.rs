@@ -49,7 +49,7 @@ impl Projection for FlakyProjection {
         .fetch_one(&mut **tx)
         .await?;
         if broken {
-            return Err(ProjectionError::Event(format!(
+            return Err(ProjectionError::event(format!(
                 "handler bug on {} #{sequence}",
                 event.meta.aggregate_id
             )));

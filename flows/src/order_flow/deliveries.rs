@@ -12,7 +12,7 @@ impl OrderFlow {
         let order_id = cause.aggregate_id.as_str();
         let step = "request-delivery";
         let facts = self.facts(tx, order_id).await?;
-        let region = RegionCode::parse(facts.region).map_err(event_error)?;
+        let region = RegionCode::parse(facts.region).map_err(ProjectionError::event)?;
         let store = facts.store_id.map(StoreId::from_uuid);
         let catalogue = self.catalogue.current();
         let Some(store_id) = store else {

@@ -220,7 +220,7 @@ impl OrderFlow {
                     .await?;
                 Ok(Outcome::Stuck)
             }
-            Err(e) => Err(ProjectionError::Event(format!("{step}: {e}"))),
+            Err(e) => Err(ProjectionError::event(format!("{step}: {e}"))),
         }
     }
 
@@ -243,7 +243,7 @@ impl OrderFlow {
                 step,
                 event_id: cause.event_id,
                 event_type: &cause.event_type,
-                cause: serde_json::to_value(cause).map_err(event_error)?,
+                cause: serde_json::to_value(cause).map_err(ProjectionError::event)?,
                 command,
                 command_type,
                 reason,
@@ -293,20 +293,17 @@ impl OrderFlow {
             .fetch_optional(&mut **tx)
             .await?;
         facts.ok_or_else(|| {
-            ProjectionError::Event(format!(
+            ProjectionError::event(format!(
                 "order {order_id} moved on but its placement was never seen"
             ))
         })
     }
 }
 
-fn event_error(error: impl std::fmt::Display) -> ProjectionError {
-    ProjectionError::Event(error.to_string())
-}
 
 fn parse_order_id(raw: &str) -> Result<OrderId, ProjectionError> {
     raw.parse()
-        .map_err(|_| ProjectionError::Event(format!("`{raw}` is not an order id")))
+        .map_err(|_| ProjectionError::event(format!("`{raw}` is not an order id")))
 }
 
 /// The refusal names an order in one of `statuses`.
@@ -335,9 +332,9 @@ fn cause_of(event: &FirstDelivery<'_>) -> Result<Option<Cause>, ProjectionError>
         return Ok(None);
     }
     let flow_event = match event.meta.aggregate_type.as_str() {
-        "order" => FlowEvent::Order(event.event().map_err(event_error)?),
-        "payment" => FlowEvent::Payment(event.event().map_err(event_error)?),
-        "delivery" => FlowEvent::Delivery(event.event().map_err(event_error)?),
+        "order" => FlowEvent::Order(event.event().map_err(ProjectionError::event)?),
+        "payment" => FlowEvent::Payment(event.event().map_err(ProjectionError::event)?),
+        "delivery" => FlowEvent::Delivery(event.event().map_err(ProjectionError::event)?),
         _ => return Ok(None),
     };
     Ok(Some(Cause {

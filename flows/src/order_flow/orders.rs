@@ -103,7 +103,7 @@ impl OrderFlow {
         .await?;
         for stored in stored {
             let (_, payload) = stored.upcast();
-            let event: OrderEvent = serde_json::from_value(payload).map_err(event_error)?;
+            let event: OrderEvent = serde_json::from_value(payload).map_err(ProjectionError::event)?;
             let cause = Cause {
                 event_id: stored.event_id,
                 aggregate_type: stored.aggregate_type.clone(),
@@ -210,7 +210,7 @@ impl OrderFlow {
                     .await?;
                 Ok(false)
             }
-            Err(e) => Err(ProjectionError::Event(format!("{step}: {e}"))),
+            Err(e) => Err(ProjectionError::event(format!("{step}: {e}"))),
         }
     }
 
@@ -308,8 +308,8 @@ impl OrderFlow {
     ) -> Result<(), ProjectionError> {
         let order_id = cause.aggregate_id.as_str();
         let facts = self.facts(tx, order_id).await?;
-        let currency = Currency::parse(&facts.currency).map_err(event_error)?;
-        let amount = Money::new(facts.total_minor, currency).map_err(event_error)?;
+        let currency = Currency::parse(&facts.currency).map_err(ProjectionError::event)?;
+        let amount = Money::new(facts.total_minor, currency).map_err(ProjectionError::event)?;
         let command = PaymentCommand::CapturePayment {
             amount: Some(amount),
         };

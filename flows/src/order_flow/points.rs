@@ -41,7 +41,7 @@ impl OrderFlow {
         let step = "earn-points";
         let facts = self.facts(tx, order_id).await?;
         let region =
-            RegionCode::parse(facts.region.clone()).map_err(|e| event_error(e.to_string()))?;
+            RegionCode::parse(facts.region.clone()).map_err(ProjectionError::event)?;
         let catalogue = self.catalogue.current();
         let Some(settings) = catalogue.regions.get(&region) else {
             let reason = format!("region `{region}` has no rewards rates in the catalogue");
@@ -49,9 +49,9 @@ impl OrderFlow {
                 .stuck(tx, cause, step, None, "EarnPoints", reason)
                 .await;
         };
-        let currency = Currency::parse(&facts.currency).map_err(|e| event_error(e.to_string()))?;
+        let currency = Currency::parse(&facts.currency).map_err(ProjectionError::event)?;
         let order_total =
-            Money::new(facts.total_minor, currency).map_err(|e| event_error(e.to_string()))?;
+            Money::new(facts.total_minor, currency).map_err(ProjectionError::event)?;
         let command = RewardsCommand::EarnPoints {
             order_id: parse_order_id(order_id)?,
             order_total,
@@ -68,7 +68,7 @@ impl OrderFlow {
         if earned == Outcome::Done && facts.refunded_minor > 0 {
             // A refund arrived before the points were earned: take its share back at once.
             let refunded = Money::new(facts.refunded_minor, currency)
-                .map_err(|e| event_error(e.to_string()))?;
+                .map_err(ProjectionError::event)?;
             self.reverse_points(
                 tx,
                 cause,

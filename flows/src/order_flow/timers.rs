@@ -56,7 +56,7 @@ impl OrderFlow {
                 return Ok(handled);
             };
             let cause: Cause = serde_json::from_value(claimed.cause.clone()).map_err(|e| {
-                ProjectionError::Event(format!("stuck flow {}: cause unreadable: {e}", claimed.id))
+                ProjectionError::event(format!("stuck flow {}: cause unreadable: {e}", claimed.id))
             })?;
             let who = claimed
                 .requested_by
@@ -121,7 +121,7 @@ impl OrderFlow {
                 let reason = format!("the resolution (cancel the order) was refused: {e}");
                 stuck::reopen(tx, claimed.id, &reason).await?;
             }
-            Err(e) => return Err(ProjectionError::Event(format!("resolve: {e}"))),
+            Err(e) => return Err(ProjectionError::event(format!("resolve: {e}"))),
         }
         Ok(())
     }

@@ -135,11 +135,11 @@ impl Projector {
             .producer
             .get_or_try_init(|| async { self.producer_config.create::<FutureProducer>() })
             .await
-            .map_err(|e| ProjectionError::Event(format!("dead-letter producer: {e}")))?;
+            .map_err(|e| ProjectionError::event(format!("dead-letter producer: {e}")))?;
         producer
             .send(record, Duration::from_secs(30))
             .await
-            .map_err(|(e, _)| ProjectionError::Event(format!("dead-letter topic: {e}")))?;
+            .map_err(|(e, _)| ProjectionError::event(format!("dead-letter topic: {e}")))?;
         Ok(())
     }
 

@@ -20,13 +20,24 @@ impl std::ops::Deref for FirstDelivery<'_> {
     }
 }
 
+/// What made an event unreadable for a handler, kept as the error it was (a decoding error, an
+/// invalid id, ...) or a sentence.
+pub type EventFault = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a handler could not apply an event.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The event itself cannot be applied (it is dead-lettered, with this reason).
     #[error("event: {0}")]
-    Event(String),
+    Event(#[source] EventFault),
+}
+
+impl ProjectionError {
+    pub fn event(fault: impl Into<EventFault>) -> Self {
+        Self::Event(fault.into())
+    }
 }
 
 /// A read model.

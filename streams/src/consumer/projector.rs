@@ -12,7 +12,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use super::lag::{HighWatermark, Waiting};
-use super::replay::{locked_positions, store_positions};
+use super::replay::locked_positions;
+use super::schema::{begin_in_schema, record_batch};
 use super::*;
 use crate::{DecodeError, DecodedEvent, EventDecoder, EventMeta, KafkaConfig, RegistryConfig};
 
@@ -375,8 +376,7 @@ impl Projector {
         dead_letter: Option<String>,
     ) -> Result<(), ProjectionError> {
         let schema = self.schema;
-        let mut tx = self.pool.begin().await?;
-        use_schema(&mut tx, schema).await?;
+        let mut tx = begin_in_schema(&self.pool, schema).await?;
         let identities: Vec<Option<Identity>> = batch
             .iter()
             .zip(decoded)
@@ -404,7 +404,11 @@ impl Projector {
         for letter in &sorted.dead {
             self.record_dead_letter(&mut tx, letter).await?;
         }
-        self.store_sequences(&mut tx, &sorted.last).await?;
+        // The copy on the dead-letter topic is acknowledged before the transaction commits: a
+        // failure here retries the batch, so the topic misses nothing the table has.
+        for letter in &sorted.dead {
+            self.publish_dead_letter(letter).await?;
+        }
         // A plain loop, not a lazy closure over the maps: the future stays `Send` for whatever
         // lifetime the spawner picks.
         let mut checkpoints = Vec::with_capacity(sorted.checkpoints.len());
@@ -412,19 +416,13 @@ impl Projector {
             let recorded = sorted.recorded.get(&(topic, partition)).copied();
             checkpoints.push((topic, partition, next, recorded));
         }
-        store_checkpoints(&mut tx, schema, checkpoints).await?;
-        // The copy on the dead-letter topic is acknowledged before the transaction commits: a
-        // failure here retries the batch, so the topic misses nothing the table has.
-        for letter in &sorted.dead {
-            self.publish_dead_letter(letter).await?;
-        }
-        // Read-your-writes waiters in the API wake on this (`applied.<read model>`, one signal
-        // per aggregate moved, delivered on commit) instead of polling `applied`. A NOTIFY
+        // Read-your-writes waiters in the API wake on the signal that the aggregates moved
+        // (`applied.<read model>`, delivered on commit) instead of polling `applied`. A NOTIFY
         // serializes the commits of the transactions that notify (PostgreSQL takes one
         // database-wide lock on its notification queue at commit): acceptable for a
         // projector's few batch commits a second, never for the command side.
         let moved: Vec<String> = std::mem::take(&mut sorted.moved).into_iter().collect();
-        super::live::notify(&mut tx, &applied_channel(schema), &moved).await?;
+        record_batch(&mut tx, schema, &sorted.last, &checkpoints, &moved).await?;
         tx.commit().await?;
         drop(spans);
         sorted.record_metrics(schema);
@@ -442,18 +440,6 @@ impl Projector {
             .map(|(t, i, _)| (t.as_str(), i.as_str()));
         let rows = locked_positions(tx, self.schema, keys).await?;
         Ok(rows.into_iter().map(|(t, i, s)| ((t, i), s)).collect())
-    }
-
-    async fn store_sequences(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        last: &HashMap<(String, String), i64>,
-    ) -> Result<(), ProjectionError> {
-        let positions = last
-            .iter()
-            .map(|((t, i), s)| ((t.as_str(), i.as_str()), *s));
-        store_positions(tx, self.schema, positions).await?;
-        Ok(())
     }
 }
 

@@ -1,5 +1,7 @@
 //! A consumer's PostgreSQL schema: its tables and the runtime's bookkeeping.
 
+use std::collections::HashMap;
+
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::*;
@@ -58,6 +60,75 @@ pub async fn resume_from(
     .rows_affected();
     tx.commit().await?;
     Ok(positioned)
+}
+
+/// Begins a transaction whose unqualified names resolve in `schema` (as [`use_schema`] makes
+/// them), in one round trip: the `BEGIN` and the `SET LOCAL` travel in one message. A consumer
+/// begins one per batch, and at a few events per batch the round trips are most of its cost.
+pub async fn begin_in_schema(
+    pool: &PgPool,
+    schema: &str,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let quoted = format!("\"{}\"", schema.replace('"', "\"\""));
+    pool.begin_with(format!("BEGIN; SET LOCAL search_path = {quoted}"))
+        .await
+}
+
+/// Where a batch leaves read model `schema`, written in one statement: the last sequence
+/// applied per aggregate (never moving back), the next offset per partition with the store's
+/// commit time of its last applied event (see [`store_checkpoints`]), and the live signal that
+/// these aggregates moved (delivered on commit, see [`super::live`]).
+pub(super) async fn record_batch(
+    tx: &mut Transaction<'static, Postgres>,
+    schema: &str,
+    positions: &HashMap<(String, String), i64>,
+    checkpoints: &[(&str, i32, i64, Option<&str>)],
+    moved: &[String],
+) -> Result<(), sqlx::Error> {
+    let (mut types, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
+    for ((aggregate_type, aggregate_id), sequence) in positions {
+        types.push(aggregate_type.as_str());
+        ids.push(aggregate_id.as_str());
+        sequences.push(*sequence);
+    }
+    let (mut topics, mut partitions, mut offsets, mut recorded) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (topic, partition, next_offset, recorded_at) in checkpoints {
+        topics.push(*topic);
+        partitions.push(*partition);
+        offsets.push(*next_offset);
+        recorded.push(recorded_at.and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok()));
+    }
+    // Data-modifying CTEs run whether or not the query reads them.
+    sqlx::query(&format!(
+        "WITH positions AS ( \
+           INSERT INTO {schema}.applied (aggregate_type, aggregate_id, last_sequence) \
+           SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+           ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+           SET last_sequence = greatest({schema}.applied.last_sequence, excluded.last_sequence) \
+         ), checkpoints AS ( \
+           INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
+           SELECT * FROM unnest($4::text[], $5::int[], $6::bigint[], $7::timestamptz[]) \
+           ON CONFLICT (topic, partition) DO UPDATE \
+           SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
+               last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
+               updated_at = clock_timestamp() \
+         ) \
+         SELECT pg_notify($8, $9 || ':' || k) FROM unnest($10::text[]) AS k"
+    ))
+    .bind(&types)
+    .bind(&ids)
+    .bind(&sequences)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&recorded)
+    .bind(super::live::CHANNEL)
+    .bind(applied_channel(schema))
+    .bind(moved)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Points the transaction's unqualified names at `schema`: handlers name their tables without a
