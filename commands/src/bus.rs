@@ -15,6 +15,7 @@ use rand::Rng;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::repeat::{repeating, ExecutedBefore, RepeatAwareRepository};
 use crate::store::EventStoreDb;
 use crate::trace::TraceParent;
 
@@ -217,12 +218,12 @@ impl<A: Aggregate> Query<A> for CaptureCommitted {
     }
 }
 
-type Store<A> = PersistedEventStore<PostgresEventRepository, A>;
+type Store<A> = PersistedEventStore<RepeatAwareRepository, A>;
 type Framework<A> = CqrsFramework<A, Store<A>>;
 
 /// The postgres-es event store of aggregate type `A`, reading old shapes through the upcasters.
 fn event_store<A: Aggregate>(store: &EventStoreDb) -> Store<A> {
-    let repo = PostgresEventRepository::new(store.pool().clone());
+    let repo = RepeatAwareRepository::new(PostgresEventRepository::new(store.pool().clone()));
     PersistedEventStore::new_event_store(repo).with_upcasters(schemas::upcasters())
 }
 
@@ -307,22 +308,24 @@ where
         let mut attempt = 0;
         loop {
             attempt += 1;
-            if let Some(first) = self.earlier_execution(aggregate_id, context).await? {
-                return Ok(first);
+            let execution = COMMITTED.scope(RefCell::new(Vec::new()), async {
+                let outcome = self
+                    .framework
+                    .execute_with_metadata(aggregate_id, command.clone(), context.metadata(span))
+                    .await;
+                (outcome, COMMITTED.with(|c| c.take()))
+            });
+            // A repeatable command's earlier execution is found in the load (see `repeat`).
+            let result = if context.may_repeat {
+                repeating(context.command_id, execution).await
+            } else {
+                execution.await
+            };
+            if let (Err(AggregateError::UnexpectedError(e)), _) = &result {
+                if let Some(before) = e.downcast_ref::<ExecutedBefore>() {
+                    return Ok(self.repeated(aggregate_id, &before.events));
+                }
             }
-            let result = COMMITTED
-                .scope(RefCell::new(Vec::new()), async {
-                    let outcome = self
-                        .framework
-                        .execute_with_metadata(
-                            aggregate_id,
-                            command.clone(),
-                            context.metadata(span),
-                        )
-                        .await;
-                    (outcome, COMMITTED.with(|c| c.take()))
-                })
-                .await;
             match result {
                 (Ok(()), events) => {
                     metrics::histogram!("command_duration_seconds", "aggregate_type" => A::TYPE)
@@ -388,7 +391,8 @@ where
         })
     }
 
-    /// What an earlier execution of the same repeatable command committed, if there was one.
+    /// What an earlier execution of the same repeatable command committed, if there was one,
+    /// asked of the store itself: after a refusal, a twin may have committed since the load.
     async fn earlier_execution(
         &self,
         aggregate_id: &str,
@@ -408,17 +412,26 @@ where
         .fetch_all(self.store.pool())
         .await
         .map_err(|e| CommandError::Store(e.into()))?;
-        let Some((last, _)) = rows.last() else {
+        if rows.is_empty() {
             return Ok(None);
-        };
+        }
+        let events: Vec<(usize, String)> = rows
+            .into_iter()
+            .map(|(sequence, event_type)| (usize::try_from(sequence).unwrap_or_default(), event_type))
+            .collect();
+        Ok(Some(self.repeated(aggregate_id, &events)))
+    }
+
+    /// What a repeat of a command answers: the events its earlier execution appended.
+    fn repeated(&self, aggregate_id: &str, events: &[(usize, String)]) -> Committed {
         metrics::counter!("commands_total", "aggregate_type" => A::TYPE, "outcome" => "repeated")
             .increment(1);
-        Ok(Some(Committed {
+        Committed {
             aggregate_id: aggregate_id.to_owned(),
-            last_sequence: u64::try_from(*last).unwrap_or_default(),
-            event_types: rows.into_iter().map(|(_, t)| t).collect(),
+            last_sequence: events.last().map_or(0, |(sequence, _)| *sequence as u64),
+            event_types: events.iter().map(|(_, t)| t.clone()).collect(),
             repeated: true,
-        }))
+        }
     }
 
     /// Reads an aggregate's current state (upcast and applied as for a command) through `read`.

@@ -16,6 +16,7 @@ pub mod catalogue;
 pub mod log;
 pub mod pii;
 pub mod promotions;
+mod repeat;
 pub mod store;
 pub mod stuck;
 pub mod trace;
