@@ -200,8 +200,10 @@ async fn killing_the_relay_and_the_projector_mid_stream_loses_nothing_and_double
             &format!("round {round}: the projector applying, behind the relay"),
             || async {
                 let published = published_events(&env).await;
-                let applied = applied_events(&env, "tracking").await;
-                (applied > projector_from && applied + 5 < published).then_some(published)
+                let tracking = applied_events(&env, "tracking").await;
+                let analytics = applied_events(&env, "analytics").await;
+                (tracking > projector_from && tracking.max(analytics) + 5 < published)
+                    .then_some(published)
             },
         )
         .await;
