@@ -74,7 +74,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 
-
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
@@ -117,7 +116,6 @@ pub fn prometheus() -> PrometheusHandle {
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint; see /openapi.json".to_owned())
 }
-
 
 /// The API's background upkeep until `stop`: the catalogue refreshed (other instances' admin
 /// changes arrive within the interval), expired idempotency keys purged every minute (they are

@@ -7,8 +7,8 @@ use crate::idempotency::IdempotencyDoc;
 use crate::openapi::Shared as SharedResponses;
 use crate::routes::Routes;
 use crate::{
-    admin, ads, analytics, audit, auth, console, deliveries, error, health, notifications,
-    orders, payments, privacy, prometheus, ratings, read_models, rewards, stuck_flows, tracking,
+    admin, ads, analytics, audit, auth, console, deliveries, error, health, notifications, orders,
+    payments, privacy, prometheus, ratings, read_models, rewards, stuck_flows, tracking,
 };
 
 /// The OpenAPI document.
@@ -74,7 +74,6 @@ async fn metrics_endpoint() -> String {
     prometheus().render()
 }
 
-
 /// This document (OpenAPI 3.1).
 #[utoipa::path(get, path = "/openapi.json", tag = "health", responses(
     (status = 200, description = "The OpenAPI document of this API", body = Object),
@@ -93,8 +92,8 @@ pub fn routes() -> Routes {
 /// Orders through their lifecycle: placement, the steps of each party, the delivery, the
 /// payment provider's webhooks, and the tracking view.
 fn orders(routes: Routes) -> Routes {
-    use auth::Action as A;
     use crate::routes::Gate::{Needs, Public};
+    use auth::Action as A;
     routes
         .post("/orders", Needs(&[A::PlaceOrder]), orders::place_order)
         .get("/orders", Needs(&[A::ListOrders]), tracking::list)
@@ -136,8 +135,8 @@ fn orders(routes: Routes) -> Routes {
 
 /// A customer's own resources: rewards, ad profile, notifications.
 fn customers(routes: Routes) -> Routes {
-    use auth::Action as A;
     use crate::routes::Gate::Needs;
+    use auth::Action as A;
     routes
         .post(
             "/customers/{customer_id}/rewards/actions",
@@ -178,8 +177,8 @@ fn customers(routes: Routes) -> Routes {
 
 /// Read models for dashboards and apps: the catalogue, ratings, analytics, experiments.
 fn reads(routes: Routes) -> Routes {
-    use auth::Action as A;
     use crate::routes::Gate::Needs;
+    use auth::Action as A;
     routes
         .get(
             "/ads/experiments/{experiment_id}/results",
@@ -217,8 +216,8 @@ fn reads(routes: Routes) -> Routes {
 /// What operators watch and repair: read models and their dead letters, webhook failures,
 /// stuck flows, and the auditors' history.
 fn operations(routes: Routes) -> Routes {
-    use auth::Action as A;
     use crate::routes::Gate::Needs;
+    use auth::Action as A;
     routes
         .get(
             "/admin/notifications/webhook-failures",
@@ -274,8 +273,8 @@ fn operations(routes: Routes) -> Routes {
 
 /// The catalogue's administration and a customer's erasure.
 fn admin(routes: Routes) -> Routes {
-    use auth::Action as A;
     use crate::routes::Gate::Needs;
+    use auth::Action as A;
     routes
         .put(
             "/admin/regions/{code}",

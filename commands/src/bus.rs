@@ -417,7 +417,9 @@ where
         }
         let events: Vec<(usize, String)> = rows
             .into_iter()
-            .map(|(sequence, event_type)| (usize::try_from(sequence).unwrap_or_default(), event_type))
+            .map(|(sequence, event_type)| {
+                (usize::try_from(sequence).unwrap_or_default(), event_type)
+            })
             .collect();
         Ok(Some(self.repeated(aggregate_id, &events)))
     }

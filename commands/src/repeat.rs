@@ -49,7 +49,8 @@ pub(crate) struct RepeatAwareRepository {
 
 impl std::fmt::Debug for RepeatAwareRepository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RepeatAwareRepository").finish_non_exhaustive()
+        f.debug_struct("RepeatAwareRepository")
+            .finish_non_exhaustive()
     }
 }
 

@@ -42,7 +42,6 @@ pub const Z_95: f64 = 1.959_963_984_540_054;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AdsProjection;
 
-
 /// Units per category of some lines, as a JSON object.
 fn categories(lines: &[PricedLine]) -> serde_json::Value {
     let mut units: BTreeMap<&str, u64> = BTreeMap::new();
@@ -119,7 +118,10 @@ impl Batch {
     /// Spend, categories and ends of orders.
     fn add_order_event(&mut self, record: &FirstDelivery<'_>) -> Result<(), ProjectionError> {
         let id = record.meta.aggregate_id.as_str();
-        match record.event::<OrderEvent>().map_err(ProjectionError::event)? {
+        match record
+            .event::<OrderEvent>()
+            .map_err(ProjectionError::event)?
+        {
             OrderEvent::OrderPlaced {
                 customer_id,
                 region,
@@ -181,7 +183,9 @@ impl Batch {
             RewardsEvent::SubscriptionLapsed { .. } => s.status = Some("lapsed"),
             _ => {}
         };
-        let event = record.event::<RewardsEvent>().map_err(ProjectionError::event)?;
+        let event = record
+            .event::<RewardsEvent>()
+            .map_err(ProjectionError::event)?;
         if matches!(
             event,
             RewardsEvent::SubscriptionStarted { .. }

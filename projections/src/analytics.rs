@@ -43,7 +43,6 @@ use streams::consumer::{FirstDelivery, Projection, ProjectionError};
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AnalyticsProjection;
 
-
 /// The name a dashboard shows for who cancelled (stable: it is stored).
 pub const fn cancelled_by_name(by: CancelledBy) -> &'static str {
     match by {

@@ -90,7 +90,6 @@ impl NotificationKind {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NotificationsProjection;
 
-
 /// What the projection knows of an order.
 #[derive(Debug, Clone)]
 struct OrderFacts {
@@ -365,7 +364,9 @@ impl Batch {
             return Ok(());
         }
         let DeliveryEvent::DeliveryFailed { reason, failed_at } =
-            record.event::<DeliveryEvent>().map_err(ProjectionError::event)?
+            record
+                .event::<DeliveryEvent>()
+                .map_err(ProjectionError::event)?
         else {
             return Ok(());
         };
@@ -403,8 +404,9 @@ impl Batch {
             return Ok(());
         }
         let id = record.meta.aggregate_id.as_str();
-        let customer_id = Uuid::parse_str(id)
-            .map_err(|_| ProjectionError::event(format!("rewards ledger id `{id}` is not a customer id")))?;
+        let customer_id = Uuid::parse_str(id).map_err(|_| {
+            ProjectionError::event(format!("rewards ledger id `{id}` is not a customer id"))
+        })?;
         if let RewardsEvent::PointsEarned {
             order_id,
             order_total,
@@ -413,7 +415,9 @@ impl Batch {
             expires_at,
             earned_at,
             ..
-        } = record.event::<RewardsEvent>().map_err(ProjectionError::event)?
+        } = record
+            .event::<RewardsEvent>()
+            .map_err(ProjectionError::event)?
         {
             let payload = json!({
                 "order_id": order_id.to_string(),

@@ -19,7 +19,6 @@ pub const PRIOR_WEIGHT: f64 = 10.0;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RatingsProjection;
 
-
 async fn rate(
     tx: &mut Transaction<'static, Postgres>,
     kind: &str,
@@ -71,7 +70,10 @@ impl Projection for RatingsProjection {
     ) -> Result<(), ProjectionError> {
         let id = event.meta.aggregate_id.as_str();
         match event.meta.aggregate_type.as_str() {
-            "order" => match event.event::<OrderEvent>().map_err(ProjectionError::event)? {
+            "order" => match event
+                .event::<OrderEvent>()
+                .map_err(ProjectionError::event)?
+            {
                 OrderEvent::OrderPlaced {
                     store_id, lines, ..
                 } => {
@@ -119,7 +121,9 @@ impl Projection for RatingsProjection {
             "delivery" => {
                 if let DeliveryEvent::CourierRated {
                     courier_id, stars, ..
-                } = event.event::<DeliveryEvent>().map_err(ProjectionError::event)?
+                } = event
+                    .event::<DeliveryEvent>()
+                    .map_err(ProjectionError::event)?
                 {
                     rate(tx, "courier", &[courier_id.to_string()], stars).await?;
                 }

@@ -91,9 +91,7 @@ impl Projection for TrackingProjection {
         let mut changes = Changes::default();
         for record in events {
             if record.meta.aggregate_type == "delivery" {
-                let event: DeliveryEvent = record
-                    .event()
-                    .map_err(ProjectionError::event)?;
+                let event: DeliveryEvent = record.event().map_err(ProjectionError::event)?;
                 let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
                 changes
                     .deliveries
@@ -127,9 +125,7 @@ impl<'e> Changes<'e> {
     /// One order event: a new row (placed), a new status and time, new lines (modified), and
     /// a timeline entry for each status change.
     fn absorb_order(&mut self, record: &'e FirstDelivery<'_>) -> Result<(), ProjectionError> {
-        let event: OrderEvent = record
-            .event()
-            .map_err(ProjectionError::event)?;
+        let event: OrderEvent = record.event().map_err(ProjectionError::event)?;
         let order_id = record.meta.aggregate_id.as_str();
         let sequence = i64::try_from(record.meta.sequence).unwrap_or(i64::MAX);
         let at = event.occurred_at();
@@ -149,9 +145,9 @@ impl<'e> Changes<'e> {
             placed.customer_id.push(customer_id.as_uuid());
             placed.store_id.push(store_id.as_uuid());
             placed.region.push(region.as_str().to_owned());
-            placed.items.push(
-                serde_json::to_value(lines).map_err(ProjectionError::event)?,
-            );
+            placed
+                .items
+                .push(serde_json::to_value(lines).map_err(ProjectionError::event)?);
             placed.total_minor.push(total.minor());
             placed.currency.push(total.currency().as_str().to_owned());
             placed.placed_at.push(*placed_at);
@@ -161,8 +157,7 @@ impl<'e> Changes<'e> {
                 self.repriced.insert(
                     order_id,
                     Repriced {
-                        items: serde_json::to_value(lines)
-                            .map_err(ProjectionError::event)?,
+                        items: serde_json::to_value(lines).map_err(ProjectionError::event)?,
                         total_minor: total.minor(),
                     },
                 );

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use commands::catalogue::seed_catalogue;
-use futures::future::try_join_all;
 use commands::{CatalogueStore, EventStoreDb};
 use flows::OrderFlow;
+use futures::future::try_join_all;
 use streams::consumer::{lag_probe, Projection, Projector, ProjectorConfig};
 use streams::process::{
     connect_from_env, init_tracing, ready_max_lag_seconds, serve_ops_from_env, shutdown_token,
@@ -40,8 +40,8 @@ async fn main() -> anyhow::Result<()> {
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
     let flow_config: FlowConfig = envy::from_env().context("FLOW_* settings")?;
     let consumers = flow_config.flow_consumers.max(1);
-    let catalogue = seed_catalogue(flow_config.catalogue_path.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    let catalogue =
+        seed_catalogue(flow_config.catalogue_path.as_deref()).map_err(anyhow::Error::msg)?;
     // Each member holds a connection for its batch's transaction and one for the command in
     // hand; the rest serve the deadlines, the catalogue refresh and the probes.
     let pool_size = u32::try_from(2 * consumers + 4).unwrap_or(u32::MAX);

@@ -300,7 +300,6 @@ impl OrderFlow {
     }
 }
 
-
 fn parse_order_id(raw: &str) -> Result<OrderId, ProjectionError> {
     raw.parse()
         .map_err(|_| ProjectionError::event(format!("`{raw}` is not an order id")))

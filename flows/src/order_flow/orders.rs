@@ -103,7 +103,8 @@ impl OrderFlow {
         .await?;
         for stored in stored {
             let (_, payload) = stored.upcast();
-            let event: OrderEvent = serde_json::from_value(payload).map_err(ProjectionError::event)?;
+            let event: OrderEvent =
+                serde_json::from_value(payload).map_err(ProjectionError::event)?;
             let cause = Cause {
                 event_id: stored.event_id,
                 aggregate_type: stored.aggregate_type.clone(),

@@ -40,8 +40,7 @@ impl OrderFlow {
         let order_id = cause.aggregate_id.as_str();
         let step = "earn-points";
         let facts = self.facts(tx, order_id).await?;
-        let region =
-            RegionCode::parse(facts.region.clone()).map_err(ProjectionError::event)?;
+        let region = RegionCode::parse(facts.region.clone()).map_err(ProjectionError::event)?;
         let catalogue = self.catalogue.current();
         let Some(settings) = catalogue.regions.get(&region) else {
             let reason = format!("region `{region}` has no rewards rates in the catalogue");
@@ -67,8 +66,8 @@ impl OrderFlow {
             .await?;
         if earned == Outcome::Done && facts.refunded_minor > 0 {
             // A refund arrived before the points were earned: take its share back at once.
-            let refunded = Money::new(facts.refunded_minor, currency)
-                .map_err(ProjectionError::event)?;
+            let refunded =
+                Money::new(facts.refunded_minor, currency).map_err(ProjectionError::event)?;
             self.reverse_points(
                 tx,
                 cause,

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::api::SrJson;
+use super::api::wire::SrJson;
 
 /// Everything that can go wrong in the registry outside a client's mistake.
 #[derive(Debug, thiserror::Error)]
