@@ -179,6 +179,17 @@ const ORDER_EVENTS: [&str; 7] = [
     "OrderCancelled",
 ];
 
+/// The order events it decided to pass over: with [`ORDER_EVENTS`], every order event type (a
+/// test holds it so), so a new one is a decision and not silently skipped.
+#[cfg(test)]
+const ORDER_EVENTS_PASSED_OVER: [&str; 5] = [
+    "OrderAccepted",
+    "PreparationStarted",
+    "OrderReady",
+    "OrderCompleted",
+    "OrderRated",
+];
+
 impl NotificationsProjection {
     /// The orders of `deliveries` (other than those placed in the batch) as already known.
     async fn known_orders(
@@ -596,6 +607,25 @@ fn unplaced(order_id: &str) -> ProjectionError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_order_event_type_is_either_used_or_passed_over() {
+        let contracts = schemas::Contracts::global().expect("contracts");
+        let published: BTreeSet<&str> = contracts
+            .iter()
+            .filter(|c| c.aggregate_type == domain::order::AGGREGATE_TYPE)
+            .map(|c| c.event_type)
+            .collect();
+        let decided: BTreeSet<&str> = ORDER_EVENTS
+            .iter()
+            .chain(&ORDER_EVENTS_PASSED_OVER)
+            .copied()
+            .collect();
+        assert_eq!(
+            published, decided,
+            "an order event type needs a decision: ORDER_EVENTS or ORDER_EVENTS_PASSED_OVER"
+        );
+    }
 
     #[test]
     fn every_kind_parses_back_from_its_name() {

@@ -144,6 +144,29 @@ const REACTS_TO: [&str; 15] = [
     "ReturnedToStore",
 ];
 
+/// Event types of the flow's topics it decided to pass over. Every event type of those topics
+/// is in one list or the other (a test holds it so): a new event type is a decision, never
+/// silently skipped before the flow's exhaustive matches could point at it.
+#[cfg(test)]
+const PASSES_OVER: [&str; 16] = [
+    "OrderConfirmed",
+    "PreparationStarted",
+    "OrderOutForDelivery",
+    "OrderRated",
+    "PaymentFailed",
+    "PaymentVoided",
+    "ProviderWebhookRecorded",
+    "DeliveryRequested",
+    "CourierAssigned",
+    "CourierLocationUpdated",
+    "EtaUpdated",
+    "CourierArrivedAtPickup",
+    "CourierArrivedAtDropoff",
+    "DeliveryCancelled",
+    "CourierRated",
+    "FoodMarkedReady",
+];
+
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -370,5 +393,32 @@ impl Projection for OrderFlow {
             Some(cause) => self.react(tx, &cause).await,
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn every_event_type_of_the_flows_topics_is_either_reacted_to_or_passed_over() {
+        let contracts = schemas::Contracts::global().expect("contracts");
+        let published: BTreeSet<&str> = contracts
+            .iter()
+            .filter(|c| AGGREGATE_TYPES.contains(&c.aggregate_type))
+            .map(|c| c.event_type)
+            .collect();
+        let decided: BTreeSet<&str> = REACTS_TO.iter().chain(&PASSES_OVER).copied().collect();
+        assert_eq!(
+            REACTS_TO.len() + PASSES_OVER.len(),
+            decided.len(),
+            "an event type is in both lists"
+        );
+        assert_eq!(
+            published, decided,
+            "an event type of the flow's topics needs a decision: REACTS_TO or PASSES_OVER"
+        );
     }
 }
