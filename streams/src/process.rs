@@ -375,13 +375,12 @@ pub struct Connections {
 /// and `SCHEMA_REGISTRY_*`, connects a pool of `max_connections`, and creates the event topics
 /// if they are missing.
 pub async fn connect_from_env(max_connections: u32) -> anyhow::Result<Connections> {
-    let database_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| commands::store::DEFAULT_DATABASE_URL.to_owned());
+    let database: commands::EventStoreConfig = envy::from_env().context("DATABASE_* settings")?;
     let kafka = crate::KafkaConfig::from_env().context("KAFKA_* settings")?;
     let registry = crate::RegistryConfig::from_env().context("SCHEMA_REGISTRY_* settings")?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
-        .connect(&database_url)
+        .connect(&database.database_url)
         .await
         .context("connecting to PostgreSQL")?;
     crate::admin::ensure_topics(&kafka, &kafka.topics().all())

@@ -13,10 +13,20 @@ use streams::process::{
     Probe,
 };
 
+/// Which read models this process runs.
+#[derive(Debug, serde::Deserialize)]
+struct Hosted {
+    /// `PROJECTIONS`: read model names, comma-separated (default: every read model).
+    projections: Option<String>,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = init_tracing("projector")?;
-    let names = std::env::var("PROJECTIONS").unwrap_or_else(|_| read_models::names().join(","));
+    let hosted: Hosted = envy::from_env().context("PROJECTIONS")?;
+    let names = hosted
+        .projections
+        .unwrap_or_else(|| read_models::names().join(","));
     let config = ProjectorConfig::from_env().context("PROJECTOR_* settings")?;
     let connections = connect_from_env(8).await?;
     let (pool, kafka, registry) = (connections.pool, connections.kafka, connections.registry);
