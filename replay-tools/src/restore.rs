@@ -331,6 +331,39 @@ pub async fn restore(
         return Ok(());
     }
     let models_started = Instant::now();
+    rebuild_read_models(pool, connections, &interrupted, out).await?;
+    let models_took = models_started.elapsed();
+    let flow_started = Instant::now();
+    if let Some(last) = tally.last_recorded {
+        let from =
+            last - chrono::Duration::seconds(i64::try_from(args.flow_rewind).unwrap_or(i64::MAX));
+        let positioned = position_flow(pool, connections, from).await?;
+        writeln!(
+            out,
+            "process manager: starts again from the events recorded since {from} \
+             ({positioned} aggregates positioned before it)"
+        )?;
+    }
+    writeln!(
+        out,
+        "restore: event store {:.1} s, read models {:.1} s, process manager positioned {:.1} s \
+         (its lost members leaving the consumer group), in all {:.1} s",
+        store_took.as_secs_f64(),
+        models_took.as_secs_f64(),
+        flow_started.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    )?;
+    Ok(())
+}
+
+/// Rebuilds every read model from the restored store and swaps it in; their workers' history
+/// counts as done (no notification webhook is sent twice).
+async fn rebuild_read_models(
+    pool: &PgPool,
+    connections: &Connections,
+    interrupted: &CancellationToken,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     for projection in projections::read_models::all() {
         let name = projection.name().to_owned();
         rebuild::rebuild(
@@ -353,27 +386,6 @@ pub async fn restore(
         .with_context(|| format!("rebuilding read model {name}"))?;
         rebuild::history_done_by_workers(pool, &name).await?;
     }
-    let models_took = models_started.elapsed();
-    let flow_started = Instant::now();
-    if let Some(last) = tally.last_recorded {
-        let from =
-            last - chrono::Duration::seconds(i64::try_from(args.flow_rewind).unwrap_or(i64::MAX));
-        let positioned = position_flow(pool, connections, from).await?;
-        writeln!(
-            out,
-            "process manager: starts again from the events recorded since {from} \
-             ({positioned} aggregates positioned before it)"
-        )?;
-    }
-    writeln!(
-        out,
-        "restore: event store {:.1} s, read models {:.1} s, process manager positioned {:.1} s \
-         (its lost members leaving the consumer group), in all {:.1} s",
-        store_took.as_secs_f64(),
-        models_took.as_secs_f64(),
-        flow_started.elapsed().as_secs_f64(),
-        started.elapsed().as_secs_f64()
-    )?;
     Ok(())
 }
 

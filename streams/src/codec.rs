@@ -232,6 +232,31 @@ impl EventDecoder {
         })
     }
 
+    /// [`Self::decode`], waiting out an unreachable registry (the same bytes decode once it is
+    /// back): a retryable failure is tried again after 100 ms, the pause doubling up to 5 s, at
+    /// most `max_retries` times (`None`: until the registry answers). `on_retry` hears of each
+    /// failure retried; any other failure is returned at once.
+    pub async fn decode_waiting(
+        &self,
+        message: &impl Message,
+        max_retries: Option<u32>,
+        on_retry: impl Fn(&DecodeError),
+    ) -> Result<DecodedEvent, DecodeError> {
+        let mut pause = std::time::Duration::from_millis(100);
+        let mut retries = 0;
+        loop {
+            match self.decode(message).await {
+                Err(e) if e.is_retryable() && max_retries.is_none_or(|max| retries < max) => {
+                    on_retry(&e);
+                    retries += 1;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     /// Decodes one record.
     pub async fn decode(&self, message: &impl Message) -> Result<DecodedEvent, DecodeError> {
         let meta = EventMeta::from_headers(message.headers())?;

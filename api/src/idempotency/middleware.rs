@@ -74,6 +74,18 @@ pub(super) fn counted(outcome: &'static str) {
 
 /// The middleware: acts on POST, PUT, PATCH and DELETE requests with an `Idempotency-Key`
 /// (see the module documentation); every other request passes through untouched.
+/// The request's `Idempotency-Key`, if it sent one (and only one, well formed).
+fn the_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut keys = headers.get_all(KEY_HEADER).iter();
+    match (keys.next(), keys.next()) {
+        (None, _) => Ok(None),
+        (Some(value), None) => parse_key(value).map(|key| Some(key.to_owned())),
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "send one Idempotency-Key header, not several".to_owned(),
+        )),
+    }
+}
+
 pub async fn middleware(
     State(store): State<Idempotency>,
     request: Request,
@@ -82,17 +94,10 @@ pub async fn middleware(
     if !is_mutating(request.method()) {
         return next.run(request).await;
     }
-    let mut keys = request.headers().get_all(KEY_HEADER).iter();
-    let key = match (keys.next(), keys.next()) {
-        (None, _) => return next.run(request).await,
-        (Some(value), None) => match parse_key(value) {
-            Ok(key) => key.to_owned(),
-            Err(problem) => return problem.into_response(),
-        },
-        (Some(_), Some(_)) => {
-            return ApiError::BadRequest("send one Idempotency-Key header, not several".to_owned())
-                .into_response()
-        }
+    let key = match the_key(request.headers()) {
+        Ok(Some(key)) => key,
+        Ok(None) => return next.run(request).await,
+        Err(problem) => return problem.into_response(),
     };
     let scope = request
         .extensions()

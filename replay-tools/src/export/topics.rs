@@ -137,24 +137,15 @@ impl TopicReader {
                         continue;
                     }
                 };
-            let key = (message.topic().to_owned(), message.partition());
-            let Some(&end) = self.ends.get(&key) else {
+            if !before_end(&mut self.ends, &message) {
                 continue;
-            };
-            if message.offset() >= end {
-                self.ends.remove(&key);
-                continue;
-            }
-            if message.offset() + 1 >= end {
-                self.ends.remove(&key);
             }
             read += 1;
             match self.decode(&message).await {
                 Ok(Some(row)) => {
                     let aggregate = (row.aggregate_type.clone(), row.aggregate_id.clone());
                     let sequence = u64::try_from(row.sequence).unwrap_or(0);
-                    let seen = last_sequence.get(&aggregate).copied().unwrap_or(0);
-                    if sequence > seen {
+                    if sequence > last_sequence.get(&aggregate).copied().unwrap_or(0) {
                         last_sequence.insert(aggregate, sequence);
                         batch.push(row);
                     }
@@ -227,17 +218,10 @@ impl TopicReader {
         if !self.filter.passes(&meta, recorded_at) {
             return Ok(None);
         }
-        let mut attempt = 0;
-        let decoded = loop {
-            attempt += 1;
-            match self.decoder.decode(message).await {
-                Ok(decoded) => break decoded,
-                Err(e) if e.is_retryable() && attempt < 5 => {
-                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let decoded = self
+            .decoder
+            .decode_waiting(message, Some(4), |_| {})
+            .await?;
         let optional = |s: String| (!s.is_empty()).then_some(s);
         let payload = decoded.payload()?;
         let meta = decoded.meta;
@@ -258,4 +242,17 @@ impl TopicReader {
             payload_as_stored: false,
         }))
     }
+}
+
+/// Whether `message` comes before its partition's end at the start (the export's window); the
+/// partition is done with once its last record in the window is read.
+fn before_end(ends: &mut HashMap<(String, i32), i64>, message: &impl Message) -> bool {
+    let key = (message.topic().to_owned(), message.partition());
+    let Some(&end) = ends.get(&key) else {
+        return false;
+    };
+    if message.offset() + 1 >= end {
+        ends.remove(&key);
+    }
+    message.offset() < end
 }

@@ -234,20 +234,14 @@ pub(super) async fn topic_item(
     decoder: &EventDecoder,
     message: &BorrowedMessage<'_>,
 ) -> anyhow::Result<Item> {
-    let mut delay = Duration::from_millis(100);
-    let mut attempts = 0;
-    let event = loop {
-        match decoder.decode(message).await {
-            Ok(event) => break Ok(event),
-            Err(e) if e.is_retryable() && attempts < 20 => {
-                attempts += 1;
-                eprintln!("replay-tools: registry unavailable ({e}); retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) if e.is_retryable() => bail!("the schema registry stayed unavailable: {e}"),
-            Err(e) => break Err(e.to_string()),
-        }
+    let event = match decoder
+        .decode_waiting(message, Some(20), |e| {
+            eprintln!("replay-tools: registry unavailable ({e}); retrying");
+        })
+        .await
+    {
+        Err(e) if e.is_retryable() => bail!("the schema registry stayed unavailable: {e}"),
+        outcome => outcome.map_err(|e| e.to_string()),
     };
     let (mut header_names, mut header_values) = (Vec::new(), Vec::new());
     if let Some(headers) = message.headers() {

@@ -323,18 +323,12 @@ impl Projector {
         &self,
         message: &BorrowedMessage<'_>,
     ) -> Result<DecodedEvent, String> {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.decoder.decode(message).await {
-                Ok(event) => return Ok(event),
-                Err(e) if e.is_retryable() => {
-                    tracing::warn!(error = %e, "registry unavailable; retrying decode");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+        self.decoder
+            .decode_waiting(message, None, |e| {
+                tracing::warn!(error = %e, "registry unavailable; retrying decode");
+            })
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn apply_one_by_one(
