@@ -51,6 +51,18 @@ pub async fn changed(
     }
 }
 
+/// Runs one read of an event stream to its end even if the client hangs up meanwhile. A hung-up
+/// stream is dropped at whatever it awaits; a query cut off mid-way leaves its connection in a
+/// state sqlx does not trust, so the pool closes it and PostgreSQL starts a new backend for the
+/// next query (at a few dozen streams ending a second, that was a steady churn of the API's
+/// connections). The read, spawned, finishes and returns its connection cleanly. `None` if the
+/// read panicked.
+pub async fn read_through<T: Send + 'static>(
+    read: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    tokio::spawn(read).await.ok()
+}
+
 /// The process's fan-out of change signals.
 #[derive(Debug)]
 pub struct LiveHub {

@@ -286,7 +286,17 @@ pub async fn stream(
         let mut cursor = after;
         loop {
             let mut full_page = false;
-            match model::list(&state.pool, customer, cursor, STREAM_PAGE, None).await {
+            let read = {
+                let pool = state.pool.clone();
+                crate::live::read_through(async move {
+                    model::list(&pool, customer, cursor, STREAM_PAGE, None).await
+                })
+                .await
+            };
+            let Some(read) = read else {
+                return;
+            };
+            match read {
                 Ok(rows) => {
                     full_page = usize::try_from(STREAM_PAGE).is_ok_and(|p| rows.len() >= p);
                     for row in rows {

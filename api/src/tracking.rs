@@ -249,6 +249,24 @@ async fn timeline_after(
     .map_err(ApiError::internal)
 }
 
+/// The order's delivery as projected, if it moved past `seen` (its last sequence streamed).
+async fn delivery_after(
+    state: &AppState,
+    order_id: &str,
+    seen: i64,
+) -> Result<Option<DeliveryRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT status, courier_id, latitude, longitude, position_at, eta_expected_at, \
+                eta_earliest_at, eta_latest_at, remaining_meters, eta_estimated_at, \
+                updated_at, last_sequence \
+         FROM tracking.deliveries WHERE order_id = $1 AND last_sequence > $2",
+    )
+    .bind(order_id)
+    .bind(seen)
+    .fetch_optional(&state.pool)
+    .await
+}
+
 /// An order's tracking view.
 #[utoipa::path(
     get, path = "/orders/{order_id}/tracking", tag = "orders",
@@ -352,7 +370,19 @@ pub async fn stream(
         let mut cursor = after;
         let mut delivery_seen = -1i64;
         loop {
-            match timeline_after(&state, &order_id, cursor).await {
+            let read = {
+                let (state, order_id) = (state.clone(), order_id.clone());
+                crate::live::read_through(async move {
+                    let timeline = timeline_after(&state, &order_id, cursor).await;
+                    let delivery = delivery_after(&state, &order_id, delivery_seen).await;
+                    (timeline, delivery)
+                })
+                .await
+            };
+            let Some((timeline, delivery)) = read else {
+                return;
+            };
+            match timeline {
                 Ok(entries) => {
                     for entry in entries {
                         cursor = entry.sequence;
@@ -367,16 +397,6 @@ pub async fn stream(
                 }
                 Err(e) => tracing::warn!(error = %e, "tracking stream could not read"),
             }
-            let delivery: Result<Option<DeliveryRow>, _> = sqlx::query_as(
-                "SELECT status, courier_id, latitude, longitude, position_at, eta_expected_at, \
-                        eta_earliest_at, eta_latest_at, remaining_meters, eta_estimated_at, \
-                        updated_at, last_sequence \
-                 FROM tracking.deliveries WHERE order_id = $1 AND last_sequence > $2",
-            )
-            .bind(&order_id)
-            .bind(delivery_seen)
-            .fetch_optional(&state.pool)
-            .await;
             if let Ok(Some(row)) = delivery {
                 delivery_seen = row.last_sequence;
                 if let Ok(event) = Event::default()
