@@ -187,22 +187,28 @@ pub(super) async fn store_positions<'k>(
     if types.is_empty() {
         return Ok(());
     }
-    sqlx::query(&format!(
+    sqlx::query(&positions_upsert(schema))
+        .bind(&types)
+        .bind(&ids)
+        .bind(&sequences)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The upsert of positions from the arrays `$1` to `$3` (see [`position_columns`]): a position
+/// never moves back. Shared with the end of a projector's batch (`schema::record_batch`).
+pub(super) fn positions_upsert(schema: &str) -> String {
+    format!(
         "INSERT INTO {schema}.applied (aggregate_type, aggregate_id, last_sequence) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
          ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
          SET last_sequence = greatest({schema}.applied.last_sequence, excluded.last_sequence)"
-    ))
-    .bind(&types)
-    .bind(&ids)
-    .bind(&sequences)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    )
 }
 
 /// Positions as the three arrays the SQL unnests.
-fn position_columns<'k>(
+pub(super) fn position_columns<'k>(
     positions: impl IntoIterator<Item = ((&'k str, &'k str), i64)>,
 ) -> (Vec<&'k str>, Vec<&'k str>, Vec<i64>) {
     let (mut types, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());

@@ -85,50 +85,77 @@ pub(super) async fn record_batch(
     checkpoints: &[(&str, i32, i64, Option<&str>)],
     moved: &[String],
 ) -> Result<(), sqlx::Error> {
-    let (mut types, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
-    for ((aggregate_type, aggregate_id), sequence) in positions {
-        types.push(aggregate_type.as_str());
-        ids.push(aggregate_id.as_str());
-        sequences.push(*sequence);
-    }
-    let (mut topics, mut partitions, mut offsets, mut recorded) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (topic, partition, next_offset, recorded_at) in checkpoints {
-        topics.push(*topic);
-        partitions.push(*partition);
-        offsets.push(*next_offset);
-        recorded.push(recorded_at.and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok()));
-    }
+    let (types, ids, sequences) = super::replay::position_columns(
+        positions
+            .iter()
+            .map(|((t, i), s)| ((t.as_str(), i.as_str()), *s)),
+    );
+    let columns = CheckpointColumns::of(checkpoints.iter().copied());
     // Data-modifying CTEs run whether or not the query reads them.
     sqlx::query(&format!(
-        "WITH positions AS ( \
-           INSERT INTO {schema}.applied (aggregate_type, aggregate_id, last_sequence) \
-           SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
-           ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-           SET last_sequence = greatest({schema}.applied.last_sequence, excluded.last_sequence) \
-         ), checkpoints AS ( \
-           INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
-           SELECT * FROM unnest($4::text[], $5::int[], $6::bigint[], $7::timestamptz[]) \
-           ON CONFLICT (topic, partition) DO UPDATE \
-           SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
-               last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
-               updated_at = clock_timestamp() \
-         ) \
-         SELECT pg_notify($8, $9 || ':' || k) FROM unnest($10::text[]) AS k"
+        "WITH positions AS ({}), checkpoints AS ({}) \
+         SELECT pg_notify($8, $9 || ':' || k) FROM unnest($10::text[]) AS k",
+        super::replay::positions_upsert(schema),
+        checkpoints_upsert(schema, 4),
     ))
     .bind(&types)
     .bind(&ids)
     .bind(&sequences)
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&offsets)
-    .bind(&recorded)
+    .bind(&columns.topics)
+    .bind(&columns.partitions)
+    .bind(&columns.offsets)
+    .bind(&columns.recorded)
     .bind(super::live::CHANNEL)
     .bind(applied_channel(schema))
     .bind(moved)
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Checkpoints `(topic, partition, next offset, the store's commit time of the last applied
+/// event)` as the four arrays the SQL unnests.
+struct CheckpointColumns<'c> {
+    topics: Vec<&'c str>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    recorded: Vec<Option<chrono::DateTime<chrono::FixedOffset>>>,
+}
+
+impl<'c> CheckpointColumns<'c> {
+    fn of(checkpoints: impl IntoIterator<Item = (&'c str, i32, i64, Option<&'c str>)>) -> Self {
+        let mut columns = Self {
+            topics: Vec::new(),
+            partitions: Vec::new(),
+            offsets: Vec::new(),
+            recorded: Vec::new(),
+        };
+        for (topic, partition, next_offset, recorded_at) in checkpoints {
+            columns.topics.push(topic);
+            columns.partitions.push(partition);
+            columns.offsets.push(next_offset);
+            columns
+                .recorded
+                .push(recorded_at.and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok()));
+        }
+        columns
+    }
+}
+
+/// The upsert of checkpoints from the four arrays starting at parameter `$first`: the next offset
+/// never moves back, and a partition keeps its last commit time when the batch applied nothing
+/// on it.
+fn checkpoints_upsert(schema: &str, first: usize) -> String {
+    let [topics, partitions, offsets, recorded] = [first, first + 1, first + 2, first + 3];
+    format!(
+        "INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
+         SELECT * FROM unnest(${topics}::text[], ${partitions}::int[], ${offsets}::bigint[], \
+                              ${recorded}::timestamptz[]) \
+         ON CONFLICT (topic, partition) DO UPDATE \
+         SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
+             last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
+             updated_at = clock_timestamp()"
+    )
 }
 
 /// Points the transaction's unqualified names at `schema`: handlers name their tables without a
@@ -163,29 +190,20 @@ pub async fn create_tables(
 
 /// Moves the checkpoints of read model `schema` forward (never back): per partition
 /// `(topic, partition, next offset, the store's commit time of its last applied event)`, the
-/// time the lag in seconds is measured from. The projector and a rebuild's shadow both keep
-/// them so.
+/// time the lag in seconds is measured from, one entry per partition (a single statement). The
+/// projector (in [`record_batch`]) and a rebuild's shadow both keep them so.
 pub async fn store_checkpoints<'c>(
     tx: &mut Transaction<'static, Postgres>,
     schema: &str,
     checkpoints: impl IntoIterator<Item = (&'c str, i32, i64, Option<&'c str>)>,
 ) -> Result<(), sqlx::Error> {
-    for (topic, partition, next_offset, recorded) in checkpoints {
-        let recorded_at = recorded.and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok());
-        sqlx::query(&format!(
-            "INSERT INTO {schema}.checkpoints (topic, partition, next_offset, last_recorded_at) \
-             VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (topic, partition) DO UPDATE \
-             SET next_offset = greatest({schema}.checkpoints.next_offset, excluded.next_offset), \
-                 last_recorded_at = coalesce(excluded.last_recorded_at, {schema}.checkpoints.last_recorded_at), \
-                 updated_at = clock_timestamp()"
-        ))
-        .bind(topic)
-        .bind(partition)
-        .bind(next_offset)
-        .bind(recorded_at)
+    let columns = CheckpointColumns::of(checkpoints);
+    sqlx::query(&checkpoints_upsert(schema, 1))
+        .bind(&columns.topics)
+        .bind(&columns.partitions)
+        .bind(&columns.offsets)
+        .bind(&columns.recorded)
         .execute(&mut **tx)
         .await?;
-    }
     Ok(())
 }
