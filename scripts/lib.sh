@@ -14,6 +14,13 @@ PG_ADMIN_URL="postgres://postgres@$PG_HOST:$PG_PORT/postgres"
 
 log() { printf '\033[1;34m[backbone]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[backbone]\033[0m %s\n' "$*" >&2; exit 1; }
+# die_showing LOG MESSAGE: dies with MESSAGE and the end of LOG, so that a CI run's output shows
+# the cause and not only where it was written.
+die_showing() {
+  local log_file=$1; shift
+  [ -f "$log_file" ] && { printf -- '--- the last lines of %s:\n' "$log_file"; tail -n 25 "$log_file"; printf -- '---\n'; } >&2
+  die "$* (see $log_file)"
+}
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -99,6 +106,23 @@ recreate_database() {
   psql_admin -c "CREATE DATABASE $db"
 }
 
+# prune_superseded_binaries MARKER: removes the executables (test binaries, mostly) in the
+# cargo target directory's deps/ that a build since MARKER (a file) replaced by a newer one of
+# the same name. Each change of a crate leaves its old test binaries behind; without this a
+# cached target directory grows by gigabytes a day until the disk is full.
+prune_superseded_binaries() {
+  local marker=$1 dir=${CARGO_TARGET_DIR:-$ROOT/target}
+  local deps name
+  for deps in "$dir"/debug/deps "$dir"/release/deps; do
+    [ -d "$deps" ] || continue
+    for name in $(find "$deps" -maxdepth 1 -type f -executable -newer "$marker" -printf '%f\n' \
+      | sed -E 's/-[0-9a-f]{16}$//' | sort -u); do
+      find "$deps" -maxdepth 1 -type f -executable -regextype posix-extended \
+        -regex ".*/${name}-[0-9a-f]{16}" ! -newer "$marker" -delete
+    done
+  done
+}
+
 # Apache Kafka, the broker of development, tests and benchmarks: its jars come from Maven Central
 # through deploy/kafka/pom.xml (resolved once, then from ~/.m2), started as one KRaft node.
 KAFKA_DEPLOY="$ROOT/deploy/kafka"
@@ -116,14 +140,24 @@ maven_classpath() {
   local pom=$1 hash file
   hash=$(sha256sum "$pom" | cut -c1-16)
   file="$CACHE_DIR/classpath-$(basename "$(dirname "$pom")")-$hash"
-  if [ ! -s "$file" ]; then
+  # The list outlives the jars it names when ~/.m2 is cleared and this cache kept (a CI cache
+  # restored in part): resolve again unless every jar is still there.
+  if [ ! -s "$file" ] || ! classpath_complete "$file"; then
     require_java_tools
     log "resolving $(basename "$(dirname "$pom")") from Maven Central (once)"
     mkdir -p "$CACHE_DIR"
-    mvn -q -B -f "$pom" dependency:build-classpath -Dmdep.outputFile="$file.tmp" >"$RUN_DIR/logs/maven.log" 2>&1       || die "Maven could not resolve $pom (see $RUN_DIR/logs/maven.log)"
+    mvn -q -B -f "$pom" dependency:build-classpath -Dmdep.outputFile="$file.tmp" >"$RUN_DIR/logs/maven.log" 2>&1 \
+      || die_showing "$RUN_DIR/logs/maven.log" "Maven could not resolve $pom"
     mv "$file.tmp" "$file"
   fi
   cat "$file"
+}
+
+# classpath_complete FILE: whether every entry of the classpath in FILE exists.
+classpath_complete() {
+  local entry entries
+  IFS=: read -r -a entries <"$1"
+  for entry in "${entries[@]}"; do [ -e "$entry" ] || return 1; done
 }
 
 ensure_kafka() {
@@ -139,9 +173,6 @@ kafka_java() {
     -cp "$KAFKA_CLASSPATH" "$class" "$@"
 }
 
-# start_kafka PORT DATA_DIR: one Kafka node on 127.0.0.1:PORT (its controller on PORT+100),
-# storing in DATA_DIR (formatted when new). Logs in .run/logs/kafka-PORT.log, pid in
-# .run/kafka-PORT.pid; returns once the broker answers a metadata request.
 # ensure_build_deps: what compiling the workspace needs beyond Rust and a C toolchain: OpenSSL's
 # headers and pkg-config, for librdkafka's TLS (SASL_SSL to a managed Kafka cluster).
 ensure_build_deps() {
@@ -168,9 +199,12 @@ make_tls_material() {
       -extfile broker.ext -out broker.crt
     openssl pkcs8 -topk8 -nocrypt -in broker.key -out broker.p8
     cat broker.p8 broker.crt >broker.pem
-  ) >"$RUN_DIR/logs/tls-material.log" 2>&1 || die "making the test TLS material failed (see $RUN_DIR/logs/tls-material.log)"
+  ) >"$RUN_DIR/logs/tls-material.log" 2>&1 || die_showing "$RUN_DIR/logs/tls-material.log" "making the test TLS material failed"
 }
 
+# start_kafka PORT DATA_DIR: one Kafka node on 127.0.0.1:PORT (its controller on PORT+100),
+# storing in DATA_DIR (formatted when new). Logs in .run/logs/kafka-PORT.log, pid in
+# .run/kafka-PORT.pid; returns once the broker answers a metadata request.
 #
 # With KAFKA_SASL_SSL_DIR set (the TLS material of make_tls_material) and KAFKA_SASL_SSL_PASSWORD,
 # the broker also listens on 127.0.0.1:PORT+200 for SASL_SSL clients (PLAIN, user `backbone`),
@@ -206,7 +240,7 @@ PROPS
     log "formatting the broker's storage in $data"
     kafka_java kafka.tools.StorageTool format --cluster-id "$cluster_id" \
       --config "$conf/server.properties" --ignore-formatted >"$RUN_DIR/logs/kafka-$port-format.log" 2>&1 \
-      || die "formatting the broker's storage failed (see $RUN_DIR/logs/kafka-$port-format.log)"
+      || die_showing "$RUN_DIR/logs/kafka-$port-format.log" "formatting the broker's storage failed"
   fi
   log "starting Apache Kafka on 127.0.0.1:$port"
   # Its own session: a Ctrl-C for the components must not stop the broker before they leave it.
@@ -223,7 +257,7 @@ PROPS
       >"$RUN_DIR/logs/kafka-$port-ready.log" 2>&1; then
       return 0
     fi
-    kill -0 "$(cat "$RUN_DIR/kafka-$port.pid")" 2>/dev/null || die "the broker exited (see $RUN_DIR/logs/kafka-$port.log)"
+    kill -0 "$(cat "$RUN_DIR/kafka-$port.pid")" 2>/dev/null || die_showing "$RUN_DIR/logs/kafka-$port.out" "the broker exited; its log: $RUN_DIR/logs/kafka-$port.log"
     sleep 1
   done
   die "the broker on 127.0.0.1:$port did not answer a metadata request (see $RUN_DIR/logs/kafka-$port.log)"
@@ -257,7 +291,7 @@ ensure_jaeger() {
     log "building Jaeger from the Go module proxy (once; a few minutes)"
     mkdir -p "$CACHE_DIR/bin"
     (cd "$dir" && go build -o "$JAEGER_BIN.tmp" github.com/jaegertracing/jaeger/cmd/jaeger) \
-      >"$RUN_DIR/logs/jaeger-build.log" 2>&1 || die "the Jaeger build failed (see $RUN_DIR/logs/jaeger-build.log)"
+      >"$RUN_DIR/logs/jaeger-build.log" 2>&1 || die_showing "$RUN_DIR/logs/jaeger-build.log" "the Jaeger build failed"
     mv "$JAEGER_BIN.tmp" "$JAEGER_BIN"
   fi
   export JAEGER_BIN
@@ -289,7 +323,7 @@ ensure_deploy_tools() {
     mkdir -p "$CACHE_DIR"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >"$RUN_DIR/logs/deploy-tools.log" 2>&1 \
-      || die "installing $req failed (see $RUN_DIR/logs/deploy-tools.log)"
+      || die_showing "$RUN_DIR/logs/deploy-tools.log" "installing $req failed"
     touch "$venv/.installed"
   fi
   DEPLOY_TOOLS_BIN="$venv/bin"
@@ -300,7 +334,7 @@ ensure_deploy_tools() {
     mkdir -p "$dir"
     GOBIN="$dir" GOFLAGS=-buildvcs=false go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" \
       >"$RUN_DIR/logs/kustomize-build.log" 2>&1 \
-      || die "building kustomize failed (see $RUN_DIR/logs/kustomize-build.log)"
+      || die_showing "$RUN_DIR/logs/kustomize-build.log" "building kustomize failed"
   fi
   KUSTOMIZE="$dir/kustomize"
   export DEPLOY_TOOLS_BIN KUSTOMIZE
