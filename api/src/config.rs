@@ -60,6 +60,15 @@ pub struct ApiConfig {
     /// (default 60000; event streams send a keep-alive every 15 s).
     #[serde(default = "default_idle_timeout")]
     pub api_idle_timeout_ms: u64,
+    /// `API_ADMISSION_LIMIT`: requests the handlers hold at once; one more waits for a slot
+    /// (default 0: twice the database pool, enough to keep every connection busy). See
+    /// [`crate::admission`].
+    #[serde(default)]
+    pub api_admission_limit: usize,
+    /// `API_ADMISSION_WAIT_MS`: how long a request waits for a slot before it is answered 503
+    /// with `Retry-After` (default 1000; placements, new work, wait a quarter of it).
+    #[serde(default = "default_admission_wait")]
+    pub api_admission_wait_ms: u64,
     /// `API_MAX_CONNECTIONS`: open connections at most; beyond, new ones wait to be accepted
     /// (default 1024).
     #[serde(default = "default_max_connections")]
@@ -128,6 +137,9 @@ const fn default_header_read_timeout() -> u64 {
 const fn default_idle_timeout() -> u64 {
     60_000
 }
+const fn default_admission_wait() -> u64 {
+    1_000
+}
 const fn default_max_connections() -> usize {
     1024
 }
@@ -151,6 +163,8 @@ impl Default for ApiConfig {
             payments_webhook_tolerance_seconds: default_webhook_tolerance(),
             api_header_read_timeout_ms: default_header_read_timeout(),
             api_idle_timeout_ms: default_idle_timeout(),
+            api_admission_limit: 0,
+            api_admission_wait_ms: default_admission_wait(),
             api_max_connections: default_max_connections(),
             api_max_header_bytes: default_max_header_bytes(),
             api_readiness_interval_ms: default_readiness_interval(),
@@ -171,6 +185,16 @@ impl ApiConfig {
     /// The catalogue that prices orders.
     pub fn catalogue(&self) -> Result<Catalogue, String> {
         commands::catalogue::seed_catalogue(self.catalogue_path.as_deref())
+    }
+
+    /// The admission limit: `API_ADMISSION_LIMIT` requests in the handlers (0, the default: twice
+    /// `pool`'s connections), each waiting at most `API_ADMISSION_WAIT_MS` for a slot.
+    pub fn admission(&self, pool: &PgPool) -> std::sync::Arc<crate::admission::Admission> {
+        let limit = match self.api_admission_limit {
+            0 => 2 * pool.options().get_max_connections() as usize,
+            limit => limit,
+        };
+        crate::admission::Admission::new(limit, Duration::from_millis(self.api_admission_wait_ms))
     }
 
     /// The store of idempotency keys, with this configuration's expiry and request timeout.

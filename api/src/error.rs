@@ -62,6 +62,9 @@ pub enum ApiError {
     /// The database could not be reached for a moment; the request had no effect.
     #[error("{0}")]
     Unavailable(String),
+    /// The API is at capacity (see [`crate::admission`]); the request had no effect.
+    #[error("{0}")]
+    Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -141,6 +144,11 @@ impl ApiError {
                 "unavailable",
                 "Temporarily unavailable",
             ),
+            Self::Busy(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "at-capacity",
+                "At capacity",
+            ),
             Self::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -174,7 +182,7 @@ impl IntoResponse for ApiError {
         );
         let headers = response.headers_mut();
         match self {
-            Self::NotYet(_) | Self::Unavailable(_) => {
+            Self::NotYet(_) | Self::Unavailable(_) | Self::Busy(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::TooManyRequests {

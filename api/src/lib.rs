@@ -17,6 +17,7 @@
 //! `projections` keeps.
 
 pub mod admin;
+pub mod admission;
 pub mod ads;
 pub mod analytics;
 pub mod audit;
@@ -200,8 +201,8 @@ impl AppState {
 }
 
 /// The router with every route and layer. Layers from the outside in: request timeout, body
-/// limit, authentication (the principal), rate limit (per principal or peer), the role gate
-/// ([`auth::gate`]), idempotency.
+/// limit, authentication (the principal), rate limit (per principal or peer), admission (the
+/// API's capacity, [`admission`]), the role gate ([`auth::gate`]), idempotency.
 pub fn router(
     state: AppState,
     config: &ApiConfig,
@@ -225,6 +226,10 @@ pub fn router(
     // Every route's role check, before it reads anything (inside authentication, outside the
     // idempotency layer: a refused request claims no key).
     let routes = routes.layer(axum::middleware::from_fn_with_state(policy, auth::gate));
+    let routes = routes.layer(axum::middleware::from_fn_with_state(
+        config.admission(&state.pool),
+        admission::admit,
+    ));
     let routes = match &limiter {
         Some(limiter) => routes.layer(axum::middleware::from_fn_with_state(
             limiter.clone(),

@@ -167,12 +167,19 @@ async fn main() {
         started.elapsed().as_secs_f64(),
         ctx.next.load(Ordering::Relaxed)
     );
+    let rate_limited = ctx.rate_limited.load(Ordering::Relaxed);
     println!(
-        "HTTP commands/s               {:>8.1}   (429s: {}, retried requests: {}; drained in {:.1} s)",
+        "HTTP commands/s               {:>8.1}   (drained in {:.1} s)",
         commands_done as f64 / window_s,
-        ctx.rate_limited.load(Ordering::Relaxed),
-        ctx.retries.load(Ordering::Relaxed),
         drain.as_secs_f64()
+    );
+    println!(
+        "  answered 429 (rate limit) {rate_limited}, 503 (at capacity, Retry-After) {}, 408 (API timeout) {}; \
+         no answer (transport error, client timeout) {}; requests retried {}",
+        ctx.refused.load(Ordering::Relaxed) - rate_limited,
+        ctx.timed_out.load(Ordering::Relaxed),
+        ctx.transport_errors.load(Ordering::Relaxed),
+        ctx.retries.load(Ordering::Relaxed),
     );
     let line = |name: &str, s: Summary| {
         println!(

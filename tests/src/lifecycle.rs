@@ -70,6 +70,9 @@ pub struct Ctx {
     pub in_progress: AtomicU64,
     /// Answers 408: the API's request timeout struck, the effect unknown (retried).
     pub timed_out: AtomicU64,
+    /// Requests that got no answer: refused connections, resets, the client's own timeout
+    /// (retried).
+    pub transport_errors: AtomicU64,
     /// Every 5xx but 503 a client saw, with its body: a retriable request must never meet one.
     pub server_errors: Mutex<Vec<String>>,
     pub stop: AtomicBool,
@@ -109,6 +112,7 @@ impl Ctx {
             retries: AtomicU64::new(0),
             in_progress: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
+            transport_errors: AtomicU64::new(0),
             server_errors: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         }
@@ -182,6 +186,7 @@ pub async fn send(
                 }
             }
             Err(e) => {
+                ctx.transport_errors.fetch_add(1, Ordering::Relaxed);
                 if Instant::now() > give_up {
                     return Err(format!("{method} {url}: {e}"));
                 }
