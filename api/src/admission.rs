@@ -10,19 +10,24 @@
 //! way (their steps, the courier's, the store's) keep going. The answer says to retry after a
 //! second with the same `Idempotency-Key`, which the apps do.
 //!
-//! Probes, metrics, the console's files and event streams (long-lived, holding no connection
-//! between events) are never held back.
+//! A request's body is read before it takes a slot, so a client sending its body slowly holds
+//! no slot meanwhile (the request timeout bounds it). Probes, metrics, the console's files,
+//! event streams (long-lived, holding no connection between events) and read-your-writes
+//! waits (`?position=`: they wait on the projector's signal, not the database, and each client
+//! may have only `API_MAX_WAITS_PER_CLIENT` of them) are never held back.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::body::Body;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
+use crate::extract::RawBody;
 
 /// The API's admission limit (see the module documentation).
 #[derive(Debug)]
@@ -59,12 +64,14 @@ impl Admission {
     }
 }
 
-fn kind(method: &Method, path: &str) -> Kind {
+fn kind(method: &Method, path: &str, query: Option<&str>) -> Kind {
+    let waits = query.is_some_and(|q| q.split('&').any(|pair| pair.starts_with("position=")));
     let exempt = path.starts_with("/health/")
         || path == "/metrics"
         || path == "/openapi.json"
         || path.starts_with("/console")
-        || path.ends_with("/stream");
+        || path.ends_with("/stream")
+        || waits;
     if exempt {
         Kind::Exempt
     } else if method == Method::POST && path == "/orders" {
@@ -81,10 +88,22 @@ pub async fn admit(
     request: Request,
     next: Next,
 ) -> Response {
-    let kind = kind(request.method(), request.uri().path());
+    let kind = kind(
+        request.method(),
+        request.uri().path(),
+        request.uri().query(),
+    );
     if kind == Kind::Exempt {
         return next.run(request).await;
     }
+    let request = if request.method() == Method::GET {
+        request
+    } else {
+        match RawBody::from_request(request, &()).await {
+            Ok(RawBody(parts, bytes)) => Request::from_parts(parts, Body::from(bytes)),
+            Err(problem) => return problem.into_response(),
+        }
+    };
     let permit =
         match tokio::time::timeout(admission.wait_for(kind), admission.slots.acquire()).await {
             Ok(Ok(permit)) => permit,
@@ -116,10 +135,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placements_are_new_work_and_streams_probes_and_files_are_never_held_back() {
-        assert_eq!(kind(&Method::POST, "/orders"), Kind::Placement);
-        assert_eq!(kind(&Method::GET, "/orders"), Kind::Other);
-        assert_eq!(kind(&Method::POST, "/orders/o-1/actions"), Kind::Other);
+    fn placements_are_new_work_and_streams_waits_probes_and_files_are_never_held_back() {
+        assert_eq!(kind(&Method::POST, "/orders", None), Kind::Placement);
+        assert_eq!(kind(&Method::GET, "/orders", Some("limit=5")), Kind::Other);
+        assert_eq!(
+            kind(&Method::POST, "/orders/o-1/actions", None),
+            Kind::Other
+        );
+        assert_eq!(
+            kind(
+                &Method::GET,
+                "/orders/o-1/tracking",
+                Some("x=1&position=abc")
+            ),
+            Kind::Exempt
+        );
         for path in [
             "/health/ready",
             "/metrics",
@@ -128,7 +158,7 @@ mod tests {
             "/orders/o-1/tracking/stream",
             "/customers/c-1/notifications/stream",
         ] {
-            assert_eq!(kind(&Method::GET, path), Kind::Exempt, "{path}");
+            assert_eq!(kind(&Method::GET, path, None), Kind::Exempt, "{path}");
         }
     }
 
