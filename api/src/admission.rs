@@ -81,8 +81,10 @@ fn kind(method: &Method, path: &str, query: Option<&str>) -> Kind {
     }
 }
 
-/// The layer: inside authentication and the rate limit (a client over its own limit is told
-/// so, not that the backbone is full), outside the role gate and everything that reads.
+/// The layer: inside authentication, the rate limit (a client over its own limit is told so,
+/// not that the backbone is full), the role gate and the webhooks' signatures (a request
+/// refused by them takes no slot); outside idempotency and the handlers, which read the
+/// database.
 pub async fn admit(
     State(admission): State<Arc<Admission>>,
     request: Request,

@@ -201,8 +201,9 @@ impl AppState {
 }
 
 /// The router with every route and layer. Layers from the outside in: request timeout, body
-/// limit, authentication (the principal), rate limit (per principal or peer), admission (the
-/// API's capacity, [`admission`]), the role gate ([`auth::gate`]), idempotency.
+/// limit, authentication (the principal), rate limit (per principal or peer), the role gate
+/// ([`auth::gate`]), the webhooks' signatures, admission (the API's capacity, [`admission`]),
+/// idempotency.
 pub fn router(
     state: AppState,
     config: &ApiConfig,
@@ -217,6 +218,11 @@ pub fn router(
             config.idempotency(state.pool.clone()),
             idempotency::middleware,
         ));
+    // Admission, once the caller is known to be allowed (a refusal takes no slot).
+    let routes = routes.layer(axum::middleware::from_fn_with_state(
+        config.admission(&state.pool),
+        admission::admit,
+    ));
     // Payment webhooks authenticate by signature, bound to their order, before idempotency and
     // the size check: an unauthenticated one stores nothing under its key.
     let routes = routes.layer(axum::middleware::from_fn_with_state(
@@ -226,10 +232,6 @@ pub fn router(
     // Every route's role check, before it reads anything (inside authentication, outside the
     // idempotency layer: a refused request claims no key).
     let routes = routes.layer(axum::middleware::from_fn_with_state(policy, auth::gate));
-    let routes = routes.layer(axum::middleware::from_fn_with_state(
-        config.admission(&state.pool),
-        admission::admit,
-    ));
     let routes = match &limiter {
         Some(limiter) => routes.layer(axum::middleware::from_fn_with_state(
             limiter.clone(),

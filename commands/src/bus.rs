@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{SecondsFormat, Utc};
-use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework, DomainEvent, EventEnvelope, Query};
-use postgres_es::PostgresEventRepository;
 use rand::Rng;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::repeat::{repeating, ExecutedBefore, RepeatAwareRepository};
+use crate::repeat::{repeating, ExecutedBefore};
+use crate::snapshots::SnapshotStore;
 use crate::store::EventStoreDb;
 use crate::trace::TraceParent;
 
@@ -218,13 +217,13 @@ impl<A: Aggregate> Query<A> for CaptureCommitted {
     }
 }
 
-type Store<A> = PersistedEventStore<RepeatAwareRepository, A>;
+type Store<A> = SnapshotStore<A>;
 type Framework<A> = CqrsFramework<A, Store<A>>;
 
-/// The postgres-es event store of aggregate type `A`, reading old shapes through the upcasters.
+/// The postgres-es event store of aggregate type `A`, reading old shapes through the upcasters,
+/// with snapshots where [`crate::snapshots`] keeps them.
 fn event_store<A: Aggregate>(store: &EventStoreDb) -> Store<A> {
-    let repo = RepeatAwareRepository::new(PostgresEventRepository::new(store.pool().clone()));
-    PersistedEventStore::new_event_store(repo).with_upcasters(schemas::upcasters())
+    SnapshotStore::new(store.pool())
 }
 
 /// Executes commands of aggregate type `A` against the event store.

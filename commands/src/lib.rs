@@ -17,6 +17,7 @@ pub mod log;
 pub mod pii;
 pub mod promotions;
 mod repeat;
+pub mod snapshots;
 pub mod store;
 pub mod stuck;
 pub mod trace;

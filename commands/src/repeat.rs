@@ -2,11 +2,12 @@
 //!
 //! A repeatable command (its id derived from its cause, see
 //! [`crate::CommandContext::repeatable`]) must not append twice. Its events carry its id in their
-//! metadata, and `cqrs-es` loads every event of the aggregate, metadata included, before it
-//! decides. So the check rides on that load instead of costing a query of its own: while a
-//! repeatable command runs, [`RepeatAwareRepository`] looks for its id among the loaded events
-//! and, when they hold it, ends the execution with [`ExecutedBefore`], which the bus answers
-//! with what that earlier execution committed.
+//! metadata, and `cqrs-es` loads every event of the aggregate (or every event after its
+//! snapshot, see [`crate::snapshots`]), metadata included, before it decides. So the check
+//! rides on that load instead of costing a query of its own: while a repeatable command runs,
+//! [`RepeatAwareRepository`] looks for its id among the loaded events and, when they hold it,
+//! ends the execution with [`ExecutedBefore`], which the bus answers with what that earlier
+//! execution committed.
 
 use std::future::Future;
 
@@ -70,31 +71,43 @@ fn appended_by(events: &[SerializedEvent], command_id: Uuid) -> Vec<(usize, Stri
         .collect()
 }
 
+/// `events`, or [`ExecutedBefore`] when the repeatable command this task runs appended some of
+/// them.
+fn unless_executed_before(
+    events: Vec<SerializedEvent>,
+) -> Result<Vec<SerializedEvent>, PersistenceError> {
+    if let Ok(command_id) = REPEATING.try_with(|id| *id) {
+        let earlier = appended_by(&events, command_id);
+        if !earlier.is_empty() {
+            return Err(PersistenceError::UnknownError(Box::new(ExecutedBefore {
+                events: earlier,
+            })));
+        }
+    }
+    Ok(events)
+}
+
 impl PersistedEventRepository for RepeatAwareRepository {
     async fn get_events<A: Aggregate>(
         &self,
         aggregate_id: &str,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
         let events = self.inner.get_events::<A>(aggregate_id).await?;
-        if let Ok(command_id) = REPEATING.try_with(|id| *id) {
-            let earlier = appended_by(&events, command_id);
-            if !earlier.is_empty() {
-                return Err(PersistenceError::UnknownError(Box::new(ExecutedBefore {
-                    events: earlier,
-                })));
-            }
-        }
-        Ok(events)
+        unless_executed_before(events)
     }
 
+    /// A snapshotted aggregate's load: the events after its snapshot, which are all a repeat
+    /// can be looked for in (see [`crate::snapshots`] for why that is enough).
     async fn get_last_events<A: Aggregate>(
         &self,
         aggregate_id: &str,
         last_sequence: usize,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        self.inner
+        let events = self
+            .inner
             .get_last_events::<A>(aggregate_id, last_sequence)
-            .await
+            .await?;
+        unless_executed_before(events)
     }
 
     async fn get_snapshot<A: Aggregate>(

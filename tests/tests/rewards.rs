@@ -1,10 +1,12 @@
-//! The rewards ledger against the real event store: concurrent redemptions never overdraw.
+//! The rewards ledger against the real event store: concurrent redemptions never overdraw, and
+//! a long ledger loads from its snapshot to exactly the state its events add up to.
 
 use std::sync::Arc;
 
 use backbone_tests::TestEnv;
 use commands::{CommandBus, CommandContext, CommandError};
-use domain::rewards::{RewardsCommand, RewardsError, RewardsLedger, RewardsServices};
+use cqrs_es::Aggregate;
+use domain::rewards::{RewardsCommand, RewardsError, RewardsEvent, RewardsLedger, RewardsServices};
 use domain::services::SystemClock;
 use domain::{Currency, CustomerId, Money, OrderId};
 
@@ -75,5 +77,137 @@ async fn fifty_concurrent_redemptions_never_overdraw_and_every_refusal_says_why(
     .await
     .expect("ledger");
     assert_eq!((earned_points, redeemed_points), (1_000, 1_000));
+    env.stop().await;
+}
+
+/// Every rewards event of `customer` in the store, in order, folded into a ledger from nothing:
+/// the state a load must arrive at, however it is loaded.
+async fn folded(env: &TestEnv, customer: &str, up_to: i64) -> RewardsLedger {
+    let payloads: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT payload::jsonb FROM events WHERE aggregate_type = 'rewards' \
+         AND aggregate_id = $1 AND sequence <= $2 ORDER BY sequence",
+    )
+    .bind(customer)
+    .bind(up_to)
+    .fetch_all(env.pool())
+    .await
+    .expect("events");
+    let mut ledger = RewardsLedger::default();
+    for payload in payloads {
+        ledger.apply(serde_json::from_value::<RewardsEvent>(payload).expect("a rewards event"));
+    }
+    ledger
+}
+
+/// The customer's ledger as the command side loads it (snapshot, then the events after it).
+async fn loaded(ledger: &CommandBus<RewardsLedger>, customer: &str) -> RewardsLedger {
+    ledger.state(customer, Clone::clone).await.expect("loaded")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_ledger_loads_from_its_snapshot_to_exactly_what_its_events_add_up_to() {
+    let env = TestEnv::start("snapshots").await;
+    let ledger: Arc<CommandBus<RewardsLedger>> = Arc::new(CommandBus::new(
+        env.store.clone(),
+        RewardsServices::new(Arc::new(SystemClock)),
+    ));
+    let customer = CustomerId::new().to_string();
+    // Four writers at once (their conflicts retried), each earning then spending part of it:
+    // 240 events, past four snapshot intervals.
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..4 {
+        let (ledger, customer) = (ledger.clone(), customer.clone());
+        writers.spawn(async move {
+            for i in 0..30 {
+                let order_id = OrderId::new();
+                for command in [
+                    RewardsCommand::EarnPoints {
+                        order_id,
+                        order_total: Money::new(1_000, Currency::parse("GBP").expect("GBP"))
+                            .expect("money"),
+                        points_per_100_minor: 10,
+                        expires_in_days: 365,
+                        idempotency_key: format!("earn-{writer}-{i}"),
+                    },
+                    RewardsCommand::RedeemPoints {
+                        order_id,
+                        points: 30,
+                        idempotency_key: format!("redeem-{writer}-{i}"),
+                    },
+                ] {
+                    ledger
+                        .execute(&customer, command, &CommandContext::new("system:test"))
+                        .await
+                        .expect("executed");
+                }
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("writer");
+    }
+    let every = commands::snapshots::EVERY as i64;
+    let (last_sequence, number): (i64, i64) = sqlx::query_as(
+        "SELECT last_sequence, current_snapshot FROM snapshots \
+         WHERE aggregate_type = 'rewards' AND aggregate_id = $1",
+    )
+    .bind(&customer)
+    .fetch_one(env.pool())
+    .await
+    .expect("a snapshot");
+    assert_eq!((last_sequence, number), (240 / every * every, 240 / every));
+
+    // The snapshot is the state after exactly the events up to its sequence, each once.
+    let snapshot: serde_json::Value = sqlx::query_scalar(
+        "SELECT payload FROM snapshots WHERE aggregate_type = 'rewards' AND aggregate_id = $1",
+    )
+    .bind(&customer)
+    .fetch_one(env.pool())
+    .await
+    .expect("its state");
+    let snapshot: RewardsLedger = serde_json::from_value(snapshot).expect("a ledger");
+    let expected = folded(&env, &customer, last_sequence).await;
+    assert_eq!(
+        (snapshot.balance, snapshot.lifetime_earned),
+        (expected.balance, expected.lifetime_earned),
+        "the snapshot's balance and lifetime points"
+    );
+    assert!(
+        snapshot == expected,
+        "the snapshot differs from its events' fold"
+    );
+    // A load (that snapshot, then the 40 events after it) is the whole history's state.
+    let everything = folded(&env, &customer, i64::MAX).await;
+    assert_eq!(loaded(&ledger, &customer).await, everything);
+    assert_eq!(everything.balance, 4 * 30 * (100 - 30));
+    assert_eq!(everything.processed_keys.len(), 240);
+
+    // A snapshot that no longer reads as a ledger (its shape changed in a release) is passed
+    // over: the load replays every event, and writing goes on.
+    sqlx::query(
+        "UPDATE snapshots SET payload = '{\"an\": \"older shape\"}' \
+         WHERE aggregate_type = 'rewards' AND aggregate_id = $1",
+    )
+    .bind(&customer)
+    .execute(env.pool())
+    .await
+    .expect("an unreadable snapshot");
+    assert_eq!(loaded(&ledger, &customer).await, everything);
+    ledger
+        .execute(
+            &customer,
+            RewardsCommand::RedeemPoints {
+                order_id: OrderId::new(),
+                points: 1,
+                idempotency_key: "after-the-old-snapshot".to_owned(),
+            },
+            &CommandContext::new("customer:test"),
+        )
+        .await
+        .expect("redeemed");
+    assert_eq!(
+        loaded(&ledger, &customer).await,
+        folded(&env, &customer, i64::MAX).await
+    );
     env.stop().await;
 }
