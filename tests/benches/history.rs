@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::orders::PlaceOrderRequest;
+use backbone_tests::lifecycle::placement_request;
 use backbone_tests::load::{catalogue_with_stores, env_or, machine, Backbone, Summary};
-use backbone_tests::{address_in, token, Role};
+use backbone_tests::{token, Role};
 use commands::{CommandBus, CommandContext, EventStoreConfig, EventStoreDb};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::EventStore;
@@ -135,7 +136,7 @@ async fn main() {
         let customer = if old { loyal } else { newcomer };
         let (http, bearer, url) = (http.clone(), as_customer(customer), format!("{api}/orders"));
         async move {
-            let body = placement(customer, fresh);
+            let body = placement_request(customer, fresh);
             call(&http, &bearer, Method::POST, &url, Some(&body)).await
         }
     })
@@ -222,20 +223,6 @@ async fn write_ledger(rewards: &CommandBus<RewardsLedger>, customer: Uuid, event
     }
 }
 
-/// A placement as the apps send it, of `customer` at `store`.
-fn placement(customer: Uuid, store: Uuid) -> Value {
-    json!({
-        "customer_id": customer,
-        "store_id": store,
-        "region": "uk",
-        "items": [
-            {"item_id": "margherita", "quantity": 2, "options": ["extra-cheese"]},
-            {"item_id": "cola", "quantity": 1}
-        ],
-        "delivery_address": address_in("uk"),
-    })
-}
-
 /// `orders` placements at `store`, each of a customer of its own, by [`WRITERS`] writers.
 async fn place_history(bus: &Arc<CommandBus<Order>>, store: Uuid, orders: usize) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -246,7 +233,8 @@ async fn place_history(bus: &Arc<CommandBus<Order>>, store: Uuid, orders: usize)
             let context = CommandContext::new("system:history");
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < orders {
                 let request: PlaceOrderRequest =
-                    serde_json::from_value(placement(Uuid::new_v4(), store)).expect("a request");
+                    serde_json::from_value(placement_request(Uuid::new_v4(), store))
+                        .expect("a request");
                 let command = OrderCommand::try_from(request).expect("a placement");
                 bus.execute(&OrderId::new().to_string(), command, &context)
                     .await
@@ -384,7 +372,7 @@ async fn accept_orders(
                 .post(format!("{api}/orders"))
                 .bearer_auth(&bearer)
                 .header("idempotency-key", Uuid::new_v4().to_string())
-                .json(&placement(customer, store))
+                .json(&placement_request(customer, store))
                 .send()
                 .await
                 .expect("placed");

@@ -739,6 +739,18 @@ pub async fn place_request(
     placed["order_id"].as_str().expect("an order id").to_owned()
 }
 
+/// The API's Prometheus metrics (`GET /metrics`), as text.
+pub async fn metrics_text(client: &reqwest::Client, api: &str) -> String {
+    client
+        .get(format!("{api}/metrics"))
+        .send()
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// The JSON body of a GET, or `None` if the request or the body failed: for probes that
 /// [`eventually`] retries.
 pub async fn json_of(

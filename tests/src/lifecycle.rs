@@ -350,14 +350,9 @@ async fn poll_for(ctx: &Ctx, bearer: &str, order: &str, wanted: &str) -> Result<
     }
 }
 
-/// One whole order, from placement to `Completed`.
-pub async fn lifecycle(ctx: &Ctx) -> Result<(), String> {
-    let n = ctx.next.fetch_add(1, Ordering::Relaxed) as usize;
-    let api = &ctx.api;
-    let customer = Uuid::new_v4();
-    let customer_token = token(Role::Customer, customer);
-    let (store, store_token) = &ctx.stores[n % ctx.stores.len()];
-    let request = json!({
+/// A placement as the apps send it: `customer`'s order of two pizzas and a cola at `store`.
+pub fn placement_request(customer: Uuid, store: Uuid) -> Value {
+    json!({
         "customer_id": customer,
         "store_id": store,
         "region": "uk",
@@ -366,7 +361,17 @@ pub async fn lifecycle(ctx: &Ctx) -> Result<(), String> {
             {"item_id": "cola", "quantity": 1}
         ],
         "delivery_address": address_in("uk"),
-    });
+    })
+}
+
+/// One whole order, from placement to `Completed`.
+pub async fn lifecycle(ctx: &Ctx) -> Result<(), String> {
+    let n = ctx.next.fetch_add(1, Ordering::Relaxed) as usize;
+    let api = &ctx.api;
+    let customer = Uuid::new_v4();
+    let customer_token = token(Role::Customer, customer);
+    let (store, store_token) = &ctx.stores[n % ctx.stores.len()];
+    let request = placement_request(customer, *store);
     let started = Instant::now();
     let placed = command(
         ctx,

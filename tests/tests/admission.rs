@@ -120,14 +120,7 @@ async fn a_full_api_refuses_at_once_and_the_retry_with_the_same_key_places_the_o
         .await
         .expect("sent");
     assert_eq!(live.status(), 200);
-    let metrics = client()
-        .get(format!("{api}/metrics"))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("text");
+    let metrics = backbone_tests::metrics_text(&client(), &api).await;
     assert!(
         metrics.contains("api_shed_total{request=\"placement\"} 1"),
         "{metrics}"

@@ -234,14 +234,7 @@ async fn the_api_serves_its_openapi_document_metrics_and_health() {
         .send()
         .await
         .expect("sent");
-    let metrics = client
-        .get(format!("{api}/metrics"))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("text");
+    let metrics = backbone_tests::metrics_text(&client, &api).await;
     assert!(metrics.contains("commands_total"), "{metrics}");
 
     let live = client

@@ -99,14 +99,7 @@ async fn lag_in_seconds_is_the_age_of_the_oldest_waiting_record_not_the_idle_tim
         seconds < 5.0,
         "lag is the waiting record's age, not idle time: {status}"
     );
-    let metrics = client
-        .get(format!("{api}/metrics"))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("text");
+    let metrics = backbone_tests::metrics_text(&client, &api).await;
     let gauge = sample(&metrics, "projector_lag_seconds", "tracking").expect("the gauge");
     assert!(gauge > 0.0 && gauge < 5.0, "projector_lag_seconds {gauge}");
 
