@@ -318,7 +318,7 @@ pub async fn balance(
         .state(&id, |ledger| {
             let mut lots: Vec<LotView> = ledger
                 .lots
-                .iter()
+                .values()
                 .filter(|l| l.remaining > 0)
                 .map(|l| LotView {
                     lot: l.lot,

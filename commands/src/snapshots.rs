@@ -65,6 +65,7 @@ pub(crate) struct SnapshotStore<A: Aggregate> {
     inner: PersistedEventStore<RepeatAwareRepository, A>,
     /// The same repository, for the commits that write a snapshot.
     repo: RepeatAwareRepository,
+    pool: sqlx::PgPool,
     every: Option<usize>,
 }
 
@@ -81,8 +82,21 @@ impl<A: Aggregate> SnapshotStore<A> {
         Self {
             inner,
             repo: repo(),
+            pool: pool.clone(),
             every,
         }
+    }
+}
+
+impl<A: Aggregate> SnapshotStore<A> {
+    async fn drop_snapshots(&self, aggregate_id: &str) -> Result<(), AggregateError<A::Error>> {
+        sqlx::query("DELETE FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2")
+            .bind(A::TYPE)
+            .bind(aggregate_id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| AggregateError::UnexpectedError(Box::new(e)))?;
+        Ok(())
     }
 }
 
@@ -134,7 +148,16 @@ impl<A: Aggregate> EventStore<A> for SnapshotStore<A> {
         // the last one, which `postgres-es` records the snapshot at.
         let state = serde_json::to_value(&context.aggregate)
             .map_err(|e| AggregateError::UnexpectedError(Box::new(e)))?;
-        let next = context.current_snapshot.map_or(1, |n| n + 1);
+        let next = match context.current_snapshot {
+            Some(current) => current + 1,
+            None => {
+                // Loaded without a snapshot: there is none, or it no longer reads as the
+                // aggregate's state (its shape changed). Such a row would be read, and passed
+                // over, by every load from now on: it goes before the first new one is written.
+                self.drop_snapshots(&context.aggregate_id).await?;
+                1
+            }
+        };
         tracing::debug!(
             aggregate_type = A::TYPE,
             every,

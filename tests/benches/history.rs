@@ -3,8 +3,9 @@
 //! same latency as a new customer and a new store.
 //!
 //! The backbone runs as in production (release binaries, each its own process). The history is
-//! written through the command bus, as the backbone's own commands write it: the ledger one
-//! earn and one redemption after another, the store's orders by eight writers side by side.
+//! written through the command bus, as the backbone's own commands write it: the ledger as five
+//! years of orders write it (an earn and a redemption per order, nine hours apart, the weekly
+//! sweep of expired points), the store's orders by eight writers side by side.
 //! The relay publishes it and the projectors apply it; the process manager is stopped meanwhile
 //! and then joins at the end of its topics (the history is the past, not work to do: a store's
 //! 100,000 old placements are not to be paid again). Then, one request at a time, alternating
@@ -29,12 +30,13 @@ use api::orders::PlaceOrderRequest;
 use backbone_tests::lifecycle::placement_request;
 use backbone_tests::load::{catalogue_with_stores, env_or, machine, Backbone, Summary};
 use backbone_tests::{token, Role};
+use chrono::{DateTime, Utc};
 use commands::{CommandBus, CommandContext, EventStoreConfig, EventStoreDb};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::EventStore;
 use domain::order::{Order, OrderCommand};
 use domain::rewards::{RewardsCommand, RewardsLedger, RewardsServices};
-use domain::services::{OrderServices, SystemClock};
+use domain::services::{Clock, OrderServices, SystemClock};
 use domain::{Currency, CustomerId, Money, OrderId};
 use postgres_es::PostgresEventRepository;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -81,10 +83,6 @@ async fn main() {
     }
     .catalogue()
     .expect("catalogue");
-    let rewards = CommandBus::<RewardsLedger>::new(
-        store.clone(),
-        RewardsServices::new(Arc::new(SystemClock)),
-    );
     let orders = Arc::new(CommandBus::<Order>::new(
         store.clone(),
         OrderServices::new(Arc::new(catalogue), Arc::new(SystemClock)),
@@ -92,8 +90,8 @@ async fn main() {
 
     let (loyal, newcomer) = (Uuid::new_v4(), Uuid::new_v4());
     let started = Instant::now();
-    write_ledger(&rewards, loyal, ledger_events).await;
-    write_ledger(&rewards, newcomer, 2).await;
+    write_ledger(&store, loyal, ledger_events).await;
+    write_ledger(&store, newcomer, 2).await;
     println!(
         "history: {ledger_events} rewards events of one customer in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -193,26 +191,50 @@ async fn main() {
     let _ = std::fs::remove_file(&catalogue_file);
 }
 
-/// `events` rewards events on `customer`'s ledger: an earn (100 points), then a redemption of
-/// 30, in turn, one command after another.
-async fn write_ledger(rewards: &CommandBus<RewardsLedger>, customer: Uuid, events: usize) {
+/// The ledgers' clock while the history is written: set to each write's moment.
+#[derive(Debug)]
+struct HistoryClock(std::sync::Mutex<DateTime<Utc>>);
+
+impl Clock for HistoryClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().expect("clock")
+    }
+}
+
+/// How far apart a loyal customer's orders are: 10,000 ledger events, an earn and a
+/// redemption per order, over about five years.
+const ORDER_EVERY_HOURS: i64 = 9;
+
+/// `events` rewards events on `customer`'s ledger, as years of orders write them: per order,
+/// an earn (100 points, kept 365 days) and a redemption of 90 on the next order, one order
+/// every [`ORDER_EVERY_HOURS`], the last just now; and every week the sweep of expired points
+/// an operator runs (its events come on top).
+async fn write_ledger(store: &EventStoreDb, customer: Uuid, events: usize) {
+    let orders = i64::try_from(events.div_ceil(2)).expect("a count");
+    let clock = Arc::new(HistoryClock(std::sync::Mutex::new(
+        Utc::now() - chrono::Duration::hours(orders * ORDER_EVERY_HOURS),
+    )));
+    let rewards =
+        CommandBus::<RewardsLedger>::new(store.clone(), RewardsServices::new(clock.clone()));
     let id = CustomerId::from_uuid(customer).to_string();
     let context = CommandContext::new("system:history");
+    let mut last_sweep = clock.now();
     for i in 0..events {
         let order_id = OrderId::new();
         let command = if i % 2 == 0 {
+            *clock.0.lock().expect("clock") += chrono::Duration::hours(ORDER_EVERY_HOURS);
             RewardsCommand::EarnPoints {
                 order_id,
                 order_total: Money::new(1_000, Currency::parse("GBP").expect("GBP"))
                     .expect("money"),
                 points_per_100_minor: 10,
-                expires_in_days: 3_650,
+                expires_in_days: 365,
                 idempotency_key: format!("earn-{i}"),
             }
         } else {
             RewardsCommand::RedeemPoints {
                 order_id,
-                points: 30,
+                points: 90,
                 idempotency_key: format!("redeem-{i}"),
             }
         };
@@ -220,6 +242,21 @@ async fn write_ledger(rewards: &CommandBus<RewardsLedger>, customer: Uuid, event
             .execute(&id, command, &context)
             .await
             .expect("a ledger write");
+        let now = clock.now();
+        if now - last_sweep >= chrono::Duration::days(7) {
+            last_sweep = now;
+            rewards
+                .execute(
+                    &id,
+                    RewardsCommand::ExpirePoints {
+                        as_of: now,
+                        idempotency_key: format!("sweep-{i}"),
+                    },
+                    &context,
+                )
+                .await
+                .expect("a sweep");
+        }
     }
 }
 

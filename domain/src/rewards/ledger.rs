@@ -1,10 +1,13 @@
 //! The lots of a ledger: which lot a debit takes its points from, and how taking, giving back
-//! and opening lots keep the balance equal to the sum of the lots' remaining points.
+//! and opening lots keep the balance equal to the sum of the lots' remaining points; and the
+//! closing of the books on what is past [`super::BOOKS_OPEN_DAYS`].
 
-use chrono::{DateTime, Utc};
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{RewardsError, RewardsLedger};
+use super::{RewardsError, RewardsLedger, BOOKS_OPEN_DAYS};
 use crate::Money;
 
 /// Points taken from (or given back to) one lot.
@@ -36,6 +39,8 @@ pub struct OrderEarning {
     pub order_total: Money,
     /// Taken back (or written off) because the order was refunded.
     pub reversed: u64,
+    /// When the points were earned.
+    pub at: DateTime<Utc>,
 }
 
 /// A redemption on one order, remembered so that a cancellation can give it back.
@@ -44,32 +49,32 @@ pub struct Redemption {
     pub points: u64,
     pub lots: Vec<LotPoints>,
     pub restored: bool,
+    /// When the points were redeemed.
+    pub at: DateTime<Utc>,
 }
 
 impl RewardsLedger {
     /// One lot by its number.
     pub fn lot(&self, lot: u32) -> Option<&PointsLot> {
-        let index = usize::try_from(lot).ok()?.checked_sub(1)?;
-        self.lots.get(index).filter(|l| l.lot == lot)
+        self.lots.get(&lot)
     }
 
     fn lot_mut(&mut self, lot: u32) -> Option<&mut PointsLot> {
-        let index = usize::try_from(lot).ok()?.checked_sub(1)?;
-        self.lots.get_mut(index).filter(|l| l.lot == lot)
+        self.lots.get_mut(&lot)
     }
 
     /// Points that can be spent at `now`: the rest of every lot not yet past its expiry.
     pub fn available_at(&self, now: DateTime<Utc>) -> u64 {
         self.lots
-            .iter()
+            .values()
             .filter(|l| l.expires_at > now)
             .map(|l| l.remaining)
             .sum()
     }
 
     /// The number the next lot gets.
-    pub(super) fn next_lot(&self) -> u32 {
-        u32::try_from(self.lots.len() + 1).unwrap_or(u32::MAX)
+    pub(super) const fn next_lot(&self) -> u32 {
+        self.lots_opened.saturating_add(1)
     }
 
     /// Which lots a debit of `points` at `now` takes from: the lots that expire first, skipping
@@ -86,7 +91,7 @@ impl RewardsLedger {
         }
         let mut live: Vec<&PointsLot> = self
             .lots
-            .iter()
+            .values()
             .filter(|l| l.remaining > 0 && l.expires_at > now)
             .collect();
         live.sort_by_key(|l| (l.expires_at, l.lot));
@@ -116,7 +121,7 @@ impl RewardsLedger {
     ) -> Vec<LotPoints> {
         let mut live: Vec<&PointsLot> = self
             .lots
-            .iter()
+            .values()
             .filter(|l| l.remaining > 0 && l.expires_at > now)
             .collect();
         live.sort_by_key(|l| (l.lot != own_lot, l.expires_at, l.lot));
@@ -158,13 +163,48 @@ impl RewardsLedger {
 
     /// Adds a lot of fresh points.
     pub(super) fn open_lot(&mut self, lot: u32, points: u64, expires_at: DateTime<Utc>) {
-        self.lots.push(PointsLot {
+        self.lots.insert(
             lot,
-            points,
-            expires_at,
-            remaining: points,
-        });
+            PointsLot {
+                lot,
+                points,
+                expires_at,
+                remaining: points,
+            },
+        );
+        self.lots_opened = self.lots_opened.max(lot);
         self.balance = self.balance.saturating_add(points);
+    }
+
+    /// Closes the books on what happened before `now` less [`BOOKS_OPEN_DAYS`], at most once
+    /// a day of the ledger's own time: the earnings, redemptions and idempotency keys older
+    /// than that, and the lots left with no points that no open redemption could give points
+    /// back to. Nothing spendable goes: a lot keeps its points until they are spent, expired or
+    /// reversed, whatever its age; the balance and the lifetime total are unchanged.
+    pub(super) fn close_books(&mut self, now: DateTime<Utc>) {
+        let horizon = now - Duration::days(BOOKS_OPEN_DAYS);
+        if self
+            .closed_before
+            .is_some_and(|closed| horizon < closed + Duration::days(1))
+        {
+            return;
+        }
+        self.closed_before = Some(horizon);
+        self.earnings.retain(|_, earning| earning.at >= horizon);
+        let earnings = &self.earnings;
+        self.earned_orders
+            .retain(|order| earnings.contains_key(order));
+        self.redemptions
+            .retain(|_, redemption| redemption.at >= horizon);
+        self.processed_keys.retain(|_, at| *at >= horizon);
+        let restorable: BTreeSet<u32> = self
+            .redemptions
+            .values()
+            .filter(|redemption| !redemption.restored)
+            .flat_map(|redemption| redemption.lots.iter().map(|taken| taken.lot))
+            .collect();
+        self.lots
+            .retain(|number, lot| lot.remaining > 0 || restorable.contains(number));
     }
 }
 

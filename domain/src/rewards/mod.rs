@@ -56,6 +56,12 @@ pub const MAX_EXPIRY_DAYS: u32 = 3_650;
 pub const MAX_EARN_RATE: u32 = 10_000;
 /// The highest donation rate, in minor units per 100 points.
 pub const MAX_DONATION_RATE: u32 = 100_000;
+/// How long the books stay open on an order's earning and redemption and on a write's
+/// idempotency key, in days: a refund takes an order's points back, a cancellation gives its
+/// redemption back and a repeated key is recognised within this window; after it, the ledger
+/// forgets them (and the lots they could no longer touch), so that its state is bounded by what
+/// can still change rather than by its history. Refunds and cancellations come within days.
+pub const BOOKS_OPEN_DAYS: i64 = 90;
 /// A multiplier of 1x, in basis points: what earning uses without a running subscription.
 pub const NO_MULTIPLIER_BP: u32 = 10_000;
 /// The highest subscription multiplier, in basis points (5x).
@@ -287,6 +293,33 @@ impl RewardsEvent {
         "PointsReversed",
     ];
 
+    /// When the event happened (its own timestamp).
+    pub fn at(&self) -> DateTime<Utc> {
+        match self {
+            Self::PointsEarned { earned_at: at, .. }
+            | Self::PointsRedeemed {
+                redeemed_at: at, ..
+            }
+            | Self::RedemptionRestored {
+                restored_at: at, ..
+            }
+            | Self::PointsReversed {
+                reversed_at: at, ..
+            }
+            | Self::PointsDonated { donated_at: at, .. }
+            | Self::PointsExpired { expired_at: at, .. }
+            | Self::PointsAdjusted {
+                adjusted_at: at, ..
+            }
+            | Self::SubscriptionStarted { started_at: at, .. }
+            | Self::SubscriptionRenewed { renewed_at: at, .. }
+            | Self::SubscriptionCancelled {
+                cancelled_at: at, ..
+            }
+            | Self::SubscriptionLapsed { lapsed_at: at, .. } => *at,
+        }
+    }
+
     /// The idempotency key of the command that produced this event.
     pub fn idempotency_key(&self) -> &str {
         match self {
@@ -411,7 +444,7 @@ pub enum RewardsError {
     },
     #[error("points were already redeemed on order {0}; each order takes one redemption")]
     AlreadyRedeemedForOrder(OrderId),
-    #[error("no points were redeemed on order {0}; there is nothing to restore")]
+    #[error("no points were redeemed on order {0} in the last {BOOKS_OPEN_DAYS} days (the books are closed on older orders); there is nothing to restore")]
     NoRedemptionForOrder(OrderId),
     #[error("the points redeemed on order {0} were already restored")]
     RedemptionAlreadyRestored(OrderId),
@@ -475,19 +508,27 @@ impl RewardsError {
 /// The state a customer's rewards events add up to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RewardsLedger {
-    /// What each order earned, and how much of it a refund took back.
+    /// What each order of the open books earned, and how much of it a refund took back.
     #[serde(default)]
     pub earnings: BTreeMap<OrderId, OrderEarning>,
-    /// Every lot, in creation order (lot `n` at index `n - 1`).
-    pub lots: Vec<PointsLot>,
+    /// The lots that still hold points, or that a redemption of the open books could give
+    /// points back to, by number.
+    pub lots: BTreeMap<u32, PointsLot>,
+    /// How many lots the ledger ever opened (the last lot's number).
+    pub lots_opened: u32,
     /// Sum of the lots' remaining points.
     pub balance: u64,
     /// Every point earned on orders and not taken back by a refund.
     pub lifetime_earned: u64,
+    /// The orders of the open books that earned points.
     pub earned_orders: BTreeSet<OrderId>,
+    /// The redemptions of the open books, by order.
     pub redemptions: BTreeMap<OrderId, Redemption>,
-    pub processed_keys: BTreeSet<String>,
+    /// The idempotency keys of the open books' writes, with when each was written.
+    pub processed_keys: BTreeMap<String, DateTime<Utc>>,
     pub subscription: Option<Subscription>,
+    /// The books are closed on what happened before this instant (see [`BOOKS_OPEN_DAYS`]).
+    pub closed_before: Option<DateTime<Utc>>,
 }
 
 impl RewardsLedger {
@@ -497,7 +538,7 @@ impl RewardsLedger {
         if key.trim().is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
             return Err(RewardsError::InvalidIdempotencyKey);
         }
-        Ok(!self.processed_keys.contains(key))
+        Ok(!self.processed_keys.contains_key(key))
     }
 
     /// What a command records. The rule every write shares is checked here, once
@@ -620,8 +661,9 @@ impl Aggregate for RewardsLedger {
 
     fn apply(&mut self, event: Self::Event) {
         use RewardsEvent as E;
+        let at = event.at();
         self.processed_keys
-            .insert(event.idempotency_key().to_owned());
+            .insert(event.idempotency_key().to_owned(), at);
         match event {
             E::PointsEarned {
                 order_id,
@@ -630,13 +672,13 @@ impl Aggregate for RewardsLedger {
                 lot,
                 expires_at,
                 ..
-            } => self.apply_points_earned(order_id, order_total, points, lot, expires_at),
+            } => self.apply_points_earned(order_id, order_total, points, (lot, expires_at), at),
             E::PointsRedeemed {
                 order_id,
                 points,
                 lots,
                 ..
-            } => self.apply_points_redeemed(order_id, points, lots),
+            } => self.apply_points_redeemed(order_id, points, lots, at),
             E::RedemptionRestored { order_id, lots, .. } => {
                 self.apply_redemption_restored(order_id, &lots);
             }
@@ -670,6 +712,8 @@ impl Aggregate for RewardsLedger {
                 self.apply_subscription_status(SubscriptionStatus::Lapsed);
             }
         }
+        // On the event's own time, so that a replay closes the same books.
+        self.close_books(at);
     }
 }
 

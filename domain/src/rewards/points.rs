@@ -202,7 +202,7 @@ impl RewardsLedger {
         }
         let mut due: Vec<&PointsLot> = self
             .lots
-            .iter()
+            .values()
             .filter(|l| l.remaining > 0 && l.expires_at <= as_of)
             .collect();
         if due.is_empty() {
@@ -273,8 +273,8 @@ impl RewardsLedger {
         order_id: OrderId,
         order_total: Money,
         points: u64,
-        lot: u32,
-        expires_at: DateTime<Utc>,
+        (lot, expires_at): (u32, DateTime<Utc>),
+        at: DateTime<Utc>,
     ) {
         self.open_lot(lot, points, expires_at);
         self.lifetime_earned = self.lifetime_earned.saturating_add(points);
@@ -286,6 +286,7 @@ impl RewardsLedger {
                 lot,
                 order_total,
                 reversed: 0,
+                at,
             },
         );
     }
@@ -296,6 +297,7 @@ impl RewardsLedger {
         order_id: OrderId,
         points: u64,
         lots: Vec<LotPoints>,
+        at: DateTime<Utc>,
     ) {
         self.take(&lots);
         self.redemptions.insert(
@@ -304,6 +306,7 @@ impl RewardsLedger {
                 points,
                 lots,
                 restored: false,
+                at,
             },
         );
     }

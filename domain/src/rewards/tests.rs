@@ -641,8 +641,8 @@ fn keys_are_rebuilt_from_the_events() {
         earned(1, 100, t0() + days(10)),
         redeemed(9, vec![lp(1, 40)]),
     ]);
-    assert!(ledger.processed_keys.contains("earn-1"));
-    assert!(ledger.processed_keys.contains("redeem-9"));
+    assert!(ledger.processed_keys.contains_key("earn-1"));
+    assert!(ledger.processed_keys.contains_key("redeem-9"));
     assert_eq!(ledger.processed_keys.len(), 2);
 }
 
@@ -1043,7 +1043,7 @@ proptest! {
             let services = services_at(now);
             let command = shifted(command, now - t0());
             let before = ledger.clone();
-            let key_seen = before.processed_keys.contains(command.idempotency_key());
+            let key_seen = before.processed_keys.contains_key(command.idempotency_key());
 
             if let Ok(events) = ledger.decide(command.clone(), &services) {
                 if key_seen {
@@ -1082,9 +1082,9 @@ proptest! {
             if key_seen {
                 prop_assert_eq!(&ledger, &before, "a repeated key changed the ledger");
             }
-            let in_lots: u64 = ledger.lots.iter().map(|l| l.remaining).sum();
+            let in_lots: u64 = ledger.lots.values().map(|l| l.remaining).sum();
             prop_assert_eq!(ledger.balance, in_lots);
-            prop_assert!(ledger.lots.iter().all(|l| l.remaining <= l.points));
+            prop_assert!(ledger.lots.values().all(|l| l.remaining <= l.points));
             prop_assert!(ledger.available_at(now) <= ledger.balance);
             // Lifetime earned grows but by what a refund takes back; an order never has more
             // taken back than it earned.
@@ -1212,4 +1212,118 @@ fn a_refund_in_another_currency_is_refused() {
             expected: gbp(),
             got: Currency::parse("EUR").expect("EUR"),
         });
+}
+
+// ---- closing the books ----
+
+/// Decides `command` at `now` and applies what it records; returns the events.
+fn run(
+    ledger: &mut RewardsLedger,
+    command: RewardsCommand,
+    now: DateTime<Utc>,
+) -> Vec<RewardsEvent> {
+    let events = ledger.decide(command, &services_at(now)).expect("accepted");
+    for event in &events {
+        ledger.apply(event.clone());
+    }
+    events
+}
+
+fn restore(order_n: u128, k: &str) -> RewardsCommand {
+    RewardsCommand::RestoreRedemption {
+        order_id: order(order_n),
+        idempotency_key: key(k),
+    }
+}
+
+#[test]
+fn a_ledger_closes_its_books_on_what_is_past_the_window_and_stops_growing() {
+    // 400 days of one order a day (100 points, expiring after 30 days), a redemption of 30 on
+    // another order every day, and the weekly sweep of expired points.
+    let mut ledger = RewardsLedger::default();
+    let mut history = Vec::new();
+    for day in 0..400_i64 {
+        let now = t0() + days(day);
+        let n = u128::try_from(day).expect("a day");
+        let mut commands = vec![
+            RewardsCommand::EarnPoints {
+                order_id: order(n),
+                order_total: money(1_000),
+                points_per_100_minor: 10,
+                expires_in_days: 30,
+                idempotency_key: format!("earn-{day}"),
+            },
+            redeem(1_000_000 + n, 30, &format!("redeem-{day}")),
+        ];
+        if day % 7 == 6 {
+            commands.push(RewardsCommand::ExpirePoints {
+                as_of: now,
+                idempotency_key: format!("sweep-{day}"),
+            });
+        }
+        for command in commands {
+            history.extend(run(&mut ledger, command, now));
+        }
+    }
+    let open = usize::try_from(BOOKS_OPEN_DAYS).expect("days") + 2;
+    assert_eq!(ledger.lots_opened, 400);
+    assert!(ledger.earnings.len() <= open, "{}", ledger.earnings.len());
+    assert_eq!(ledger.earned_orders.len(), ledger.earnings.len());
+    assert!(
+        ledger.redemptions.len() <= open,
+        "{}",
+        ledger.redemptions.len()
+    );
+    assert!(ledger.processed_keys.len() <= 2 * open + open / 7 + 1);
+    // The lots still holding points (30 days of them, and a week before the sweep) and those
+    // an open redemption could give points back to: bounded by the window, not by 400 days.
+    assert!(ledger.lots.len() <= 37 + 2 * open, "{}", ledger.lots.len());
+    // Nothing spendable went: the balance is what every event put in and took out.
+    let moved: i128 = history
+        .iter()
+        .map(|event| match event {
+            RewardsEvent::PointsEarned { points, .. } => i128::from(*points),
+            RewardsEvent::PointsRedeemed { points, .. }
+            | RewardsEvent::PointsExpired { points, .. } => -i128::from(*points),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(i128::from(ledger.balance), moved);
+    assert_eq!(
+        ledger.balance,
+        ledger.lots.values().map(|l| l.remaining).sum::<u64>()
+    );
+    assert_eq!(ledger.lifetime_earned, 400 * 100);
+    // A replay closes the same books: the state is the events' fold.
+    assert_eq!(ledger_of(history), ledger);
+}
+
+#[test]
+fn past_the_window_a_refund_takes_nothing_back_and_a_restore_is_refused_saying_why() {
+    let mut ledger = RewardsLedger::default();
+    run(&mut ledger, earn(1, 10_000, "earn-1"), t0());
+    run(&mut ledger, redeem(2, 30, "redeem-2"), t0());
+    // Within the window both still act.
+    let within = t0() + days(BOOKS_OPEN_DAYS - 1);
+    let mut open = ledger.clone();
+    assert_eq!(run(&mut open, restore(2, "restore-2"), within).len(), 1);
+    assert_eq!(
+        run(&mut open, reverse(1, 10_000, "refund-1"), within).len(),
+        1
+    );
+    // Past it (an event of day 91 closes the books on day 0), they no longer do.
+    let after = t0() + days(BOOKS_OPEN_DAYS + 1);
+    run(&mut ledger, earn(3, 1_000, "earn-3"), after);
+    assert!(!ledger.earnings.contains_key(&order(1)));
+    assert_eq!(
+        run(&mut ledger, reverse(1, 10_000, "refund-1"), after),
+        vec![]
+    );
+    let refused = ledger
+        .decide(restore(2, "restore-2"), &services_at(after))
+        .expect_err("refused");
+    assert_eq!(refused, RewardsError::NoRedemptionForOrder(order(2)));
+    assert!(refused.to_string().contains("last 90 days"), "{refused}");
+    // The points themselves stay: 1,000 earned, 30 redeemed, 100 earned since.
+    assert_eq!(ledger.available_at(after), 1_000 - 30 + 100);
 }
