@@ -27,7 +27,8 @@
 //! A snapshotted aggregate's earlier events are not loaded, so the bus's check for a repeated
 //! command ([`crate::repeat`]) sees only the events after the snapshot. That is enough here:
 //! every rewards write carries its own idempotency key, which the ledger remembers (in the
-//! snapshot too) and answers as a no-op when seen again; and exposures are only ever recorded
+//! snapshot too) for `domain::rewards::BOOKS_OPEN_DAYS` and answers as a no-op when seen again
+//! (the process manager repeats a command within minutes); and exposures are only ever recorded
 //! by client requests, which the API's idempotency keys deduplicate, never by a repeatable
 //! command. An aggregate type added here must be one of those kinds.
 
