@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use api::orders::PlaceOrderRequest;
 use backbone_tests::lifecycle::placement_request;
 use backbone_tests::load::{catalogue_with_stores, env_or, machine, Backbone, Summary};
-use backbone_tests::{token, Role};
+use backbone_tests::{earn_on, token, Role};
 use chrono::{DateTime, Utc};
 use commands::{CommandBus, CommandContext, EventStoreConfig, EventStoreDb};
 use cqrs_es::persist::PersistedEventStore;
@@ -37,7 +37,7 @@ use cqrs_es::EventStore;
 use domain::order::{Order, OrderCommand};
 use domain::rewards::{RewardsCommand, RewardsLedger, RewardsServices};
 use domain::services::{Clock, OrderServices, SystemClock};
-use domain::{Currency, CustomerId, Money, OrderId};
+use domain::{CustomerId, OrderId};
 use postgres_es::PostgresEventRepository;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -223,14 +223,7 @@ async fn write_ledger(store: &EventStoreDb, customer: Uuid, events: usize) {
         let order_id = OrderId::new();
         let command = if i % 2 == 0 {
             *clock.0.lock().expect("clock") += chrono::Duration::hours(ORDER_EVERY_HOURS);
-            RewardsCommand::EarnPoints {
-                order_id,
-                order_total: Money::new(1_000, Currency::parse("GBP").expect("GBP"))
-                    .expect("money"),
-                points_per_100_minor: 10,
-                expires_in_days: 365,
-                idempotency_key: format!("earn-{i}"),
-            }
+            earn_on(order_id, 1_000, format!("earn-{i}"))
         } else {
             RewardsCommand::RedeemPoints {
                 order_id,

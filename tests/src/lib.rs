@@ -739,6 +739,23 @@ pub async fn place_request(
     placed["order_id"].as_str().expect("an order id").to_owned()
 }
 
+/// Earning on a completed order of `total_minor` pence at 10 points per pound, the points kept
+/// 365 days: a rewards write as the process manager sends it.
+pub fn earn_on(
+    order_id: domain::OrderId,
+    total_minor: i64,
+    key: String,
+) -> domain::rewards::RewardsCommand {
+    domain::rewards::RewardsCommand::EarnPoints {
+        order_id,
+        order_total: domain::Money::new(total_minor, domain::Currency::parse("GBP").expect("GBP"))
+            .expect("money"),
+        points_per_100_minor: 10,
+        expires_in_days: 365,
+        idempotency_key: key,
+    }
+}
+
 /// The API's Prometheus metrics (`GET /metrics`), as text.
 pub async fn metrics_text(client: &reqwest::Client, api: &str) -> String {
     client

@@ -3,12 +3,32 @@
 
 use std::sync::Arc;
 
-use backbone_tests::TestEnv;
+use backbone_tests::{earn_on, TestEnv};
 use commands::{CommandBus, CommandContext, CommandError};
 use cqrs_es::Aggregate;
 use domain::rewards::{RewardsCommand, RewardsError, RewardsEvent, RewardsLedger, RewardsServices};
 use domain::services::SystemClock;
-use domain::{Currency, CustomerId, Money, OrderId};
+use domain::{CustomerId, OrderId};
+
+/// A customer redeeming `points` on a new order under `key`.
+async fn redeem(
+    ledger: &CommandBus<RewardsLedger>,
+    customer: &str,
+    points: u64,
+    key: String,
+) -> Result<commands::Committed, CommandError<RewardsError>> {
+    ledger
+        .execute(
+            customer,
+            RewardsCommand::RedeemPoints {
+                order_id: OrderId::new(),
+                points,
+                idempotency_key: key,
+            },
+            &CommandContext::new("customer:test"),
+        )
+        .await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_redemptions_never_overdraw_and_every_refusal_says_why() {
@@ -22,14 +42,7 @@ async fn fifty_concurrent_redemptions_never_overdraw_and_every_refusal_says_why(
     let earned = ledger
         .execute(
             &customer,
-            RewardsCommand::EarnPoints {
-                order_id: OrderId::new(),
-                order_total: Money::new(10_000, Currency::parse("GBP").expect("GBP"))
-                    .expect("money"),
-                points_per_100_minor: 10,
-                expires_in_days: 365,
-                idempotency_key: "earn-1".to_owned(),
-            },
+            earn_on(OrderId::new(), 10_000, "earn-1".to_owned()),
             &CommandContext::new("system:test"),
         )
         .await
@@ -39,19 +52,7 @@ async fn fifty_concurrent_redemptions_never_overdraw_and_every_refusal_says_why(
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..50 {
         let (ledger, customer) = (ledger.clone(), customer.clone());
-        tasks.spawn(async move {
-            ledger
-                .execute(
-                    &customer,
-                    RewardsCommand::RedeemPoints {
-                        order_id: OrderId::new(),
-                        points: 100,
-                        idempotency_key: format!("redeem-{i}"),
-                    },
-                    &CommandContext::new("customer:test"),
-                )
-                .await
-        });
+        tasks.spawn(async move { redeem(&ledger, &customer, 100, format!("redeem-{i}")).await });
     }
     let (mut redeemed, mut refused) = (0, 0);
     while let Some(result) = tasks.join_next().await {
@@ -133,14 +134,7 @@ async fn a_long_ledger_loads_from_its_snapshot_to_exactly_what_its_events_add_up
             for i in 0..30 {
                 let order_id = OrderId::new();
                 for command in [
-                    RewardsCommand::EarnPoints {
-                        order_id,
-                        order_total: Money::new(1_000, Currency::parse("GBP").expect("GBP"))
-                            .expect("money"),
-                        points_per_100_minor: 10,
-                        expires_in_days: 365,
-                        idempotency_key: format!("earn-{writer}-{i}"),
-                    },
+                    earn_on(order_id, 1_000, format!("earn-{writer}-{i}")),
                     RewardsCommand::RedeemPoints {
                         order_id,
                         points: 30,
@@ -204,16 +198,7 @@ async fn a_long_ledger_loads_from_its_snapshot_to_exactly_what_its_events_add_up
     .await
     .expect("an unreadable snapshot");
     assert_eq!(loaded(&ledger, &customer).await, everything);
-    ledger
-        .execute(
-            &customer,
-            RewardsCommand::RedeemPoints {
-                order_id: OrderId::new(),
-                points: 1,
-                idempotency_key: "after-the-old-snapshot".to_owned(),
-            },
-            &CommandContext::new("customer:test"),
-        )
+    redeem(&ledger, &customer, 1, "after-the-old-snapshot".to_owned())
         .await
         .expect("redeemed");
     assert_eq!(
@@ -222,16 +207,7 @@ async fn a_long_ledger_loads_from_its_snapshot_to_exactly_what_its_events_add_up
     );
     // The next interval's snapshot replaces the unreadable one.
     for i in 0..every {
-        ledger
-            .execute(
-                &customer,
-                RewardsCommand::RedeemPoints {
-                    order_id: OrderId::new(),
-                    points: 1,
-                    idempotency_key: format!("after-{i}"),
-                },
-                &CommandContext::new("customer:test"),
-            )
+        redeem(&ledger, &customer, 1, format!("after-{i}"))
             .await
             .expect("redeemed");
     }
