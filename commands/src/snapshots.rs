@@ -87,9 +87,7 @@ impl<A: Aggregate> SnapshotStore<A> {
             every,
         }
     }
-}
 
-impl<A: Aggregate> SnapshotStore<A> {
     async fn drop_snapshots(&self, aggregate_id: &str) -> Result<(), AggregateError<A::Error>> {
         sqlx::query("DELETE FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2")
             .bind(A::TYPE)

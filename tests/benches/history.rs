@@ -77,12 +77,9 @@ async fn main() {
     })
     .await
     .expect("event store");
-    let catalogue = api::ApiConfig {
-        catalogue_path: Some(catalogue_file.display().to_string()),
-        ..api::ApiConfig::default()
-    }
-    .catalogue()
-    .expect("catalogue");
+    let catalogue =
+        commands::catalogue::seed_catalogue(Some(&catalogue_file.display().to_string()))
+            .expect("catalogue");
     let orders = Arc::new(CommandBus::<Order>::new(
         store.clone(),
         OrderServices::new(Arc::new(catalogue), Arc::new(SystemClock)),

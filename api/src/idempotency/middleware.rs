@@ -72,8 +72,6 @@ pub(super) fn counted(outcome: &'static str) {
     metrics::counter!("idempotent_requests_total", "outcome" => outcome).increment(1);
 }
 
-/// The middleware: acts on POST, PUT, PATCH and DELETE requests with an `Idempotency-Key`
-/// (see the module documentation); every other request passes through untouched.
 /// The request's `Idempotency-Key`, if it sent one (and only one, well formed).
 fn the_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let mut keys = headers.get_all(KEY_HEADER).iter();
@@ -86,6 +84,8 @@ fn the_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// The middleware: acts on POST, PUT, PATCH and DELETE requests with an `Idempotency-Key`
+/// (see the module documentation); every other request passes through untouched.
 pub async fn middleware(
     State(store): State<Idempotency>,
     request: Request,

@@ -191,9 +191,6 @@ impl RewardsLedger {
         }
         self.closed_before = Some(horizon);
         self.earnings.retain(|_, earning| earning.at >= horizon);
-        let earnings = &self.earnings;
-        self.earned_orders
-            .retain(|order| earnings.contains_key(order));
         self.redemptions
             .retain(|_, redemption| redemption.at >= horizon);
         self.processed_keys.retain(|_, at| *at >= horizon);

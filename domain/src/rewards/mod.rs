@@ -22,7 +22,7 @@
 //! donate, expire, adjust) or `subscription` (start, renew, cancel, lapse), each of which also
 //! holds what its events do to the ledger; `ledger` holds the lots and which lots a debit takes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -520,8 +520,6 @@ pub struct RewardsLedger {
     pub balance: u64,
     /// Every point earned on orders and not taken back by a refund.
     pub lifetime_earned: u64,
-    /// The orders of the open books that earned points.
-    pub earned_orders: BTreeSet<OrderId>,
     /// The redemptions of the open books, by order.
     pub redemptions: BTreeMap<OrderId, Redemption>,
     /// The idempotency keys of the open books' writes, with when each was written.

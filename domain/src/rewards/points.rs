@@ -31,7 +31,7 @@ impl RewardsLedger {
             return Err(RewardsError::InvalidEarnRate);
         }
         let expires_at = expiry(now, expires_in_days)?;
-        if self.earned_orders.contains(&order_id) {
+        if self.earnings.contains_key(&order_id) {
             return Err(RewardsError::AlreadyEarnedForOrder(order_id));
         }
         let multiplier_bp = self.multiplier_bp_at(now);
@@ -278,7 +278,6 @@ impl RewardsLedger {
     ) {
         self.open_lot(lot, points, expires_at);
         self.lifetime_earned = self.lifetime_earned.saturating_add(points);
-        self.earned_orders.insert(order_id);
         self.earnings.insert(
             order_id,
             OrderEarning {
