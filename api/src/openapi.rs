@@ -138,63 +138,66 @@ impl Modify for Shared {
             .into_iter()
             .flatten()
             {
-                if protected {
-                    operation.security =
-                        Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
-                    add(
-                        operation,
-                        "401",
-                        "Missing, malformed, expired or wrongly signed token",
-                    );
-                    add(
-                        operation,
-                        "403",
-                        "The caller's role may not do this, or not on this resource",
-                    );
-                }
-                add(
-                    operation,
-                    "408",
-                    "The request did not finish in time (its effect is unknown)",
-                );
-                if limited {
-                    add(
-                        operation,
-                        "429",
-                        "Too many requests from this client; retry after Retry-After seconds",
-                    );
-                }
-                if operation.request_body.is_some() {
-                    add(operation, "400", "Malformed request");
-                    add(operation, "413", "Body too large");
-                    add(operation, "415", "Body is not JSON");
-                    add(operation, "422", "Invalid values");
-                }
-                if path.starts_with("/payments/") {
-                    add_parameter(operation, signature_parameter());
-                }
-                // Every operation takes the caller's correlation id (a malformed one is a 400)
-                // and every answer echoes it.
-                add_parameter(operation, correlation_parameter());
-                add(
-                    operation,
-                    "400",
-                    "A header, path or query parameter is not valid",
-                );
-                for response in operation.responses.responses.values_mut() {
-                    if let RefOr::T(response) = response {
-                        response.headers.insert(
-                            CORRELATION_HEADER.to_owned(),
-                            HeaderBuilder::new()
-                                .schema(correlation_schema())
-                                .description(Some(
-                                    "The request's `x-correlation-id`, when it sent one",
-                                ))
-                                .build(),
-                        );
-                    }
-                }
+                document_operation(operation, path, protected, limited);
             }
+        }
+    }
+}
+
+/// What every operation shares: its bearer security, the problems any request may meet, the
+/// correlation id in and out, and the signature header of the payment webhooks.
+fn document_operation(operation: &mut Operation, path: &str, protected: bool, limited: bool) {
+    if protected {
+        operation.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+        add(
+            operation,
+            "401",
+            "Missing, malformed, expired or wrongly signed token",
+        );
+        add(
+            operation,
+            "403",
+            "The caller's role may not do this, or not on this resource",
+        );
+    }
+    add(
+        operation,
+        "408",
+        "The request did not finish in time (its effect is unknown)",
+    );
+    if limited {
+        add(
+            operation,
+            "429",
+            "Too many requests from this client; retry after Retry-After seconds",
+        );
+    }
+    if operation.request_body.is_some() {
+        add(operation, "400", "Malformed request");
+        add(operation, "413", "Body too large");
+        add(operation, "415", "Body is not JSON");
+        add(operation, "422", "Invalid values");
+    }
+    if path.starts_with("/payments/") {
+        add_parameter(operation, signature_parameter());
+    }
+    // Every operation takes the caller's correlation id (a malformed one is a 400)
+    // and every answer echoes it.
+    add_parameter(operation, correlation_parameter());
+    add(
+        operation,
+        "400",
+        "A header, path or query parameter is not valid",
+    );
+    for response in operation.responses.responses.values_mut() {
+        if let RefOr::T(response) = response {
+            response.headers.insert(
+                CORRELATION_HEADER.to_owned(),
+                HeaderBuilder::new()
+                    .schema(correlation_schema())
+                    .description(Some("The request's `x-correlation-id`, when it sent one"))
+                    .build(),
+            );
         }
     }
 }

@@ -518,17 +518,18 @@ struct PlacedWith {
 }
 
 async fn order_placed_with(state: &AppState, order_id: OrderId) -> Result<PlacedWith, ApiError> {
-    let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT metadata->>'correlation_id', metadata->>'traceparent' FROM events \
-         WHERE aggregate_type = 'order' AND aggregate_id = $1 AND sequence = 1",
-    )
-    .bind(order_id.to_string())
-    .fetch_optional(&state.pool)
-    .await
-    .map_err(ApiError::internal)?;
-    let (correlation, trace) = row.unwrap_or_default();
+    let metadata = commands::log::first_metadata(&state.pool, "order", &order_id.to_string())
+        .await
+        .map_err(ApiError::internal)?
+        .unwrap_or_default();
+    fn text<'a>(metadata: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+        metadata
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .filter(|text| !text.is_empty())
+    }
     Ok(PlacedWith {
-        correlation_id: correlation.filter(|c| !c.is_empty()),
-        traceparent: trace.as_deref().and_then(TraceParent::parse),
+        correlation_id: text(&metadata, "correlation_id").map(str::to_owned),
+        traceparent: text(&metadata, "traceparent").and_then(TraceParent::parse),
     })
 }

@@ -186,14 +186,12 @@ async fn require_committed(
     token: &str,
 ) -> Result<(), ApiError> {
     let wanted = i64::try_from(position.sequence).unwrap_or(i64::MAX);
-    let committed: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3)",
+    let committed = commands::log::event_committed(
+        &state.pool,
+        &position.aggregate_type,
+        &position.aggregate_id,
+        wanted,
     )
-    .bind(&position.aggregate_type)
-    .bind(&position.aggregate_id)
-    .bind(wanted)
-    .fetch_one(&state.pool)
     .await
     .map_err(ApiError::internal)?;
     if !committed {

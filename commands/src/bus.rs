@@ -453,13 +453,7 @@ where
 
     /// The sequence of the last stored event of an aggregate (0 if it has none).
     pub async fn current_sequence(&self, aggregate_id: &str) -> Result<u64, sqlx::Error> {
-        let sequence: Option<i64> = sqlx::query_scalar(
-            "SELECT max(sequence) FROM events WHERE aggregate_type = $1 AND aggregate_id = $2",
-        )
-        .bind(A::TYPE)
-        .bind(aggregate_id)
-        .fetch_one(self.store.pool())
-        .await?;
+        let sequence = crate::log::last_sequence(self.store.pool(), A::TYPE, aggregate_id).await?;
         Ok(sequence.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
     }
 }

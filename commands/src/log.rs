@@ -97,6 +97,64 @@ pub async fn aggregate_exists(
     .await
 }
 
+/// Whether the aggregate has an event at `sequence`: a position a command committed, as opposed
+/// to a made-up one.
+pub async fn event_committed(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    sequence: i64,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3)",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(sequence)
+    .fetch_one(pool)
+    .await
+}
+
+/// The sequence of the aggregate's last event (`None` when it has none).
+pub async fn last_sequence(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT max(sequence) FROM events WHERE aggregate_type = $1 AND aggregate_id = $2",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// The metadata of the aggregate's first event (the business transaction and the trace it began
+/// in), read without its payload; `None` when the aggregate has no events.
+pub async fn first_metadata(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Option<Json>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT metadata FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+         AND sequence = 1",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// How many events the store holds.
+pub async fn count(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+}
+
 /// An event as auditors read it: the stored payload's body (not upcast: the version it was
 /// written in) and the metadata's who and why as optional fields. `replay-tools history` prints
 /// it; the API's audit endpoint serves it.

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use apache_avro::schema::{Name, RecordSchema, Schema};
+use apache_avro::schema::{Name, RecordSchema, Schema, UnionSchema};
 use apache_avro::types::Value as Avro;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Number, Value as Json};
@@ -142,24 +142,32 @@ pub(crate) fn json_to_avro(
                 })
                 .collect::<Result<_, SchemaError>>()?,
         ),
-        (Schema::Union(u), _) => {
-            let mut last_error = None;
-            for (index, variant) in u.variants().iter().enumerate() {
-                match json_to_avro(json, variant, names, path) {
-                    Ok(value) => {
-                        return Ok(Avro::Union(
-                            u32::try_from(index).unwrap_or(u32::MAX),
-                            Box::new(value),
-                        ))
-                    }
-                    Err(e) => last_error = Some(e),
-                }
-            }
-            return Err(last_error.unwrap_or_else(|| mismatch(path, "a union member", json)));
-        }
+        (Schema::Union(u), _) => union_to_avro(json, u, names, path)?,
         (Schema::Record(r), Json::Object(object)) => record_to_avro(object, r, names, path)?,
         _ => return Err(mismatch(path, &format!("{schema:?}"), json)),
     })
+}
+
+/// The first member of the union the value maps to, or why the last one refused it.
+fn union_to_avro(
+    json: &Json,
+    union: &UnionSchema,
+    names: &Names,
+    path: &str,
+) -> Result<Avro, SchemaError> {
+    let mut last_error = None;
+    for (index, variant) in union.variants().iter().enumerate() {
+        match json_to_avro(json, variant, names, path) {
+            Ok(value) => {
+                return Ok(Avro::Union(
+                    u32::try_from(index).unwrap_or(u32::MAX),
+                    Box::new(value),
+                ))
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| mismatch(path, "a union member", json)))
 }
 
 fn record_to_avro(

@@ -92,6 +92,17 @@ pub fn init_tracing(service: &str) -> anyhow::Result<Telemetry> {
     Ok(Telemetry { provider })
 }
 
+/// Logs of a command-line tool: warnings and errors of the libraries it runs (a batch retried, an
+/// event dead-lettered) on standard error, which its report on standard output does not mix with;
+/// `RUST_LOG` can ask for more.
+pub fn init_cli_logs() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .try_init();
+}
+
 fn traces_configured() -> bool {
     let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
     let is = |name: &str, value: &str| {

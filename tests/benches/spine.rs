@@ -75,15 +75,14 @@ struct StoredRow {
 /// A second database with the event store's migrations (the same `events` table with its
 /// outbox and hash-chain triggers), so that the raw inserts into it publish nothing here.
 async fn twin_store(env: &TestEnv) -> (String, EventStoreDb) {
-    let (server, own) = env.database_url.rsplit_once('/').expect("a database URL");
-    let database = format!("{own}_raw");
+    let database = format!("{}_raw", backbone_tests::database_of(&env.database_url));
     let mut admin = PgConnection::connect(&admin_url()).await.expect("admin");
     sqlx::query(&format!("CREATE DATABASE {database}"))
         .execute(&mut admin)
         .await
         .expect("twin database");
     let store = EventStoreDb::connect(&EventStoreConfig {
-        database_url: format!("{server}/{database}"),
+        database_url: backbone_tests::with_database(&env.database_url, &database),
         database_max_connections: 24,
     })
     .await

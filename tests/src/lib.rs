@@ -42,6 +42,27 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// `url` naming `database` instead of its own, its parameters (`?sslmode=disable`, say) kept.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (path, query) = match url.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (url, None),
+    };
+    let (server, _) = path
+        .rsplit_once('/')
+        .expect("a PostgreSQL URL names a database");
+    match query {
+        Some(query) => format!("{server}/{database}?{query}"),
+        None => format!("{server}/{database}"),
+    }
+}
+
+/// The database `url` names.
+pub fn database_of(url: &str) -> &str {
+    let path = url.split_once('?').map_or(url, |(path, _)| path);
+    path.rsplit_once('/').map_or("", |(_, database)| database)
+}
+
 /// The test run a database belongs to (`scripts/test` sets it to its process id), so a run drops
 /// its own leftovers and never a concurrent run's.
 pub fn test_run_id() -> String {
@@ -126,11 +147,7 @@ impl TestEnv {
             .execute(&mut admin)
             .await
             .expect("test database created");
-        let base = admin_url();
-        let database_url = match base.rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{database}"),
-            None => panic!("TEST_DATABASE_ADMIN_URL must name a database"),
-        };
+        let database_url = with_database(&admin_url(), &database);
         let store = EventStoreDb::connect(&EventStoreConfig {
             database_url: database_url.clone(),
             database_max_connections: 24,

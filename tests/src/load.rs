@@ -90,10 +90,7 @@ impl Backbone {
             .execute(&mut admin)
             .await
             .expect("database created");
-        let database_url = match admin_url().rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{database}"),
-            None => panic!("TEST_DATABASE_ADMIN_URL must name a database"),
-        };
+        let database_url = crate::with_database(&admin_url(), &database);
         // Migrated once here, so the components do not race to migrate at start-up.
         let store = EventStoreDb::connect(&EventStoreConfig {
             database_url: database_url.clone(),
@@ -285,10 +282,7 @@ impl Backbone {
             .execute(&mut admin)
             .await
             .expect("database created");
-        self.database_url = match self.database_url.rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{restored}"),
-            None => unreachable!("a database URL names a database"),
-        };
+        self.database_url = crate::with_database(&self.database_url, &restored);
         restored
     }
 

@@ -1240,10 +1240,7 @@ async fn the_migration_job_migrates_a_fresh_database_and_can_run_again() {
         .execute(&mut connection)
         .await
         .expect("created");
-    let url = format!(
-        "{}/{database}",
-        admin.rsplit_once('/').expect("a database in the URL").0
-    );
+    let url = backbone_tests::with_database(&admin, &database);
     // As the Job runs it: the replay-tools image's binary with `migrate` and DATABASE_URL.
     for round in 1..=2 {
         let output = run(

@@ -124,7 +124,18 @@ impl OrderFlow {
                 OrderEvent::OrderModified { total, .. } => {
                     remember_total(tx, order_id, *total).await?;
                 }
-                _ => {}
+                // What the flow keeps of an order is its placement and its total; a new event
+                // that changes either must be remembered here too.
+                OrderEvent::OrderConfirmed { .. }
+                | OrderEvent::OrderAccepted { .. }
+                | OrderEvent::OrderRejected { .. }
+                | OrderEvent::PreparationStarted { .. }
+                | OrderEvent::OrderReady { .. }
+                | OrderEvent::OrderOutForDelivery { .. }
+                | OrderEvent::OrderDelivered { .. }
+                | OrderEvent::OrderCompleted { .. }
+                | OrderEvent::OrderCancelled { .. }
+                | OrderEvent::OrderRated { .. } => {}
             }
         }
         tracing::info!(%order_id, "the flow's record of the order was read again from the event log");

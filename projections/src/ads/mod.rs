@@ -185,7 +185,14 @@ impl Batch {
                 s.until = Some(ends_at);
             }
             RewardsEvent::SubscriptionLapsed { .. } => s.status = Some("lapsed"),
-            _ => {}
+            // Points do not target ads; a new subscription event must be matched above.
+            RewardsEvent::PointsEarned { .. }
+            | RewardsEvent::PointsRedeemed { .. }
+            | RewardsEvent::RedemptionRestored { .. }
+            | RewardsEvent::PointsReversed { .. }
+            | RewardsEvent::PointsDonated { .. }
+            | RewardsEvent::PointsExpired { .. }
+            | RewardsEvent::PointsAdjusted { .. } => {}
         };
         let event = record
             .event::<RewardsEvent>()

@@ -378,9 +378,7 @@ pub async fn verify_store(
     cancel: &CancellationToken,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(pool)
-        .await?;
+    let total = commands::log::count(pool).await?;
     let mut findings = Findings::default();
     let walked = walk_aggregates(pool, args, total, cancel, &mut findings).await?;
     let (events, aggregates, stopped_at) = (walked.events, walked.aggregates, walked.stopped_at);

@@ -205,49 +205,19 @@ impl Rebuild {
         }
     }
 
-    /// Applies a batch as the projector does: the whole batch, retried; then event by event,
-    /// an event that keeps failing dead-lettered.
+    /// Applies a batch as the projector does ([`apply_isolating`]): the whole batch, retried;
+    /// then event by event, an event that keeps failing dead-lettered. Appliers side by side may
+    /// meet on shared rows: that contention is retried without counting against the batch.
     pub(super) async fn apply(&self, items: &[Item], tally: &mut Tally) -> anyhow::Result<()> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.apply_once(items, None).await {
-                Ok(done) => {
-                    tally.add(&done);
-                    return Ok(());
-                }
-                Err(e) if is_contention(&e) => {
-                    // Appliers side by side met on shared rows; not the batch's fault.
-                    attempt -= 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) if attempt < self.attempts => {
-                    eprintln!("replay-tools: batch failed ({e}); retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                }
-                Err(e) => {
-                    eprintln!("replay-tools: batch failed ({e}); isolating the failing events");
-                    break;
-                }
-            }
-        }
-        for item in items {
-            let one = std::slice::from_ref(item);
-            let mut error = None;
-            for _ in 0..self.attempts {
-                match self.apply_once(one, None).await {
-                    Ok(done) => {
-                        tally.add(&done);
-                        error = None;
-                        break;
-                    }
-                    Err(e) => error = Some(e.to_string()),
-                }
-            }
-            if let Some(error) = error {
-                let done = self.apply_once(one, Some(&error)).await?;
-                tally.add(&done);
-            }
+        let applied = apply_isolating(
+            items.len(),
+            self.attempts,
+            is_contention,
+            |range, refuse| async move { self.apply_once(&items[range], refuse.as_deref()).await },
+        )
+        .await?;
+        for done in &applied {
+            tally.add(done);
         }
         Ok(())
     }

@@ -184,17 +184,7 @@ pub(super) async fn feed_topics(
         profile.read.add(waiting);
         let message = match received {
             Ok(message) => message.context("reading the topics")?,
-            Err(_) if !pending => {
-                let left: Vec<String> = ends
-                    .iter()
-                    .map(|((t, p), end)| format!("{t}/{p} (up to offset {end})"))
-                    .collect();
-                bail!(
-                    "the broker delivered nothing for {} s; still to read: {}",
-                    QUIET.as_secs(),
-                    left.join(", ")
-                );
-            }
+            Err(_) if !pending => return Err(nothing_delivered(&ends, QUIET)),
             Err(_) => {
                 // A pause in the stream: what is gathered goes now.
                 if !hand_over_all(&mut batches).await {
@@ -203,19 +193,10 @@ pub(super) async fn feed_topics(
                 continue;
             }
         };
-        let key = (message.topic().to_owned(), message.partition());
-        let Some(&end) = ends.get(&key) else { continue };
-        if message.offset() >= end {
+        if !before_end(&consumer, &mut ends, &message) {
             continue;
         }
-        if message.offset() + 1 >= end {
-            ends.remove(&key);
-            let mut done = TopicPartitionList::new();
-            done.add_partition(&key.0, key.1);
-            // Records beyond the end are skipped anyway; pausing saves fetching them.
-            let _ = consumer.pause(&done);
-        }
-        let applier = usize::try_from(key.1).unwrap_or(0) % senders.len();
+        let applier = usize::try_from(message.partition()).unwrap_or(0) % senders.len();
         let decoding = Instant::now();
         let item = topic_item(&decoder, &message).await?;
         profile.decode.add(decoding);
@@ -227,6 +208,43 @@ pub(super) async fn feed_topics(
     }
     hand_over_all(&mut batches).await;
     Ok(())
+}
+
+/// Whether the record comes before its partition's end, so is to be replayed; with the last one,
+/// the partition is done and paused (records beyond the end are skipped anyway; pausing saves
+/// fetching them).
+fn before_end(
+    consumer: &StreamConsumer,
+    ends: &mut HashMap<(String, i32), i64>,
+    message: &BorrowedMessage<'_>,
+) -> bool {
+    let key = (message.topic().to_owned(), message.partition());
+    let Some(&end) = ends.get(&key) else {
+        return false;
+    };
+    if message.offset() >= end {
+        return false;
+    }
+    if message.offset() + 1 >= end {
+        ends.remove(&key);
+        let mut done = TopicPartitionList::new();
+        done.add_partition(&key.0, key.1);
+        let _ = consumer.pause(&done);
+    }
+    true
+}
+
+/// The broker went quiet before every partition reached its end: which ones are left.
+fn nothing_delivered(ends: &HashMap<(String, i32), i64>, quiet: Duration) -> anyhow::Error {
+    let left: Vec<String> = ends
+        .iter()
+        .map(|((t, p), end)| format!("{t}/{p} (up to offset {end})"))
+        .collect();
+    anyhow::anyhow!(
+        "the broker delivered nothing for {} s; still to read: {}",
+        quiet.as_secs(),
+        left.join(", ")
+    )
 }
 
 /// A topic record as an event to replay; retries while the registry is unreachable.

@@ -90,8 +90,8 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use streams::consumer::{
-    apply_replayed, create_tables, use_schema, Projection, ProjectionError, ProjectorConfig,
-    ReplayVerdict, ReplayedEvent,
+    apply_isolating, apply_replayed, create_tables, use_schema, Projection, ProjectionError,
+    ProjectorConfig, ReplayVerdict, ReplayedEvent,
 };
 use streams::{
     DecodedEvent, EventDecoder, EventMeta, KafkaConfig, Published, RegistryConfig, Topics,
@@ -311,17 +311,7 @@ pub async fn rebuild(
     let schemas = Schemas::of(live);
     // One rebuild of a read model at a time: the session lock lives as long as this connection.
     let _exclusive = exclusive(pool, live).await?;
-    // The shadow's renames need a live schema. Only created when missing: the DDL of an
-    // existing one takes table locks that would deadlock with a running projector's batch.
-    let live_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{live}.applied"))
-        .fetch_one(pool)
-        .await?;
-    if !live_exists {
-        streams::consumer::ensure_schema(projection.as_ref(), pool)
-            .await
-            .with_context(|| format!("creating the live read model {live}"))?;
-    }
+    ensure_live_schema(pool, projection.as_ref()).await?;
 
     let mut rebuild = Rebuild {
         pool: pool.clone(),
@@ -381,6 +371,23 @@ pub async fn rebuild(
     }
     if args.swap {
         swap_in(out, &rebuild, &interrupted).await?;
+    }
+    Ok(())
+}
+
+/// Creates the live read model when it is missing: the shadow's renames need one. Only then, since
+/// the DDL of an existing one takes table locks that would deadlock with a running projector's
+/// batch.
+async fn ensure_live_schema(pool: &PgPool, projection: &dyn Projection) -> anyhow::Result<()> {
+    let live = projection.name();
+    let live_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{live}.applied"))
+        .fetch_one(pool)
+        .await?;
+    if !live_exists {
+        streams::consumer::ensure_schema(projection, pool)
+            .await
+            .with_context(|| format!("creating the live read model {live}"))?;
     }
     Ok(())
 }

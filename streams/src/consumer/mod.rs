@@ -10,6 +10,7 @@
 
 mod config;
 pub mod dead_letters;
+mod isolation;
 pub mod lag;
 pub mod live;
 mod projection;
@@ -18,6 +19,7 @@ pub mod replay;
 mod schema;
 
 pub use config::ProjectorConfig;
+pub use isolation::apply_isolating;
 pub use lag::{lag_probe, WatermarkContext};
 pub use projection::{FirstDelivery, Projection, ProjectionError};
 pub use projector::{Projector, ProjectorError, DEAD_LETTER_TOPIC};

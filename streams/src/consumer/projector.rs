@@ -295,26 +295,23 @@ impl Projector {
         Ok(Some((batch, decoded)))
     }
 
+    /// Applies a batch through [`apply_isolating`]: retried whole, then event by event, an event
+    /// that keeps failing dead-lettered.
     async fn process(
         &self,
         batch: &[BorrowedMessage<'_>],
         decoded: &[Result<DecodedEvent, String>],
     ) -> Result<(), ProjectorError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.apply_batch(batch, decoded, None).await {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < self.config.projector_max_attempts => {
-                    tracing::warn!(error = %e, attempt, "batch failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "batch failed; isolating the failing events");
-                    return self.apply_one_by_one(batch, decoded).await;
-                }
-            }
-        }
+        apply_isolating(
+            batch.len(),
+            self.config.projector_max_attempts,
+            |_| false,
+            |range, dead_letter| {
+                self.apply_batch(&batch[range.clone()], &decoded[range], dead_letter)
+            },
+        )
+        .await?;
+        Ok(())
     }
 
     /// Decodes a record; retries while the registry is unreachable, since those bytes will decode
@@ -329,36 +326,6 @@ impl Projector {
             })
             .await
             .map_err(|e| e.to_string())
-    }
-
-    async fn apply_one_by_one(
-        &self,
-        batch: &[BorrowedMessage<'_>],
-        decoded: &[Result<DecodedEvent, String>],
-    ) -> Result<(), ProjectorError> {
-        for index in 0..batch.len() {
-            let mut last_error = None;
-            for attempt in 1..=self.config.projector_max_attempts {
-                match self
-                    .apply_batch(&batch[index..=index], &decoded[index..=index], None)
-                    .await
-                {
-                    Ok(()) => {
-                        last_error = None;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, attempt, "event failed");
-                        last_error = Some(e.to_string());
-                    }
-                }
-            }
-            if let Some(error) = last_error {
-                self.apply_batch(&batch[index..=index], &decoded[index..=index], Some(error))
-                    .await?;
-            }
-        }
-        Ok(())
     }
 
     /// One transaction: dedup, apply, dead-letter poison records, checkpoint, record sequences.
