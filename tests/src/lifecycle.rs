@@ -251,34 +251,13 @@ fn rank(status: &str) -> Option<usize> {
 }
 
 /// The live stream from the order's first status change on, until one is `wanted` or later.
+/// A refused, failed or broken stream is opened again (it replays from the start), as the apps
+/// do when the API restarts under them.
 async fn watch_for(ctx: &Ctx, bearer: &str, order: &str, wanted: &str) -> Result<(), String> {
     let want = rank(wanted).expect("a known status");
-    watch(ctx, bearer, order, wanted, |kind, entry| {
-        if kind != "status" {
-            return Ok(false);
-        }
-        let now = entry["status"].as_str().unwrap_or("");
-        if now == "Cancelled" || now == "Rejected" {
-            return Err(format!("order {order} ended {now}"));
-        }
-        Ok(rank(now).is_some_and(|r| r >= want))
-    })
-    .await
-}
-
-/// The order's live stream until `done` says so of one of its events (its `event:` name and its
-/// data). A refused, failed or broken stream is opened again (it replays from the start), as the
-/// apps do when the API restarts under them.
-async fn watch(
-    ctx: &Ctx,
-    bearer: &str,
-    order: &str,
-    what: &str,
-    mut done: impl FnMut(&str, &Value) -> Result<bool, String>,
-) -> Result<(), String> {
     let url = format!("{}/orders/{order}/tracking/stream", ctx.api);
     let deadline = Instant::now() + STATUS_WAIT;
-    let timed_out = || format!("order {order} not {what} in {STATUS_WAIT:?}");
+    let timed_out = || format!("order {order} not {wanted} in {STATUS_WAIT:?}");
     'connect: loop {
         if Instant::now() > deadline {
             return Err(timed_out());
@@ -327,17 +306,20 @@ async fn watch(
             buffer.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = buffer.find("\n\n") {
                 let event: String = buffer.drain(..end + 2).collect();
-                let kind = event
-                    .lines()
-                    .find_map(|l| l.strip_prefix("event:"))
-                    .map_or("", str::trim);
+                if !event.lines().any(|l| l.trim() == "event: status") {
+                    continue;
+                }
                 let data: String = event
                     .lines()
                     .filter_map(|l| l.strip_prefix("data:"))
                     .map(str::trim_start)
                     .collect();
                 let entry: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-                if done(kind, &entry)? {
+                let now = entry["status"].as_str().unwrap_or("");
+                if now == "Cancelled" || now == "Rejected" {
+                    return Err(format!("order {order} ended {now}"));
+                }
+                if rank(now).is_some_and(|r| r >= want) {
                     return Ok(());
                 }
             }
@@ -423,19 +405,12 @@ pub async fn lifecycle(ctx: &Ctx) -> Result<(), String> {
     ] {
         command(ctx, name, store_token, &order_url, action).await?;
     }
-    // Dispatch assigns a courier once the delivery exists: it learns of it on the order's live
-    // stream (its first `delivery` event), or, polling, by retrying the assignment (404 until the
-    // process manager has requested the delivery).
+    // Dispatch assigns a courier once the delivery exists (404 until the process manager has
+    // requested it).
     let dispatcher = &ctx.dispatchers[n % ctx.dispatchers.len()];
     let courier = Uuid::new_v4();
     let delivery_url = format!("{api}/deliveries/{order}/actions");
     let accepted_at = Instant::now();
-    if ctx.stream {
-        watch(ctx, dispatcher, &order, "out for a courier", |kind, _| {
-            Ok(kind == "delivery")
-        })
-        .await?;
-    }
     loop {
         let started = Instant::now();
         let body = json!({"action": "assign_courier", "courier_id": courier});

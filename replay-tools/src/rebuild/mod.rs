@@ -505,69 +505,6 @@ impl Rebuild {
     }
 }
 
-/// The rebuild's figures.
-fn report_build(
-    out: &mut impl Write,
-    rebuild: &Rebuild,
-    source: Source,
-    completed: bool,
-    tally: &Tally,
-    elapsed: Duration,
-) -> anyhow::Result<()> {
-    let live = rebuild.schemas.live;
-    let schemas = &rebuild.schemas;
-    writeln!(
-        out,
-        "{live}: {} into {} from the {}{}: {} events read, {} applied, {} duplicates, {} after a \
-         missing one (gaps), {} dead letters{}, in {:.1} s ({:.0} events/s)",
-        if completed {
-            "rebuilt"
-        } else {
-            "interrupted rebuild"
-        },
-        schemas.shadow,
-        source.as_str(),
-        rebuild
-            .as_of
-            .map(|t| format!(" as of {}", t.to_rfc3339_opts(SecondsFormat::Micros, true)))
-            .unwrap_or_default(),
-        tally.read,
-        tally.applied,
-        tally.duplicates,
-        tally.gaps,
-        tally.dead,
-        if tally.later > 0 {
-            format!(", {} recorded after the as-of instant", tally.later)
-        } else {
-            String::new()
-        },
-        elapsed.as_secs_f64(),
-        tally.read as f64 / elapsed.as_secs_f64().max(1e-9),
-    )?;
-    writeln!(out, "{live}: {}", rebuild.profile.describe())?;
-    Ok(())
-}
-
-/// Swaps the finished shadow in and says what that took.
-async fn swap_in(
-    out: &mut impl Write,
-    rebuild: &Rebuild,
-    interrupted: &CancellationToken,
-) -> anyhow::Result<()> {
-    let live = rebuild.schemas.live;
-    let swapped = rebuild.swap(interrupted).await?;
-    let old = &swapped.old;
-    writeln!(
-        out,
-        "{live}: swapped in, after catching up {} events the live model applied meanwhile \
-             ({} of them under the lock); the previous read model is kept as {old} (`DROP \
-             SCHEMA {old} CASCADE` once satisfied)",
-        swapped.caught_up + swapped.under_lock,
-        swapped.under_lock
-    )?;
-    Ok(())
-}
-
 /// Which tables [`tables_of`] lists.
 #[derive(Debug, Clone, Copy)]
 enum Persistence {

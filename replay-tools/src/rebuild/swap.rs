@@ -2,6 +2,26 @@
 
 use super::*;
 
+/// Swaps the finished shadow in and says what that took.
+pub(super) async fn swap_in(
+    out: &mut impl Write,
+    rebuild: &Rebuild,
+    interrupted: &CancellationToken,
+) -> anyhow::Result<()> {
+    let live = rebuild.schemas.live;
+    let swapped = rebuild.swap(interrupted).await?;
+    let old = &swapped.old;
+    writeln!(
+        out,
+        "{live}: swapped in, after catching up {} events the live model applied meanwhile \
+             ({} of them under the lock); the previous read model is kept as {old} (`DROP \
+             SCHEMA {old} CASCADE` once satisfied)",
+        swapped.caught_up + swapped.under_lock,
+        swapped.under_lock
+    )?;
+    Ok(())
+}
+
 impl Rebuild {
     /// Swaps the shadow in (see the module's documentation).
     pub(super) async fn swap(&self, interrupted: &CancellationToken) -> anyhow::Result<Swapped> {
