@@ -395,12 +395,7 @@ async fn run(env: &TestEnv) {
         .parent()
         .expect("the workspace")
         .to_owned();
-    let database = env
-        .database_url
-        .rsplit('/')
-        .next()
-        .expect("a database name")
-        .to_owned();
+    let database = backbone_tests::database_of(&env.database_url).to_owned();
     let debezium = Debezium {
         root,
         slot: format!("dbz_{database}"),
