@@ -236,7 +236,12 @@ PROPS
   sed -e "s|@LOG_FILE@|$RUN_DIR/logs/kafka-tools.log|g" "$KAFKA_DEPLOY/log4j2.properties" >"$RUN_DIR/kafka-tools-log4j2.properties"
   if [ ! -f "$data/meta.properties" ]; then
     local cluster_id
-    cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    # Kafka's own ids never start with '-' (its tools would read one as an option: "expected one
+    # argument", one format in 64); drawn again until it does not, as Kafka's Uuid.randomUuid does.
+    cluster_id=-
+    while [ "${cluster_id#-}" != "$cluster_id" ]; do
+      cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    done
     log "formatting the broker's storage in $data"
     kafka_java kafka.tools.StorageTool format --cluster-id "$cluster_id" \
       --config "$conf/server.properties" --ignore-formatted >"$RUN_DIR/logs/kafka-$port-format.log" 2>&1 \
