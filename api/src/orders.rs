@@ -522,14 +522,9 @@ async fn order_placed_with(state: &AppState, order_id: OrderId) -> Result<Placed
         .await
         .map_err(ApiError::internal)?
         .unwrap_or_default();
-    fn text<'a>(metadata: &'a serde_json::Value, key: &str) -> Option<&'a str> {
-        metadata
-            .get(key)
-            .and_then(serde_json::Value::as_str)
-            .filter(|text| !text.is_empty())
-    }
+    let text = |key| commands::log::metadata_text(&metadata, key);
     Ok(PlacedWith {
-        correlation_id: text(&metadata, "correlation_id").map(str::to_owned),
-        traceparent: text(&metadata, "traceparent").and_then(TraceParent::parse),
+        correlation_id: text("correlation_id").map(str::to_owned),
+        traceparent: text("traceparent").and_then(TraceParent::parse),
     })
 }

@@ -25,13 +25,18 @@ pub struct StoredEvent {
 pub const STORED_COLUMNS: &str = "e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
      e.event_version, e.payload, e.metadata, e.event_id, e.recorded_at";
 
+/// A text field of an event's metadata (who, why, when it occurred); `None` when absent or empty.
+pub fn metadata_text<'a>(metadata: &'a Json, key: &str) -> Option<&'a str> {
+    metadata
+        .get(key)
+        .and_then(Json::as_str)
+        .filter(|text| !text.is_empty())
+}
+
 impl StoredEvent {
-    /// A text field of the metadata (who, why, when it occurred); `None` when absent or empty.
+    /// A text field of the metadata (see [`metadata_text`]).
     pub fn metadata_text(&self, key: &str) -> Option<&str> {
-        self.metadata
-            .get(key)
-            .and_then(Json::as_str)
-            .filter(|text| !text.is_empty())
+        metadata_text(&self.metadata, key)
     }
 
     /// The payload in the current version of its event type (old shapes upcast), with that

@@ -395,7 +395,7 @@ async fn run(env: &TestEnv) {
         .parent()
         .expect("the workspace")
         .to_owned();
-    let database = backbone_tests::database_of(&env.database_url).to_owned();
+    let database = backbone_tests::database_of(&env.database_url);
     let debezium = Debezium {
         root,
         slot: format!("dbz_{database}"),

@@ -44,23 +44,15 @@ pub fn admin_url() -> String {
 
 /// `url` naming `database` instead of its own, its parameters (`?sslmode=disable`, say) kept.
 pub fn with_database(url: &str, database: &str) -> String {
-    let (path, query) = match url.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
-        None => (url, None),
-    };
-    let (server, _) = path
-        .rsplit_once('/')
-        .expect("a PostgreSQL URL names a database");
-    match query {
-        Some(query) => format!("{server}/{database}?{query}"),
-        None => format!("{server}/{database}"),
-    }
+    let mut url = reqwest::Url::parse(url).expect("a PostgreSQL URL");
+    url.set_path(database);
+    url.into()
 }
 
 /// The database `url` names.
-pub fn database_of(url: &str) -> &str {
-    let path = url.split_once('?').map_or(url, |(path, _)| path);
-    path.rsplit_once('/').map_or("", |(_, database)| database)
+pub fn database_of(url: &str) -> String {
+    let url = reqwest::Url::parse(url).expect("a PostgreSQL URL");
+    url.path().trim_start_matches('/').to_owned()
 }
 
 /// The test run a database belongs to (`scripts/test` sets it to its process id), so a run drops
@@ -941,5 +933,25 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_url_names_another_database_with_its_parameters_kept() {
+        let admin = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable";
+        let url = with_database(admin, "bt_1_x");
+        assert_eq!(
+            url,
+            "postgres://postgres@127.0.0.1:5432/bt_1_x?sslmode=disable"
+        );
+        assert_eq!(database_of(&url), "bt_1_x");
+        assert_eq!(
+            with_database("postgres://u:p%40ss@db:5432/app", "other"),
+            "postgres://u:p%40ss@db:5432/other"
+        );
     }
 }
